@@ -1,0 +1,124 @@
+"""Sharded checkpoints with ``torch.distributed.checkpoint``, written atomically.
+
+Layout: ``<dir>/step_<global_step>/`` holds DCP files plus ``meta.json`` (epoch, step, format
+version, and a sha256 per file). Every rank writes into ``step_N.tmp``; after a barrier rank 0
+writes the manifest and renames the folder, so a folder without ``.tmp`` is always complete.
+A kill during writing leaves only a ``.tmp`` folder, which is ignored and cleaned up later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from sparse_kd.dist import barrier
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete, corrupt or of another format version."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save(ck_dir: Path, model, optimizer, epoch: int, step_in_epoch: int, global_step: int, keep: int = 2) -> Path:
+    ck_dir = Path(ck_dir)
+    final = ck_dir / f"step_{global_step:08d}"
+    tmp = ck_dir / f"step_{global_step:08d}.tmp"
+    if _rank() == 0:
+        ck_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    barrier()
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    dcp.save(state, checkpoint_id=str(tmp))
+    barrier()
+    if _rank() == 0:
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "files": files,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(ck_dir, keep)
+    barrier()
+    return final
+
+
+def _prune(ck_dir: Path, keep: int) -> None:
+    done = sorted(p for p in ck_dir.glob("step_*") if not p.name.endswith(".tmp"))
+    for p in done[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in ck_dir.glob("step_*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest(ck_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint folder, or None."""
+    ck_dir = Path(ck_dir)
+    if not ck_dir.is_dir():
+        return None
+    done = sorted(p for p in ck_dir.glob("step_*") if not p.name.endswith(".tmp") and (p / "meta.json").is_file())
+    return done[-1] if done else None
+
+
+def verify(path: Path) -> dict:
+    """Check format version and every file's checksum; return the metadata."""
+    path = Path(path)
+    mf = path / "meta.json"
+    if not mf.is_file():
+        raise CheckpointError(f"{path}: no meta.json: not a complete sparse_kd checkpoint")
+    try:
+        meta = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mf}: unreadable manifest ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {meta.get('format_version')} but this sparse_kd reads version {FORMAT_VERSION}"
+        )
+    for name, digest in meta["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: file {name} listed in meta.json is missing")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{f}: checksum mismatch: the checkpoint was truncated or modified")
+    return meta
+
+
+def load(path: Path, model, optimizer=None) -> dict:
+    """Load a (possibly differently sharded) checkpoint into ``model`` / ``optimizer`` in place."""
+    meta = verify(path)
+    state = {"model": model.state_dict()}
+    if optimizer is not None:
+        state["optim"] = optimizer.state_dict()
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+    return meta

@@ -1,0 +1,407 @@
+"""Typed, frozen configuration: one dataclass per stage, loaded from YAML with ``key=value`` overrides.
+
+Every stage (data, teacher, student, distill, train, compress, study) has its own frozen
+dataclass; :class:`ExperimentConfig` groups them. Defaults live here and only here.
+Unknown keys, wrong types and impossible values are :class:`ConfigError` s naming the key
+(``train.batch_size``) and, where known, what would be valid.
+
+Example::
+
+    cfg = load_config("configs/demo.yaml", ["train.epochs=2", "student.embedding_dim=32"])
+    cfg.train.epochs  # 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or impossible."""
+
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+QUANT_DTYPES = ("fp32", "fp16", "int8", "int4", "int2")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Sizes and signal of the embedded text-rich synthetic dataset."""
+
+    num_users: int = 600
+    num_items: int = 400
+    num_topics: int = 8
+    interactions_per_user: int = 40
+    label_noise: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where interactions come from and how they are split.
+
+    source: ``synthetic`` (embedded generator), ``movielens`` (ML-100K folder with u.data, u.item,
+    u.user) or ``csv`` (folder with interactions.csv, items.csv and optional users.csv).
+    """
+
+    source: Literal["synthetic", "movielens", "csv"] = "synthetic"
+    path: str = ""
+    cold_item_fraction: float = 0.1
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+    max_text_chars: int = 2000
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The BERT text encoder. ``model: default`` is the packaged all-MiniLM-L6-v2."""
+
+    model: str = "default"
+    batch_size: int = 128
+    max_length: int = 64
+    cache_dir: str = ".cache/teacher"
+    sort_by_length: bool = True
+    num_threads: int = 0  # 0: torch default
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The DLRM student (and the teacher ranker, which shares its architecture).
+
+    sharding: per-feature sharding type; features not named use ``default_sharding``.
+    """
+
+    embedding_dim: int = 16
+    dense_arch: tuple[int, ...] = (32, 16)
+    over_arch: tuple[int, ...] = (64, 32, 1)
+    default_sharding: Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"] = "table_wise"
+    sharding: dict[str, str] = field(default_factory=dict)
+    teacher_text_dim: int = 64  # teacher ranker: text embeddings are PCA-reduced to this many dims
+
+
+@dataclass(frozen=True)
+class LogitKDConfig:
+    enabled: bool = False
+    kd_ratio: float = 0.5
+    temperature: float = 2.0
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    enabled: bool = False
+    weight: float = 0.1
+    kind: Literal["cosine", "mse", "infonce"] = "cosine"
+    temperature: float = 0.1
+    features: tuple[str, ...] = ("item_id", "user_id")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    enabled: bool = False
+    projection: Literal["pca", "learned"] = "pca"
+    scale: float = 1.0
+    features: tuple[str, ...] = ("item_id", "user_id")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from the text teacher; each method on/off and weighted."""
+
+    logit: LogitKDConfig = field(default_factory=LogitKDConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+
+    @property
+    def any_enabled(self) -> bool:
+        return self.logit.enabled or self.align.enabled or self.transfer.enabled
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and run control. ``batch_size`` is global (split across ranks)."""
+
+    epochs: int = 3
+    batch_size: int = 256
+    dense_lr: float = 0.005
+    sparse_lr: float = 0.05
+    sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
+    seed: int = 0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    eval_batch_size: int = 4096
+    collective_timeout_s: int = 300
+    deterministic: bool = True
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Row pruning + quantization of the student's embedding tables.
+
+    keep_ratio / dtype / importance / pruned_fill map a feature name to a value; ``default_*``
+    applies to the rest. ``budget_mb`` > 0 asks the planner to choose keep ratio and dtype per
+    table to fit that many MB of embedding storage.
+    """
+
+    default_dtype: Literal["fp32", "fp16", "int8", "int4", "int2"] = "int8"
+    dtype: dict[str, str] = field(default_factory=dict)
+    default_keep_ratio: float = 1.0
+    keep_ratio: dict[str, float] = field(default_factory=dict)
+    importance: Literal["frequency", "l2", "distill"] = "frequency"
+    default_pruned_fill: Literal["zero", "mean", "text"] = "zero"
+    pruned_fill: dict[str, str] = field(default_factory=dict)
+    budget_mb: float = 0.0
+    remap: Literal["array", "hash"] = "array"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Sweeps: seeds for the distillation study, grid for the compression study."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    keep_ratios: tuple[float, ...] = (1.0, 0.5, 0.25)
+    dtypes: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "int2")
+    variants: tuple[str, ...] = ("baseline", "logit", "align", "transfer", "combined")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: one section per stage plus where its outputs go."""
+
+    name: str = "experiment"
+    output_dir: str = "runs/experiment"
+    nproc: int = 2
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp`` and convert lists to tuples; raise naming ``key``."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not valid; expected {_type_name(tp)}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (elem, *_rest) = get_args(tp)
+        return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        kt, vt = get_args(tp)
+        return {_coerce(k, kt, f"{key}") : _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover - programming error
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            import difflib
+
+            close = difflib.get_close_matches(str(k), sorted(names), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{key}: unknown key.{hint} Valid keys here: {', '.join(sorted(names))}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _validate(cfg: ExperimentConfig) -> None:
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    d, t, s, c = cfg.data, cfg.train, cfg.student, cfg.compress
+    need(cfg.nproc >= 1, "nproc", "must be >= 1")
+    need(d.source == "synthetic" or bool(d.path), "data.path", f"required when data.source is {d.source!r}")
+    need(0.0 <= d.cold_item_fraction < 1.0, "data.cold_item_fraction", "must be in [0, 1)")
+    need(0.0 < d.valid_fraction < 0.5, "data.valid_fraction", "must be in (0, 0.5)")
+    need(0.0 < d.test_fraction < 0.5, "data.test_fraction", "must be in (0, 0.5)")
+    need(d.valid_fraction + d.test_fraction < 0.9, "data.test_fraction", "valid + test must leave >= 10% for training")
+    syn = d.synthetic
+    for k in ("num_users", "num_items", "num_topics", "interactions_per_user"):
+        need(getattr(syn, k) >= 2, f"data.synthetic.{k}", "must be >= 2")
+    need(0.0 <= syn.label_noise < 0.5, "data.synthetic.label_noise", "must be in [0, 0.5)")
+    need(cfg.teacher.batch_size >= 1, "teacher.batch_size", "must be >= 1")
+    need(8 <= cfg.teacher.max_length <= 512, "teacher.max_length", "must be in [8, 512] (BERT positions)")
+    need(s.embedding_dim >= 4 and s.embedding_dim % 4 == 0, "student.embedding_dim",
+         "must be a multiple of 4 (FBGEMM quantized rows), >= 4")
+    need(len(s.dense_arch) >= 1 and s.dense_arch[-1] == s.embedding_dim, "student.dense_arch",
+         f"the last layer must equal student.embedding_dim ({s.embedding_dim}) for the DLRM interaction")
+    need(len(s.over_arch) >= 1 and s.over_arch[-1] == 1, "student.over_arch", "the last layer must be 1 (one logit)")
+    for feat, st in s.sharding.items():
+        need(st in SHARDING_TYPES, f"student.sharding.{feat}", f"{st!r} is not valid; expected one of {', '.join(SHARDING_TYPES)}")
+    need(s.teacher_text_dim >= 1, "student.teacher_text_dim", "must be >= 1")
+    lk, al, tr = cfg.distill.logit, cfg.distill.align, cfg.distill.transfer
+    need(0.0 <= lk.kd_ratio <= 1.0, "distill.logit.kd_ratio", "must be in [0, 1]")
+    need(lk.temperature > 0, "distill.logit.temperature", "must be > 0")
+    need(al.weight >= 0, "distill.align.weight", "must be >= 0")
+    need(al.temperature > 0, "distill.align.temperature", "must be > 0")
+    need(t.epochs >= 1, "train.epochs", "must be >= 1")
+    need(t.batch_size >= cfg.nproc and t.batch_size % cfg.nproc == 0, "train.batch_size",
+         f"must be a positive multiple of nproc ({cfg.nproc}): it is the global batch split across ranks")
+    need(t.dense_lr > 0 and t.sparse_lr > 0, "train.dense_lr", "learning rates must be > 0")
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(t.collective_timeout_s >= 10, "train.collective_timeout_s", "must be >= 10")
+    for feat, dt in c.dtype.items():
+        need(dt in QUANT_DTYPES, f"compress.dtype.{feat}", f"{dt!r} is not valid; expected one of {', '.join(QUANT_DTYPES)}")
+    need(0.0 < c.default_keep_ratio <= 1.0, "compress.default_keep_ratio", "must be in (0, 1]")
+    for feat, r in c.keep_ratio.items():
+        need(0.0 < r <= 1.0, f"compress.keep_ratio.{feat}", "must be in (0, 1]")
+    for feat, fill in c.pruned_fill.items():
+        need(fill in ("zero", "mean", "text"), f"compress.pruned_fill.{feat}", f"{fill!r} is not valid; expected zero, mean or text")
+    need(c.budget_mb >= 0, "compress.budget_mb", "must be >= 0 (0: no budget)")
+    for k in cfg.study.keep_ratios:
+        need(0.0 < k <= 1.0, "study.keep_ratios", f"{k} is not in (0, 1]")
+    for dt in cfg.study.dtypes:
+        need(dt in QUANT_DTYPES, "study.dtypes", f"{dt!r} is not valid; expected one of {', '.join(QUANT_DTYPES)}")
+    need(len(cfg.study.seeds) >= 1, "study.seeds", "needs at least one seed")
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: cannot set a key inside {p!r}, which is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.epochs=2", "student.dense_arch=[64,16]"]`` -> nested dict (values parsed as YAML)."""
+    raw: dict[str, Any] = {}
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key=value, e.g. train.epochs=2")
+        k, v = ov.split("=", 1)
+        try:
+            val = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {ov!r}: value is not valid YAML: {e}") from None
+        _set_path(raw, k.strip(), val)
+    return raw
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        cfg = _build(ExperimentConfig, raw)
+        _validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment config, apply ``key=value`` overrides, validate. Errors name the key."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+    return config_from_dict(raw, source)
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain, YAML/JSON-serialisable dict of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def replace(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """A copy of ``cfg`` with ``key=value`` overrides applied and validated."""
+    return config_from_dict(_merge(to_dict(cfg), parse_overrides(overrides)), "<overrides>")

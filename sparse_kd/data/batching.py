@@ -1,0 +1,216 @@
+"""Turn (user, item) index pairs into torchrec batches, split across ranks.
+
+Notation: B batch size (per rank), F sparse features, Du/Di dense dims per user/item.
+
+The dense input of an example is ``cat(user_dense[u], item_dense[i])`` (B, Du + Di); the sparse
+input is a :class:`KeyedJaggedTensor` with one key per feature of the dataset, in
+``RecDataset.feature_names`` order, whose bags come from the owning user's or item's CSR row.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from sparse_kd.data.schema import Interactions, RecDataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KDBatch(Batch):
+    """A torchrec ``Batch`` that also carries the entity indices and the teacher's logits.
+
+    user, item: (B,) int64 entity indices (for text-embedding lookups in distillation losses).
+    teacher_logits: (B,) float32 soft targets of the teacher ranker (zeros when unused).
+    """
+
+    user: torch.Tensor
+    item: torch.Tensor
+    teacher_logits: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "KDBatch":
+        return KDBatch(
+            dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
+            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+            user=self.user.to(device=device, non_blocking=non_blocking),
+            item=self.item.to(device=device, non_blocking=non_blocking),
+            teacher_logits=self.teacher_logits.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:  # pragma: no cover - CUDA only
+        super().record_stream(stream)
+        self.user.record_stream(stream)
+        self.item.record_stream(stream)
+        self.teacher_logits.record_stream(stream)
+
+    def pin_memory(self) -> "KDBatch":  # pragma: no cover - CUDA only
+        return KDBatch(
+            dense_features=self.dense_features.pin_memory(),
+            sparse_features=self.sparse_features.pin_memory(),
+            labels=self.labels.pin_memory(),
+            user=self.user.pin_memory(),
+            item=self.item.pin_memory(),
+            teacher_logits=self.teacher_logits.pin_memory(),
+        )
+
+
+def count_dense(ds: RecDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Default dense features: log(1 + number of training interactions) of each user and item.
+
+    Returns user_dense (U, 1), item_dense (I, 1) float32. Cold items get 0, as at serving time.
+    """
+    tr = ds.splits["train"]
+    uc = np.bincount(tr.user, minlength=ds.num_users).astype(np.float32)
+    ic = np.bincount(tr.item, minlength=ds.num_items).astype(np.float32)
+    return torch.from_numpy(np.log1p(uc))[:, None], torch.from_numpy(np.log1p(ic))[:, None]
+
+
+class _CSR:
+    """One feature's CSR as tensors, with a fast path for single-id features."""
+
+    def __init__(self, offsets: np.ndarray, values: np.ndarray) -> None:
+        self.offsets = torch.from_numpy(np.ascontiguousarray(offsets, dtype=np.int64))
+        self.values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+        self.lengths = self.offsets[1:] - self.offsets[:-1]
+        self.single = bool(torch.all(self.lengths == 1))
+
+    def gather(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """e: (B,) entity indices -> (lengths (B,), values (sum lengths,))."""
+        if self.single:
+            return torch.ones_like(e), self.values[e]
+        lengths = self.lengths[e]
+        starts = self.offsets[e]
+        # position of each output value: start of its bag + rank inside the bag
+        excl = torch.cumsum(lengths, 0) - lengths
+        idx = torch.repeat_interleave(starts - excl, lengths) + torch.arange(int(lengths.sum()))
+        return lengths, self.values[idx]
+
+
+class BatchBuilder:
+    """Builds :class:`KDBatch` es for index pairs of one dataset.
+
+    Args:
+        ds: the dataset (its features define the KJT keys).
+        user_dense: (U, Du) float32 per-user dense features.
+        item_dense: (I, Di) float32 per-item dense features.
+
+    Example::
+
+        ub, ib = count_dense(ds)
+        bb = BatchBuilder(ds, ub, ib)
+        batch = bb.build(torch.tensor([0, 1]), torch.tensor([5, 7]), torch.tensor([1.0, 0.0]))
+        batch.dense_features.shape  # (2, 2)
+    """
+
+    def __init__(self, ds: RecDataset, user_dense: torch.Tensor, item_dense: torch.Tensor) -> None:
+        assert user_dense.shape[0] == ds.num_users and item_dense.shape[0] == ds.num_items
+        self.keys = ds.feature_names
+        self.owners = [f.owner for f in ds.features]
+        self.csr = [_CSR(f.offsets, f.values) for f in ds.features]
+        self.user_dense = user_dense.float().contiguous()
+        self.item_dense = item_dense.float().contiguous()
+
+    @property
+    def dense_dim(self) -> int:
+        return self.user_dense.shape[1] + self.item_dense.shape[1]
+
+    def build(
+        self,
+        user: torch.Tensor,
+        item: torch.Tensor,
+        labels: torch.Tensor,
+        teacher_logits: Optional[torch.Tensor] = None,
+    ) -> KDBatch:
+        lengths, values = [], []
+        for owner, csr in zip(self.owners, self.csr):
+            ln, vl = csr.gather(user if owner == "user" else item)
+            lengths.append(ln)
+            values.append(vl)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths).to(torch.int32)
+        )
+        dense = torch.cat([self.user_dense[user], self.item_dense[item]], dim=1)  # (B, Du + Di)
+        if teacher_logits is None:
+            teacher_logits = torch.zeros(user.shape[0])
+        return KDBatch(
+            dense_features=dense,
+            sparse_features=kjt,
+            labels=labels.float(),
+            user=user,
+            item=item,
+            teacher_logits=teacher_logits.float(),
+        )
+
+
+def train_batches(
+    split: Interactions,
+    builder: BatchBuilder,
+    global_batch: int,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    seed: int,
+    teacher_logits: Optional[torch.Tensor] = None,
+    start_step: int = 0,
+) -> Iterator[KDBatch]:
+    """Shuffled training batches of this rank for one epoch.
+
+    All ranks draw the same permutation (seed, epoch) and take their slice of every global
+    batch, so 1 process with batch B and 2 processes with B/2 each see the same examples.
+    The last global batch is cut to a multiple of ``world_size`` (at most world_size - 1
+    examples per epoch unused; logged). ``start_step`` skips batches already trained (resume).
+    """
+    n = len(split)
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    usable = n - (n % global_batch) % world_size
+    if usable < n and rank == 0 and epoch == 0:
+        log.info("train: %d example(s) per epoch left out so every rank gets an equal share", n - usable)
+    user = torch.from_numpy(split.user)
+    item = torch.from_numpy(split.item)
+    label = torch.from_numpy(split.label)
+    for step, start in enumerate(range(0, usable, global_batch)):
+        if step < start_step:
+            continue
+        idx = perm[start : min(start + global_batch, usable)]
+        per = idx.shape[0] // world_size
+        mine = idx[rank * per : (rank + 1) * per]
+        tl = teacher_logits[mine] if teacher_logits is not None else None
+        yield builder.build(user[mine], item[mine], label[mine], tl)
+
+
+def steps_per_epoch(n: int, global_batch: int, world_size: int) -> int:
+    usable = n - (n % global_batch) % world_size
+    return (usable + global_batch - 1) // global_batch
+
+
+def eval_batches(
+    split: Interactions, builder: BatchBuilder, global_batch: int, rank: int, world_size: int
+) -> Iterator[tuple[KDBatch, int]]:
+    """Evaluation batches of this rank covering the whole split, in order.
+
+    Every rank yields the same number of batches (sharded lookups are collectives); short
+    slices are padded by repeating their first example. Yields (batch, number of real rows).
+    """
+    n = len(split)
+    user = torch.from_numpy(split.user)
+    item = torch.from_numpy(split.item)
+    label = torch.from_numpy(split.label)
+    per = max(1, global_batch // world_size)
+    for start in range(0, n, per * world_size):
+        lo = min(n, start + rank * per)
+        hi = min(n, lo + per)
+        idx = torch.arange(lo, hi)
+        real = idx.shape[0]
+        if real < per:
+            pad_from = idx[:1] if real else torch.tensor([0])
+            idx = torch.cat([idx, pad_from.repeat(per - real)])
+        yield builder.build(user[idx], item[idx], label[idx]), real

@@ -1,0 +1,141 @@
+"""In-memory dataset: entities (users, items) with text and sparse features, and interaction splits.
+
+Notation: U users, I items, N interactions in a split, F sparse features.
+
+Every sparse feature belongs to an owner (``user`` or ``item``) and is stored as CSR over that
+owner's entities: entity ``e`` has ids ``values[offsets[e]:offsets[e+1]]`` (multi-hot allowed).
+``user_id`` and ``item_id`` are features too (one id per entity, the entity index itself).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+SPLITS = ("train", "valid", "test", "test_cold")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, line and column where known."""
+
+
+@dataclass
+class SparseFeature:
+    """One categorical feature of users or items, CSR over the owner's entities.
+
+    vocab: index -> raw value string (len = embedding table rows).
+    offsets: (num_entities + 1,) int64.   values: (nnz,) int64 indices into ``vocab``.
+    """
+
+    name: str
+    owner: Literal["user", "item"]
+    vocab: list[str]
+    offsets: np.ndarray
+    values: np.ndarray
+
+    @property
+    def num_embeddings(self) -> int:
+        return max(1, len(self.vocab))
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def validate(self, num_entities: int) -> None:
+        assert self.offsets.shape == (num_entities + 1,), (self.name, self.offsets.shape, num_entities)
+        assert self.offsets[0] == 0 and self.offsets[-1] == len(self.values)
+        assert np.all(np.diff(self.offsets) >= 0)
+        if len(self.values):
+            assert self.values.min() >= 0 and self.values.max() < len(self.vocab), self.name
+
+
+@dataclass
+class Interactions:
+    """One split. user, item: (N,) int64 entity indices; label: (N,) float32 in {0, 1};
+    timestamp: (N,) int64 (0 where the source has none)."""
+
+    user: np.ndarray
+    item: np.ndarray
+    label: np.ndarray
+    timestamp: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+    def subset(self, idx: np.ndarray) -> "Interactions":
+        return Interactions(self.user[idx], self.item[idx], self.label[idx], self.timestamp[idx])
+
+    @staticmethod
+    def empty() -> "Interactions":
+        z = np.zeros(0, dtype=np.int64)
+        return Interactions(z, z.copy(), np.zeros(0, dtype=np.float32), z.copy())
+
+
+@dataclass
+class RecDataset:
+    """Users and items (raw string ids, text), sparse features and the train/valid/test/test_cold splits.
+
+    report: what the loader did that a user should know (rows read, skipped and why); it is
+    written to the run's metrics JSON.
+    """
+
+    user_ids: list[str]
+    item_ids: list[str]
+    user_text: list[str]
+    item_text: list[str]
+    features: list[SparseFeature]
+    splits: dict[str, Interactions]
+    report: dict = field(default_factory=dict)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def feature(self, name: str) -> SparseFeature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(f"no sparse feature {name!r}; have {[f.name for f in self.features]}")
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    def validate(self) -> None:
+        assert len(self.user_text) == self.num_users and len(self.item_text) == self.num_items
+        names = self.feature_names
+        assert len(set(names)) == len(names), f"duplicate feature names {names}"
+        for f in self.features:
+            f.validate(self.num_users if f.owner == "user" else self.num_items)
+        for s in SPLITS:
+            assert s in self.splits, s
+            sp = self.splits[s]
+            if len(sp):
+                assert sp.user.max() < self.num_users and sp.item.max() < self.num_items
+
+    def save_mappings(self, path: str | Path) -> None:
+        """Write the raw-id -> index mappings and per-feature vocabularies (JSON) for serving."""
+        doc = {
+            "user_ids": self.user_ids,
+            "item_ids": self.item_ids,
+            "features": {
+                f.name: {"owner": f.owner, "vocab": f.vocab, "offsets": f.offsets.tolist(), "values": f.values.tolist()}
+                for f in self.features
+            },
+        }
+        Path(path).write_text(json.dumps(doc))
+
+    def summary(self) -> dict:
+        return {
+            "users": self.num_users,
+            "items": self.num_items,
+            "features": {f.name: f.num_embeddings for f in self.features},
+            "splits": {s: {"n": len(sp), "positives": float(sp.label.mean()) if len(sp) else 0.0} for s, sp in self.splits.items()},
+        }

@@ -1,0 +1,82 @@
+"""Distillation losses, kept apart from the models. All return scalar means over the batch.
+
+Notation: B batch size, H teacher (text) embedding dim.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def click_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy on clicks. logits, labels: (B,)."""
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft-label distillation for a binary ranker (Hinton et al. with a sigmoid).
+
+    BCE between sigmoid(student / T) and the teacher's soft target sigmoid(teacher / T),
+    times T^2 so that gradients keep their scale as T changes. Zero when the student equals
+    the teacher only up to the entropy of the soft target, so we subtract that entropy:
+    the returned value is the KL divergence KL(p_t || p_s) per example, averaged.
+    """
+    t = temperature
+    p_t = torch.sigmoid(teacher_logits / t)
+    s = student_logits / t
+    bce = F.binary_cross_entropy_with_logits(s, p_t, reduction="none")
+    ent = F.binary_cross_entropy_with_logits(teacher_logits / t, p_t, reduction="none")
+    return (bce - ent).mean() * (t * t)
+
+
+def combined_logit_loss(
+    student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor, kd_ratio: float, temperature: float
+) -> torch.Tensor:
+    """(1 - kd_ratio) * click BCE + kd_ratio * soft-target KL."""
+    return (1.0 - kd_ratio) * click_loss(student_logits, labels) + kd_ratio * logit_kd_loss(
+        student_logits, teacher_logits, temperature
+    )
+
+
+def cosine_align_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cosine(projected, target), averaged. projected, target: (B, H)."""
+    return (1.0 - F.cosine_similarity(projected, target, dim=-1)).mean()
+
+
+def mse_align_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per coordinate. projected, target: (B, H)."""
+    return F.mse_loss(projected, target)
+
+
+def infonce_align_loss(
+    projected: torch.Tensor, target: torch.Tensor, temperature: float, ids: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """In-batch contrastive alignment (InfoNCE, as in CTRL, Li et al. 2023), symmetric.
+
+    Row b's positive is target b; other rows are negatives, except rows with the same entity
+    id (``ids``, (B,)), which are masked out so repeats in a batch are not pushed apart.
+    """
+    p = F.normalize(projected, dim=-1)
+    t = F.normalize(target, dim=-1)
+    sim = p @ t.T / temperature  # (B, B)
+    if ids is not None:
+        same = ids[:, None] == ids[None, :]
+        same.fill_diagonal_(False)
+        sim = sim.masked_fill(same, float("-inf"))
+    labels = torch.arange(sim.shape[0], device=sim.device)
+    return 0.5 * (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels))
+
+
+def align_loss(
+    kind: str, projected: torch.Tensor, target: torch.Tensor, temperature: float, ids: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    if kind == "cosine":
+        return cosine_align_loss(projected, target)
+    if kind == "mse":
+        return mse_align_loss(projected, target)
+    if kind == "infonce":
+        return infonce_align_loss(projected, target, temperature, ids)
+    raise ValueError(f"distill.align.kind: unknown {kind!r}; expected cosine, mse or infonce")

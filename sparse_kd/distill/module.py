@@ -1,0 +1,79 @@
+"""The training wrapper: a DLRM plus the distillation heads and losses (like torchrec's DLRMTrain).
+
+The served model is the bare DLRM inside (``.model``); heads and text buffers stay here, so the
+served student carries no BERT and no text.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import DLRM
+
+from sparse_kd.config import DistillConfig
+from sparse_kd.data.batching import KDBatch
+from sparse_kd.distill import losses
+
+
+class RankerTrain(nn.Module):
+    """forward(batch) -> (loss, (loss.detach(), logits (B,), labels (B,))), the pipeline's contract.
+
+    Args:
+        model: the DLRM (its EBC may be sharded by DMP).
+        distill: which distillation losses are on.
+        feature_names: the DLRM's sparse feature order (the KJT keys).
+        user_text, item_text: (U, H), (I, H) teacher embeddings for feature alignment, or None.
+    """
+
+    def __init__(
+        self,
+        model: DLRM,
+        distill: Optional[DistillConfig] = None,
+        feature_names: Optional[list[str]] = None,
+        user_text: Optional[torch.Tensor] = None,
+        item_text: Optional[torch.Tensor] = None,
+        embedding_dim: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.distill = distill or DistillConfig()
+        self.last_parts: dict[str, torch.Tensor] = {}
+        al = self.distill.align
+        self.align_index: dict[str, int] = {}
+        self.align_heads = nn.ModuleDict()
+        if al.enabled:
+            assert feature_names is not None and user_text is not None and item_text is not None
+            self.register_buffer("user_text", user_text.float(), persistent=False)
+            self.register_buffer("item_text", item_text.float(), persistent=False)
+            for f in al.features:
+                if f not in feature_names:
+                    raise ValueError(f"distill.align.features: {f!r} is not a sparse feature ({feature_names})")
+                if f not in ("user_id", "item_id"):
+                    raise ValueError(f"distill.align.features: {f!r}: only user_id and item_id have text")
+                self.align_index[f] = feature_names.index(f)
+                self.align_heads[f] = nn.Linear(embedding_dim, user_text.shape[1])
+
+    def forward(self, batch: KDBatch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        m = self.model
+        dense = m.dense_arch(batch.dense_features)  # (B, D)
+        sparse = m.sparse_arch(batch.sparse_features)  # (B, F, D)
+        logits = m.over_arch(m.inter_arch(dense, sparse)).squeeze(-1)  # (B,)
+        lk, al = self.distill.logit, self.distill.align
+        parts: dict[str, torch.Tensor] = {"click": losses.click_loss(logits, batch.labels)}
+        if lk.enabled and self.training:
+            parts["kd"] = losses.logit_kd_loss(logits, batch.teacher_logits, lk.temperature)
+            loss = (1.0 - lk.kd_ratio) * parts["click"] + lk.kd_ratio * parts["kd"]
+        else:
+            loss = parts["click"]
+        if self.align_heads and self.training:
+            for f, head in self.align_heads.items():
+                emb = sparse[:, self.align_index[f], :]  # (B, D)
+                ids = batch.user if f == "user_id" else batch.item
+                target = (self.user_text if f == "user_id" else self.item_text)[ids]  # (B, H)
+                part = losses.align_loss(al.kind, head(emb), target, al.temperature, ids)
+                parts[f"align_{f}"] = part
+                loss = loss + al.weight * part
+        self.last_parts = {k: v.detach() for k, v in parts.items()}
+        return loss, (loss.detach(), logits.detach(), batch.labels)
