@@ -1,0 +1,52 @@
+"""Load a trained ranker from its sharded checkpoint into one plain, unsharded CPU DLRM.
+
+Compression and serving start from here: ``torch.distributed.checkpoint`` reshards whatever
+plan the training used into the full tables of a local model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torchrec.models.dlrm import DLRM
+
+from sparse_kd import checkpoint as ckpt
+from sparse_kd.config import StudentConfig
+from sparse_kd.student.model import build_dlrm
+
+MODEL_META = "model_meta.json"
+
+
+def write_model_meta(variant_dir: Path, num_embeddings: dict[str, int], dense_in: int, student: dict) -> None:
+    """Record what is needed to rebuild the model: table sizes (KJT key order), dense width, config."""
+    variant_dir = Path(variant_dir)
+    variant_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"num_embeddings": num_embeddings, "dense_in_features": dense_in, "student": student}
+    (variant_dir / MODEL_META).write_text(json.dumps(doc, indent=1))
+
+
+def load_dlrm(variant_dir: Path, checkpoint: Path | None = None) -> DLRM:
+    """The DLRM of a trained variant (newest complete checkpoint unless one is given), fp32 on CPU."""
+    variant_dir = Path(variant_dir)
+    meta_path = variant_dir / MODEL_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: missing; is {variant_dir} a trained sparse_kd run folder?")
+    meta = json.loads(meta_path.read_text())
+    s = meta["student"]
+    cfg = StudentConfig(
+        embedding_dim=s["embedding_dim"], dense_arch=tuple(s["dense_arch"]), over_arch=tuple(s["over_arch"])
+    )
+    model = build_dlrm(meta["num_embeddings"], meta["dense_in_features"], cfg, device="cpu")
+    path = checkpoint or ckpt.latest(variant_dir / "checkpoints")
+    if path is None:
+        raise FileNotFoundError(f"{variant_dir / 'checkpoints'}: no complete checkpoint")
+    ckpt.verify(path)
+    # the checkpoint holds the training wrapper's state: the DLRM is under "model."
+    wrapped = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state = {"model": wrapped}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict({k[len("model."):]: v for k, v in state["model"].items()})
+    return model.eval()
