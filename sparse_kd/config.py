@@ -108,7 +108,7 @@ class AlignConfig:
 class TransferConfig:
     enabled: bool = False
     projection: Literal["pca", "learned"] = "pca"
-    scale: float = 1.0
+    scale: float = 0.05  # RMS of the seeded rows
     features: tuple[str, ...] = ("item_id", "user_id")
 
 
@@ -300,6 +300,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     need(lk.temperature > 0, "distill.logit.temperature", "must be > 0")
     need(al.weight >= 0, "distill.align.weight", "must be >= 0")
     need(al.temperature > 0, "distill.align.temperature", "must be > 0")
+    need(cfg.distill.transfer.scale > 0, "distill.transfer.scale", "must be > 0")
     need(t.epochs >= 1, "train.epochs", "must be >= 1")
     need(t.batch_size >= cfg.nproc and t.batch_size % cfg.nproc == 0, "train.batch_size",
          f"must be a positive multiple of nproc ({cfg.nproc}): it is the global batch split across ranks")

@@ -1,0 +1,176 @@
+"""The training pipeline, run by every rank (SPMD): data -> teacher text embeddings -> teacher
+ranker -> baseline student -> distilled student -> metrics.
+
+Each stage writes into ``cfg.output_dir`` (the run folder), which later stages and the
+compression stage read:
+
+    config.yaml                  the resolved config
+    data/mappings.json           raw id -> index maps and feature vocabularies (for serving)
+    data/entity_dense.pt         per-user / per-item dense features
+    data/text_embeddings.safetensors   teacher text embeddings, user (U, H) and item (I, H)
+    <variant>/model_meta.json, <variant>/checkpoints/   per trained ranker
+    metrics.json, metrics.md     AUC / log loss per variant and split
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from sparse_kd.config import ExperimentConfig, to_dict
+from sparse_kd.data import load_dataset
+from sparse_kd.data.batching import count_dense
+from sparse_kd.data.schema import RecDataset
+from sparse_kd.dist import DistEnv, barrier, broadcast_object, init_distributed
+from sparse_kd.distill.transfer import pca_reduce, transfer_rows
+from sparse_kd.report import metrics_table
+from sparse_kd.student.export import load_dlrm, write_model_meta
+from sparse_kd.student.train import RankerResult, RankerSpec, train_ranker
+
+log = logging.getLogger(__name__)
+
+TEACHER = "teacher_ranker"
+
+
+def prepare_data(cfg: ExperimentConfig, env: DistEnv) -> RecDataset:
+    """Load the dataset (every rank, deterministically) and write the run's data folder (rank 0)."""
+    t0 = time.perf_counter()
+    ds = load_dataset(cfg.data)
+    out = Path(cfg.output_dir)
+    if env.is_main:
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        ds.save_mappings(out / "data" / "mappings.json")
+        ub, ib = count_dense(ds)
+        torch.save({"user": ub, "item": ib}, out / "data" / "entity_dense.pt")
+        s = ds.summary()
+        log.info(
+            "data: %d users, %d items, features %s; splits %s (%.1fs)",
+            s["users"], s["items"], s["features"],
+            {k: v["n"] for k, v in s["splits"].items()}, time.perf_counter() - t0,
+        )
+    barrier()
+    return ds
+
+
+def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher embeddings of user and item text: rank 0 encodes (or reads the cache), the others
+    read the file it writes. Returns user (U, H), item (I, H)."""
+    from sparse_kd.teacher import encode_texts
+
+    path = Path(cfg.output_dir) / "data" / "text_embeddings.safetensors"
+    if env.is_main:
+        item = encode_texts(cfg.teacher, ds.item_text, "items")
+        user = encode_texts(cfg.teacher, ds.user_text, "users")
+        tmp = path.with_suffix(".tmp")
+        save_file({"user": user.contiguous(), "item": item.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    barrier()
+    t = load_file(str(path))
+    return t["user"], t["item"]
+
+
+def _variant_dir(cfg: ExperimentConfig, name: str) -> Path:
+    return Path(cfg.output_dir) / name
+
+
+def _train(cfg, ds, spec: RankerSpec, env, seed, want_train_logits=False) -> RankerResult:
+    d = _variant_dir(cfg, spec.name)
+    if env.is_main:
+        num_emb = {f.name: f.num_embeddings for f in ds.features}
+        dense_in = spec.user_dense.shape[1] + spec.item_dense.shape[1]
+        write_model_meta(d, num_emb, dense_in, to_dict(cfg.student))
+    barrier()
+    t0 = time.perf_counter()
+    res = train_ranker(cfg, ds, spec, d, env, seed=seed, want_train_logits=want_train_logits)
+    if env.is_main:
+        log.info("[%s] trained in %.1fs (%.0f examples/s); test AUC %.4f, test_cold AUC %.4f",
+                 spec.name, time.perf_counter() - t0, res.examples_per_s,
+                 res.metrics["test"]["auc"], res.metrics["test_cold"]["auc"])
+    return res
+
+
+def teacher_spec(cfg, ds, user_text, item_text) -> RankerSpec:
+    """The teacher ranker sees the students' inputs plus PCA-reduced text embeddings as dense features."""
+    ub, ib = count_dense(ds)
+    k = cfg.student.teacher_text_dim
+    return RankerSpec(TEACHER, torch.cat([ub, pca_reduce(user_text, k)], 1), torch.cat([ib, pca_reduce(item_text, k)], 1))
+
+
+def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult], name: str = "distilled") -> RankerSpec:
+    ub, ib = count_dense(ds)
+    dc = cfg.distill
+    spec = RankerSpec(name, ub, ib, distill=dc)
+    if dc.logit.enabled:
+        assert teacher is not None and teacher.train_logits is not None
+        spec.teacher_logits = teacher.train_logits
+    if dc.align.enabled:
+        spec.user_text, spec.item_text = user_text, item_text
+    if dc.transfer.enabled:
+        tr = dc.transfer
+        teacher_tables = None
+        if tr.projection == "learned":
+            assert teacher is not None
+            teacher_tables = load_dlrm(_variant_dir(cfg, TEACHER)).sparse_arch.embedding_bag_collection.embedding_bags
+        train = ds.splits["train"]
+        for f in tr.features:
+            text = user_text if f == "user_id" else item_text
+            n = text.shape[0]
+            warm = torch.from_numpy(np.bincount(train.user if f == "user_id" else train.item, minlength=n) > 0)
+            trows = teacher_tables[f"t_{f}"].weight.detach() if teacher_tables is not None else None
+            spec.init_rows[f] = transfer_rows(text, cfg.student.embedding_dim, tr.projection, tr.scale, trows, warm)
+    return spec
+
+
+def needs_teacher_ranker(cfg: ExperimentConfig) -> bool:
+    t = cfg.distill
+    return t.logit.enabled or (t.transfer.enabled and t.transfer.projection == "learned")
+
+
+def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "baseline", "distilled"), seed: Optional[int] = None) -> dict:
+    """Train the requested variants on every rank; rank 0 writes metrics.json / metrics.md.
+
+    The teacher ranker is trained whenever it is requested or a distillation method needs it.
+    Returns {variant: {split: {auc, logloss, n}}} (on every rank).
+    """
+    env = init_distributed(cfg.train.backend, cfg.train.collective_timeout_s)
+    seed = cfg.train.seed if seed is None else seed
+    ds = prepare_data(cfg, env)
+    user_text, item_text = text_embeddings(cfg, ds, env)
+    results: dict[str, RankerResult] = {}
+    teacher = None
+    if TEACHER in variants or ("distilled" in variants and needs_teacher_ranker(cfg)):
+        teacher = _train(cfg, ds, teacher_spec(cfg, ds, user_text, item_text), env, seed, want_train_logits=True)
+        results[TEACHER] = teacher
+    if "baseline" in variants:
+        ub, ib = count_dense(ds)
+        results["baseline"] = _train(cfg, ds, RankerSpec("baseline", ub, ib), env, seed)
+    if "distilled" in variants:
+        results["distilled"] = _train(cfg, ds, distilled_spec(cfg, ds, user_text, item_text, teacher), env, seed)
+    metrics = {name: r.metrics for name, r in results.items()}
+    if env.is_main:
+        doc = {
+            "config": to_dict(cfg),
+            "seed": seed,
+            "world_size": env.world_size,
+            "data": ds.summary(),
+            "data_report": ds.report,
+            "metrics": metrics,
+            "examples_per_s": {n: r.examples_per_s for n, r in results.items()},
+            "history": {n: r.history for n, r in results.items()},
+        }
+        out = Path(cfg.output_dir)
+        (out / "metrics.json").write_text(json.dumps(doc, indent=1))
+        table = metrics_table(metrics)
+        (out / "metrics.md").write_text(table + "\n")
+        print("\n" + table + "\n", flush=True)
+    return broadcast_object(metrics)
