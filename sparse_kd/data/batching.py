@@ -165,22 +165,23 @@ def train_batches(
 
     All ranks draw the same permutation (seed, epoch) and take their slice of every global
     batch, so 1 process with batch B and 2 processes with B/2 each see the same examples.
-    The last global batch is cut to a multiple of ``world_size`` (at most world_size - 1
-    examples per epoch unused; logged). ``start_step`` skips batches already trained (resume).
+    An incomplete last batch is left out (``drop_last``; a different random remainder each
+    epoch, counted in the log), so every step has the same global batch whatever the number
+    of ranks. ``start_step`` skips batches already trained (resume).
     """
     n = len(split)
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     perm = torch.randperm(n, generator=g)
-    usable = n - (n % global_batch) % world_size
+    usable = n - n % global_batch
     if usable < n and rank == 0 and epoch == 0:
-        log.info("train: %d example(s) per epoch left out so every rank gets an equal share", n - usable)
+        log.info("train: the last %d example(s) of each shuffled epoch do not fill a batch and are left out", n - usable)
     user = torch.from_numpy(split.user)
     item = torch.from_numpy(split.item)
     label = torch.from_numpy(split.label)
     for step, start in enumerate(range(0, usable, global_batch)):
         if step < start_step:
             continue
-        idx = perm[start : min(start + global_batch, usable)]
+        idx = perm[start : start + global_batch]
         per = idx.shape[0] // world_size
         mine = idx[rank * per : (rank + 1) * per]
         tl = teacher_logits[mine] if teacher_logits is not None else None
@@ -188,8 +189,7 @@ def train_batches(
 
 
 def steps_per_epoch(n: int, global_batch: int, world_size: int) -> int:
-    usable = n - (n % global_batch) % world_size
-    return (usable + global_batch - 1) // global_batch
+    return n // global_batch
 
 
 def eval_batches(

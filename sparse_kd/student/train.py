@@ -216,7 +216,7 @@ def _make_optimizer(dmp, cfg: ExperimentConfig):
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: torch.optim.Adam(params, lr=cfg.train.dense_lr),
     )
-    return CombinedOptimizer([dmp.fused_optimizer, dense])
+    return CombinedOptimizer([dmp.fused_optimizer, dense]), dense
 
 
 def _sparse_optimizer(cfg: ExperimentConfig):
@@ -266,12 +266,16 @@ def train_ranker(
     written = write_tables(dmp, seed, spec.init_rows)
     if written and env.is_main:
         log.info("[%s] weight transfer: rows seeded from text per feature: %s", spec.name, written)
-    optimizer = _make_optimizer(dmp, cfg)
+    optimizer, dense_opt = _make_optimizer(dmp, cfg)
 
     ck_dir = out_dir / "checkpoints"
     start_epoch, start_step, global_step = 0, 0, 0
     latest = ckpt.latest(ck_dir)
     if latest is not None:
+        # optimizer state is created lazily; make it exist so the checkpoint can load into it
+        # (a zero-gradient Adam step leaves the parameters unchanged)
+        dense_opt.init_state()
+        dense_opt.zero_grad()
         meta = ckpt.load(latest, dmp, optimizer)
         start_epoch, start_step, global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
         if env.is_main:

@@ -1,0 +1,89 @@
+"""Helpers for tests and benchmarks: tiny datasets and multi-rank launches on CPU.
+
+Multi-rank tests run N CPU ranks with ``torch.distributed.launcher.api.elastic_launch`` (as
+torchrec's own tests do), each on a fresh rendezvous port, so reruns never collide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Any, Callable
+
+from sparse_kd.config import DataConfig, ExperimentConfig, SyntheticConfig, config_from_dict
+from sparse_kd.data import load_dataset
+from sparse_kd.data.schema import RecDataset
+
+
+def tiny_config(output_dir: str, nproc: int = 2, **sections: Any) -> ExperimentConfig:
+    """A config small enough for a test: ~2k interactions, 8-dim embeddings, 3 epochs."""
+    raw: dict[str, Any] = {
+        "name": "tiny",
+        "output_dir": output_dir,
+        "nproc": nproc,
+        "data": {"synthetic": {"num_users": 60, "num_items": 40, "interactions_per_user": 30, "num_topics": 4}},
+        "student": {"embedding_dim": 8, "dense_arch": [16, 8], "over_arch": [16, 1], "teacher_text_dim": 8},
+        "train": {"epochs": 3, "batch_size": 64, "sparse_lr": 0.2, "dense_lr": 0.01, "log_every": 5, "eval_batch_size": 256},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(raw.get(k), dict):
+            raw[k] = {**raw[k], **v}  # one level deep: enough for the tests' overrides
+        else:
+            raw[k] = v
+    return config_from_dict(raw, "<tiny_config>")
+
+
+def tiny_dataset(cfg: ExperimentConfig | None = None) -> RecDataset:
+    return load_dataset((cfg or tiny_config("unused")).data)
+
+
+def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:
+    """Run ``fn(*args)`` on ``nproc`` local CPU ranks; return {rank: return value}."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    lc = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        rdzv_configs={"timeout": 120},
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    return elastic_launch(lc, entrypoint=fn)(*args)
+
+
+def train_worker(cfg: ExperimentConfig, name: str = "baseline", seed: int = 0, stop_after_steps: int | None = None) -> dict:
+    """Train one ranker on the tiny dataset in this rank (used under :func:`launch`).
+
+    ``name`` picks the spec: ``baseline`` or ``distilled`` (cfg.distill, random stand-in text
+    embeddings so no BERT is needed). Returns the metrics and the examples/s.
+    """
+    import logging
+    import warnings
+    from pathlib import Path
+
+    import torch
+
+    from sparse_kd.data.batching import count_dense
+    from sparse_kd.dist import init_distributed
+    from sparse_kd.student.train import RankerSpec, train_ranker
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    env = init_distributed("gloo", 120)
+    ds = tiny_dataset(cfg)
+    ub, ib = count_dense(ds)
+    spec = RankerSpec(name, ub, ib)
+    if name == "distilled":
+        from sparse_kd.pipeline import distilled_spec
+
+        g = torch.Generator().manual_seed(123)
+        ut, it = torch.randn(ds.num_users, 12, generator=g), torch.randn(ds.num_items, 12, generator=g)
+        assert not cfg.distill.logit.enabled and cfg.distill.transfer.projection == "pca"
+        spec = distilled_spec(cfg, ds, ut, it, None, name="distilled")
+    res = train_ranker(cfg, ds, spec, Path(cfg.output_dir) / name, env, seed=seed, stop_after_steps=stop_after_steps)
+    return {"metrics": res.metrics, "history": res.history}
