@@ -38,7 +38,7 @@ class SyntheticConfig:
     num_users: int = 600
     num_items: int = 400
     num_topics: int = 8
-    interactions_per_user: int = 40
+    interactions_per_user: int = 80
     label_noise: float = 0.1
     seed: int = 0
 

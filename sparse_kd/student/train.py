@@ -138,11 +138,17 @@ def write_tables(dmp: torch.nn.Module, seed: int, init_rows: dict[str, torch.Ten
                 src = seeded[r0 : r0 + n, c0 : c0 + d].float()
                 ok = ~torch.isnan(src).any(dim=1)
                 block[ok] = src[ok]
-                n_written += int(ok.sum()) if c0 == 0 else 0
+                # count each row once: first column shard; replicated tables on rank 0 only
+                replica = shards is None and dist.is_initialized() and dist.get_rank() > 0
+                n_written += int(ok.sum()) if c0 == 0 and not replica else 0
             t.copy_(block)
         if seeded is not None:
             written[feat] = n_written
     dmp.load_state_dict(sd, strict=False)
+    if written and dist.is_initialized() and dist.get_world_size() > 1:
+        counts = torch.tensor([written[f] for f in sorted(written)], dtype=torch.int64)
+        dist.all_reduce(counts)
+        written = dict(zip(sorted(written), counts.tolist()))
     return written
 
 

@@ -1,0 +1,215 @@
+"""Row pruning of one embedding table: keep the important rows, remap ids, fill pruned ids.
+
+Notation: N original rows (ids 0..N-1), K kept rows, R stored rows, D embedding dim.
+
+A pruned table stores R rows: the K kept rows first, in original id order, then the fill rows.
+Its remap (N,) int32 maps an original id to its stored row; -1 means "no row": FBGEMM's
+quantized lookup (``IntNBitTableBatchedEmbeddingBagsCodegen`` with ``index_remapping``) then adds
+nothing to the bag, i.e. the id contributes a zero vector. The compaction and the remap come from
+FBGEMM's ``torch.ops.fbgemm.embedding_bag_rowwise_prune`` (given a 0/1 indicator of the kept
+rows, which makes the selection exact even among tied scores); fills are built here.
+
+What a pruned id gets (``CompressConfig.pruned_fill`` per feature, ``default_pruned_fill``):
+
+``zero``  remap -1: a zero vector (R = K). The cheapest.
+``mean``  one shared extra row, the mean of the pruned rows; every pruned id maps to it (R = K + 1).
+``text``  a row per pruned entity computed from its teacher text embedding through a ridge map
+          text -> row fit on the kept warm rows (R = N: it saves no storage over not pruning; it
+          only replaces the pruned rows by their text prediction, so it pays only where that
+          beats zero at equal bytes, which :mod:`sparse_kd.studies.compress_study` measures).
+          Only ``user_id`` / ``item_id`` have a text per row; for other features ``text`` falls
+          back to ``mean`` (recorded in ``PrunedTable.fill``).
+
+A table kept whole (K = N) has no remap at all (no remap bytes, ids pass through).
+
+New entities after training (text only, no clicks): :func:`text_rows` computes their rows from
+text with the same ridge map; :func:`sparse_kd.compress.artifact.add_items` appends them to an
+artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+
+# fbgemm_gpu registers torch.ops.fbgemm on import
+import fbgemm_gpu  # noqa: F401
+
+from sparse_kd.compress.importance import (
+    DEFAULT_RIDGE_L2,
+    TEXT_FEATURES,
+    RowImportance,
+    ranking,
+    ridge_fit,
+    ridge_predict,
+)
+from sparse_kd.config import CompressConfig, ConfigError
+
+log = logging.getLogger(__name__)
+
+FILLS = ("zero", "mean", "text")
+
+
+@dataclass
+class PrunedTable:
+    """One table after pruning (fp32, before quantization).
+
+    weight: (R, D) stored rows (kept rows in original id order, then fill rows).
+    remap: (N,) int32 original id -> stored row (-1: zero vector), or None when nothing is pruned.
+    text_map: (H + 1, D) ridge map text -> row fit on kept warm rows (entity tables only).
+    """
+
+    feature: str
+    weight: torch.Tensor
+    remap: Optional[torch.Tensor]
+    num_original: int
+    num_kept: int
+    fill: str
+    text_map: Optional[torch.Tensor] = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def keep_ratio(self) -> float:
+        return self.num_kept / max(1, self.num_original)
+
+    def lookup_rows(self) -> torch.Tensor:
+        """(N, D): the row each original id gets after pruning (zeros for remap -1), for references."""
+        if self.remap is None:
+            return self.weight.clone()
+        out = torch.zeros(self.num_original, self.weight.shape[1])
+        ok = self.remap >= 0
+        out[ok] = self.weight[self.remap[ok].long()]
+        return out
+
+
+def num_to_keep(n: int, keep_ratio: float) -> int:
+    """ceil(keep_ratio * n), at least 1 and at most n."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep ratio {keep_ratio} is not in (0, 1]")
+    return min(n, max(1, int(math.ceil(keep_ratio * n - 1e-9))))
+
+
+def select_rows(imp: RowImportance, keep_ratio: Optional[float] = None, threshold: Optional[float] = None) -> np.ndarray:
+    """Sorted (K,) int64 ids of the rows to keep: the top ``keep_ratio`` by :func:`ranking`, or
+    every row scoring above ``threshold`` (at least the single most important row)."""
+    if (keep_ratio is None) == (threshold is None):
+        raise ValueError("give exactly one of keep_ratio and threshold")
+    n = imp.scores.shape[0]
+    if keep_ratio is not None:
+        k = num_to_keep(n, keep_ratio)
+        kept = ranking(imp)[:k]
+    else:
+        kept = np.flatnonzero(imp.scores > threshold)
+        if kept.size == 0:
+            kept = ranking(imp)[:1]
+    return np.sort(kept).astype(np.int64)
+
+
+def prune_table(
+    feature: str,
+    weight: torch.Tensor,
+    kept: np.ndarray,
+    fill: str = "zero",
+    text: Optional[torch.Tensor] = None,
+    fit_mask: Optional[np.ndarray] = None,
+    l2: Optional[float] = DEFAULT_RIDGE_L2,
+) -> PrunedTable:
+    """Keep rows ``kept`` of ``weight`` (N, D); pruned ids get ``fill`` (see module doc).
+
+    text: (N, H) text embedding per row (entity tables); required for ``fill="text"``, and when
+    given a ridge map is fit (for new entities) on rows that are kept and in ``fit_mask``
+    (default: kept rows).
+    """
+    if fill not in FILLS:
+        raise ValueError(f"pruned fill {fill!r} is not valid; expected one of {', '.join(FILLS)}")
+    weight = weight.detach().float().contiguous()
+    n, d = weight.shape
+    mask = np.zeros(n, dtype=bool)
+    mask[np.asarray(kept, dtype=np.int64)] = True
+    k = int(mask.sum())
+    if k == 0:
+        raise ValueError(f"{feature}: cannot prune every row")
+    text_map = None
+    if text is not None:
+        fm = mask & (np.ones(n, dtype=bool) if fit_mask is None else np.asarray(fit_mask, dtype=bool))
+        if not fm.any():
+            fm = mask
+        sel = torch.from_numpy(fm)
+        text_map = ridge_fit(text[sel], weight[sel], l2)
+    if k == n:
+        return PrunedTable(feature, weight.clone(), None, n, n, fill, text_map)
+    indicator = torch.from_numpy(mask.astype(np.float32))
+    rows, remap = torch.ops.fbgemm.embedding_bag_rowwise_prune(weight, indicator, 0.5, torch.int32)
+    assert rows.shape == (k, d) and int((remap >= 0).sum()) == k, (feature, rows.shape, k)
+    pruned = torch.from_numpy(~mask)
+    if fill == "mean":
+        rows = torch.cat([rows, weight[pruned].mean(dim=0, keepdim=True)])
+        remap[pruned] = k
+    elif fill == "text":
+        if text is None:
+            raise ValueError(f"{feature}: pruned_fill 'text' needs a text embedding per row")
+        assert text_map is not None
+        extra = ridge_predict(text[pruned], text_map)
+        remap[pruned] = torch.arange(k, k + extra.shape[0], dtype=torch.int32)
+        rows = torch.cat([rows, extra])
+    return PrunedTable(feature, rows.contiguous(), remap, n, k, fill, text_map)
+
+
+def text_rows(text: torch.Tensor, text_map: torch.Tensor) -> torch.Tensor:
+    """Rows for entities known only by text: text (K, H), map (H + 1, D) -> (K, D) float32."""
+    if text.dim() != 2 or text.shape[1] + 1 != text_map.shape[0]:
+        raise ValueError(f"text embeddings {tuple(text.shape)} do not fit the text map {tuple(text_map.shape)} (H + 1, D)")
+    return ridge_predict(text.float(), text_map)
+
+
+def _check_features(cfg: CompressConfig, features: list[str]) -> None:
+    for key in ("keep_ratio", "dtype", "pruned_fill"):
+        for f in getattr(cfg, key):
+            if f not in features:
+                raise ConfigError(f"compress.{key}.{f}: no such feature; features are {', '.join(features)}")
+
+
+def table_settings(cfg: CompressConfig, features: list[str]) -> dict[str, dict]:
+    """feature -> {"keep_ratio", "dtype", "fill"} from the config (per-feature value or default)."""
+    _check_features(cfg, features)
+    return {
+        f: {
+            "keep_ratio": float(cfg.keep_ratio.get(f, cfg.default_keep_ratio)),
+            "dtype": cfg.dtype.get(f, cfg.default_dtype),
+            "fill": cfg.pruned_fill.get(f, cfg.default_pruned_fill),
+        }
+        for f in features
+    }
+
+
+def prune_tables(
+    weights: Mapping[str, torch.Tensor],
+    importances: Mapping[str, RowImportance],
+    keep_ratios: Mapping[str, float],
+    fills: Mapping[str, str],
+    text: Optional[Mapping[str, torch.Tensor]] = None,
+) -> dict[str, PrunedTable]:
+    """Prune every table. text: {"user": (U, H), "item": (I, H)} (for text fills and text maps)."""
+    out: dict[str, PrunedTable] = {}
+    for f, w in weights.items():
+        imp = importances[f]
+        fill = fills.get(f, "zero")
+        t = text[TEXT_FEATURES[f]] if (text is not None and f in TEXT_FEATURES) else None
+        notes = []
+        if fill == "text" and t is None:
+            notes.append(f"{f}: pruned_fill text needs a text per row; used mean")
+            fill = "mean"
+        kept = select_rows(imp, keep_ratio=keep_ratios.get(f, 1.0))
+        pt = prune_table(f, w, kept, fill, t, fit_mask=imp.freq > 0)
+        pt.notes.extend(notes)
+        out[f] = pt
+    return out

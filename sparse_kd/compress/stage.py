@@ -1,0 +1,246 @@
+"""The compression stage: a trained variant of a run folder -> pruned, quantized serving artifact.
+
+``compress_run(run_dir, variant, cfg, out_dir)`` loads the trained DLRM (unsharded, fp32) and
+re-creates the dataset, scores row importance, prunes and quantizes per
+:class:`~sparse_kd.config.CompressConfig` (or per the budget planner when ``budget_mb > 0``),
+evaluates AUC / log loss on valid, test and test_cold before and after, writes the artifact
+and returns (and prints) a report.
+
+Compression is a stage over a trained model: nothing here changes the model it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from sparse_kd.compress import quantize as Q
+from sparse_kd.compress.artifact import Compressed, save_artifact
+from sparse_kd.compress.importance import TEXT_FEATURES, RowImportance, table_importance
+from sparse_kd.compress.planner import (
+    MB,
+    Plan,
+    fp32_forward,
+    plan_budget,
+    serving_forward,
+    split_batches,
+    split_metrics,
+)
+from sparse_kd.compress.prune import prune_tables, table_settings
+from sparse_kd.config import CompressConfig, ConfigError, ExperimentConfig, load_config, to_dict
+from sparse_kd.data.batching import BatchBuilder
+from sparse_kd.data.schema import RecDataset
+from sparse_kd.report import markdown_table
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("valid", "test", "test_cold")
+
+
+@dataclass
+class RunInputs:
+    """What the stage reads from a run folder. text: {"user": (U, H), "item": (I, H)} or None."""
+
+    cfg: ExperimentConfig
+    ds: RecDataset
+    model: torch.nn.Module
+    builder: BatchBuilder
+    entity_dense: dict
+    text: Optional[dict]
+
+
+def load_run(run_dir: Path, variant: str) -> RunInputs:
+    """Config, dataset (re-created deterministically), dense features, text embeddings, model."""
+    from sparse_kd.data import load_dataset
+    from sparse_kd.student.export import load_dlrm
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing; is {run_dir} a sparse_kd run folder?")
+    cfg = load_config(cfg_path)
+    ds = load_dataset(cfg.data)
+    dense_path = run_dir / "data" / "entity_dense.pt"
+    if not dense_path.is_file():
+        raise FileNotFoundError(f"{dense_path}: missing; run the training pipeline first")
+    ed = torch.load(dense_path, weights_only=True)
+    text = None
+    tpath = run_dir / "data" / "text_embeddings.safetensors"
+    if tpath.is_file():
+        from safetensors.torch import load_file
+
+        t = load_file(str(tpath))
+        text = {"user": t["user"].float(), "item": t["item"].float()}
+    model = load_dlrm(run_dir / variant)
+    builder = BatchBuilder(ds, ed["user"], ed["item"])
+    dense_in = model.dense_arch.model._mlp[0]._linear.in_features
+    if builder.dense_dim != dense_in:
+        raise ValueError(
+            f"{run_dir / variant}: the model takes {dense_in} dense inputs but {dense_path} gives "
+            f"{builder.dense_dim}; only students that use the run's entity dense features can be compressed"
+        )
+    return RunInputs(cfg, ds, model, builder, ed, text)
+
+
+def model_weights(model) -> dict[str, torch.Tensor]:
+    """feature -> (N, D) fp32 table of a (float) DLRM, in KJT key order."""
+    ebc = model.sparse_arch.embedding_bag_collection
+    return {f: ebc.embedding_bags[Q.table_name(f)].weight.detach() for c in ebc.embedding_bag_configs() for f in c.feature_names}
+
+
+def compress_model(
+    model,
+    ds: RecDataset,
+    settings: Mapping[str, dict],
+    importance: str = "frequency",
+    remap: str = "array",
+    text: Optional[Mapping[str, torch.Tensor]] = None,
+    importances: Optional[Mapping[str, RowImportance]] = None,
+    dense_int8: bool = False,
+    row_alignment: int = Q.ROW_ALIGNMENT,
+) -> Compressed:
+    """Prune + quantize every table of a trained fp32 DLRM (not modified).
+
+    settings: feature -> {"keep_ratio", "dtype", "fill"} (see :func:`~.prune.table_settings`).
+    """
+    weights = model_weights(model)
+    keys = list(weights)
+    if set(settings) != set(keys):
+        raise ValueError(f"settings for {sorted(settings)} but the model has tables for {sorted(keys)}")
+    imps = importances if importances is not None else table_importance(importance, weights, ds, text)
+    pruned = prune_tables(weights, imps, {f: s["keep_ratio"] for f, s in settings.items()},
+                          {f: s["fill"] for f, s in settings.items()}, text)
+    serving = Q.quantize_dlrm(model, pruned, {f: s["dtype"] for f, s in settings.items()}, remap, dense_int8, row_alignment)
+    tb = Q.table_bytes(serving)
+    fp = Q.float_table_bytes(model)
+    owners = {f.name: f.owner for f in ds.features}
+    tables = {}
+    notes = []
+    for f in keys:
+        t = Q.table_name(f)
+        pt = pruned[f]
+        notes.extend(pt.notes)
+        tables[t] = {
+            "feature": f, "owner": owners[f], "dtype": settings[f]["dtype"], "keep_ratio": settings[f]["keep_ratio"],
+            "rows_original": pt.num_original, "rows_kept": pt.num_kept, "rows_stored": pt.num_rows, "fill": pt.fill,
+            "importance": imps[f].kind, "bytes": tb[t], "fp32_bytes": fp[t]["total"],
+        }
+    remaps = {Q.table_name(f): pruned[f].remap for f in keys if pruned[f].remap is not None}
+    text_maps = {f: pruned[f].text_map for f in keys if pruned[f].text_map is not None}
+    dense_fp32 = {k: v.detach().clone() for k, v in model.state_dict().items() if "embedding_bag" not in k}
+    dense_in = model.dense_arch.model._mlp[0]._linear.in_features
+    info = {
+        "keys": keys, "owners": [owners[f] for f in keys], "dense_in_features": int(dense_in),
+        "embedding_dim": int(next(iter(weights.values())).shape[1]),
+        "dense_arch": [int(m._linear.out_features) for m in model.dense_arch.model._mlp],
+        "over_arch": _over_arch_sizes(model), "dense_int8": bool(dense_int8), "remap": remap,
+        "row_alignment": int(row_alignment),
+    }
+    return Compressed(serving, tables, remaps, text_maps, dense_fp32, info, notes)
+
+
+def _over_arch_sizes(model) -> list[int]:
+    sizes = [int(m.out_features) for m in model.over_arch.modules() if isinstance(m, torch.nn.Linear)]
+    return sizes
+
+
+def evaluate(forward, ds: RecDataset, builder: BatchBuilder, splits=EVAL_SPLITS, batch_size: int = 4096) -> dict:
+    """split -> {"auc", "logloss", "n"} of ``forward(batch) -> logits (B,)``."""
+    out = {}
+    for s in splits:
+        labels = torch.from_numpy(ds.splits[s].label)
+        out[s] = split_metrics(forward, split_batches(ds, builder, s, batch_size), labels)
+    return out
+
+
+def settings_from_config(cfg: CompressConfig, features: list[str]) -> dict[str, dict]:
+    return table_settings(cfg, features)
+
+
+def report_table(report: dict) -> str:
+    """Readable tables of a stage report: bytes per table, then metrics before / after."""
+    rows = []
+    for t, v in report["tables"].items():
+        rows.append([t, v["dtype"], f"{v['rows_kept']}/{v['rows_original']}", v["fill"], v["rows_stored"],
+                     v["fp32_bytes"], v["bytes"]["weights"] + v["bytes"]["padding"], v["bytes"]["remap"], v["bytes"]["total"],
+                     f"{v['fp32_bytes'] / max(1, v['bytes']['total']):.2f}x"])
+    b = report["bytes"]
+    rows.append(["TOTAL", "", "", "", "", b["fp32_total"], "", "", b["total"], f"{b['ratio']:.2f}x"])
+    t1 = markdown_table(["table", "dtype", "kept", "fill", "rows stored", "fp32 bytes", "weight bytes", "remap bytes",
+                         "total bytes", "ratio"], rows)
+    mrows = []
+    for s in report["metrics"]["before"]:
+        be, af = report["metrics"]["before"][s], report["metrics"]["after"][s]
+        mrows.append([s, be["n"], be["auc"], af["auc"], af["auc"] - be["auc"], be["logloss"], af["logloss"]])
+    t2 = markdown_table(["split", "n", "AUC fp32", "AUC compressed", "delta AUC", "logloss fp32", "logloss compressed"], mrows)
+    head = (f"embedding storage: {b['fp32_total'] / MB:.4f} MB fp32 -> {b['total'] / MB:.4f} MB compressed "
+            f"({b['ratio']:.2f}x smaller)")
+    return "\n\n".join([head, t1, t2])
+
+
+def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path, dense_int8: bool = False) -> dict:
+    """Compress ``run_dir/variant`` per ``cfg`` into the artifact ``out_dir``; returns the report:
+
+    {"variant", "tables": {table: {... "bytes" {...}, "fp32_bytes"}}, "bytes": {"fp32_total", "total",
+    "total_mb", "fp32_mb", "ratio"}, "metrics": {"before"|"after": {split: {"auc","logloss","n"}}},
+    "plan": ... (budget only), "artifact": str, "seconds"}. Also printed as readable tables.
+    """
+    t0 = time.perf_counter()
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    inp = load_run(run_dir, variant)
+    model, ds, builder = inp.model, inp.ds, inp.builder
+    keys = list(model_weights(model))
+    settings = settings_from_config(cfg, keys)
+    if cfg.importance == "distill" and inp.text is None:
+        raise ConfigError(f"compress.importance: 'distill' needs {run_dir / 'data' / 'text_embeddings.safetensors'}")
+    imps = table_importance(cfg.importance, model_weights(model), ds, inp.text)
+    before = evaluate(fp32_forward(model), ds, builder)
+    plan: Optional[Plan] = None
+    if cfg.budget_mb > 0:
+        plan = plan_budget(model, ds, builder, imps, {f: s["fill"] for f, s in settings.items()}, cfg.budget_mb,
+                           cfg.remap, inp.text)
+        for f, o in plan.choices.items():
+            settings[f]["keep_ratio"], settings[f]["dtype"] = o.keep_ratio, o.dtype
+    comp = compress_model(model, ds, settings, cfg.importance, cfg.remap, inp.text, imps, dense_int8)
+    if plan is not None and comp.embedding_bytes > plan.budget_bytes:  # the per-option bytes are exact; guard anyway
+        raise RuntimeError(f"plan bytes {comp.embedding_bytes} exceed compress.budget_mb ({plan.budget_bytes} bytes)")
+    after = evaluate(serving_forward(comp.serving), ds, builder)
+    fp32_total, total = comp.fp32_bytes, comp.embedding_bytes
+    report = {
+        "variant": variant,
+        "run_dir": str(run_dir),
+        "tables": comp.tables,
+        "bytes": {"fp32_total": fp32_total, "total": total, "fp32_mb": fp32_total / MB, "total_mb": total / MB,
+                  "ratio": fp32_total / max(1, total), "dense": Q.dense_bytes(comp.serving)},
+        "metrics": {"before": before, "after": after},
+        "plan": plan.to_dict() if plan is not None else None,
+        "notes": comp.notes,
+    }
+    mappings = _mappings(ds)
+    config = {"compress": to_dict(cfg), "dense_int8": dense_int8, "source": {"run_dir": str(run_dir), "variant": variant},
+              "plan": report["plan"], "settings": settings, "metrics": report["metrics"]}
+    save_artifact(out_dir, comp, mappings, inp.entity_dense, config)
+    report["artifact"] = str(out_dir)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    text = report_table(report)
+    if plan is not None:
+        text = plan.table() + "\n\n" + text
+    print(f"\n[compress] {variant} -> {out_dir}\n{text}\n", flush=True)
+    return report
+
+
+def _mappings(ds: RecDataset) -> dict:
+    return {
+        "user_ids": ds.user_ids,
+        "item_ids": ds.item_ids,
+        "features": {
+            f.name: {"owner": f.owner, "vocab": f.vocab, "offsets": f.offsets.tolist(), "values": f.values.tolist()}
+            for f in ds.features
+        },
+    }

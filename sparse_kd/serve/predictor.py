@@ -1,0 +1,229 @@
+"""Score (user, item) pairs with a compressed artifact, in a process without training code or BERT.
+
+Imports only torch, fbgemm_gpu (its operators run the scripted model's quantized lookups),
+numpy and the standard library: not transformers, not torchrec, not ``sparse_kd.student`` /
+``sparse_kd.compress`` (a test checks this in a fresh subprocess).
+
+Artifact layout (written by :mod:`sparse_kd.compress.artifact`)::
+
+    manifest.json      format version, tables (rows kept, dtype, bytes), sha256 + size of every
+                       file, the config that made it, library versions
+    model.pt           TorchScript: forward(dense (B, Dd) f32, values (nnz,) int, lengths (F*B,) int)
+                       -> logits (B,)
+    mappings.json      raw user / item ids and, per sparse feature, its owner, vocabulary and CSR
+                       (offsets, values) over the owner's entities
+    entity_dense.pt    {"user": (U, Du), "item": (I, Di)} float32 dense features per entity
+    remaps.pt          {table: (N,) int32} original id -> stored row (-1 pruned), pruned tables only
+    text_maps.pt       {feature: (H + 1, D)} ridge maps text -> row (for adding entities later)
+    dense_fp32.pt      fp32 dense-layer weights (to rebuild the model when entities are added)
+
+:func:`verify_artifact` checks the format version and every file's size and sha256 before
+anything is loaded; a problem is an :class:`ArtifactError` naming the file.
+
+Scoring (:meth:`Predictor.score`) returns click probabilities, sigmoid(logit), as float32
+(:meth:`Predictor.score_logits` returns the logits). Behaviour at the edges:
+
+* unknown user / item id: every bag of that entity's features is empty (the sum-pooled embedding
+  is a zero vector) and its dense features are zeros, like a cold entity with no data. Unknown
+  ids are counted: ``stats`` of the call (``return_stats=True``), the running totals in
+  :attr:`Predictor.stats`, and a log line at INFO.
+* empty input: an empty array, the model is not run.
+* more pairs than ``max_batch``: split into chunks of ``max_batch`` internally; the result is
+  the same as one call per chunk, concatenated.
+* wrong types: ``TypeError`` naming the argument (``user_ids`` must be a list or tuple of str;
+  ``user_ids[3]`` names the first bad element); different lengths: ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import fbgemm_gpu  # noqa: F401  (registers the torch.ops.fbgemm operators the scripted model calls)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sparse_kd.artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_FILES = ("model.pt", "mappings.json", "entity_dense.pt")
+DEFAULT_MAX_BATCH = 4096
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, incomplete, corrupt or of another format version (names the file)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_artifact(artifact_dir: str | Path) -> dict:
+    """Check the manifest (format, version) and every listed file (present, size, sha256).
+
+    Returns the manifest. Raises :class:`ArtifactError` naming the offending file."""
+    d = Path(artifact_dir)
+    if not d.is_dir():
+        raise ArtifactError(f"{d}: no such artifact folder")
+    mf = d / MANIFEST
+    if not mf.is_file():
+        raise ArtifactError(f"{mf}: missing; {d} is not a complete sparse_kd artifact")
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mf}: unreadable manifest ({e}); the file is truncated or modified") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mf}: not a {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{mf}: artifact format version {version!r}, but this sparse_kd reads version {FORMAT_VERSION}; "
+            "re-create the artifact with `sparse-kd compress`"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{mf}: no 'files' table")
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise ArtifactError(f"{mf}: required file {name} is not listed")
+    for name, info in files.items():
+        f = d / name
+        if not f.is_file():
+            raise ArtifactError(f"{f}: missing (listed in {MANIFEST})")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise ArtifactError(f"{f}: {size} bytes but {MANIFEST} says {info['bytes']}: the file is truncated or modified")
+        if sha256_file(f) != info["sha256"]:
+            raise ArtifactError(f"{f}: sha256 mismatch with {MANIFEST}: the file is corrupted or modified")
+    versions = manifest.get("versions", {})
+    if versions.get("torch") and versions["torch"] != torch.__version__:
+        log.warning("artifact made with torch %s, running %s", versions["torch"], torch.__version__)
+    return manifest
+
+
+class _CSR:
+    def __init__(self, offsets: Sequence[int], values: Sequence[int]) -> None:
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.values = np.asarray(values, dtype=np.int64)
+        self.lengths = np.diff(self.offsets)
+
+    def gather(self, ents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ents (B,) entity indices, -1 unknown -> lengths (B,), values (sum lengths,)."""
+        known = ents >= 0
+        e = np.where(known, ents, 0)
+        lengths = np.where(known, self.lengths[e], 0)
+        starts = self.offsets[e]
+        total = int(lengths.sum())
+        excl = np.cumsum(lengths) - lengths
+        idx = np.repeat(starts - excl, lengths) + np.arange(total)
+        return lengths, self.values[idx]
+
+
+def _check_ids(name: str, ids: Any) -> list:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of str, got {type(ids).__name__}")
+    for k, v in enumerate(ids):
+        if not isinstance(v, str):
+            raise TypeError(f"{name}[{k}] must be str, got {type(v).__name__} {v!r}")
+    return list(ids)
+
+
+class Predictor:
+    """A loaded artifact. ``Predictor.load(dir).score(["u1"], ["i7"])`` -> array([0.73], float32)."""
+
+    def __init__(self, model: torch.jit.ScriptModule, manifest: dict, mappings: dict, entity_dense: dict,
+                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model.eval()
+        self.manifest = manifest
+        self.max_batch = int(max_batch)
+        self.keys: list[str] = list(manifest["model"]["keys"])
+        self.user_index = {u: k for k, u in enumerate(mappings["user_ids"])}
+        self.item_index = {i: k for k, i in enumerate(mappings["item_ids"])}
+        feats = mappings["features"]
+        missing = [k for k in self.keys if k not in feats]
+        if missing:
+            raise ArtifactError(f"mappings.json: no mapping for features {missing}")
+        self.owners = [feats[k]["owner"] for k in self.keys]
+        self.csr = [_CSR(feats[k]["offsets"], feats[k]["values"]) for k in self.keys]
+        self.user_dense = entity_dense["user"].float().numpy()
+        self.item_dense = entity_dense["item"].float().numpy()
+        if self.user_dense.shape[0] != len(self.user_index) or self.item_dense.shape[0] != len(self.item_index):
+            raise ArtifactError("entity_dense.pt: rows do not match the ids in mappings.json")
+        self.stats = {"pairs": 0, "unknown_users": 0, "unknown_items": 0, "chunks": 0, "calls": 0}
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path, max_batch: int = DEFAULT_MAX_BATCH) -> "Predictor":
+        """Verify (checksums, version) and load an artifact folder."""
+        d = Path(artifact_dir)
+        manifest = verify_artifact(d)
+        try:
+            model = torch.jit.load(str(d / "model.pt"), map_location="cpu")
+        except Exception as e:  # corrupt but checksum-consistent files are not expected; still name it
+            raise ArtifactError(f"{d / 'model.pt'}: cannot be loaded as TorchScript ({e})") from None
+        mappings = json.loads((d / "mappings.json").read_text(encoding="utf-8"))
+        entity_dense = torch.load(d / "entity_dense.pt", weights_only=True)
+        return cls(model, manifest, mappings, entity_dense, max_batch)
+
+    # ------------------------------------------------------------------------------------------
+
+    def inputs(self, user_ids: list[str], item_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """Model inputs for one chunk: dense (B, Dd), values (nnz,), lengths (F*B,), stats."""
+        u = np.fromiter((self.user_index.get(x, -1) for x in user_ids), dtype=np.int64, count=len(user_ids))
+        i = np.fromiter((self.item_index.get(x, -1) for x in item_ids), dtype=np.int64, count=len(item_ids))
+        lengths, values = [], []
+        for owner, csr in zip(self.owners, self.csr):
+            ln, vl = csr.gather(u if owner == "user" else i)
+            lengths.append(ln)
+            values.append(vl)
+        ud = np.where((u >= 0)[:, None], self.user_dense[np.maximum(u, 0)], 0.0)
+        idn = np.where((i >= 0)[:, None], self.item_dense[np.maximum(i, 0)], 0.0)
+        dense = torch.from_numpy(np.concatenate([ud, idn], axis=1).astype(np.float32))
+        stats = {"unknown_users": int((u < 0).sum()), "unknown_items": int((i < 0).sum())}
+        return (
+            dense,
+            torch.from_numpy(np.concatenate(values).astype(np.int64)),
+            torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
+            stats,
+        )
+
+    def score_logits(self, user_ids: list[str], item_ids: list[str], return_stats: bool = False):
+        """Logits (B,) float32 for the pairs (user_ids[k], item_ids[k]); see the module doc."""
+        users = _check_ids("user_ids", user_ids)
+        items = _check_ids("item_ids", item_ids)
+        if len(users) != len(items):
+            raise ValueError(f"user_ids has {len(users)} ids but item_ids has {len(items)}; give one item per user")
+        stats = {"pairs": len(users), "unknown_users": 0, "unknown_items": 0, "chunks": 0}
+        outs = []
+        with torch.no_grad():
+            for lo in range(0, len(users), self.max_batch):
+                dense, values, lengths, st = self.inputs(users[lo: lo + self.max_batch], items[lo: lo + self.max_batch])
+                outs.append(self.model(dense, values, lengths).reshape(-1).float().numpy())
+                stats["unknown_users"] += st["unknown_users"]
+                stats["unknown_items"] += st["unknown_items"]
+                stats["chunks"] += 1
+        result = np.concatenate(outs) if outs else np.zeros(0, dtype=np.float32)
+        for k, v in stats.items():
+            self.stats[k] += v
+        self.stats["calls"] += 1
+        if stats["unknown_users"] or stats["unknown_items"]:
+            log.info("scored %d pairs: %d unknown user ids, %d unknown item ids (zero embeddings, zero dense)",
+                     stats["pairs"], stats["unknown_users"], stats["unknown_items"])
+        return (result, stats) if return_stats else result
+
+    def score(self, user_ids: list[str], item_ids: list[str], return_stats: bool = False):
+        """Click probabilities (B,) float32, sigmoid of :meth:`score_logits`."""
+        logits, stats = self.score_logits(user_ids, item_ids, return_stats=True)
+        probs = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+        return (probs, stats) if return_stats else probs

@@ -1,0 +1,156 @@
+"""Compression study: test AUC vs embedding storage, keep ratio x dtype, for each trained variant.
+
+For every variant (e.g. ``baseline`` and ``distilled``) of a run folder and every
+(keep ratio, dtype) in ``StudyConfig.keep_ratios x StudyConfig.dtypes``, the variant is compressed
+in memory with ``default_keep_ratio`` / ``default_dtype`` set to that point on top of the run's
+``compress`` section (its importance, pruned fill, remap kind and per-feature overrides still
+apply, so e.g. ``compress.keep_ratio.age: 1.0`` pins a small table), and evaluated on valid,
+test and test_cold. Embedding bytes are read from the compressed model's FBGEMM buffers.
+
+Writes to ``out_dir``: ``compress_study.csv`` and ``.json`` (one row per variant x point),
+``compress_study.md`` (readable table) and ``compress_study.png``: test AUC vs embedding MB, one
+series per variant, the Pareto front (no other point of the variant is both smaller and
+better) drawn as a line and its points circled.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from sparse_kd.config import CompressConfig, StudyConfig
+from sparse_kd.report import markdown_table
+
+log = logging.getLogger(__name__)
+SPLITS = ("valid", "test", "test_cold")
+FIELDS = ["variant", "keep_ratio", "dtype", "embedding_bytes", "embedding_mb", "ratio", "pareto"] + [
+    f"{s}_{m}" for s in SPLITS for m in ("auc", "logloss")
+] + ["fp32_test_auc", "seconds"]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """points (size, quality): True where no other point has size <= and quality >= with one strict."""
+    out = []
+    for k, (s, q) in enumerate(points):
+        dominated = any(
+            (s2 <= s and q2 >= q and (s2 < s or q2 > q)) for j, (s2, q2) in enumerate(points) if j != k
+        )
+        out.append(not dominated)
+    return out
+
+
+def run_compress_study(
+    run_dir: Path,
+    variants: Sequence[str],
+    study_cfg: StudyConfig,
+    out_dir: Path,
+    base: Optional[CompressConfig] = None,
+) -> list[dict]:
+    """Sweep keep ratio x dtype for each variant; write CSV / JSON / MD / PNG; return the rows."""
+    from sparse_kd.compress.importance import table_importance
+    from sparse_kd.compress.planner import fp32_forward, serving_forward
+    from sparse_kd.compress.prune import table_settings
+    from sparse_kd.compress.stage import compress_model, evaluate, load_run, model_weights
+    from sparse_kd.student.export import load_dlrm
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    inp = None
+    for variant in variants:
+        if inp is None:
+            inp = load_run(run_dir, variant)
+            model = inp.model
+        else:
+            model = load_dlrm(run_dir / variant)
+        base_cfg = base if base is not None else inp.cfg.compress
+        if base_cfg.importance == "distill" and inp.text is None:
+            base_cfg = dataclasses.replace(base_cfg, importance="frequency")
+        weights = model_weights(model)
+        imps = table_importance(base_cfg.importance, weights, inp.ds, inp.text)
+        fp32 = evaluate(fp32_forward(model), inp.ds, inp.builder)
+        log.info("[%s] fp32 test AUC %.4f", variant, fp32["test"]["auc"])
+        for r in study_cfg.keep_ratios:
+            for dt in study_cfg.dtypes:
+                t0 = time.perf_counter()
+                cfg = dataclasses.replace(base_cfg, default_keep_ratio=float(r), default_dtype=dt, budget_mb=0.0)
+                settings = table_settings(cfg, list(weights))
+                comp = compress_model(model, inp.ds, settings, cfg.importance, cfg.remap, inp.text, imps)
+                m = evaluate(serving_forward(comp.serving), inp.ds, inp.builder)
+                row = {
+                    "variant": variant, "keep_ratio": float(r), "dtype": dt,
+                    "embedding_bytes": comp.embedding_bytes, "embedding_mb": comp.embedding_bytes / 1e6,
+                    "ratio": comp.fp32_bytes / max(1, comp.embedding_bytes), "pareto": False,
+                    **{f"{s}_{k}": m[s][k] for s in SPLITS for k in ("auc", "logloss")},
+                    "fp32_test_auc": fp32["test"]["auc"], "seconds": round(time.perf_counter() - t0, 2),
+                }
+                rows.append(row)
+                log.info("[%s] keep %.2f %s: %.4f MB, test AUC %.4f", variant, r, dt, row["embedding_mb"], row["test_auc"])
+                del comp
+    for variant in variants:
+        mine = [r for r in rows if r["variant"] == variant]
+        for r, on in zip(mine, pareto_front([(r["embedding_bytes"], r["test_auc"]) for r in mine])):
+            r["pareto"] = on
+    _write(rows, out_dir, run_dir, variants, study_cfg, base)
+    return rows
+
+
+def _write(rows: list[dict], out_dir: Path, run_dir: Path, variants, study_cfg: StudyConfig, base) -> None:
+    with open(out_dir / "compress_study.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in FIELDS})
+    doc = {"run_dir": str(run_dir), "variants": list(variants), "keep_ratios": list(study_cfg.keep_ratios),
+           "dtypes": list(study_cfg.dtypes), "base_compress": dataclasses.asdict(base) if base else None, "rows": rows}
+    (out_dir / "compress_study.json").write_text(json.dumps(doc, indent=1))
+    table = markdown_table(
+        ["variant", "keep", "dtype", "emb MB", "ratio", "valid AUC", "test AUC", "test_cold AUC", "Pareto"],
+        [[r["variant"], r["keep_ratio"], r["dtype"], f"{r['embedding_mb']:.5f}", f"{r['ratio']:.2f}x", r["valid_auc"],
+          r["test_auc"], r["test_cold_auc"], "*" if r["pareto"] else ""] for r in rows],
+    )
+    (out_dir / "compress_study.md").write_text(
+        "# Compression study: test AUC vs embedding storage\n\n"
+        f"Run `{run_dir}`; keep ratio x dtype applied as the default of every table; bytes read from FBGEMM buffers "
+        "(MB = 10^6 bytes); * = on the variant's Pareto front.\n\n" + table + "\n"
+    )
+    print("\n" + table + "\n", flush=True)
+    _plot(rows, variants, out_dir / "compress_study.png")
+
+
+def _plot(rows: list[dict], variants, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for k, variant in enumerate(variants):
+        mine = [r for r in rows if r["variant"] == variant]
+        if not mine:
+            continue
+        color = f"C{k}"
+        ax.scatter([r["embedding_mb"] for r in mine], [r["test_auc"] for r in mine], color=color, s=22, alpha=0.6,
+                   label=f"{variant}")
+        front = sorted((r for r in mine if r["pareto"]), key=lambda r: r["embedding_mb"])
+        ax.plot([r["embedding_mb"] for r in front], [r["test_auc"] for r in front], color=color, lw=1.5,
+                drawstyle="steps-post", label=f"{variant} Pareto front")
+        ax.scatter([r["embedding_mb"] for r in front], [r["test_auc"] for r in front], facecolors="none",
+                   edgecolors=color, s=90, lw=1.5)
+        for r in front:
+            ax.annotate(f"{r['keep_ratio']:g}/{r['dtype']}", (r["embedding_mb"], r["test_auc"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("embedding storage (MB, real FBGEMM bytes incl. remaps)")
+    ax.set_ylabel("test AUC")
+    ax.set_title("Compression: test AUC vs embedding MB (keep ratio / dtype)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
