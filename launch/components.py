@@ -10,19 +10,20 @@ On a cluster only the scheduler changes (``-s kubernetes`` / ``-s slurm``) and, 
 Each component wraps ``torchx.components.dist.ddp`` (torchrun) around ``python -m sparse_kd.cli``.
 """
 
-from __future__ import annotations
 
 import torchx
 from torchx import specs
 from torchx.components.dist import ddp
 
+from typing import List, Tuple
+
 _VARIANTS = ("teacher_ranker", "baseline", "distilled")
 
 
 def _ranker_app(
-    variants: tuple[str, ...],
+    variants: Tuple[str, ...],
     config: str,
-    overrides: list[str],
+    overrides: List[str],
     nnodes: int,
     nproc_per_node: int,
     image: str,

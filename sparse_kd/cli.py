@@ -240,11 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     from sparse_kd.config import ConfigError
+    from sparse_kd.checkpoint import CheckpointError
     from sparse_kd.data.schema import DataError
+    from sparse_kd.student.export import StaleRunError
 
     try:
         return args.fn(args) or 0
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, StaleRunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

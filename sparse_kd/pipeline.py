@@ -33,7 +33,7 @@ from sparse_kd.data.schema import RecDataset
 from sparse_kd.dist import DistEnv, barrier, broadcast_object, init_distributed
 from sparse_kd.distill.transfer import pca_reduce, transfer_rows
 from sparse_kd.report import metrics_table
-from sparse_kd.student.export import load_dlrm, write_model_meta
+from sparse_kd.student.export import check_fingerprint, load_dlrm, write_model_meta
 from sparse_kd.student.train import RankerResult, RankerSpec, train_ranker
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,12 @@ def _variant_dir(cfg: ExperimentConfig, name: str) -> Path:
 
 def _train(cfg, ds, spec: RankerSpec, env, seed, want_train_logits=False) -> RankerResult:
     d = _variant_dir(cfg, spec.name)
+    fp = fingerprint(cfg, spec, seed)
+    check_fingerprint(d, fp)  # every rank, so all of them stop with the same error
     if env.is_main:
         num_emb = {f.name: f.num_embeddings for f in ds.features}
         dense_in = spec.user_dense.shape[1] + spec.item_dense.shape[1]
-        write_model_meta(d, num_emb, dense_in, to_dict(cfg.student))
+        write_model_meta(d, num_emb, dense_in, to_dict(cfg.student), fp)
     barrier()
     t0 = time.perf_counter()
     res = train_ranker(cfg, ds, spec, d, env, seed=seed, want_train_logits=want_train_logits)
@@ -97,6 +99,15 @@ def _train(cfg, ds, spec: RankerSpec, env, seed, want_train_logits=False) -> Ran
                  spec.name, time.perf_counter() - t0, res.examples_per_s,
                  res.metrics["test"]["auc"], res.metrics["test_cold"]["auc"])
     return res
+
+
+def fingerprint(cfg: ExperimentConfig, spec: RankerSpec, seed: int) -> dict:
+    """The settings that change what a ranker's training produces (not epochs: more epochs continue)."""
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size", "collective_timeout_s")}
+    fp = {"data": to_dict(cfg.data), "student": to_dict(cfg.student), "train": train, "seed": seed, "distill": to_dict(spec.distill)}
+    if spec.name == TEACHER or spec.distill.any_enabled:
+        fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
+    return fp
 
 
 def teacher_spec(cfg, ds, user_text, item_text) -> RankerSpec:

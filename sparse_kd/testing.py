@@ -87,3 +87,29 @@ def train_worker(cfg: ExperimentConfig, name: str = "baseline", seed: int = 0, s
         spec = distilled_spec(cfg, ds, ut, it, None, name="distilled")
     res = train_ranker(cfg, ds, spec, Path(cfg.output_dir) / name, env, seed=seed, stop_after_steps=stop_after_steps)
     return {"metrics": res.metrics, "history": res.history}
+
+
+def local_tables_worker(cfg: ExperimentConfig, init_rows: dict, seed: int = 0) -> dict:
+    """Build the sharded model with ``init_rows`` seeded and return this rank's local shards:
+    {table: [(row offset, col offset, tensor)]}, plus the count of rows written per feature."""
+    import warnings
+
+    from sparse_kd.data.batching import count_dense
+    from sparse_kd.dist import init_distributed
+    from sparse_kd.student.train import RankerSpec, build_sharded, write_tables
+
+    warnings.filterwarnings("ignore")
+    env = init_distributed("gloo", 120)
+    ds = tiny_dataset(cfg)
+    ub, ib = count_dense(ds)
+    spec = RankerSpec("t", ub, ib, init_rows=init_rows)
+    _, _, dmp, _, _ = build_sharded(cfg, ds, spec, env, seed)
+    out: dict = {}
+    for key, value in dmp.state_dict().items():
+        if "embedding_bags" in key and key.endswith(".weight"):
+            table = key.split(".")[-2]
+            if hasattr(value, "local_shards"):
+                out[table] = [(*s.metadata.shard_offsets, s.tensor.detach().clone()) for s in value.local_shards()]
+            else:
+                out[table] = [(0, 0, value.detach().clone())]
+    return {"tables": out, "written": write_tables(dmp, seed, init_rows)}

@@ -20,12 +20,50 @@ from sparse_kd.student.model import build_dlrm
 MODEL_META = "model_meta.json"
 
 
-def write_model_meta(variant_dir: Path, num_embeddings: dict[str, int], dense_in: int, student: dict) -> None:
-    """Record what is needed to rebuild the model: table sizes (KJT key order), dense width, config."""
+class StaleRunError(RuntimeError):
+    """A run folder holds checkpoints trained under another configuration."""
+
+
+def write_model_meta(
+    variant_dir: Path, num_embeddings: dict[str, int], dense_in: int, student: dict, fingerprint: dict | None = None
+) -> None:
+    """Record what is needed to rebuild the model: table sizes (KJT key order), dense width, config.
+
+    ``fingerprint`` holds the settings that change what training produces. If the folder already
+    has checkpoints made under a different fingerprint, resuming from them would silently mix
+    two experiments, so this raises :class:`StaleRunError` naming the changed keys instead.
+    """
     variant_dir = Path(variant_dir)
+    check_fingerprint(variant_dir, fingerprint)
     variant_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"num_embeddings": num_embeddings, "dense_in_features": dense_in, "student": student}
-    (variant_dir / MODEL_META).write_text(json.dumps(doc, indent=1))
+    doc = {"num_embeddings": num_embeddings, "dense_in_features": dense_in, "student": student, "fingerprint": fingerprint}
+    meta_path = variant_dir / MODEL_META
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(meta_path)
+
+
+def check_fingerprint(variant_dir: Path, fingerprint: dict | None) -> None:
+    """Raise :class:`StaleRunError` if ``variant_dir`` has checkpoints made under another fingerprint."""
+    meta_path = Path(variant_dir) / MODEL_META
+    if fingerprint is not None and meta_path.is_file() and ckpt.latest(Path(variant_dir) / "checkpoints") is not None:
+        old = json.loads(meta_path.read_text()).get("fingerprint")
+        if old is not None and old != fingerprint:
+            changed = sorted(_diff(old, fingerprint))
+            raise StaleRunError(
+                f"{variant_dir} holds checkpoints trained with a different configuration "
+                f"(changed: {', '.join(changed[:8])}). Delete that folder to retrain, or set "
+                f"output_dir=... to keep both runs."
+            )
+
+
+def _diff(a, b, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: set[str] = set()
+        for k in set(a) | set(b):
+            out |= _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return set() if a == b else {prefix}
 
 
 def load_dlrm(variant_dir: Path, checkpoint: Path | None = None) -> DLRM:

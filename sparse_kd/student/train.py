@@ -234,6 +234,31 @@ def _sparse_optimizer(cfg: ExperimentConfig):
     return torch.optim.SGD, {"lr": cfg.train.sparse_lr}
 
 
+def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: DistEnv, seed: int):
+    """Model, sharding and optimizers of one ranker, with its tables initialised (weight transfer
+    applied). Returns (builder, train module, DMP, combined optimizer, dense optimizer)."""
+    sc = cfg.student
+    torch.manual_seed(seed)  # dense layers: identical on every rank and for any world size
+    builder = BatchBuilder(ds, spec.user_dense, spec.item_dense)
+    num_emb = {f.name: f.num_embeddings for f in ds.features}
+    dlrm = build_dlrm(num_emb, builder.dense_dim, sc, device="meta")
+    module = RankerTrain(
+        dlrm, spec.distill, ds.feature_names, spec.user_text, spec.item_text, embedding_dim=sc.embedding_dim
+    )
+    opt_cls, opt_kwargs = _sparse_optimizer(cfg)
+    apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
+    plan = build_plan(module, sc, env.world_size, env.device.type)
+    dmp = DistributedModelParallel(module=module, device=env.device, plan=plan)
+    if env.is_main:
+        log.info("[%s] sharding plan: %s", spec.name, describe_plan(plan))
+    written = write_tables(dmp, seed, spec.init_rows)
+    if written and env.is_main:
+        log.info("[%s] weight transfer: rows seeded from text per feature: %s", spec.name, written)
+    optimizer, dense_opt = _make_optimizer(dmp, cfg)
+
+    return builder, module, dmp, optimizer, dense_opt
+
+
 def train_ranker(
     cfg: ExperimentConfig,
     ds: RecDataset,
@@ -257,22 +282,7 @@ def train_ranker(
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    builder = BatchBuilder(ds, spec.user_dense, spec.item_dense)
-    num_emb = {f.name: f.num_embeddings for f in ds.features}
-    dlrm = build_dlrm(num_emb, builder.dense_dim, sc, device="meta")
-    module = RankerTrain(
-        dlrm, spec.distill, ds.feature_names, spec.user_text, spec.item_text, embedding_dim=sc.embedding_dim
-    )
-    opt_cls, opt_kwargs = _sparse_optimizer(cfg)
-    apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
-    plan = build_plan(module, sc, env.world_size, env.device.type)
-    dmp = DistributedModelParallel(module=module, device=env.device, plan=plan)
-    if env.is_main:
-        log.info("[%s] sharding plan: %s", spec.name, describe_plan(plan))
-    written = write_tables(dmp, seed, spec.init_rows)
-    if written and env.is_main:
-        log.info("[%s] weight transfer: rows seeded from text per feature: %s", spec.name, written)
-    optimizer, dense_opt = _make_optimizer(dmp, cfg)
+    builder, module, dmp, optimizer, dense_opt = build_sharded(cfg, ds, spec, env, seed)
 
     ck_dir = out_dir / "checkpoints"
     start_epoch, start_step, global_step = 0, 0, 0
