@@ -106,9 +106,23 @@ class AlignConfig:
 
 @dataclass(frozen=True)
 class TransferConfig:
+    """Weight transfer: ID rows from projected text.
+
+    init: before training, rows are seeded through ``projection`` (pca, or learned = ridge fit to
+    the teacher ranker's rows) at RMS ``scale``. refit: after training, rows of entities with
+    fewer than ``refit_min_count`` training interactions (never-seen items) are replaced by a
+    ridge regression from text to the student's own trained rows (fitted on the others), so
+    cold rows say what the text says, in the space the student actually learned.
+    """
+
     enabled: bool = False
+    init: bool = True
     projection: Literal["pca", "learned"] = "pca"
     scale: float = 0.05  # RMS of the seeded rows
+    refit: bool = True
+    refit_features: tuple[str, ...] = ("item_id",)
+    refit_min_count: int = 1
+    ridge_l2: float = 1.0
     features: tuple[str, ...] = ("item_id", "user_id")
 
 
@@ -301,6 +315,12 @@ def _validate(cfg: ExperimentConfig) -> None:
     need(al.weight >= 0, "distill.align.weight", "must be >= 0")
     need(al.temperature > 0, "distill.align.temperature", "must be > 0")
     need(cfg.distill.transfer.scale > 0, "distill.transfer.scale", "must be > 0")
+    need(cfg.distill.transfer.refit_min_count >= 1, "distill.transfer.refit_min_count", "must be >= 1")
+    need(cfg.distill.transfer.ridge_l2 >= 0, "distill.transfer.ridge_l2", "must be >= 0")
+    for key in ("transfer.features", "transfer.refit_features", "align.features"):
+        sec, name = key.split(".")
+        for f in getattr(getattr(cfg.distill, sec), name):
+            need(f in ("user_id", "item_id"), f"distill.{key}", f"{f!r}: only user_id and item_id have text")
     need(t.epochs >= 1, "train.epochs", "must be >= 1")
     need(t.batch_size >= cfg.nproc and t.batch_size % cfg.nproc == 0, "train.batch_size",
          f"must be a positive multiple of nproc ({cfg.nproc}): it is the global batch split across ranks")

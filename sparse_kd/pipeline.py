@@ -34,7 +34,7 @@ from sparse_kd.dist import DistEnv, barrier, broadcast_object, init_distributed
 from sparse_kd.distill.transfer import pca_reduce, transfer_rows
 from sparse_kd.report import metrics_table
 from sparse_kd.student.export import check_fingerprint, load_dlrm, write_model_meta
-from sparse_kd.student.train import RankerResult, RankerSpec, train_ranker
+from sparse_kd.student.train import RankerResult, RankerSpec, RefitSpec, train_ranker
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,17 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
         spec.teacher_logits = teacher.train_logits
     if dc.align.enabled:
         spec.user_text, spec.item_text = user_text, item_text
-    if dc.transfer.enabled:
+    if dc.transfer.enabled and dc.transfer.refit:
+        train = ds.splits["train"]
+        feats = dc.transfer.refit_features
+        spec.refit = RefitSpec(
+            text={f: (user_text if f == "user_id" else item_text) for f in feats},
+            counts={f: np.bincount(train.user if f == "user_id" else train.item,
+                                   minlength=ds.num_users if f == "user_id" else ds.num_items) for f in feats},
+            min_count=dc.transfer.refit_min_count,
+            l2=dc.transfer.ridge_l2,
+        )
+    if dc.transfer.enabled and dc.transfer.init:
         tr = dc.transfer
         teacher_tables = None
         if tr.projection == "learned":

@@ -113,3 +113,81 @@ def local_tables_worker(cfg: ExperimentConfig, init_rows: dict, seed: int = 0) -
             else:
                 out[table] = [(0, 0, value.detach().clone())]
     return {"tables": out, "written": write_tables(dmp, seed, init_rows)}
+
+
+def _kill_self_at(step: int, rank: int):
+    """An ``on_step`` hook: SIGKILL this process at ``step`` on ``rank``, first attempt only."""
+    import os
+    import signal
+
+    def hook(global_step: int) -> None:
+        if (
+            global_step == step
+            and int(os.environ.get("RANK", "0")) == rank
+            and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+        ):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def fault_main(argv: list[str] | None = None) -> None:
+    """Entry point for ``torchrun -m sparse_kd.testing OUT_DIR KILL_STEP``: train the tiny baseline
+    with checkpoints every 5 steps; rank 1 SIGKILLs itself at KILL_STEP on the first attempt.
+    Rank 0 writes OUT_DIR/metrics.json at the end."""
+    import json
+    import sys
+    import warnings
+    from pathlib import Path
+
+    from sparse_kd.data.batching import count_dense
+    from sparse_kd.dist import init_distributed
+    from sparse_kd.student.train import RankerSpec, train_ranker
+
+    warnings.filterwarnings("ignore")
+    out, kill_step = (argv or sys.argv[1:])[:2]
+    cfg = tiny_config(out, nproc=2, train={"checkpoint_every": 5})
+    env = init_distributed("gloo", 60)
+    ds = tiny_dataset(cfg)
+    ub, ib = count_dense(ds)
+    res = train_ranker(cfg, ds, RankerSpec("baseline", ub, ib), Path(out) / "baseline", env,
+                       on_step=_kill_self_at(int(kill_step), rank=1))
+    if env.is_main:
+        (Path(out) / "metrics.json").write_text(json.dumps(res.metrics))
+
+
+if __name__ == "__main__":
+    fault_main()
+
+
+def hang_worker(cfg: ExperimentConfig, step: int) -> str:
+    """Rank 1 stops answering at ``step`` (sleeps past the collective timeout); rank 0 must fail
+    with a message naming its rank and step. Returns rank 0's error message ('' on rank 1)."""
+    import time
+    import warnings
+    from pathlib import Path
+
+    from sparse_kd.data.batching import count_dense
+    from sparse_kd.dist import init_distributed
+    from sparse_kd.student.train import RankerSpec, train_ranker
+
+    warnings.filterwarnings("ignore")
+    env = init_distributed("gloo", cfg.train.collective_timeout_s)
+    ds = tiny_dataset(cfg)
+    ub, ib = count_dense(ds)
+
+    class _Stalled(Exception):
+        pass
+
+    def hook(global_step: int) -> None:
+        if env.rank == 1 and global_step == step:
+            time.sleep(cfg.train.collective_timeout_s + 5)
+            raise _Stalled
+
+    try:
+        train_ranker(cfg, ds, RankerSpec("baseline", ub, ib), Path(cfg.output_dir) / "baseline", env, on_step=hook)
+    except RuntimeError as e:
+        return str(e)
+    except _Stalled:
+        return ""
+    return ""

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -65,6 +65,21 @@ class RankerSpec:
     user_text: Optional[torch.Tensor] = None
     item_text: Optional[torch.Tensor] = None
     init_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    refit: Optional["RefitSpec"] = None
+
+
+@dataclass
+class RefitSpec:
+    """After training, replace rows of rarely seen entities by a text -> row ridge regression
+    fitted on the others (weight transfer into the student's learned space).
+
+    text: feature -> (N, H) text embeddings; counts: feature -> (N,) training interactions.
+    """
+
+    text: dict[str, torch.Tensor]
+    counts: dict[str, np.ndarray]
+    min_count: int = 1
+    l2: float = 1.0
 
 
 @dataclass
@@ -109,11 +124,12 @@ def init_rows_block(seed: int, table: str, num_rows: int, dim: int, row0: int, n
 
 
 @torch.no_grad()
-def write_tables(dmp: torch.nn.Module, seed: int, init_rows: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Set every embedding table (each rank its local shards) to the sharding-independent init,
-    then overwrite rows from ``init_rows`` (feature -> (N, D), NaN rows skipped).
+def write_tables(dmp: torch.nn.Module, seed: int, init_rows: dict[str, torch.Tensor], reinit: bool = True) -> dict[str, int]:
+    """Set every embedding table (each rank its local shards) to the sharding-independent init
+    (unless ``reinit`` is False), then overwrite rows from ``init_rows`` (feature -> (N, D),
+    NaN rows skipped).
 
-    Returns feature -> number of rows written from ``init_rows``.
+    Returns feature -> number of rows written from ``init_rows`` (summed over ranks).
     """
     written: dict[str, int] = {}
     sd = dmp.state_dict()
@@ -130,10 +146,15 @@ def write_tables(dmp: torch.nn.Module, seed: int, init_rows: dict[str, torch.Ten
             shards_iter = [(tuple(s.metadata.shard_offsets), s.tensor) for s in shards]
             full_rows, full_dim = value.size()
         seeded = init_rows.get(feat)
+        if seeded is None and not reinit:
+            continue
         n_written = 0
         for (r0, c0), t in shards_iter:
             n, d = t.shape
-            block = init_rows_block(seed, table, full_rows, full_dim, r0, n)[:, c0 : c0 + d]
+            if reinit:
+                block = init_rows_block(seed, table, full_rows, full_dim, r0, n)[:, c0 : c0 + d]
+            else:
+                block = t.detach().clone()
             if seeded is not None:
                 src = seeded[r0 : r0 + n, c0 : c0 + d].float()
                 ok = ~torch.isnan(src).any(dim=1)
@@ -150,6 +171,32 @@ def write_tables(dmp: torch.nn.Module, seed: int, init_rows: dict[str, torch.Ten
         dist.all_reduce(counts)
         written = dict(zip(sorted(written), counts.tolist()))
     return written
+
+
+def refit_rows(checkpoint: Path, refit: RefitSpec, num_rows: dict[str, int], dim: int) -> dict[str, torch.Tensor]:
+    """Rows to write for a :class:`RefitSpec`: feature -> (N, D), NaN where a row is kept.
+
+    Reads each table in full from the checkpoint (every rank reads the files; no collective).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from sparse_kd.distill.transfer import ridge_apply, ridge_fit
+
+    out = {}
+    for feat, text in refit.text.items():
+        key = f"model.sparse_arch.embedding_bag_collection.embedding_bags.t_{feat}.weight"
+        state = {"model": {key: torch.empty(num_rows[feat], dim)}}
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+        trained = state["model"][key]
+        counts = torch.from_numpy(np.asarray(refit.counts[feat]))
+        fit_on = counts >= refit.min_count
+        if int(fit_on.sum()) < 2 or bool(fit_on.all()):
+            continue
+        w = ridge_fit(text[fit_on].float(), trained[fit_on], l2=refit.l2)
+        rows = torch.full_like(trained, float("nan"))
+        rows[~fit_on] = ridge_apply(text[~fit_on].float(), w)
+        out[feat] = rows
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -268,11 +315,13 @@ def train_ranker(
     seed: Optional[int] = None,
     want_train_logits: bool = False,
     stop_after_steps: Optional[int] = None,
+    on_step: Optional[Callable[[int], None]] = None,
 ) -> RankerResult:
     """Train one ranker; evaluate on valid/test/test_cold; save a sharded checkpoint per epoch.
 
     Resumes from the newest complete checkpoint in ``out_dir/checkpoints`` if there is one.
-    ``stop_after_steps`` ends the run early (after saving), for tests of resumption.
+    ``stop_after_steps`` ends the run early (after saving), for tests of resumption;
+    ``on_step(global_step)`` is called after every step (fault-injection tests use it).
     """
     seed = cfg.train.seed if seed is None else seed
     out_dir = Path(out_dir)
@@ -308,7 +357,7 @@ def train_ranker(
     history: list[dict] = []
     writer = _Logger(out_dir, spec.name) if env.is_main else None
     t_train, n_seen = 0.0, 0
-    last_saved = None
+    last_saved = latest  # a finished run resumed: its last checkpoint is the result
     for epoch in range(start_epoch, tc.epochs):
         dmp.train()
         it = train_batches(
@@ -316,13 +365,20 @@ def train_ranker(
             start_step=start_step if epoch == start_epoch else 0,
         )
         step = start_step if epoch == start_epoch else 0
-        bar = tqdm(total=spe, initial=step, desc=f"{spec.name} epoch {epoch + 1}/{tc.epochs}", disable=not env.is_main, leave=False)
+        bar = tqdm(total=spe, initial=step, desc=f"{spec.name} epoch {epoch + 1}/{tc.epochs}", disable=None if env.is_main else True, leave=False)
         t0 = time.perf_counter()
         while True:
             try:
                 out = pipeline.progress(it)
             except StopIteration:
                 break
+            except RuntimeError as e:  # a collective timed out or a peer died: say where
+                raise RuntimeError(
+                    f"[{spec.name}] rank {env.rank}/{env.world_size} failed at epoch {epoch + 1}, step {step + 1} "
+                    f"(global step {global_step + 1}): {str(e).splitlines()[0][:300]}. A peer rank may have died or hung; "
+                    f"collectives wait train.collective_timeout_s={tc.collective_timeout_s}s. Rerun to resume "
+                    f"from the last checkpoint in {ck_dir}."
+                ) from e
             step += 1
             global_step += 1
             n_seen += out[1].numel() * env.world_size
@@ -331,6 +387,8 @@ def train_ranker(
                 parts = {k: float(v) for k, v in module.last_parts.items()}
                 writer.scalars(global_step, epoch, parts)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
+            if on_step is not None:
+                on_step(global_step)
             stop_now = stop_after_steps is not None and global_step >= stop_after_steps
             if (tc.checkpoint_every and global_step % tc.checkpoint_every == 0 and step < spe) or stop_now:
                 last_saved = ckpt.save(ck_dir, dmp, optimizer, epoch, step, global_step, tc.keep_checkpoints)
@@ -346,6 +404,14 @@ def train_ranker(
         if writer:
             writer.epoch(row)
             log.info("[%s] epoch %d/%d: valid AUC %.4f, log loss %.4f", spec.name, epoch + 1, tc.epochs, valid["auc"], valid["logloss"])
+    if spec.refit is not None and last_saved is not None:
+        num_rows = {f.name: f.num_embeddings for f in ds.features}
+        rows = refit_rows(last_saved, spec.refit, num_rows, cfg.student.embedding_dim)
+        written = write_tables(dmp, seed, rows, reinit=False)
+        if written:
+            if env.is_main:
+                log.info("[%s] weight transfer refit: rows of rarely seen entities set from text: %s", spec.name, written)
+            last_saved = ckpt.save(ck_dir, dmp, optimizer, tc.epochs, 0, global_step, tc.keep_checkpoints)
     metrics = evaluate(pipeline, dmp, ds, builder, cfg, env)
     train_logits = _predict(pipeline, dmp, train, builder, cfg, env) if want_train_logits else None
     if writer:
