@@ -179,7 +179,7 @@ def cmd_study(args) -> int:
         return 0
     from sparse_kd.studies.compress_study import run_compress_study
 
-    run_compress_study(Path(cfg.output_dir), ["baseline", "distilled"], cfg.study, Path(args.docs))
+    run_compress_study(Path(cfg.output_dir), ["baseline", "distilled"], cfg.study, Path(args.docs), base=cfg.compress)
     return 0
 
 

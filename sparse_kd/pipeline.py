@@ -52,6 +52,7 @@ def prepare_data(cfg: ExperimentConfig, env: DistEnv) -> RecDataset:
         ds.save_mappings(out / "data" / "mappings.json")
         ub, ib = count_dense(ds)
         torch.save({"user": ub, "item": ib}, out / "data" / "entity_dense.pt")
+        write_heldout_pairs(ds, out / "data" / "heldout_pairs.csv")
         s = ds.summary()
         log.info(
             "data: %d users, %d items, features %s; splits %s (%.1fs)",
@@ -60,6 +61,20 @@ def prepare_data(cfg: ExperimentConfig, env: DistEnv) -> RecDataset:
         )
     barrier()
     return ds
+
+
+def write_heldout_pairs(ds: RecDataset, path: Path) -> None:
+    """The test and test_cold interactions as raw-id CSV (split,user_id,item_id,label), so a serving
+    process can score them without the data loaders."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "user_id", "item_id", "label"])
+        for split in ("test", "test_cold"):
+            sp = ds.splits[split]
+            for u, i, y in zip(sp.user, sp.item, sp.label):
+                w.writerow([split, ds.user_ids[u], ds.item_ids[i], int(y)])
 
 
 def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,10 +135,11 @@ def save_artifact(
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": {**comp.model_info, "file": "model.pt", "output": "logits"},
             "tables": comp.tables,
-            "bytes": {
-                "embedding_total": comp.embedding_bytes,
-                "embedding_mb": comp.embedding_bytes / 1e6,
-                "fp32_embedding_total": comp.fp32_bytes,
+            "bytes": {  # embedding storage (tables + remaps), MB = 10^6 bytes; same keys as the stage report
+                "total": comp.embedding_bytes,
+                "total_mb": comp.embedding_bytes / 1e6,
+                "fp32_total": comp.fp32_bytes,
+                "fp32_mb": comp.fp32_bytes / 1e6,
                 "ratio": comp.fp32_bytes / max(1, comp.embedding_bytes),
                 "files_total": sum(v["bytes"] for v in files.values()),
             },

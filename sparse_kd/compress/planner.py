@@ -26,7 +26,9 @@ Also here: the evaluation helpers shared by the compression stage and the study
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -38,7 +40,7 @@ from sparse_kd.compress import quantize as Q
 from sparse_kd.compress.importance import RowImportance
 from sparse_kd.compress.prune import PrunedTable, prune_table, select_rows
 from sparse_kd.config import QUANT_DTYPES, ConfigError
-from sparse_kd.data.batching import BatchBuilder, KDBatch, eval_batches
+from sparse_kd.data.batching import BatchBuilder, KDBatch
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.report import markdown_table
 from sparse_kd.student.train import binary_metrics
@@ -58,8 +60,16 @@ class BudgetError(ConfigError):
 
 
 def split_batches(ds: RecDataset, builder: BatchBuilder, split: str, batch_size: int = 4096) -> list[tuple[KDBatch, int]]:
-    """Every example of ``split`` in order, as (batch, real rows) on one process."""
-    return list(eval_batches(ds.splits[split], builder, batch_size, 0, 1))
+    """Every example of ``split`` in order, as (batch, rows) on one process: consecutive slices of
+    ``batch_size`` (the last one shorter, not padded), i.e. the same batches as
+    ``Predictor.score`` makes with ``max_batch=batch_size``, so the logits agree to the bit."""
+    sp = ds.splits[split]
+    user, item, label = (torch.from_numpy(a) for a in (sp.user, sp.item, sp.label))
+    out = []
+    for lo in range(0, len(sp), batch_size):
+        hi = min(len(sp), lo + batch_size)
+        out.append((builder.build(user[lo:hi], item[lo:hi], label[lo:hi]), hi - lo))
+    return out
 
 
 def predict_split(forward: Callable[[KDBatch], torch.Tensor], batches: Sequence[tuple[KDBatch, int]]) -> torch.Tensor:
@@ -90,23 +100,26 @@ def serving_forward(serving) -> Callable[[KDBatch], torch.Tensor]:
 _BYTES_CACHE: dict[tuple, dict] = {}
 
 
-def option_bytes(num_original: int, num_rows: int, dim: int, dtype: str, pruned: bool, remap: str,
+def option_bytes(num_original: int, num_rows: int, dim: int, dtype: str, num_mapped: Optional[int], remap: str,
                  row_alignment: int = Q.ROW_ALIGNMENT) -> dict:
-    """Real bytes of a table with ``num_rows`` stored rows (of ``num_original``), read from a
-    one-table FBGEMM TBE: {"weights", "padding", "remap", "total"}."""
-    key = (num_original, num_rows, dim, dtype, pruned, remap, row_alignment)
+    """Real bytes of a table with ``num_rows`` stored rows, read from a one-table FBGEMM TBE:
+    {"weights", "padding", "remap", "total"}. num_mapped: ids (of ``num_original``) that have a
+    row, None when the table is not pruned (no remap)."""
+    key = (num_original, num_rows, dim, dtype, num_mapped, remap, row_alignment)
     if key not in _BYTES_CACHE:
-        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
         from fbgemm_gpu.split_embedding_configs import SparseType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
 
         tbe = Q.IntNBitTableBatchedEmbeddingBagsCodegen(
             [("t", num_rows, dim, SparseType(dtype), EmbeddingLocation.HOST)], device="cpu",
             row_alignment=row_alignment, output_dtype=SparseType.FP32,
         )
         tbe.initialize_weights()
-        r = torch.full((num_original,), -1, dtype=torch.int32)
-        r[:num_rows] = torch.arange(num_rows, dtype=torch.int32)
-        Q.install_remaps(tbe, [r if pruned else None], remap)
+        r = None
+        if num_mapped is not None:
+            r = torch.full((num_original,), -1, dtype=torch.int32)
+            r[:num_mapped] = torch.arange(num_mapped, dtype=torch.int32) % num_rows
+        Q.install_remaps(tbe, [r], remap)
         holder = torch.nn.Module()
         holder.tbe = tbe
         b = Q.table_bytes(holder)["t"]
@@ -120,6 +133,13 @@ def _stored_rows(n: int, kept: int, fill: str) -> int:
     return {"zero": kept, "mean": kept + 1, "text": n}[fill]
 
 
+def _mapped(n: int, kept: int, fill: str) -> Optional[int]:
+    """Ids with a row in the remap, None when there is no remap (nothing pruned, or text fill in place)."""
+    if kept >= n or fill == "text":
+        return None
+    return kept if fill == "zero" else n
+
+
 # ------------------------------------------------------------------------------------------
 # Plan
 
@@ -131,6 +151,7 @@ class Option:
     dtype: str
     rows: int
     bytes: int
+    fp32_bytes: int = 0
     valid_auc: float = float("nan")
     loss: float = float("nan")
 
@@ -160,10 +181,13 @@ class Plan:
         return {f: o.dtype for f, o in self.choices.items()}
 
     def table(self) -> str:
-        rows = [[f, o.keep_ratio, o.dtype, o.rows, o.bytes, o.loss] for f, o in self.choices.items()]
+        rows = [[f, o.keep_ratio, o.dtype, o.rows, o.fp32_bytes, o.bytes, o.valid_auc, o.loss]
+                for f, o in self.choices.items()]
         head = (f"budget {self.budget_bytes / MB:.6f} MB, plan {self.bytes / MB:.6f} MB, fp32 valid AUC "
-                f"{self.base_valid_auc:.4f}, predicted AUC loss {self.predicted_loss:.4f}")
-        return head + "\n" + markdown_table(["feature", "keep", "dtype", "rows", "bytes", "valid AUC loss"], rows)
+                f"{self.base_valid_auc:.4f}, predicted AUC loss {self.predicted_loss:.4f} (sum of per-table losses; "
+                "valid AUC per row = that table alone compressed)")
+        return head + "\n" + markdown_table(
+            ["feature", "keep", "dtype", "rows", "bytes fp32", "bytes", "valid AUC", "valid AUC loss"], rows)
 
     def to_dict(self) -> dict:
         return {
@@ -247,7 +271,8 @@ def plan_budget(
     from sparse_kd.compress.importance import TEXT_FEATURES
 
     t0 = time.perf_counter()
-    budget = int(budget_mb * MB)
+    budget = int(math.floor(budget_mb * MB + 1e-6))  # MB = 10^6 bytes; tolerate float noise
+    model = copy.deepcopy(model).eval()  # sensitivity swaps table rows in and out: never touch the caller's model
     ebc = model.sparse_arch.embedding_bag_collection
     weights = {f: ebc.embedding_bags[Q.table_name(f)].weight.detach() for c in ebc.embedding_bag_configs() for f in c.feature_names}
     dim = next(iter(weights.values())).shape[1]
@@ -268,8 +293,8 @@ def plan_budget(
             kept_sets[(f, r)] = kept
             rows = _stored_rows(n, len(kept), fill)
             for dt in dtypes:
-                b = option_bytes(n, rows, dim, dt, len(kept) < n, remap, row_alignment)
-                opts.append(Option(f, r, dt, rows, b["total"]))
+                b = option_bytes(n, rows, dim, dt, _mapped(n, len(kept), fill), remap, row_alignment)
+                opts.append(Option(f, r, dt, rows, b["total"], fp32_bytes=int(w.numel() * w.element_size())))
         options[f] = opts
     smallest = sum(min(o.bytes for o in opts) for opts in options.values())
     if smallest > budget:

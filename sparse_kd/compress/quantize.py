@@ -13,19 +13,30 @@ installed on that TBE (:func:`install_remaps`):
 ``array``  ``tbe.set_index_remappings_array``: an int32 array of N entries per pruned table.
 ``hash``   FBGEMM's open-addressing hash table (``pruned_hashmap_insert`` / ``pruned_hashmap_lookup``)
            in the TBE's ``index_remapping_hash_table`` buffers: 2 int32 per slot,
-           ``round_up(R / 0.5, 32)`` slots per pruned table, so it is smaller than the array below
-           a keep ratio of about 1/4. FBGEMM's own CPU choice (``set_index_remappings(...,
-           use_array_for_index_remapping=False)``) keeps the map in a ``PrunedMapCPU`` script
-           object instead, which TorchScript does not save: a reloaded model silently lost its
-           remap (measured), so this module fills the buffer variant, which does save.
+           ``round_up(M / 0.5, 32)`` slots per pruned table, M = ids that have a row (K for the
+           ``zero`` fill, all N for ``mean``), so with ``zero`` it is smaller than the array below
+           a keep ratio of about 1/4, and never with ``mean``. FBGEMM itself sizes the table from
+           the stored rows R, which assumes one id per row: with ``mean`` (M = N > 2R) the
+           insertion never terminates (measured: a hang); this module sizes it from M.
+           FBGEMM's own CPU path (``set_index_remappings(..., use_array_for_index_remapping=False)``)
+           keeps the map in a ``PrunedMapCPU`` script object, which TorchScript does not save: a
+           reloaded model silently lost its remap (measured), so this module fills the buffer
+           variant (FBGEMM's GPU layout, whose lookup also runs on CPU), which is saved.
 
 Both give identical lookups. Tables kept whole get no remap. Dense layers stay fp32 unless
-``dense_int8`` (``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear``).
+``dense_int8`` (``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear``; on the demo run:
+dense weights 20,676 -> 5,664 bytes, test AUC 0.6581 -> 0.6577, i.e. it saves little next to the
+tables at this size and is off by default).
 
 Quantized rows (FBGEMM's layout): int8/int4/int2 rows carry an fp16 scale and bias (4 bytes)
 before the packed codes; every row is padded to ``row_alignment`` bytes (16, torchrec's
 default); each table starts on a 128-byte boundary. :func:`table_bytes` reads the real sizes
-from the TBE's buffers.
+from the TBE's buffers. At D = 16 the 16-byte padding makes int8 rows as large as fp16 (32 bytes:
+20 used) and int2 rows as large as int4 (16 bytes: 12 / 8 used); ``row_alignment=1`` gives
+20 / 12 / 8 bytes and the CPU kernel's lookups are unchanged (tested exact against dequantized
+rows for alignments 1, 4, 8, 16; GPU kernels want 16). Measured on the demo run (1017 rows x 16):
+fp32 65,280 bytes, fp16 = int8 32,768, int4 = int2 16,512; with alignment 1: int8 20,608,
+int4 12,672, int2 8,576.
 
 :class:`ServingDLRM` is the model a serving process runs: ``forward(dense, values, lengths)``
 with plain tensors (it builds the ``KeyedJaggedTensor`` inside, with int32 ids), returning
@@ -120,6 +131,11 @@ def _round_up(a: int, b: int) -> int:
     return (a + b - 1) // b * b
 
 
+def hash_capacity(num_mapped: int) -> int:
+    """Slots of a table's remap hash: round_up(mapped ids / load factor, 32), as FBGEMM rounds."""
+    return _round_up(max(1, int(num_mapped / HASH_LOAD_FACTOR)), 32)
+
+
 def install_remaps(tbe: IntNBitTableBatchedEmbeddingBagsCodegen, remaps: List[Optional[torch.Tensor]], kind: str) -> None:
     """Install one remap per table (TBE table order; None = no pruning) as ``array`` or ``hash``.
 
@@ -148,7 +164,10 @@ def install_remaps(tbe: IntNBitTableBatchedEmbeddingBagsCodegen, remaps: List[Op
         return
     # hash: same construction as FBGEMM's set_index_remappings for devices, into buffers
     rows = [int(s[1]) for s in specs]
-    caps = [_round_up(int(n / HASH_LOAD_FACTOR), 32) if r is not None else 0 for r, n in zip(remaps, rows)]
+    # FBGEMM sizes the table from the stored rows, assuming one id per row; with a ``mean`` or
+    # ``text`` fill many ids map to rows, and inserting more keys than slots never terminates
+    # (measured: a hang). Size it from the ids that have a row instead.
+    caps = [hash_capacity(int((r >= 0).sum())) if r is not None else 0 for r in remaps]
     table = torch.full((sum(caps), 2), -1, dtype=i32)
     table_offsets = torch.tensor([0] + list(np.cumsum(caps)), dtype=torch.int64)
     orig = [int(r.numel()) if r is not None else n for r, n in zip(remaps, rows)]

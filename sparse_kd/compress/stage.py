@@ -11,7 +11,6 @@ Compression is a stage over a trained model: nothing here changes the model it i
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 
 from sparse_kd.compress import quantize as Q
 from sparse_kd.compress.artifact import Compressed, save_artifact
-from sparse_kd.compress.importance import TEXT_FEATURES, RowImportance, table_importance
+from sparse_kd.compress.importance import RowImportance, table_importance
 from sparse_kd.compress.planner import (
     MB,
     Plan,
@@ -184,7 +183,7 @@ def report_table(report: dict) -> str:
     return "\n\n".join([head, t1, t2])
 
 
-def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path, dense_int8: bool = False) -> dict:
+def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path, dense_int8: Optional[bool] = None) -> dict:
     """Compress ``run_dir/variant`` per ``cfg`` into the artifact ``out_dir``; returns the report:
 
     {"variant", "tables": {table: {... "bytes" {...}, "fp32_bytes"}}, "bytes": {"fp32_total", "total",
@@ -192,6 +191,7 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
     "plan": ... (budget only), "artifact": str, "seconds"}. Also printed as readable tables.
     """
     t0 = time.perf_counter()
+    dense_int8 = cfg.dense_int8 if dense_int8 is None else dense_int8
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     inp = load_run(run_dir, variant)
     model, ds, builder = inp.model, inp.ds, inp.builder
@@ -204,10 +204,10 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
     plan: Optional[Plan] = None
     if cfg.budget_mb > 0:
         plan = plan_budget(model, ds, builder, imps, {f: s["fill"] for f, s in settings.items()}, cfg.budget_mb,
-                           cfg.remap, inp.text)
+                           cfg.remap, inp.text, row_alignment=cfg.row_alignment)
         for f, o in plan.choices.items():
             settings[f]["keep_ratio"], settings[f]["dtype"] = o.keep_ratio, o.dtype
-    comp = compress_model(model, ds, settings, cfg.importance, cfg.remap, inp.text, imps, dense_int8)
+    comp = compress_model(model, ds, settings, cfg.importance, cfg.remap, inp.text, imps, dense_int8, cfg.row_alignment)
     if plan is not None and comp.embedding_bytes > plan.budget_bytes:  # the per-option bytes are exact; guard anyway
         raise RuntimeError(f"plan bytes {comp.embedding_bytes} exceed compress.budget_mb ({plan.budget_bytes} bytes)")
     after = evaluate(serving_forward(comp.serving), ds, builder)

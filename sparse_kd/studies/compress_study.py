@@ -2,15 +2,20 @@
 
 For every variant (e.g. ``baseline`` and ``distilled``) of a run folder and every
 (keep ratio, dtype) in ``StudyConfig.keep_ratios x StudyConfig.dtypes``, the variant is compressed
-in memory with ``default_keep_ratio`` / ``default_dtype`` set to that point on top of the run's
-``compress`` section (its importance, pruned fill, remap kind and per-feature overrides still
-apply, so e.g. ``compress.keep_ratio.age: 1.0`` pins a small table), and evaluated on valid,
-test and test_cold. Embedding bytes are read from the compressed model's FBGEMM buffers.
+in memory and evaluated on valid, test and test_cold:
 
-Writes to ``out_dir``: ``compress_study.csv`` and ``.json`` (one row per variant x point),
+* dtype: every table (``default_dtype``); keep ratio: the tables in ``prune_features`` (default
+  ``user_id`` and ``item_id``, the only large ones; pruning a table of a few rows saves at most
+  a 128-byte cache line and costs accuracy; ``None`` prunes every table);
+* importance, remap kind and fill come from the run's ``compress`` section (or ``base``);
+  ``fills`` sweeps several fills (one series per variant and fill).
+
+Embedding bytes are read from the compressed model's FBGEMM buffers (MB = 10^6 bytes).
+
+Writes to ``out_dir``: ``compress_study.csv`` and ``.json`` (one row per variant x fill x point),
 ``compress_study.md`` (readable table) and ``compress_study.png``: test AUC vs embedding MB, one
-series per variant, the Pareto front (no other point of the variant is both smaller and
-better) drawn as a line and its points circled.
+series per variant (and fill), the Pareto front (no other point of the series is both smaller
+and better) drawn as a step line and its points circled.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from sparse_kd.report import markdown_table
 
 log = logging.getLogger(__name__)
 SPLITS = ("valid", "test", "test_cold")
-FIELDS = ["variant", "keep_ratio", "dtype", "embedding_bytes", "embedding_mb", "ratio", "pareto"] + [
+FIELDS = ["variant", "fill", "keep_ratio", "dtype", "embedding_bytes", "embedding_mb", "ratio", "pareto"] + [
     f"{s}_{m}" for s in SPLITS for m in ("auc", "logloss")
 ] + ["fp32_test_auc", "seconds"]
 
@@ -50,8 +55,10 @@ def run_compress_study(
     study_cfg: StudyConfig,
     out_dir: Path,
     base: Optional[CompressConfig] = None,
+    prune_features: Optional[Sequence[str]] = ("user_id", "item_id"),
+    fills: Optional[Sequence[str]] = None,
 ) -> list[dict]:
-    """Sweep keep ratio x dtype for each variant; write CSV / JSON / MD / PNG; return the rows."""
+    """Sweep keep ratio x dtype (x fill) for each variant; write CSV / JSON / MD / PNG; return the rows."""
     from sparse_kd.compress.importance import table_importance
     from sparse_kd.compress.planner import fp32_forward, serving_forward
     from sparse_kd.compress.prune import table_settings
@@ -72,68 +79,80 @@ def run_compress_study(
         if base_cfg.importance == "distill" and inp.text is None:
             base_cfg = dataclasses.replace(base_cfg, importance="frequency")
         weights = model_weights(model)
+        pruned_here = list(weights) if prune_features is None else [f for f in prune_features if f in weights]
         imps = table_importance(base_cfg.importance, weights, inp.ds, inp.text)
         fp32 = evaluate(fp32_forward(model), inp.ds, inp.builder)
         log.info("[%s] fp32 test AUC %.4f", variant, fp32["test"]["auc"])
-        for r in study_cfg.keep_ratios:
-            for dt in study_cfg.dtypes:
-                t0 = time.perf_counter()
-                cfg = dataclasses.replace(base_cfg, default_keep_ratio=float(r), default_dtype=dt, budget_mb=0.0)
-                settings = table_settings(cfg, list(weights))
-                comp = compress_model(model, inp.ds, settings, cfg.importance, cfg.remap, inp.text, imps)
-                m = evaluate(serving_forward(comp.serving), inp.ds, inp.builder)
-                row = {
-                    "variant": variant, "keep_ratio": float(r), "dtype": dt,
-                    "embedding_bytes": comp.embedding_bytes, "embedding_mb": comp.embedding_bytes / 1e6,
-                    "ratio": comp.fp32_bytes / max(1, comp.embedding_bytes), "pareto": False,
-                    **{f"{s}_{k}": m[s][k] for s in SPLITS for k in ("auc", "logloss")},
-                    "fp32_test_auc": fp32["test"]["auc"], "seconds": round(time.perf_counter() - t0, 2),
-                }
-                rows.append(row)
-                log.info("[%s] keep %.2f %s: %.4f MB, test AUC %.4f", variant, r, dt, row["embedding_mb"], row["test_auc"])
-                del comp
-    for variant in variants:
-        mine = [r for r in rows if r["variant"] == variant]
+        for fill in (fills or [base_cfg.default_pruned_fill]):
+            for r in study_cfg.keep_ratios:
+                for dt in study_cfg.dtypes:
+                    t0 = time.perf_counter()
+                    cfg = dataclasses.replace(base_cfg, default_dtype=dt, default_pruned_fill=fill, budget_mb=0.0)
+                    settings = table_settings(cfg, list(weights))
+                    for f in pruned_here:
+                        settings[f]["keep_ratio"] = float(r)
+                    comp = compress_model(model, inp.ds, settings, cfg.importance, cfg.remap, inp.text, imps,
+                                          cfg.dense_int8, cfg.row_alignment)
+                    m = evaluate(serving_forward(comp.serving), inp.ds, inp.builder)
+                    row = {
+                        "variant": variant, "fill": fill, "keep_ratio": float(r), "dtype": dt,
+                        "embedding_bytes": comp.embedding_bytes, "embedding_mb": comp.embedding_bytes / 1e6,
+                        "ratio": comp.fp32_bytes / max(1, comp.embedding_bytes), "pareto": False,
+                        **{f"{s}_{k}": m[s][k] for s in SPLITS for k in ("auc", "logloss")},
+                        "fp32_test_auc": fp32["test"]["auc"], "seconds": round(time.perf_counter() - t0, 2),
+                    }
+                    rows.append(row)
+                    log.info("[%s/%s] keep %.2f %s: %.4f MB, test AUC %.4f", variant, fill, r, dt, row["embedding_mb"],
+                             row["test_auc"])
+                    del comp
+    for key in sorted({_series(r, rows) for r in rows}):
+        mine = [r for r in rows if _series(r, rows) == key]
         for r, on in zip(mine, pareto_front([(r["embedding_bytes"], r["test_auc"]) for r in mine])):
             r["pareto"] = on
-    _write(rows, out_dir, run_dir, variants, study_cfg, base)
+    _write(rows, out_dir, run_dir, variants, study_cfg, base, pruned_here)
     return rows
 
 
-def _write(rows: list[dict], out_dir: Path, run_dir: Path, variants, study_cfg: StudyConfig, base) -> None:
+def _series(row: dict, rows: list[dict]) -> str:
+    """Series name: the variant, plus the fill when several fills were swept."""
+    several = len({r["fill"] for r in rows}) > 1
+    return f"{row['variant']}/{row['fill']}" if several else row["variant"]
+
+
+def _write(rows: list[dict], out_dir: Path, run_dir: Path, variants, study_cfg: StudyConfig, base, pruned) -> None:
     with open(out_dir / "compress_study.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for r in rows:
             w.writerow({k: r[k] for k in FIELDS})
     doc = {"run_dir": str(run_dir), "variants": list(variants), "keep_ratios": list(study_cfg.keep_ratios),
-           "dtypes": list(study_cfg.dtypes), "base_compress": dataclasses.asdict(base) if base else None, "rows": rows}
+           "dtypes": list(study_cfg.dtypes), "pruned_features": pruned,
+           "base_compress": dataclasses.asdict(base) if base else None, "rows": rows}
     (out_dir / "compress_study.json").write_text(json.dumps(doc, indent=1))
     table = markdown_table(
-        ["variant", "keep", "dtype", "emb MB", "ratio", "valid AUC", "test AUC", "test_cold AUC", "Pareto"],
-        [[r["variant"], r["keep_ratio"], r["dtype"], f"{r['embedding_mb']:.5f}", f"{r['ratio']:.2f}x", r["valid_auc"],
+        ["variant", "fill", "keep", "dtype", "emb MB", "ratio", "valid AUC", "test AUC", "test_cold AUC", "Pareto"],
+        [[r["variant"], r["fill"], r["keep_ratio"], r["dtype"], f"{r['embedding_mb']:.5f}", f"{r['ratio']:.2f}x", r["valid_auc"],
           r["test_auc"], r["test_cold_auc"], "*" if r["pareto"] else ""] for r in rows],
     )
     (out_dir / "compress_study.md").write_text(
         "# Compression study: test AUC vs embedding storage\n\n"
-        f"Run `{run_dir}`; keep ratio x dtype applied as the default of every table; bytes read from FBGEMM buffers "
-        "(MB = 10^6 bytes); * = on the variant's Pareto front.\n\n" + table + "\n"
+        f"Run `{run_dir}`; dtype applied to every table, keep ratio to {', '.join(pruned)}; bytes read from FBGEMM "
+        "buffers (MB = 10^6 bytes); * = on the series' Pareto front.\n\n" + table + "\n"
     )
     print("\n" + table + "\n", flush=True)
-    _plot(rows, variants, out_dir / "compress_study.png")
+    _plot(rows, out_dir / "compress_study.png")
 
 
-def _plot(rows: list[dict], variants, path: Path) -> None:
+def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for k, variant in enumerate(variants):
-        mine = [r for r in rows if r["variant"] == variant]
-        if not mine:
-            continue
+    names = list(dict.fromkeys(_series(r, rows) for r in rows))
+    for k, variant in enumerate(names):
+        mine = [r for r in rows if _series(r, rows) == variant]
         color = f"C{k}"
         ax.scatter([r["embedding_mb"] for r in mine], [r["test_auc"] for r in mine], color=color, s=22, alpha=0.6,
                    label=f"{variant}")
