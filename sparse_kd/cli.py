@@ -177,9 +177,9 @@ def cmd_study(args) -> int:
         if not _under_torchrun():
             distill_study.summarize(cfg, Path(args.docs))
         return 0
-    from sparse_kd.studies.compress_study import run_compress_study
+    from sparse_kd.studies.compress_study import run_compress_study_seeds
 
-    run_compress_study(Path(cfg.output_dir), ["baseline", "distilled"], cfg.study, Path(args.docs), base=cfg.compress)
+    run_compress_study_seeds(cfg, Path(args.docs))
     return 0
 
 

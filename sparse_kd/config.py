@@ -190,6 +190,8 @@ class StudyConfig:
     keep_ratios: tuple[float, ...] = (1.0, 0.5, 0.25)
     dtypes: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "int2")
     variants: tuple[str, ...] = ("baseline", "logit", "align", "transfer", "combined")
+    compress_variants: tuple[str, ...] = ("baseline", "distilled")  # trained variant folders to sweep
+    compress_fills: tuple[str, ...] = ("zero",)
 
 
 @dataclass(frozen=True)
@@ -346,6 +348,8 @@ def _validate(cfg: ExperimentConfig) -> None:
     for dt in cfg.study.dtypes:
         need(dt in QUANT_DTYPES, "study.dtypes", f"{dt!r} is not valid; expected one of {', '.join(QUANT_DTYPES)}")
     need(len(cfg.study.seeds) >= 1, "study.seeds", "needs at least one seed")
+    for fill in cfg.study.compress_fills:
+        need(fill in ("zero", "mean", "text"), "study.compress_fills", f"{fill!r} is not valid; expected zero, mean or text")
 
 
 def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -173,3 +173,80 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run_compress_study_seeds(cfg, docs: Path) -> list[dict]:
+    """The compression study over every seed of a distillation study (``output_dir/seed_<s>``), or
+    over ``output_dir`` itself for a single run; rows are averaged over seeds (``*_std`` added).
+
+    Also writes ``compress_targets.md``: each target of the compression issue against the mean
+    uncompressed student of the last variant (the distilled one) and the uncompressed baseline.
+    """
+    import numpy as np
+
+    from sparse_kd.studies.distill_study import seed_dir
+
+    out = Path(cfg.output_dir)
+    runs = [seed_dir(cfg, s) for s in cfg.study.seeds if seed_dir(cfg, s).is_dir()] or [out]
+    per_run = []
+    for run in runs:
+        sub = run / "compress_study"
+        sub.mkdir(parents=True, exist_ok=True)
+        per_run.append(run_compress_study(run, cfg.study.compress_variants, cfg.study, sub, base=cfg.compress,
+                                          fills=list(cfg.study.compress_fills)))
+    keyf = lambda r: (r["variant"], r["fill"], r["keep_ratio"], r["dtype"])  # noqa: E731
+    rows = []
+    for base_row in per_run[0]:
+        same = [next(r for r in rows_ if keyf(r) == keyf(base_row)) for rows_ in per_run]
+        row = dict(base_row)
+        for k in ["embedding_bytes", "embedding_mb", "ratio", "fp32_test_auc"] + [f"{s}_{m}" for s in SPLITS for m in ("auc", "logloss")]:
+            vals = np.array([r[k] for r in same], dtype=float)
+            row[k] = float(vals.mean())
+            if k.endswith("auc"):
+                row[f"{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        row["seeds"] = len(same)
+        rows.append(row)
+    for key in sorted({_series(r, rows) for r in rows}):
+        mine = [r for r in rows if _series(r, rows) == key]
+        for r, on in zip(mine, pareto_front([(r["embedding_bytes"], r["test_auc"]) for r in mine])):
+            r["pareto"] = on
+    docs.mkdir(parents=True, exist_ok=True)
+    _write(rows, docs, out, cfg.study.compress_variants, cfg.study, cfg.compress, ["user_id", "item_id"])
+    _targets(rows, per_run, cfg, docs, len(runs))
+    return rows
+
+
+def _targets(rows: list[dict], per_run: list[list[dict]], cfg, docs: Path, n_runs: int) -> None:
+    """compress_targets.md: int8 / int4 drops and the >= 10x point, against the fp32 students."""
+    import numpy as np
+
+    distilled, baseline = cfg.study.compress_variants[-1], cfg.study.compress_variants[0]
+    fp32 = lambda v, split: float(np.mean([next(r for r in rr if r["variant"] == v and r["dtype"] == "fp32"  # noqa: E731
+                                                  and r["keep_ratio"] == 1.0)[f"{split}_auc"] for rr in per_run]))
+    ref_test, base_cold = fp32(distilled, "test"), fp32(baseline, "test_cold")
+    mine = [r for r in rows if r["variant"] == distilled]
+    get = lambda dt: next((r for r in mine if r["dtype"] == dt and r["keep_ratio"] == 1.0), None)  # noqa: E731
+    lines = []
+    for dt, limit in (("int8", 0.0005), ("int4", 0.001)):
+        r = get(dt)
+        if r:
+            drop = ref_test - r["test_auc"]
+            lines.append([f"{dt} everywhere: test AUC drop <= {limit}", f"{drop:+.4f} ({r['ratio']:.2f}x smaller)",
+                          "met" if drop <= limit else "missed"])
+    ok10 = [r for r in mine if r["ratio"] >= 10.0]
+    best = max(ok10, key=lambda r: r["test_auc"]) if ok10 else None
+    if best:
+        drop = ref_test - best["test_auc"]
+        cold_ok = best["test_cold_auc"] >= base_cold
+        lines.append([">= 10x smaller: test AUC drop <= 0.002", f"{drop:+.4f} at keep {best['keep_ratio']:g} {best['dtype']} "
+                      f"({best['ratio']:.1f}x, fill {best['fill']})", "met" if drop <= 0.002 else "missed"])
+        lines.append([">= 10x smaller: test_cold AUC >= uncompressed baseline", f"{best['test_cold_auc']:.4f} vs {base_cold:.4f}",
+                      "met" if cold_ok else "missed"])
+    else:
+        lines.append([">= 10x smaller", "no swept point reaches 10x", "missed"])
+    table = markdown_table(["target (mean over runs)", "measured", "status"], lines)
+    (docs / "compress_targets.md").write_text(
+        f"# Compression targets ({n_runs} run(s); reference: uncompressed {distilled}, test AUC {ref_test:.4f}; "
+        f"uncompressed {baseline} test_cold AUC {base_cold:.4f})\n\n{table}\n"
+    )
+    print("\n" + table + "\n", flush=True)
