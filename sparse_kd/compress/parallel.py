@@ -13,7 +13,8 @@ and runs them at once:
   in the same order as the serial call, so the result is bit-identical.
 * ``batch`` split (when there are fewer features than workers, or the groups would be
   lopsided): each worker takes a contiguous range of samples and calls the kernel once per
-  feature with a slice of ``offsets`` (absolute positions into the unchanged ``indices``).
+  feature on that feature's ids for those samples (a view) with rebased offsets; the
+  shards' outputs are stacked.
 
 Items are dispatched with ``torch.jit.fork`` / ``torch.jit.wait`` when scripted (TorchScript's
 inter-op thread pool, ``torch.get_num_interop_threads()``) and with a Python thread pool in

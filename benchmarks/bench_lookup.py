@@ -1,0 +1,627 @@
+"""Embedding lookup throughput: fp32 floors vs FBGEMM quantized torchrec EBCs (serial and parallel).
+
+One command measures, in one process and interleaved round by round (so that load from other
+jobs hits every variant alike):
+
+* ``embbag_fp32``      plain ``torch.nn.EmbeddingBag`` (mode sum), one per table: the floor;
+* ``ebc_fp32``         torchrec ``EmbeddingBagCollection`` (same weight tensors);
+* ``{dt}``             torchrec quantized EBC (``EmbeddingBagCollection.from_float``, FBGEMM
+                       ``IntNBitTableBatchedEmbeddingBagsCodegen``), dt in fp16/int8/int4/int2;
+* ``{dt}+prune``       the same built from the kept rows only (``embedding_bag_rowwise_prune``)
+                       with the id remap installed (``set_index_remappings_array``);
+* ``...+par``          :class:`sparse_kd.compress.parallel.ParallelQuantEmbeddingBagCollection`
+                       around the quantized EBC, ``torch.jit.script``-ed (forks on the inter-op
+                       pool), with as many workers as intra-op threads;
+
+at each thread count (``torch.set_num_threads``), plus the machine's copy bandwidth
+(``dst.copy_(src)``, read + write bytes). Quantized variants are built one dtype at a time and
+measured in rounds together with the fp32 floors, so each ratio to the floor is paired.
+
+Reported per variant and thread count: ids/s (median over rounds; best too), effective GB/s
+(bytes of rows actually read: ids that hit a stored row x padded row bytes, i.e. FBGEMM's
+row with its fp16 scale/bias and row alignment; pruned ids read no row), that as a fraction
+of the copy bandwidth at the same thread count, and the paired ratio to ``embbag_fp32``.
+
+    python benchmarks/bench_lookup.py                      # 8 x 2M x 64 fp32 (4 GB), Zipf ids
+    python benchmarks/bench_lookup.py --dist uniform --tables 4
+    python benchmarks/bench_lookup.py --quick              # seconds; used by the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import fbgemm_gpu  # noqa: E402,F401  (registers torch.ops.fbgemm)
+import torchrec  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.ao import quantization as quant  # noqa: E402
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, QuantConfig  # noqa: E402
+from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC  # noqa: E402
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
+
+from sparse_kd.compress.parallel import ParallelQuantEmbeddingBagCollection  # noqa: E402
+
+DTYPES: Dict[str, torch.dtype] = {
+    "fp16": torch.half,
+    "int8": torch.qint8,
+    "int4": torch.quint4x2,
+    "int2": torch.quint2x4,
+}
+FLOOR = "embbag_fp32"
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def machine_info() -> Dict[str, Any]:
+    mem_kb = 0
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    model = ""
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    caches = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    if base.is_dir():
+        for idx in sorted(base.glob("index*")):
+            level, kind, size = _read(f"{idx}/level"), _read(f"{idx}/type"), _read(f"{idx}/size")
+            if level and size:
+                caches[f"L{level}{'' if kind == 'Unified' else kind[0].lower()}"] = size
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        affinity = os.cpu_count()
+    try:
+        from importlib.metadata import version
+
+        fbgemm_version = version("fbgemm-gpu-cpu")
+    except Exception:  # pragma: no cover - other fbgemm build
+        fbgemm_version = getattr(fbgemm_gpu, "__version__", "unknown")
+    return {
+        "cpu_model": model,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": affinity,
+        "memory_gb": round(mem_kb / 2**20, 1),
+        "caches": caches,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fbgemm_gpu": fbgemm_version,
+        "torchrec": getattr(torchrec, "__version__", None) or _pkg_version("torchrec"),
+        "interop_threads": torch.get_num_interop_threads(),
+        "intra_op_threads_default": torch.get_num_threads(),
+        "parallel_backend": torch.__config__.parallel_info().splitlines()[-1].strip(),
+        "loadavg_start": _read("/proc/loadavg"),
+    }
+
+
+def _pkg_version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def zipf_sampler(rows: int, a: float, gen: torch.Generator) -> Callable[[int], torch.Tensor]:
+    """ids ~ Zipf(a) over ``rows`` (a <= 0: uniform); rank r is row perm[r] (hot rows scattered)."""
+    perm = torch.randperm(rows, generator=gen)
+    if a <= 0:
+        return lambda n: torch.randint(0, rows, (n,), generator=gen)
+    cdf = torch.arange(1, rows + 1, dtype=torch.float64).pow_(-a).cumsum_(0)
+    cdf /= cdf[-1].clone()
+
+    def sample(n: int) -> torch.Tensor:
+        u = torch.rand(n, generator=gen, dtype=torch.float64)
+        ranks = torch.searchsorted(cdf, u).clamp_(max=rows - 1)
+        return perm[ranks]
+
+    sample.rank_to_row = perm  # type: ignore[attr-defined]
+    return sample
+
+
+class Batch:
+    """One batch in both layouts: a KJT (torchrec) and per-table (ids, offsets) views."""
+
+    def __init__(self, keys: List[str], values: torch.Tensor, lengths: torch.Tensor, T: int, B: int) -> None:
+        self.kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
+        self.kjt.offsets()  # cache
+        offsets = torch.zeros(T * B + 1, dtype=torch.int64)
+        offsets[1:] = lengths.cumsum(0)
+        self.per_table = []
+        for t in range(T):
+            s, e = int(offsets[t * B]), int(offsets[(t + 1) * B])
+            self.per_table.append((values[s:e], (offsets[t * B : (t + 1) * B] - s).contiguous()))
+        self.ids = int(values.numel())
+        self.ids_per_table = [int(offsets[(t + 1) * B] - offsets[t * B]) for t in range(T)]
+
+
+def make_batches(args: argparse.Namespace, samplers: List[Callable[[int], torch.Tensor]], gen: torch.Generator) -> List[Batch]:
+    T, B, L = args.tables, args.batch, args.bag
+    keys = [f"f{t}" for t in range(T)]
+    out = []
+    for _ in range(args.num_batches):
+        # bag sizes uniform in [max(1, L/2), 3L/2]: mean ~L ids per bag
+        lo, hi = max(1, L // 2), max(1, L // 2) + L
+        lengths = torch.randint(lo, hi + 1, (T * B,), generator=gen)
+        per = lengths.view(T, B).sum(1).tolist()
+        values = torch.cat([samplers[t](int(per[t])) for t in range(T)])
+        out.append(Batch(keys, values, lengths, T, B))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def build_fp32(args: argparse.Namespace, gen: torch.Generator) -> EmbeddingBagCollection:
+    tables = [
+        EmbeddingBagConfig(name=f"t{t}", embedding_dim=args.dim, num_embeddings=args.rows, feature_names=[f"f{t}"])
+        for t in range(args.tables)
+    ]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    for t in range(args.tables):
+        w = torch.empty(args.rows, args.dim).uniform_(-0.1, 0.1, generator=gen)
+        ebc.embedding_bags[f"t{t}"] = nn.EmbeddingBag.from_pretrained(w, freeze=True, mode="sum")
+    return ebc
+
+
+def quantize(ebc: EmbeddingBagCollection, dtype: torch.dtype) -> QuantEBC:
+    """torchrec's own path: qconfig + ``quant.embedding_modules.EmbeddingBagCollection.from_float``."""
+    ebc.qconfig = QuantConfig(  # type: ignore[attr-defined]
+        activation=quant.PlaceholderObserver.with_args(dtype=torch.float),
+        weight=quant.PlaceholderObserver.with_args(dtype=dtype),
+        per_table_weight_dtype={c.name: dtype for c in ebc.embedding_bag_configs()},
+    )
+    try:
+        return QuantEBC.from_float(ebc)
+    finally:
+        del ebc.qconfig
+
+
+def prune_tables(
+    ebc: EmbeddingBagCollection, keep: float, samplers: List[Any], gen: torch.Generator
+) -> tuple[EmbeddingBagCollection, List[torch.Tensor]]:
+    """Keep ``keep`` of each table's rows (the most frequent ones under Zipf, random under uniform),
+    compacted by ``torch.ops.fbgemm.embedding_bag_rowwise_prune``; returns the small fp32 EBC and
+    the per-table remaps (original id -> kept row, -1 if pruned)."""
+    configs, weights, remaps = [], {}, []
+    for cfg in ebc.embedding_bag_configs():
+        w = ebc.embedding_bags[cfg.name].weight.detach()
+        rows = w.shape[0]
+        n_keep = max(1, int(round(rows * keep)))
+        sampler = samplers[len(remaps)]
+        ranked = getattr(sampler, "rank_to_row", None)
+        kept_rows = ranked[:n_keep] if ranked is not None else torch.randperm(rows, generator=gen)[:n_keep]
+        indicator = torch.zeros(rows)
+        indicator[kept_rows] = 1.0
+        pruned, remap = torch.ops.fbgemm.embedding_bag_rowwise_prune(w, indicator, 0.5, torch.int32)
+        configs.append(
+            EmbeddingBagConfig(
+                name=cfg.name, embedding_dim=cfg.embedding_dim, num_embeddings=pruned.shape[0], feature_names=cfg.feature_names
+            )
+        )
+        weights[cfg.name] = pruned
+        remaps.append(remap)
+    small = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
+    for name, w in weights.items():
+        small.embedding_bags[name] = nn.EmbeddingBag.from_pretrained(w, freeze=True, mode="sum")
+    return small, remaps
+
+
+def tbe_row_bytes(qebc: QuantEBC) -> List[int]:
+    """Padded bytes of one stored row per feature, read off the FBGEMM modules themselves."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
+
+    out: List[int] = []
+    for tbe in qebc._emb_modules:
+        for t in tbe.feature_table_map:
+            _n, _rows, dim, ty, _loc = tbe.embedding_specs[t]
+            out.append(int(rounded_row_size_in_bytes(dim, ty, tbe.row_alignment, tbe.scale_bias_size_in_bytes)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+
+
+class Variant:
+    def __init__(
+        self,
+        name: str,
+        call: Callable[[Batch], Any],
+        bytes_per_batch: Callable[[Batch], int],
+        *,
+        dtype: str,
+        remap: bool,
+        parallel: bool,
+        row_bytes: int,
+        set_workers: Optional[Callable[[int], None]] = None,
+        weight_bytes: int = 0,
+    ) -> None:
+        self.name, self.call, self.bytes_per_batch = name, call, bytes_per_batch
+        self.dtype, self.remap, self.parallel, self.row_bytes = dtype, remap, parallel, row_bytes
+        self.set_workers = set_workers
+        self.weight_bytes = weight_bytes
+        self.cursor = 0
+        self.iters: Dict[int, int] = {}
+        self.samples: Dict[int, List[float]] = {}  # threads -> ids/s per round
+        self.gbps: Dict[int, List[float]] = {}
+        self.paired: Dict[int, List[float]] = {}  # threads -> ratio to the floor, same round
+        self.cpu_util: Dict[int, List[float]] = {}
+        self.per_cpu: Dict[int, List[float]] = {}  # ids per CPU-second of this process
+
+    def run(self, batches: List[Batch], threads: int, target_s: float) -> float:
+        if self.set_workers is not None:
+            self.set_workers(threads)
+        if threads not in self.iters:  # calibrate: warm up, then size a sample to ~target_s
+            for _ in range(2):
+                self.call(batches[self.cursor % len(batches)])
+                self.cursor += 1
+            t0 = time.perf_counter()
+            self.call(batches[self.cursor % len(batches)])
+            self.cursor += 1
+            one = max(time.perf_counter() - t0, 1e-6)
+            self.iters[threads] = int(min(500, max(2, math.ceil(target_s / one))))
+        n = self.iters[threads]
+        todo = [batches[(self.cursor + i) % len(batches)] for i in range(n)]
+        self.cursor += n
+        self.call(todo[0])  # warm this round (thread switch, caches)
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        for b in todo:
+            self.call(b)
+        dt = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+        ids = sum(b.ids for b in todo)
+        nbytes = sum(self.bytes_per_batch(b) for b in todo)
+        rate = ids / dt
+        self.samples.setdefault(threads, []).append(rate)
+        self.gbps.setdefault(threads, []).append(nbytes / dt / 1e9)
+        # CPU seconds this process got per wall second of the sample: ~threads when the cores
+        # were ours, far less when other jobs held them
+        self.cpu_util.setdefault(threads, []).append(cpu / dt)
+        self.per_cpu.setdefault(threads, []).append(ids / max(cpu, 1e-9))
+        return rate
+
+
+_COPY_BUFFERS: Dict[int, tuple] = {}
+
+
+def copy_bandwidth(nbytes: int, threads: int, reps: int) -> float:
+    """GB/s of ``dst.copy_(src)`` (fp32 tensors of ``nbytes`` each), counting read + write bytes."""
+    torch.set_num_threads(threads)
+    n = nbytes // 4
+    if n not in _COPY_BUFFERS:
+        _COPY_BUFFERS.clear()
+        _COPY_BUFFERS[n] = (torch.ones(n), torch.empty(n))
+    src, dst = _COPY_BUFFERS[n]
+    dst.copy_(src)
+    best = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best.append(2 * n * 4 / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(best)
+
+
+def measure_rounds(
+    variants: List[Variant], batches: List[Batch], threads: List[int], rounds: int, target_s: float,
+    copy_samples: Dict[int, List[float]], copy_bytes: int, loads: List[float],
+) -> None:
+    for _ in range(rounds):
+        loads.append(os.getloadavg()[0])
+        for th in threads:
+            torch.set_num_threads(th)
+            floor_rate = None
+            for v in variants:
+                rate = v.run(batches, th, target_s)
+                if v.name == FLOOR:
+                    floor_rate = rate
+                if floor_rate:
+                    v.paired.setdefault(th, []).append(rate / floor_rate)
+            copy_samples.setdefault(th, []).append(copy_bandwidth(copy_bytes, th, 3))
+            torch.set_num_threads(th)
+
+
+def profile_lookup(module: nn.Module, batches: List[Batch], threads: int, calls: int, top: int) -> List[Dict[str, Any]]:
+    """Operator-level CPU profile (torch.profiler) of ``calls`` lookups; top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    for b in batches[:2]:
+        module(b.kjt)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(calls):
+            module(batches[i % len(batches)].kjt)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    total_self = sum(e.self_cpu_time_total for e in events) or 1.0
+    rows = []
+    for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
+        rows.append(
+            {
+                "op": e.key,
+                "calls": e.count,
+                "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
+                "self_cpu_pct": round(100.0 * e.self_cpu_time_total / total_self, 1),
+            }
+        )
+    rows.append({"op": "<wall time of the profiled calls>", "calls": calls, "self_cpu_ms": round(wall * 1e3, 2),
+                 "self_cpu_pct": round(100.0 * total_self / 1e3 / (wall * 1e3), 1)})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tables", type=int, default=8)
+    p.add_argument("--rows", type=int, default=2_000_000)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--bag", type=int, default=20, help="mean ids per bag (sizes uniform in [bag/2, 3bag/2])")
+    p.add_argument("--dist", choices=("zipf", "uniform"), default="zipf")
+    p.add_argument("--zipf-a", type=float, default=1.05, help="Zipf exponent of the ids (--dist zipf)")
+    p.add_argument("--keep", type=float, default=0.5, help="fraction of rows kept by the pruned variants")
+    p.add_argument("--dtypes", default="fp16,int8,int4,int2")
+    p.add_argument("--threads", default="", help="comma list (default: 1 and all usable cores)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; medians are over rounds")
+    p.add_argument("--sample-s", type=float, default=0.2, help="seconds of lookups per sample")
+    p.add_argument("--num-batches", type=int, default=32, help="distinct pre-generated batches, cycled")
+    p.add_argument("--copy-mb", type=int, default=1024, help="size of the copy-bandwidth tensor")
+    p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench/lookup.json")
+    p.add_argument("--quick", action="store_true", help="small tables and few rounds: seconds")
+    args = p.parse_args(argv)
+    if args.quick:
+        given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
+        quick = {"--tables": 4, "--rows": 20_000, "--dim": 32, "--batch": 256, "--bag": 8, "--rounds": 2,
+                 "--sample-s": 0.01, "--num-batches": 4, "--copy-mb": 32}
+        for flag, val in quick.items():
+            if flag not in given:
+                setattr(args, flag[2:].replace("-", "_"), val)
+    if args.dim % 4:
+        p.error("--dim must be a multiple of 4 (FBGEMM int2 rows)")
+    if not 0 < args.keep <= 1:
+        p.error("--keep must be in (0, 1]")
+    args.dtype_list = [d for d in args.dtypes.split(",") if d]
+    for d in args.dtype_list:
+        if d not in DTYPES:
+            p.error(f"--dtypes: {d!r} is not one of {', '.join(DTYPES)}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    args.thread_list = [int(x) for x in args.threads.split(",") if x] or sorted({1, cores})
+    return args
+
+
+def summarize(v: Variant, th: int, copy_gbps: float) -> Dict[str, Any]:
+    s = v.samples[th]
+    med = statistics.median(s)
+    gb = statistics.median(v.gbps[th])
+    return {
+        "variant": v.name,
+        "dtype": v.dtype,
+        "remap": v.remap,
+        "parallel": v.parallel,
+        "threads": th,
+        "ids_per_s": med,
+        "ids_per_s_best": max(s),
+        "ids_per_s_samples": s,
+        "row_bytes": v.row_bytes,
+        "weight_gb": round(v.weight_bytes / 1e9, 3),
+        "row_gb_per_s": gb,
+        "frac_of_copy_bw": gb / copy_gbps if copy_gbps else None,
+        "vs_embbag_fp32": statistics.median(v.paired[th]) if v.paired.get(th) else None,
+        "iters_per_sample": v.iters.get(th),
+        "cpu_per_wall": statistics.median(v.cpu_util[th]),
+        "ids_per_cpu_s": statistics.median(v.per_cpu[th]),
+    }
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    gen = torch.Generator().manual_seed(args.seed)
+    info = machine_info()
+    t_start = time.time()
+    T, B = args.tables, args.batch
+    a = args.zipf_a if args.dist == "zipf" else 0.0
+    print(
+        f"# {T} tables x {args.rows} rows x {args.dim} dims fp32 ({T * args.rows * args.dim * 4 / 1e9:.2f} GB), "
+        f"batch {B} x ~{args.bag} ids, ids {args.dist}{f' a={a}' if a else ''}, threads {args.thread_list}, "
+        f"{info['usable_cpus']} cores, torch {info['torch']}, fbgemm {info['fbgemm_gpu']}, torchrec {info['torchrec']}",
+        flush=True,
+    )
+    samplers = [zipf_sampler(args.rows, a, gen) for _ in range(T)]
+    batches = make_batches(args, samplers, gen)
+    ebc = build_fp32(args, gen)
+    fp32_bytes = args.dim * 4
+    bags = [ebc.embedding_bags[f"t{t}"] for t in range(T)]
+
+    def call_embbag(b: Batch) -> Any:
+        return [bag(ids, off) for bag, (ids, off) in zip(bags, b.per_table)]
+
+    weight_fp32 = T * args.rows * fp32_bytes
+    floors = [
+        Variant(FLOOR, call_embbag, lambda b: b.ids * fp32_bytes, dtype="fp32", remap=False, parallel=False,
+                row_bytes=fp32_bytes, weight_bytes=weight_fp32),
+        Variant("ebc_fp32", lambda b: ebc(b.kjt), lambda b: b.ids * fp32_bytes, dtype="fp32", remap=False,
+                parallel=False, row_bytes=fp32_bytes, weight_bytes=weight_fp32),
+    ]
+    copy_samples: Dict[int, List[float]] = {}
+    copy_bytes = args.copy_mb * 2**20
+    results: List[Variant] = list(floors)
+    profiles: Dict[str, Any] = {}
+    loads: List[float] = []  # 1-minute load average at the start of each round
+    cpu0 = time.process_time()
+
+    pruned = remaps = None
+    if args.keep < 1.0:
+        pruned, remaps = prune_tables(ebc, args.keep, samplers, gen)
+        for b in batches:  # ids that hit a kept row, per table: the rows the kernel actually reads
+            b.kept_per_table = [  # type: ignore[attr-defined]
+                int((remaps[t][ids] >= 0).sum()) for t, (ids, _off) in enumerate(b.per_table)
+            ]
+    for dt in args.dtype_list:
+        t0 = time.time()
+        group: List[Variant] = []
+        for with_remap in ([False, True] if pruned is not None else [False]):
+            qebc = quantize(pruned if with_remap else ebc, DTYPES[dt])
+            if with_remap:
+                for tbe in qebc._emb_modules:
+                    tbe.set_index_remappings_array(list(remaps))  # features in table order
+            rb = tbe_row_bytes(qebc)
+            wbytes = sum(int(tbe.weights_host.numel()) for tbe in qebc._emb_modules)
+            if with_remap:
+                def nbytes(b: Batch, rb=rb) -> int:
+                    return sum(k * r for k, r in zip(b.kept_per_table, rb))  # type: ignore[attr-defined]
+            else:
+                def nbytes(b: Batch, rb=rb) -> int:
+                    return sum(k * r for k, r in zip(b.ids_per_table, rb))
+            par = torch.jit.script(ParallelQuantEmbeddingBagCollection(qebc, num_workers=1))
+            name = dt + ("+prune" if with_remap else "")
+            group.append(Variant(name, lambda b, m=qebc: m(b.kjt), nbytes, dtype=dt, remap=with_remap,
+                                 parallel=False, row_bytes=rb[0], weight_bytes=wbytes))
+            group.append(Variant(name + "+par", lambda b, m=par: m(b.kjt), nbytes, dtype=dt, remap=with_remap,
+                                 parallel=True, row_bytes=rb[0], weight_bytes=wbytes,
+                                 set_workers=par.set_num_workers))
+            # the parallel module must give the serial module's output, bit for bit
+            par.set_num_workers(max(args.thread_list))
+            ref, got = qebc(batches[0].kjt).values(), par(batches[0].kjt).values()
+            if not torch.equal(ref, got):
+                raise SystemExit(f"{name}: parallel output differs from serial (max |diff| {(ref - got).abs().max()})")
+            if dt == "int8" and with_remap == (pruned is not None) and not args.no_profile:
+                th = max(args.thread_list)
+                n_prof = 3 if args.quick else 20
+                profiles[f"{name} serial, {th} threads"] = profile_lookup(qebc, batches, th, n_prof, 8)
+                par.set_num_workers(th)
+                profiles[f"{name}+par, {th} threads"] = profile_lookup(par, batches, th, n_prof, 8)
+        print(f"# built {dt} in {time.time() - t0:.1f}s; measuring", flush=True)
+        measure_rounds(floors + group, batches, args.thread_list, args.rounds, args.sample_s, copy_samples, copy_bytes,
+                       loads)
+        for v in group:  # release this dtype's models before building the next
+            v.call = v.set_workers = None  # type: ignore[assignment]
+        results.extend(group)
+        del group, qebc, par
+    if not args.dtype_list:
+        measure_rounds(floors, batches, args.thread_list, args.rounds, args.sample_s, copy_samples, copy_bytes, loads)
+
+    copy_gbps = {th: statistics.median(s) for th, s in copy_samples.items()}
+    rows = [summarize(v, th, copy_gbps[th]) for th in args.thread_list for v in results]
+    by = {(r["variant"], r["threads"]): r for r in rows}
+    top = max(args.thread_list)
+    targets = {}
+    for dt, goal in (("int8", 1.5), ("int4", 1.2)):
+        for suffix in ("", "+par"):
+            r = by.get((dt + suffix, top))
+            if r:
+                targets[f"{dt}{suffix} / {FLOOR} @ {top} threads"] = {
+                    "ratio": r["vs_embbag_fp32"], "target": goal, "met": bool(r["vs_embbag_fp32"] and r["vs_embbag_fp32"] >= goal)
+                }
+
+    # table
+    print()
+    print(f"{'variant':<18} {'thr':>3} {'M ids/s':>8} {'best':>7} {'vs fp32':>8} {'row B':>5} {'GB/s':>6} {'of copy':>7} {'cpu/wall':>8} {'M ids/cpu-s':>11}")
+    for th in args.thread_list:
+        for r in rows:
+            if r["threads"] != th:
+                continue
+            print(
+                f"{r['variant']:<18} {th:>3} {r['ids_per_s'] / 1e6:8.1f} {r['ids_per_s_best'] / 1e6:7.1f} "
+                f"{(r['vs_embbag_fp32'] or 0):7.2f}x {r['row_bytes']:>5} {r['row_gb_per_s']:6.2f} {100 * (r['frac_of_copy_bw'] or 0):6.1f}%"
+                f" {r['cpu_per_wall']:8.2f} {r['ids_per_cpu_s'] / 1e6:11.1f}"
+            )
+        print(f"{'copy (r+w)':<18} {th:>3} {'':>8} {'':>7} {'':>8} {'':>5} {copy_gbps[th]:6.2f} {'100.0%':>7}")
+    print()
+    print(f"load average (1 min) during the rounds: {min(loads):.1f} to {max(loads):.1f} on {info['usable_cpus']} cores")
+    # Single-thread variants should get a whole core; when they got much less, other jobs held
+    # the CPUs (and usually the memory bus), and ratios at several threads are not trustworthy.
+    one = [r["cpu_per_wall"] for r in rows if r["threads"] == 1]
+    busy = bool(one) and statistics.median(one) < 0.9
+    if busy:
+        print(f"WARNING: the machine was busy (single-thread variants got {statistics.median(one):.2f} CPU-s per "
+              "second): rates are depressed and the ratios below are not trustworthy; rerun on a quiet machine")
+    for k, v in targets.items():
+        print(f"target {k}: {v['ratio']:.2f}x (goal {v['target']}x) {'MET' if v['met'] else 'not met'}")
+    for k, prof in profiles.items():
+        print(f"\nprofile: {k}")
+        for e in prof:
+            print(f"  {e['self_cpu_pct']:5.1f}%  {e['self_cpu_ms']:9.2f} ms  {e['calls']:>5}x  {e['op']}")
+
+    info["loadavg_end"] = _read("/proc/loadavg")
+    info["loadavg_1m_per_round"] = loads
+    elapsed = time.time() - t_start
+    # this process's CPU seconds per wall second: well under the thread count means other
+    # jobs held the cores (and every number above is depressed accordingly)
+    info["process_cpu_per_wall"] = round((time.process_time() - cpu0) / max(elapsed, 1e-9), 2)
+    out = {
+        "benchmark": "lookup",
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "machine": info,
+        "config": {
+            "tables": T, "rows": args.rows, "dim": args.dim, "batch": B, "bag": args.bag, "dist": args.dist,
+            "zipf_a": a, "keep": args.keep, "threads": args.thread_list, "rounds": args.rounds,
+            "sample_s": args.sample_s, "num_batches": args.num_batches, "quick": args.quick, "seed": args.seed,
+            "fp32_gb": T * args.rows * fp32_bytes / 1e9,
+        },
+        "copy_gb_per_s": {str(k): v for k, v in copy_gbps.items()},
+        "copy_gb_per_s_samples": {str(k): v for k, v in copy_samples.items()},
+        "results": rows,
+        "targets": targets,
+        "machine_busy": busy,
+        "profiles": profiles,
+        "notes": [
+            "ids_per_s: median over interleaved rounds; vs_embbag_fp32: median of per-round ratios to embbag_fp32",
+            "row_gb_per_s counts ids that hit a stored row x padded row bytes (pruned ids read no row; the "
+            "4-byte remap entry read per id is not counted)",
+            "+par: ParallelQuantEmbeddingBagCollection, torch.jit.script-ed, workers = threads",
+            "cpu_per_wall: this process's CPU seconds per wall second during the samples (median); well below "
+            "the thread count means other jobs held the cores and the rates are depressed",
+            "ids_per_cpu_s: ids per CPU-second of this process (all its threads, OpenMP spinning included); at 1 "
+            "thread a load-robust estimate of one core's lookup rate",
+        ],
+        "elapsed_s": round(elapsed, 1),
+    }
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
