@@ -119,8 +119,9 @@ def _series(row: dict, rows: list[dict]) -> str:
     return f"{row['variant']}/{row['fill']}" if several else row["variant"]
 
 
-def _write(rows: list[dict], out_dir: Path, run_dir: Path, variants, study_cfg: StudyConfig, base, pruned) -> None:
-    with open(out_dir / "compress_study.csv", "w", newline="", encoding="utf-8") as f:
+def _write(rows: list[dict], out_dir: Path, run_dir: Path, variants, study_cfg: StudyConfig, base, pruned,
+           stem: str = "compress_study", command: str = "") -> None:
+    with open(out_dir / f"{stem}.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for r in rows:
@@ -128,19 +129,20 @@ def _write(rows: list[dict], out_dir: Path, run_dir: Path, variants, study_cfg: 
     doc = {"run_dir": str(run_dir), "variants": list(variants), "keep_ratios": list(study_cfg.keep_ratios),
            "dtypes": list(study_cfg.dtypes), "pruned_features": pruned,
            "base_compress": dataclasses.asdict(base) if base else None, "rows": rows}
-    (out_dir / "compress_study.json").write_text(json.dumps(doc, indent=1))
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     table = markdown_table(
         ["variant", "fill", "keep", "dtype", "emb MB", "ratio", "valid AUC", "test AUC", "test_cold AUC", "Pareto"],
         [[r["variant"], r["fill"], r["keep_ratio"], r["dtype"], f"{r['embedding_mb']:.5f}", f"{r['ratio']:.2f}x", r["valid_auc"],
           r["test_auc"], r["test_cold_auc"], "*" if r["pareto"] else ""] for r in rows],
     )
-    (out_dir / "compress_study.md").write_text(
+    (out_dir / f"{stem}.md").write_text(
         "# Compression study: test AUC vs embedding storage\n\n"
-        f"Run `{run_dir}`; dtype applied to every table, keep ratio to {', '.join(pruned)}; bytes read from FBGEMM "
+        + (f"Produced by `{command}`. " if command else "")
+        + f"Run `{run_dir}`; dtype applied to every table, keep ratio to {', '.join(pruned)}; bytes read from FBGEMM "
         "buffers (MB = 10^6 bytes); * = on the series' Pareto front.\n\n" + table + "\n"
     )
     print("\n" + table + "\n", flush=True)
-    _plot(rows, out_dir / "compress_study.png")
+    _plot(rows, out_dir / f"{stem}.png")
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -211,12 +213,16 @@ def run_compress_study_seeds(cfg, docs: Path) -> list[dict]:
         for r, on in zip(mine, pareto_front([(r["embedding_bytes"], r["test_auc"]) for r in mine])):
             r["pareto"] = on
     docs.mkdir(parents=True, exist_ok=True)
-    _write(rows, docs, out, cfg.study.compress_variants, cfg.study, cfg.compress, ["user_id", "item_id"])
-    _targets(rows, per_run, cfg, docs, len(runs))
+    import sys
+
+    command = "sparse-kd " + " ".join(sys.argv[1:])
+    stem = f"compress_study_{cfg.name}"
+    _write(rows, docs, out, cfg.study.compress_variants, cfg.study, cfg.compress, ["user_id", "item_id"], stem, command)
+    _targets(rows, per_run, cfg, docs, len(runs), f"compress_targets_{cfg.name}", command)
     return rows
 
 
-def _targets(rows: list[dict], per_run: list[list[dict]], cfg, docs: Path, n_runs: int) -> None:
+def _targets(rows: list[dict], per_run: list[list[dict]], cfg, docs: Path, n_runs: int, stem: str, command: str) -> None:
     """compress_targets.md: int8 / int4 drops and the >= 10x point, against the fp32 students."""
     import numpy as np
 
@@ -245,8 +251,8 @@ def _targets(rows: list[dict], per_run: list[list[dict]], cfg, docs: Path, n_run
     else:
         lines.append([">= 10x smaller", "no swept point reaches 10x", "missed"])
     table = markdown_table(["target (mean over runs)", "measured", "status"], lines)
-    (docs / "compress_targets.md").write_text(
-        f"# Compression targets ({n_runs} run(s); reference: uncompressed {distilled}, test AUC {ref_test:.4f}; "
-        f"uncompressed {baseline} test_cold AUC {base_cold:.4f})\n\n{table}\n"
+    (docs / f"{stem}.md").write_text(
+        f"# Compression targets\n\nProduced by `{command}`. {n_runs} run(s); reference: uncompressed {distilled}, test AUC {ref_test:.4f}; "
+        f"uncompressed {baseline} test_cold AUC {base_cold:.4f}.\n\n{table}\n"
     )
     print("\n" + table + "\n", flush=True)
