@@ -38,8 +38,16 @@ def tiny_dataset(cfg: ExperimentConfig | None = None) -> RecDataset:
 
 
 def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:
-    """Run ``fn(*args)`` on ``nproc`` local CPU ranks; return {rank: return value}."""
+    """Run ``fn(*args)`` on ``nproc`` local CPU ranks; return {rank: return value}.
+
+    Each rank gets one OpenMP thread (as torchrun gives it): N ranks x default threads would
+    oversubscribe the cores and spin-wait on each other.
+    """
+    import os
+
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by the spawned ranks when torch starts
 
     lc = LaunchConfig(
         min_nodes=1,

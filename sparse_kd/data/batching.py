@@ -81,11 +81,19 @@ class _CSR:
         self.values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
         self.lengths = self.offsets[1:] - self.offsets[:-1]
         self.single = bool(torch.all(self.lengths == 1))
+        # user_id / item_id: entity e has the single id e, so a gather would copy e
+        self.identity = self.single and torch.equal(self.values, torch.arange(self.values.shape[0]))
+
+    def single_ids(self, e: torch.Tensor) -> torch.Tensor:
+        """Single-id features only: e (B,) entity indices -> (B,) ids."""
+        if self.identity:
+            return e.to(torch.int64)
+        return self.values.index_select(0, e)  # cheaper than self.values[e]
 
     def gather(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """e: (B,) entity indices -> (lengths (B,), values (sum lengths,))."""
         if self.single:
-            return torch.ones_like(e), self.values[e]
+            return torch.ones_like(e), self.single_ids(e)
         lengths = self.lengths[e]
         starts = self.offsets[e]
         # position of each output value: start of its bag + rank inside the bag
@@ -115,6 +123,7 @@ class BatchBuilder:
         self.keys = ds.feature_names
         self.owners = [f.owner for f in ds.features]
         self.csr = [_CSR(f.offsets, f.values) for f in ds.features]
+        self.all_single = all(c.single for c in self.csr)
         self.user_dense = user_dense.float().contiguous()
         self.item_dense = item_dense.float().contiguous()
 
@@ -129,15 +138,19 @@ class BatchBuilder:
         labels: torch.Tensor,
         teacher_logits: Optional[torch.Tensor] = None,
     ) -> KDBatch:
-        lengths, values = [], []
-        for owner, csr in zip(self.owners, self.csr):
-            ln, vl = csr.gather(user if owner == "user" else item)
-            lengths.append(ln)
-            values.append(vl)
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths).to(torch.int32)
-        )
-        dense = torch.cat([self.user_dense[user], self.item_dense[item]], dim=1)  # (B, Du + Di)
+        if self.all_single:  # one id per bag in every feature: all lengths are 1
+            values = [csr.single_ids(user if owner == "user" else item) for owner, csr in zip(self.owners, self.csr)]
+            lens = torch.ones(len(self.csr) * user.shape[0], dtype=torch.int32)
+        else:
+            lengths, values = [], []
+            for owner, csr in zip(self.owners, self.csr):
+                ln, vl = csr.gather(user if owner == "user" else item)
+                lengths.append(ln)
+                values.append(vl)
+            lens = torch.cat(lengths).to(torch.int32)
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.keys, values=torch.cat(values), lengths=lens)
+        # (B, Du + Di); index_select: row gathers, cheaper than advanced indexing
+        dense = torch.cat([self.user_dense.index_select(0, user), self.item_dense.index_select(0, item)], dim=1)
         if teacher_logits is None:
             teacher_logits = torch.zeros(user.shape[0])
         return KDBatch(
@@ -184,8 +197,9 @@ def train_batches(
         idx = perm[start : start + global_batch]
         per = idx.shape[0] // world_size
         mine = idx[rank * per : (rank + 1) * per]
-        tl = teacher_logits[mine] if teacher_logits is not None else None
-        yield builder.build(user[mine], item[mine], label[mine], tl)
+        # index_select: 1-D gathers from the whole split, cheaper than advanced indexing
+        tl = teacher_logits.index_select(0, mine) if teacher_logits is not None else None
+        yield builder.build(user.index_select(0, mine), item.index_select(0, mine), label.index_select(0, mine), tl)
 
 
 def steps_per_epoch(n: int, global_batch: int, world_size: int) -> int:

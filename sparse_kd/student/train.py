@@ -151,18 +151,24 @@ def write_tables(dmp: torch.nn.Module, seed: int, init_rows: dict[str, torch.Ten
         n_written = 0
         for (r0, c0), t in shards_iter:
             n, d = t.shape
-            if reinit:
-                block = init_rows_block(seed, table, full_rows, full_dim, r0, n)[:, c0 : c0 + d]
-            else:
-                block = t.detach().clone()
-            if seeded is not None:
-                src = seeded[r0 : r0 + n, c0 : c0 + d].float()
-                ok = ~torch.isnan(src).any(dim=1)
-                block[ok] = src[ok]
-                # count each row once: first column shard; replicated tables on rank 0 only
-                replica = shards is None and dist.is_initialized() and dist.get_rank() > 0
-                n_written += int(ok.sum()) if c0 == 0 and not replica else 0
-            t.copy_(block)
+            # one init chunk of rows at a time (the state_dict tensors are views of the live
+            # weights): a temporary as large as the shard would add the largest table to peak memory
+            lo = 0
+            while lo < n:
+                hi = min(n, ((r0 + lo) // _INIT_CHUNK + 1) * _INIT_CHUNK - r0)
+                if reinit:
+                    block = init_rows_block(seed, table, full_rows, full_dim, r0 + lo, hi - lo)[:, c0 : c0 + d]
+                else:
+                    block = t[lo:hi].detach().clone()
+                if seeded is not None:
+                    src = seeded[r0 + lo : r0 + hi, c0 : c0 + d].float()
+                    ok = ~torch.isnan(src).any(dim=1)
+                    block[ok] = src[ok]
+                    # count each row once: first column shard; replicated tables on rank 0 only
+                    replica = shards is None and dist.is_initialized() and dist.get_rank() > 0
+                    n_written += int(ok.sum()) if c0 == 0 and not replica else 0
+                t[lo:hi].copy_(block)
+                lo = hi
         if seeded is not None:
             written[feat] = n_written
     dmp.load_state_dict(sd, strict=False)
