@@ -2,8 +2,9 @@
 
 Layout: ``<dir>/step_<global_step>/`` holds DCP files plus ``meta.json`` (epoch, step, format
 version, and a sha256 per file). Every rank writes into ``step_N.tmp``; after a barrier rank 0
-writes the manifest and renames the folder, so a folder without ``.tmp`` is always complete.
-A kill during writing leaves only a ``.tmp`` folder, which is ignored and cleaned up later.
+writes the manifest and renames the folder, so a ``step_N`` folder is always complete. A kill
+during writing leaves only a ``.tmp`` folder (re-saving a step first moves the old one to
+``.old``), which is ignored and cleaned up by the next save.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -63,19 +65,29 @@ def save(ck_dir: Path, model, optimizer, epoch: int, step_in_epoch: int, global_
             "files": files,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # re-saving a step (e.g. after the refit): move the old one aside atomically
+            old = final.with_name(final.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
         os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old)
         _prune(ck_dir, keep)
     barrier()
     return final
 
 
+def _complete(ck_dir: Path) -> list[Path]:
+    """Folders named exactly ``step_<digits>`` (not ``.tmp`` / ``.old`` leftovers), oldest first."""
+    return sorted(p for p in ck_dir.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / "meta.json").is_file())
+
+
 def _prune(ck_dir: Path, keep: int) -> None:
-    done = sorted(p for p in ck_dir.glob("step_*") if not p.name.endswith(".tmp"))
-    for p in done[:-keep]:
+    for p in _complete(ck_dir)[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
-    for p in ck_dir.glob("step_*.tmp"):
+    for p in list(ck_dir.glob("step_*.tmp")) + list(ck_dir.glob("step_*.old")):
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -84,7 +96,7 @@ def latest(ck_dir: Path) -> Optional[Path]:
     ck_dir = Path(ck_dir)
     if not ck_dir.is_dir():
         return None
-    done = sorted(p for p in ck_dir.glob("step_*") if not p.name.endswith(".tmp") and (p / "meta.json").is_file())
+    done = _complete(ck_dir)
     return done[-1] if done else None
 
 

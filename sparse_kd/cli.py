@@ -109,14 +109,24 @@ def cmd_compress(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from sparse_kd.serve.predictor import Predictor
+    from sparse_kd.serve.predictor import ArtifactError, Predictor
 
-    p = Predictor.load(args.artifact)
+    try:
+        p = Predictor.load(args.artifact)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.pairs:
         import csv
 
         with open(args.pairs, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            missing = [c for c in ("user_id", "item_id") if c not in (reader.fieldnames or [])]
+            if missing:
+                print(f"error: {args.pairs}, line 1: column(s) {missing} not found; found {reader.fieldnames}. "
+                      "Fix: give the pairs file a header with user_id and item_id columns.", file=sys.stderr)
+                return 2
+            rows = list(reader)
         users, items = [r["user_id"] for r in rows], [r["item_id"] for r in rows]
     else:
         users, items = args.user, args.item
@@ -243,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     from sparse_kd.checkpoint import CheckpointError
     from sparse_kd.data.schema import DataError
     from sparse_kd.student.export import StaleRunError
+    from sparse_kd.teacher.encoder import TeacherModelError
 
     try:
         return args.fn(args) or 0
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError, StaleRunError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, StaleRunError, TeacherModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -48,13 +48,22 @@ def init_distributed(backend: str = "auto", timeout_s: int = 300) -> DistEnv:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.backend=nccl needs CUDA GPUs; none is visible. Use train.backend=gloo (or auto) on CPU.")
+            from sparse_kd.config import ConfigError
+
+            raise ConfigError("train.backend: 'nccl' needs CUDA GPUs; none is visible. Use train.backend=gloo (or auto) on CPU.")
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # torchrun keeps one store across --max-restarts attempts: without a per-attempt prefix, a
+        # restarted rank can read a dead peer's address from the previous attempt and fail to
+        # connect (seen with gloo after a SIGKILLed rank). The prefix keeps attempts apart.
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"sparse_kd/attempt_{attempt}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return DistEnv(rank, world, local_rank, device, backend)
 
 

@@ -59,6 +59,9 @@ def prepare_data(cfg: ExperimentConfig, env: DistEnv) -> RecDataset:
             s["users"], s["items"], s["features"],
             {k: v["n"] for k, v in s["splits"].items()}, time.perf_counter() - t0,
         )
+        skipped = {k: ds.report[k] for k in ("dropped", "truncated_texts", "blank_lines", "empty_user_text", "ignored_columns")
+                   if ds.report.get(k)}
+        log.info("data: skipped or changed while loading: %s (also in metrics.json data_report)", skipped or "nothing")
     barrier()
     return ds
 

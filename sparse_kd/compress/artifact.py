@@ -95,6 +95,9 @@ def _write_json(path: Path, doc) -> None:
 
 
 def _cleanup_siblings(out: Path) -> None:
+    from sparse_kd.serve.predictor import recover_interrupted_replacement
+
+    recover_interrupted_replacement(out)  # never delete the only complete copy
     for p in out.parent.glob(f".{out.name}.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
     for p in out.parent.glob(f".{out.name}.old-*"):

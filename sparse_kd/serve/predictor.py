@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -68,11 +69,24 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def recover_interrupted_replacement(d: Path) -> None:
+    """A writer killed between moving the old artifact aside (``.<name>.old-*``) and renaming the new
+    one in leaves nothing at ``d``: move the newest complete old copy back (logged)."""
+    if d.exists():
+        return
+    olds = sorted((p for p in d.parent.glob(f".{d.name}.old-*") if (p / MANIFEST).is_file()),
+                  key=lambda p: p.stat().st_mtime)
+    if olds:
+        os.replace(olds[-1], d)
+        log.warning("%s: restored the previous artifact from %s (a replacement was interrupted)", d, olds[-1].name)
+
+
 def verify_artifact(artifact_dir: str | Path) -> dict:
     """Check the manifest (format, version) and every listed file (present, size, sha256).
 
     Returns the manifest. Raises :class:`ArtifactError` naming the offending file."""
     d = Path(artifact_dir)
+    recover_interrupted_replacement(d)
     if not d.is_dir():
         raise ArtifactError(f"{d}: no such artifact folder")
     mf = d / MANIFEST
