@@ -30,10 +30,8 @@ of the copy bandwidth at the same thread count, and the paired ratio to ``embbag
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -57,6 +55,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 from sparse_kd.compress.parallel import ParallelQuantEmbeddingBagCollection  # noqa: E402
 
+from machine import machine_info, read as _read, write_json  # noqa: E402
+
 DTYPES: Dict[str, torch.dtype] = {
     "fp16": torch.half,
     "int8": torch.qint8,
@@ -70,64 +70,7 @@ FLOOR = "embbag_fp32"
 # Machine
 
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return ""
 
-
-def machine_info() -> Dict[str, Any]:
-    mem_kb = 0
-    for line in _read("/proc/meminfo").splitlines():
-        if line.startswith("MemTotal:"):
-            mem_kb = int(line.split()[1])
-    model = ""
-    for line in _read("/proc/cpuinfo").splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    caches = {}
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
-    if base.is_dir():
-        for idx in sorted(base.glob("index*")):
-            level, kind, size = _read(f"{idx}/level"), _read(f"{idx}/type"), _read(f"{idx}/size")
-            if level and size:
-                caches[f"L{level}{'' if kind == 'Unified' else kind[0].lower()}"] = size
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        affinity = os.cpu_count()
-    try:
-        from importlib.metadata import version
-
-        fbgemm_version = version("fbgemm-gpu-cpu")
-    except Exception:  # pragma: no cover - other fbgemm build
-        fbgemm_version = getattr(fbgemm_gpu, "__version__", "unknown")
-    return {
-        "cpu_model": model,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": affinity,
-        "memory_gb": round(mem_kb / 2**20, 1),
-        "caches": caches,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "fbgemm_gpu": fbgemm_version,
-        "torchrec": getattr(torchrec, "__version__", None) or _pkg_version("torchrec"),
-        "interop_threads": torch.get_num_interop_threads(),
-        "intra_op_threads_default": torch.get_num_threads(),
-        "parallel_backend": torch.__config__.parallel_info().splitlines()[-1].strip(),
-        "loadavg_start": _read("/proc/loadavg"),
-    }
-
-
-def _pkg_version(name: str) -> str:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:  # pragma: no cover
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,10 +559,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ],
         "elapsed_s": round(elapsed, 1),
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"\nwrote {path}")
+    write_json(args.out, out)
     return 0
 
 

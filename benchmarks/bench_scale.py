@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import statistics
 import sys
@@ -42,7 +41,8 @@ for p in (ROOT, ROOT / "benchmarks"):
 
 import torch  # noqa: E402
 
-from bench_train import _read, machine_info, quiet, reset_peak_rss, rss_mb  # noqa: E402
+from bench_train import quiet, reset_peak_rss, rss_mb  # noqa: E402
+from machine import machine_info, read as _read, usable_cpus, write_json  # noqa: E402
 
 # Criteo-like cardinalities (the Kaggle set has a few tables of ~10M rows and many small ones):
 # 40.3M rows in all with the default --scale 1.
@@ -269,7 +269,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     info = machine_info()
     t_start = time.time()
-    from bench_train import usable_cpus
 
     from sparse_kd.testing import launch
 
@@ -384,10 +383,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ],
         "elapsed_s": round(time.time() - t_start, 1),
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"\nwrote {path}")
+    write_json(args.out, out)
     return 0
 
 

@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -57,6 +55,12 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sparse_kd.teacher.encoder import TextEncoder, mean_pool, native_bf16  # noqa: E402
+
+from machine import machine_info as _machine_info, write_json  # noqa: E402
+
+
+def machine_info() -> dict[str, Any]:
+    return _machine_info({"native_bf16_cpu": native_bf16(torch.device("cpu"))})
 
 # ------------------------------------------------------------------------------------ texts
 
@@ -199,25 +203,6 @@ def build_methods(quick: bool, batch_size: int, max_length: int) -> dict[str, tu
 # ------------------------------------------------------------------------------------ machine
 
 
-def machine_info() -> dict[str, Any]:
-    import transformers
-
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "native_bf16_cpu": native_bf16(torch.device("cpu")), "cuda": torch.cuda.is_available(),
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")},
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-        with open("/proc/meminfo") as f:
-            info["memory_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
-        info["loadavg_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
-
 
 # ------------------------------------------------------------------------------------ main
 
@@ -287,7 +272,7 @@ def print_table(res: dict[str, Any]) -> None:
               f"{r['min_cos']:>9.5f} {r['best_texts_per_s']:>9.1f}")
     m = res["machine"]
     print(f"\n{res['num_texts']} texts (median {res['median_tokens']} tokens), median of {res['reps']} rounds; "
-          f"default precision: {res['default_precision']}; {m.get('cpu_model')}, {m['cpu_count']} cores, "
+          f"default precision: {res['default_precision']}; {m.get('cpu_model')}, {m['usable_cpus']} cores, "
           f"torch {m['torch']}, transformers {m['transformers']}; load avg {m.get('loadavg_start')} -> {m.get('loadavg_end')}")
     for k, v in res["extra"].items():
         print(f"{k}: {v}")
@@ -310,10 +295,7 @@ def main(argv: list[str] | None = None) -> int:
               compile_=not (a.quick or a.no_compile))
     res["command"] = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else argv))
     print_table(res)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(f"wrote {out}")
+    write_json(a.out, res, indent=2)
     return 0
 
 

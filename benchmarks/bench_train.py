@@ -32,10 +32,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -50,62 +47,18 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from machine import machine_info, read as _read, write_json  # noqa: E402
+
 SHARDINGS = ("table_wise", "row_wise", "column_wise")
 VARIANTS = ("plain", "project", "distill")
 TARGETS = {"project/plain": 0.9, "distill/project": 0.9}
 
 
 # ----------------------------------------------------------------------------------------------
-# Machine (shared with bench_scale.py)
+# Machine: see machine.py
 
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return ""
 
-
-def _pkg_version(name: str) -> str:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:  # pragma: no cover
-        return "unknown"
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
-
-
-def machine_info() -> Dict[str, Any]:
-    mem_kb = 0
-    for line in _read("/proc/meminfo").splitlines():
-        if line.startswith("MemTotal:"):
-            mem_kb = int(line.split()[1])
-    model = ""
-    for line in _read("/proc/cpuinfo").splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    fbgemm = _pkg_version("fbgemm-gpu-cpu")
-    if fbgemm == "unknown":  # pragma: no cover - CUDA build
-        fbgemm = _pkg_version("fbgemm-gpu")
-    return {
-        "cpu_model": model,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": usable_cpus(),
-        "memory_gb": round(mem_kb / 2**20, 1),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "fbgemm_gpu": fbgemm,
-        "torchrec": _pkg_version("torchrec"),
-        "loadavg_start": _read("/proc/loadavg"),
-    }
 
 
 def rss_mb() -> Dict[str, float]:
@@ -557,10 +510,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ],
         "elapsed_s": round(time.time() - t_start, 1),
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"\nwrote {path}")
+    write_json(args.out, out)
     return 0
 
 
