@@ -9,7 +9,6 @@ during writing leaves only a ``.tmp`` folder (re-saving a step first moves the o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from sparse_kd.dist import barrier
+from sparse_kd.integrity import sha256_file
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -29,14 +29,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt or of another format version."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _rank() -> int:
@@ -56,7 +48,7 @@ def save(ck_dir: Path, model, optimizer, epoch: int, step_in_epoch: int, global_
     dcp.save(state, checkpoint_id=str(tmp))
     barrier()
     if _rank() == 0:
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {
             "format_version": FORMAT_VERSION,
             "epoch": epoch,
@@ -118,7 +110,7 @@ def verify(path: Path) -> dict:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: file {name} listed in meta.json is missing")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"{f}: checksum mismatch: the checkpoint was truncated or modified")
     return meta
 

@@ -158,7 +158,7 @@ def cmd_pipeline(args) -> int:
 
         run = Path(cfg.output_dir)
         art = run / "artifact" / "distilled"
-        report = compress_run(run, "distilled", cfg.compress, art)
+        compress_run(run, "distilled", cfg.compress, art)
         # reload in a fresh process: no training code, no transformers
         rc = subprocess.call([sys.executable, "-m", "sparse_kd.serve.check", str(art), str(run)])
         log.info("pipeline finished in %.0fs; outputs in %s", time.perf_counter() - t0, run)

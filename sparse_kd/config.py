@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -319,7 +318,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     for feat, st in s.sharding.items():
         need(st in SHARDING_TYPES, f"student.sharding.{feat}", f"{st!r} is not valid; expected one of {', '.join(SHARDING_TYPES)}")
     need(s.teacher_text_dim >= 1, "student.teacher_text_dim", "must be >= 1")
-    lk, al, tr = cfg.distill.logit, cfg.distill.align, cfg.distill.transfer
+    lk, al = cfg.distill.logit, cfg.distill.align
     need(0.0 <= lk.kd_ratio <= 1.0, "distill.logit.kd_ratio", "must be in [0, 1]")
     need(lk.temperature > 0, "distill.logit.temperature", "must be > 0")
     need(al.weight >= 0, "distill.align.weight", "must be >= 0")

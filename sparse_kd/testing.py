@@ -6,11 +6,10 @@ torchrec's own tests do), each on a fresh rendezvous port, so reruns never colli
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from typing import Any, Callable
 
-from sparse_kd.config import DataConfig, ExperimentConfig, SyntheticConfig, config_from_dict
+from sparse_kd.config import ExperimentConfig, config_from_dict
 from sparse_kd.data import load_dataset
 from sparse_kd.data.schema import RecDataset
 

@@ -208,11 +208,13 @@ def steps_per_epoch(n: int, global_batch: int, world_size: int) -> int:
 
 def eval_batches(
     split: Interactions, builder: BatchBuilder, global_batch: int, rank: int, world_size: int
-) -> Iterator[tuple[KDBatch, int]]:
+) -> Iterator[KDBatch]:
     """Evaluation batches of this rank covering the whole split, in order.
 
-    Every rank yields the same number of batches (sharded lookups are collectives); short
-    slices are padded by repeating their first example. Yields (batch, number of real rows).
+    Global batch g gives rank r the rows [g*W*per + r*per, ... + per) clipped to the split, with
+    per = global_batch // W. Every rank yields the same number of batches of ``per`` rows
+    (sharded lookups are collectives): short slices are padded by repeating their first row,
+    and the caller drops the padding (see ``student.train._predict``).
     """
     n = len(split)
     user = torch.from_numpy(split.user)
@@ -221,10 +223,8 @@ def eval_batches(
     per = max(1, global_batch // world_size)
     for start in range(0, n, per * world_size):
         lo = min(n, start + rank * per)
-        hi = min(n, lo + per)
-        idx = torch.arange(lo, hi)
-        real = idx.shape[0]
-        if real < per:
-            pad_from = idx[:1] if real else torch.tensor([0])
-            idx = torch.cat([idx, pad_from.repeat(per - real)])
-        yield builder.build(user[idx], item[idx], label[idx]), real
+        idx = torch.arange(lo, min(n, lo + per))
+        if idx.shape[0] < per:
+            pad_from = idx[:1] if idx.shape[0] else torch.tensor([0])
+            idx = torch.cat([idx, pad_from.repeat(per - idx.shape[0])])
+        yield builder.build(user[idx], item[idx], label[idx])

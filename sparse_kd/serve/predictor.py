@@ -36,7 +36,6 @@ Scoring (:meth:`Predictor.score`) returns click probabilities, sigmoid(logit), a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import logging
@@ -45,6 +44,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from sparse_kd.integrity import sha256_file
 
 import fbgemm_gpu  # noqa: F401  (registers the torch.ops.fbgemm operators the scripted model calls)
 
@@ -59,14 +60,6 @@ DEFAULT_MAX_BATCH = 4096
 
 class ArtifactError(RuntimeError):
     """An artifact is missing, incomplete, corrupt or of another format version (names the file)."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def recover_interrupted_replacement(d: Path) -> None:

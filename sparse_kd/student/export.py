@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torchrec.models.dlrm import DLRM
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import math
 import time
@@ -240,8 +239,7 @@ def _predict(pipeline, dmp, split, builder, cfg: ExperimentConfig, env: DistEnv)
     dmp.eval()
     per = max(1, cfg.train.eval_batch_size // env.world_size)
     outs = []
-    it = eval_batches(split, builder, cfg.train.eval_batch_size, env.rank, env.world_size)
-    batches = (b for b, _ in it)
+    batches = eval_batches(split, builder, cfg.train.eval_batch_size, env.rank, env.world_size)
     with torch.no_grad():
         while True:
             try:
@@ -331,9 +329,8 @@ def train_ranker(
     """
     seed = cfg.train.seed if seed is None else seed
     out_dir = Path(out_dir)
-    tc, sc = cfg.train, cfg.student
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+    tc = cfg.train
+    np.random.seed(seed)  # torch is seeded in build_sharded, right before the dense layers are made
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +46,6 @@ def seed_dir(cfg: ExperimentConfig, seed: int) -> Path:
 
 def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     """Train teacher ranker + every study variant for one seed. Returns {variant: metrics}."""
-    import torch
-
     from sparse_kd import pipeline as P
     from sparse_kd.data.batching import count_dense
     from sparse_kd.dist import init_distributed

@@ -417,7 +417,7 @@ _CKPT_CHILD = """
             die()
         ckpt.dcp.save = partial
     elif point == "manifest":  # dies while checksumming, before meta.json and the rename
-        ckpt._sha256 = die
+        ckpt.sha256_file = die
     elif point == "after_rename":  # the new checkpoint is in place; dies before pruning
         ckpt._prune = die
     elif point == "replace_same_step":  # re-saving step 5 (e.g. after the refit): dies mid-delete of the old step_5
