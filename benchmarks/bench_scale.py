@@ -117,7 +117,8 @@ def run_one(opts: Dict[str, Any], sharding: str, env) -> Dict[str, Any]:
     from sparse_kd.distill.module import RankerTrain
     from sparse_kd.student.model import build_dlrm
     from sparse_kd.student.sharding import build_plan
-    from sparse_kd.student.train import _make_optimizer, _sparse_optimizer, write_tables
+    from sparse_kd.student.init import write_tables
+    from sparse_kd.student.optim import combined_optimizer, sparse_optimizer
 
     world, rank = env.world_size, env.rank
     rows = opts["rows"]
@@ -135,13 +136,13 @@ def run_one(opts: Dict[str, Any], sharding: str, env) -> Dict[str, Any]:
     feats = {f"c{t}": r for t, r in enumerate(rows)}
     dlrm = build_dlrm(feats, DENSE, cfg.student, device="meta")
     module = RankerTrain(dlrm, cfg.distill, list(feats))
-    opt_cls, opt_kwargs = _sparse_optimizer(cfg)
+    opt_cls, opt_kwargs = sparse_optimizer(cfg.train)
     apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
     plan = build_plan(module, cfg.student, world, env.device.type)
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan)
     t_dmp = time.perf_counter() - t0
     write_tables(dmp, cfg.train.seed, {})
-    optimizer, _ = _make_optimizer(dmp, cfg)
+    optimizer, _ = combined_optimizer(dmp, cfg.train)
     build_s = time.perf_counter() - t0
     mem["built"] = rss_mb()
 

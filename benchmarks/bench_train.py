@@ -138,21 +138,17 @@ def _endless(split, builder, global_batch: int, rank: int, world: int, seed: int
 
 
 def build_project(opts, ds, env, sharding: str, distill: bool, stand_in) -> Runner:
-    """The recipe of ``train_ranker`` (sparse_kd/student/train.py), step for step, minus
-    checkpoints, evaluation and the CSV/TensorBoard writer."""
-    from torchrec.distributed.model_parallel import DistributedModelParallel
+    """The recipe of ``train_ranker`` (sparse_kd/student/train.py): its ``build_sharded`` and
+    loop body, minus checkpoints, evaluation and the CSV/TensorBoard writer."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-    from sparse_kd.data.batching import BatchBuilder, count_dense
-    from sparse_kd.distill.module import RankerTrain
+    from sparse_kd.data.batching import count_dense
     from sparse_kd.pipeline import distilled_spec
-    from sparse_kd.student.model import build_dlrm
-    from sparse_kd.student.sharding import build_plan
-    from sparse_kd.student.train import RankerResult, RankerSpec, _make_optimizer, _sparse_optimizer, write_tables
+    from sparse_kd.student.spec import RankerResult, RankerSpec
+    from sparse_kd.student.train import build_sharded
 
     cfg = _config(opts, sharding, env.world_size, distill)
-    tc, sc = cfg.train, cfg.student
+    tc = cfg.train
     if distill:
         user_text, item_text, teacher_logits = stand_in
         teacher = RankerResult("teacher_ranker", {}, None, train_logits=teacher_logits)
@@ -160,16 +156,7 @@ def build_project(opts, ds, env, sharding: str, distill: bool, stand_in) -> Runn
     else:
         ub, ib = count_dense(ds)
         spec = RankerSpec("baseline", ub, ib)
-    builder = BatchBuilder(ds, spec.user_dense, spec.item_dense)
-    num_emb = {f.name: f.num_embeddings for f in ds.features}
-    dlrm = build_dlrm(num_emb, builder.dense_dim, sc, device="meta")
-    module = RankerTrain(dlrm, spec.distill, ds.feature_names, spec.user_text, spec.item_text, embedding_dim=sc.embedding_dim)
-    opt_cls, opt_kwargs = _sparse_optimizer(cfg)
-    apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
-    plan = build_plan(module, sc, env.world_size, env.device.type)
-    dmp = DistributedModelParallel(module=module, device=env.device, plan=plan)
-    write_tables(dmp, tc.seed, spec.init_rows)
-    optimizer, _ = _make_optimizer(dmp, cfg)
+    builder, module, dmp, optimizer, _ = build_sharded(cfg, ds, spec, env, tc.seed)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)
     dmp.train()
     it = _endless(ds.splits["train"], builder, tc.batch_size, env.rank, env.world_size, tc.seed, spec.teacher_logits)
@@ -199,7 +186,7 @@ def build_plain(opts, ds, env, sharding: str, n_prebuilt: int) -> Runner:
     from sparse_kd.data.batching import BatchBuilder, count_dense
     from sparse_kd.student.model import build_dlrm
     from sparse_kd.student.sharding import build_plan
-    from sparse_kd.student.train import _make_optimizer, _sparse_optimizer
+    from sparse_kd.student.optim import combined_optimizer, sparse_optimizer
 
     cfg = _config(opts, sharding, env.world_size, False)
     tc, sc = cfg.train, cfg.student
@@ -207,11 +194,11 @@ def build_plain(opts, ds, env, sharding: str, n_prebuilt: int) -> Runner:
     builder = BatchBuilder(ds, ub, ib)
     num_emb = {f.name: f.num_embeddings for f in ds.features}
     model = DLRMTrain(build_dlrm(num_emb, builder.dense_dim, sc, device="meta"))
-    opt_cls, opt_kwargs = _sparse_optimizer(cfg)
+    opt_cls, opt_kwargs = sparse_optimizer(cfg.train)
     apply_optimizer_in_backward(opt_cls, model.model.sparse_arch.parameters(), opt_kwargs)
     plan = build_plan(model, sc, env.world_size, env.device.type)
     dmp = DistributedModelParallel(module=model, device=env.device, plan=plan)
-    optimizer, _ = _make_optimizer(dmp, cfg)
+    optimizer, _ = combined_optimizer(dmp, cfg.train)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)
     dmp.train()
     src = _endless(ds.splits["train"], builder, tc.batch_size, env.rank, env.world_size, tc.seed, None)

@@ -34,7 +34,8 @@ from sparse_kd.dist import DistEnv, barrier, broadcast_object, init_distributed
 from sparse_kd.distill.transfer import pca_reduce, transfer_rows
 from sparse_kd.report import metrics_table
 from sparse_kd.student.export import check_fingerprint, load_dlrm, write_model_meta
-from sparse_kd.student.train import RankerResult, RankerSpec, RefitSpec, train_ranker
+from sparse_kd.student.spec import RankerResult, RankerSpec, RefitSpec
+from sparse_kd.student.train import train_ranker
 
 log = logging.getLogger(__name__)
 

@@ -77,7 +77,8 @@ def train_worker(cfg: ExperimentConfig, name: str = "baseline", seed: int = 0, s
 
     from sparse_kd.data.batching import count_dense
     from sparse_kd.dist import init_distributed
-    from sparse_kd.student.train import RankerSpec, train_ranker
+    from sparse_kd.student.spec import RankerSpec
+    from sparse_kd.student.train import train_ranker
 
     warnings.filterwarnings("ignore")
     logging.getLogger("torchrec").setLevel(logging.ERROR)
@@ -103,7 +104,9 @@ def local_tables_worker(cfg: ExperimentConfig, init_rows: dict, seed: int = 0) -
 
     from sparse_kd.data.batching import count_dense
     from sparse_kd.dist import init_distributed
-    from sparse_kd.student.train import RankerSpec, build_sharded, write_tables
+    from sparse_kd.student.init import write_tables
+    from sparse_kd.student.spec import RankerSpec
+    from sparse_kd.student.train import build_sharded
 
     warnings.filterwarnings("ignore")
     env = init_distributed("gloo", 120)
@@ -149,7 +152,8 @@ def fault_main(argv: list[str] | None = None) -> None:
 
     from sparse_kd.data.batching import count_dense
     from sparse_kd.dist import init_distributed
-    from sparse_kd.student.train import RankerSpec, train_ranker
+    from sparse_kd.student.spec import RankerSpec
+    from sparse_kd.student.train import train_ranker
 
     warnings.filterwarnings("ignore")
     out, kill_step = (argv or sys.argv[1:])[:2]
@@ -176,7 +180,8 @@ def hang_worker(cfg: ExperimentConfig, step: int) -> str:
 
     from sparse_kd.data.batching import count_dense
     from sparse_kd.dist import init_distributed
-    from sparse_kd.student.train import RankerSpec, train_ranker
+    from sparse_kd.student.spec import RankerSpec
+    from sparse_kd.student.train import train_ranker
 
     warnings.filterwarnings("ignore")
     env = init_distributed("gloo", cfg.train.collective_timeout_s)

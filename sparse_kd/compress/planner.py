@@ -43,7 +43,7 @@ from sparse_kd.config import QUANT_DTYPES, ConfigError
 from sparse_kd.data.batching import BatchBuilder, KDBatch
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.report import markdown_table
-from sparse_kd.student.train import binary_metrics
+from sparse_kd.metrics import binary_metrics
 
 log = logging.getLogger(__name__)
 

@@ -214,7 +214,7 @@ def eval_batches(
     Global batch g gives rank r the rows [g*W*per + r*per, ... + per) clipped to the split, with
     per = global_batch // W. Every rank yields the same number of batches of ``per`` rows
     (sharded lookups are collectives): short slices are padded by repeating their first row,
-    and the caller drops the padding (see ``student.train._predict``).
+    and the caller drops the padding (see ``student.predict.predict_sharded``).
     """
     n = len(split)
     user = torch.from_numpy(split.user)

@@ -49,7 +49,7 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     from sparse_kd import pipeline as P
     from sparse_kd.data.batching import count_dense
     from sparse_kd.dist import init_distributed
-    from sparse_kd.student.train import RankerSpec
+    from sparse_kd.student.spec import RankerSpec
 
     cfg = dataclasses.replace(cfg, output_dir=str(seed_dir(cfg, seed)), train=dataclasses.replace(cfg.train, seed=seed))
     env = init_distributed(cfg.train.backend, cfg.train.collective_timeout_s)

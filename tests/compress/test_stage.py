@@ -12,7 +12,7 @@ from sparse_kd.compress.planner import BudgetError
 from sparse_kd.compress.stage import compress_run
 from sparse_kd.config import CompressConfig, StudyConfig
 from sparse_kd.serve import Predictor
-from sparse_kd.student.train import binary_metrics
+from sparse_kd.metrics import binary_metrics
 from sparse_kd.studies.compress_study import pareto_front, run_compress_study
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparse_kd.distill.transfer import pca_projection, ridge_apply, ridge_fit, transfer_rows
-from sparse_kd.student.train import init_rows_block
+from sparse_kd.student.init import init_rows_block
 from sparse_kd.testing import launch, local_tables_worker, tiny_config, tiny_dataset
 
 

@@ -1,0 +1,32 @@
+"""Optimizers of a sharded ranker, as torchrec sets them up.
+
+Embedding tables get a fused optimizer applied in backward (:func:`sparse_optimizer` names its
+class; ``apply_optimizer_in_backward`` is called on the un-sharded model, before
+``DistributedModelParallel``, which fuses it into the sharded kernels). Dense parameters get
+Adam; :func:`combined_optimizer` joins both into the one ``CombinedOptimizer`` the train
+pipeline steps and checkpoints save.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from sparse_kd.config import TrainConfig
+
+
+def sparse_optimizer(tc: TrainConfig) -> tuple[type, dict]:
+    """(optimizer class, kwargs) of ``train.sparse_optimizer`` for ``apply_optimizer_in_backward``."""
+    classes = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+    return classes[tc.sparse_optimizer], {"lr": tc.sparse_lr}
+
+
+def combined_optimizer(dmp: torch.nn.Module, tc: TrainConfig) -> tuple[CombinedOptimizer, KeyedOptimizerWrapper]:
+    """(the DMP's fused sparse optimizer + Adam over the dense parameters, the dense part alone)."""
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: torch.optim.Adam(params, lr=tc.dense_lr),
+    )
+    return CombinedOptimizer([dmp.fused_optimizer, dense]), dense

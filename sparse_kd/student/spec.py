@@ -1,0 +1,73 @@
+"""What one ranker run is given and what it returns.
+
+Notation: U users, I items, Du / Di dense features per user / item, H text-embedding dim,
+D embedding dim, N_train training examples.
+
+:class:`RankerSpec` is everything that tells one ranker apart from another (the teacher ranker,
+the baseline, each distilled variant); :class:`RefitSpec` is the optional weight transfer after
+training; :class:`RankerResult` is what :func:`sparse_kd.student.train.train_ranker` returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from sparse_kd.config import DistillConfig
+
+
+@dataclass
+class RefitSpec:
+    """After training, replace rows of rarely seen entities by a text -> row ridge regression
+    fitted on the others (weight transfer into the student's learned space; see
+    :mod:`sparse_kd.distill.refit`).
+
+    text: feature -> (N, H) text embeddings; counts: feature -> (N,) training interactions;
+    rows with fewer than ``min_count`` interactions are replaced; ``l2``: the ridge penalty.
+    """
+
+    text: dict[str, torch.Tensor]
+    counts: dict[str, np.ndarray]
+    min_count: int = 1
+    l2: float = 1.0
+
+
+@dataclass
+class RankerSpec:
+    """What distinguishes one ranker run from another.
+
+    user_dense, item_dense: (U, Du), (I, Di) dense features per entity.
+    teacher_logits: (N_train,) soft targets aligned with the train split, for logit KD.
+    user_text, item_text: (U, H), (I, H) text embeddings, for feature alignment.
+    init_rows: feature -> (num_embeddings, D) rows to seed the table with (weight transfer);
+        NaN rows keep the default initialisation.
+    refit: rows to replace from text after training, or None.
+    """
+
+    name: str
+    user_dense: torch.Tensor
+    item_dense: torch.Tensor
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    teacher_logits: Optional[torch.Tensor] = None
+    user_text: Optional[torch.Tensor] = None
+    item_text: Optional[torch.Tensor] = None
+    init_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    refit: Optional[RefitSpec] = None
+
+
+@dataclass
+class RankerResult:
+    """metrics: split -> {"auc", "logloss", "n"} ({} when the run was stopped early);
+    checkpoint: the last complete checkpoint; train_logits: (N_train,) when requested;
+    history: one row per epoch (global_step, valid AUC and log loss)."""
+
+    name: str
+    metrics: dict
+    checkpoint: Optional[Path]
+    train_logits: Optional[torch.Tensor] = None
+    examples_per_s: float = 0.0
+    history: list = field(default_factory=list)
