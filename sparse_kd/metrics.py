@@ -1,16 +1,27 @@
 """Quality metrics of a binary click ranker, one home for every stage (training, compression,
 studies, the serving check).
 
-Notation: N examples of a split.
+Notation: N examples of a split, B batch size.
 
 :func:`auc` is torchmetrics' binary AUROC (exact, non-binned), with tied scores counting half
 (the Mann-Whitney U statistic); :func:`binary_metrics` adds the log loss. Both take logits.
+
+Single-process evaluation of an unsharded model (the compression stage, its planner and study):
+:func:`evaluate` runs ``forward(batch) -> logits (B,)`` over whole splits;
+:func:`fp32_forward` and :func:`serving_forward` adapt a float DLRM and a quantized serving
+module to that signature. Sharded models are evaluated by :mod:`sparse_kd.student.predict`.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable, Sequence
+
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # runtime imports stay light: the serving check imports this module
+    from sparse_kd.data.batching import BatchBuilder, KDBatch
+    from sparse_kd.data.schema import RecDataset
 
 EVAL_SPLITS = ("valid", "test", "test_cold")
 
@@ -39,3 +50,51 @@ def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     logits, labels = logits.double(), labels.double()
     ll = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item() if labels.numel() else float("nan")
     return {"auc": auc(logits, labels), "logloss": ll, "n": int(labels.numel())}
+
+
+def split_batches(ds: RecDataset, builder: BatchBuilder, split: str, batch_size: int = 4096) -> list[tuple[KDBatch, int]]:
+    """Every example of ``split`` in order, as (batch, rows) on one process: consecutive slices of
+    ``batch_size`` (the last one shorter, not padded), i.e. the same batches as
+    ``Predictor.score`` makes with ``max_batch=batch_size``, so the logits agree to the bit."""
+    sp = ds.splits[split]
+    user, item, label = (torch.from_numpy(a) for a in (sp.user, sp.item, sp.label))
+    out = []
+    for lo in range(0, len(sp), batch_size):
+        hi = min(len(sp), lo + batch_size)
+        out.append((builder.build(user[lo:hi], item[lo:hi], label[lo:hi]), hi - lo))
+    return out
+
+
+def predict_split(forward: Callable[[KDBatch], torch.Tensor], batches: Sequence[tuple[KDBatch, int]]) -> torch.Tensor:
+    """Logits (N,) of a split: ``forward(batch) -> (B,)`` over pre-built batches."""
+    outs = []
+    with torch.no_grad():
+        for b, real in batches:
+            outs.append(forward(b).reshape(-1)[:real].float())
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def split_metrics(forward: Callable[[KDBatch], torch.Tensor], batches: Sequence[tuple[KDBatch, int]],
+                  labels: torch.Tensor) -> dict:
+    """:func:`binary_metrics` of ``forward`` over pre-built batches, against labels (N,)."""
+    return binary_metrics(predict_split(forward, batches), labels)
+
+
+def evaluate(forward: Callable[[KDBatch], torch.Tensor], ds: RecDataset, builder: BatchBuilder,
+             splits=EVAL_SPLITS, batch_size: int = 4096) -> dict:
+    """split -> {"auc", "logloss", "n"} of ``forward(batch) -> logits (B,)``."""
+    out = {}
+    for s in splits:
+        labels = torch.from_numpy(ds.splits[s].label)
+        out[s] = split_metrics(forward, split_batches(ds, builder, s, batch_size), labels)
+    return out
+
+
+def fp32_forward(model: torch.nn.Module) -> Callable[[KDBatch], torch.Tensor]:
+    """A float torchrec DLRM as ``forward(batch) -> logits (B,)``."""
+    return lambda b: model(b.dense_features, b.sparse_features).reshape(-1)
+
+
+def serving_forward(serving: torch.nn.Module) -> Callable[[KDBatch], torch.Tensor]:
+    """A quantized serving module (dense (B, Dd), KJT values, lengths) as ``forward(batch) -> logits (B,)``."""
+    return lambda b: serving(b.dense_features, b.sparse_features.values(), b.sparse_features.lengths())

@@ -19,9 +19,6 @@ Notation: F tables, O options per table (keep ratio x dtype), MB = 10^6 bytes.
    (bytes, loss)); ties go to fewer bytes.
 4. The caller (:func:`sparse_kd.compress.stage.compress_run`) builds the chosen plan for real,
    checks its bytes against the budget and measures its joint validation AUC.
-
-Also here: the evaluation helpers shared by the compression stage and the study
-(:func:`predict_split`, :func:`split_metrics`).
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,10 +37,10 @@ from sparse_kd.compress import quantize as Q
 from sparse_kd.compress.importance import RowImportance
 from sparse_kd.compress.prune import PrunedTable, prune_table, select_rows
 from sparse_kd.config import QUANT_DTYPES, ConfigError
-from sparse_kd.data.batching import BatchBuilder, KDBatch
+from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
+from sparse_kd.metrics import fp32_forward, split_batches, split_metrics
 from sparse_kd.report import markdown_table
-from sparse_kd.metrics import binary_metrics
 
 log = logging.getLogger(__name__)
 
@@ -53,44 +50,6 @@ MB = 1e6
 
 class BudgetError(ConfigError):
     """compress.budget_mb is smaller than any plan."""
-
-
-# ------------------------------------------------------------------------------------------
-# Evaluation helpers
-
-
-def split_batches(ds: RecDataset, builder: BatchBuilder, split: str, batch_size: int = 4096) -> list[tuple[KDBatch, int]]:
-    """Every example of ``split`` in order, as (batch, rows) on one process: consecutive slices of
-    ``batch_size`` (the last one shorter, not padded), i.e. the same batches as
-    ``Predictor.score`` makes with ``max_batch=batch_size``, so the logits agree to the bit."""
-    sp = ds.splits[split]
-    user, item, label = (torch.from_numpy(a) for a in (sp.user, sp.item, sp.label))
-    out = []
-    for lo in range(0, len(sp), batch_size):
-        hi = min(len(sp), lo + batch_size)
-        out.append((builder.build(user[lo:hi], item[lo:hi], label[lo:hi]), hi - lo))
-    return out
-
-
-def predict_split(forward: Callable[[KDBatch], torch.Tensor], batches: Sequence[tuple[KDBatch, int]]) -> torch.Tensor:
-    """Logits (N,) of a split: ``forward(batch) -> (B,)`` over pre-built batches."""
-    outs = []
-    with torch.no_grad():
-        for b, real in batches:
-            outs.append(forward(b).reshape(-1)[:real].float())
-    return torch.cat(outs) if outs else torch.zeros(0)
-
-
-def split_metrics(forward, batches, labels: torch.Tensor) -> dict:
-    return binary_metrics(predict_split(forward, batches), labels)
-
-
-def fp32_forward(model) -> Callable[[KDBatch], torch.Tensor]:
-    return lambda b: model(b.dense_features, b.sparse_features).reshape(-1)
-
-
-def serving_forward(serving) -> Callable[[KDBatch], torch.Tensor]:
-    return lambda b: serving(b.dense_features, b.sparse_features.values(), b.sparse_features.lengths())
 
 
 # ------------------------------------------------------------------------------------------

@@ -48,10 +48,9 @@ from sparse_kd.compress.importance import (
     TEXT_FEATURES,
     RowImportance,
     ranking,
-    ridge_fit,
-    ridge_predict,
 )
 from sparse_kd.config import CompressConfig, ConfigError
+from sparse_kd.ridge import ridge_fit, ridge_predict
 
 log = logging.getLogger(__name__)
 

@@ -22,25 +22,15 @@ import torch
 from sparse_kd.compress import quantize as Q
 from sparse_kd.compress.artifact import Compressed, save_artifact
 from sparse_kd.compress.importance import RowImportance, table_importance
-from sparse_kd.compress.planner import (
-    MB,
-    Plan,
-    fp32_forward,
-    plan_budget,
-    serving_forward,
-    split_batches,
-    split_metrics,
-)
+from sparse_kd.compress.planner import MB, Plan, plan_budget
 from sparse_kd.compress.prune import prune_tables, table_settings
 from sparse_kd.config import CompressConfig, ConfigError, ExperimentConfig, load_config, to_dict
 from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
+from sparse_kd.metrics import evaluate, fp32_forward, serving_forward
 from sparse_kd.report import markdown_table
 
 log = logging.getLogger(__name__)
-
-EVAL_SPLITS = ("valid", "test", "test_cold")
-
 
 @dataclass
 class RunInputs:
@@ -147,15 +137,6 @@ def compress_model(
 def _over_arch_sizes(model) -> list[int]:
     sizes = [int(m.out_features) for m in model.over_arch.modules() if isinstance(m, torch.nn.Linear)]
     return sizes
-
-
-def evaluate(forward, ds: RecDataset, builder: BatchBuilder, splits=EVAL_SPLITS, batch_size: int = 4096) -> dict:
-    """split -> {"auc", "logloss", "n"} of ``forward(batch) -> logits (B,)``."""
-    out = {}
-    for s in splits:
-        labels = torch.from_numpy(ds.splits[s].label)
-        out[s] = split_metrics(forward, split_batches(ds, builder, s, batch_size), labels)
-    return out
 
 
 def settings_from_config(cfg: CompressConfig, features: list[str]) -> dict[str, dict]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparse_kd.distill.transfer import ridge_apply, ridge_fit
+from sparse_kd.ridge import ridge_fit, ridge_predict
 from sparse_kd.student.model import table_name
 from sparse_kd.student.spec import RefitSpec
 
@@ -41,6 +41,6 @@ def refit_rows(checkpoint: Path, refit: RefitSpec, num_rows: dict[str, int], dim
             continue
         w = ridge_fit(text[fit_on].float(), trained[fit_on], l2=refit.l2)
         rows = torch.full_like(trained, float("nan"))
-        rows[~fit_on] = ridge_apply(text[~fit_on].float(), w)
+        rows[~fit_on] = ridge_predict(text[~fit_on].float(), w)
         out[feat] = rows
     return out

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from sparse_kd.ridge import ridge_fit, ridge_predict
+
+LEARNED_L2 = 1e-2  # ridge penalty of the learned projection
+
 
 def pca_projection(text: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (H,) and the top-``dim`` principal directions (H, dim) of text (N, H)."""
@@ -32,17 +36,6 @@ def pca_reduce(text: torch.Tensor, dim: int) -> torch.Tensor:
     mean, basis = pca_projection(text, dim)
     z = (text - mean) @ basis
     return z / z.std(0, keepdim=True).clamp_min(1e-6)
-
-
-def ridge_fit(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2) -> torch.Tensor:
-    """W (H+1, D) minimising ||[x, 1] W - y||^2 + l2 ||W||^2. x: (N, H), y: (N, D)."""
-    xa = torch.cat([x, torch.ones(x.shape[0], 1)], 1).double()
-    a = xa.T @ xa + l2 * torch.eye(xa.shape[1], dtype=torch.float64)
-    return torch.linalg.solve(a, xa.T @ y.double()).float()
-
-
-def ridge_apply(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, torch.ones(x.shape[0], 1)], 1) @ w
 
 
 def rescale_rms(rows: torch.Tensor, rms: float) -> torch.Tensor:
@@ -72,8 +65,8 @@ def transfer_rows(
     elif projection == "learned":
         if teacher_rows is None or warm is None:
             raise ValueError("distill.transfer.projection=learned needs the teacher ranker's rows and the warm mask")
-        w = ridge_fit(text[warm], teacher_rows[warm])
-        rows = ridge_apply(text, w)
+        w = ridge_fit(text[warm], teacher_rows[warm], l2=LEARNED_L2)
+        rows = ridge_predict(text, w)
     else:
         raise ValueError(f"distill.transfer.projection: unknown {projection!r}; expected pca or learned")
     return rescale_rms(rows, scale)

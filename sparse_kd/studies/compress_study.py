@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sparse_kd.config import CompressConfig, StudyConfig
+from sparse_kd.metrics import EVAL_SPLITS as SPLITS
 from sparse_kd.report import markdown_table
 
 log = logging.getLogger(__name__)
-SPLITS = ("valid", "test", "test_cold")
 FIELDS = ["variant", "fill", "keep_ratio", "dtype", "embedding_bytes", "embedding_mb", "ratio", "pareto"] + [
     f"{s}_{m}" for s in SPLITS for m in ("auc", "logloss")
 ] + ["fp32_test_auc", "seconds"]
@@ -60,9 +60,9 @@ def run_compress_study(
 ) -> list[dict]:
     """Sweep keep ratio x dtype (x fill) for each variant; write CSV / JSON / MD / PNG; return the rows."""
     from sparse_kd.compress.importance import table_importance
-    from sparse_kd.compress.planner import fp32_forward, serving_forward
     from sparse_kd.compress.prune import table_settings
-    from sparse_kd.compress.stage import compress_model, evaluate, load_run, model_weights
+    from sparse_kd.compress.stage import compress_model, load_run, model_weights
+    from sparse_kd.metrics import evaluate, fp32_forward, serving_forward
     from sparse_kd.student.export import load_dlrm
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)

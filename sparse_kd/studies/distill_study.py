@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from sparse_kd.config import DistillConfig, ExperimentConfig
+from sparse_kd.metrics import EVAL_SPLITS as SPLITS
 from sparse_kd.report import markdown_table
 
 log = logging.getLogger(__name__)
-SPLITS = ("valid", "test", "test_cold")
 
 
 def variant_distill(cfg: ExperimentConfig, variant: str) -> DistillConfig:

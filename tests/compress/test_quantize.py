@@ -8,7 +8,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from sparse_kd.compress import quantize as Q
 from sparse_kd.compress.importance import access_counts
-from sparse_kd.compress.planner import option_bytes, serving_forward, split_batches
+from sparse_kd.compress.planner import option_bytes
+from sparse_kd.metrics import serving_forward, split_batches
 from sparse_kd.compress.stage import compress_model, model_weights
 
 DTYPES = ["fp32", "fp16", "int8", "int4", "int2"]
@@ -82,7 +83,7 @@ def test_pruned_ids_zero_mean_text(tiny):
             assert comp.tables["t_item_id"]["rows_stored"] == 21
         else:
             # each pruned item gets its own row: the saved text map applied to its text
-            from sparse_kd.compress.importance import ridge_predict
+            from sparse_kd.ridge import ridge_predict
 
             expect = ridge_predict(text["item"][pr], comp.text_maps["item_id"])
             torch.testing.assert_close(got[pr], expect, atol=1e-5, rtol=1e-5)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sparse_kd.distill.transfer import pca_projection, ridge_apply, ridge_fit, transfer_rows
+from sparse_kd.distill.transfer import pca_projection, transfer_rows
+from sparse_kd.ridge import ridge_fit, ridge_predict
 from sparse_kd.student.init import init_rows_block
 from sparse_kd.testing import launch, local_tables_worker, tiny_config, tiny_dataset
 
@@ -23,7 +24,7 @@ def test_learned_projection_recovers_a_linear_map():
     text = torch.randn(200, 6, generator=g)
     w = torch.randn(6, 4, generator=g)
     target = text @ w
-    fitted = ridge_apply(text, ridge_fit(text, target, l2=1e-6))
+    fitted = ridge_predict(text, ridge_fit(text, target, l2=1e-6))
     assert torch.allclose(fitted, target, atol=1e-3)
     warm = torch.zeros(200, dtype=torch.bool)
     warm[:150] = True
