@@ -10,6 +10,9 @@ compression stage read:
     data/text_embeddings.safetensors   teacher text embeddings, user (U, H) and item (I, H)
     <variant>/model_meta.json, <variant>/checkpoints/   per trained ranker
     metrics.json, metrics.md     AUC / log loss per variant and split
+
+:func:`run_training` is the whole pipeline; the studies compose its public steps
+(:func:`prepare_data`, :func:`text_embeddings`, the ``*_spec`` builders, :func:`train_variant`).
 """
 
 from __future__ import annotations
@@ -102,7 +105,12 @@ def _variant_dir(cfg: ExperimentConfig, name: str) -> Path:
     return Path(cfg.output_dir) / name
 
 
-def _train(cfg, ds, spec: RankerSpec, env, seed, want_train_logits=False) -> RankerResult:
+def train_variant(
+    cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: DistEnv, seed: int, want_train_logits: bool = False
+) -> RankerResult:
+    """Train one ranker into ``output_dir/<spec.name>`` (every rank): refuse a folder trained with
+    other settings (:func:`fingerprint`), write its model_meta.json, train (resuming if a
+    checkpoint is there), log the result. Used by :func:`run_training` and the studies."""
     d = _variant_dir(cfg, spec.name)
     fp = fingerprint(cfg, spec, seed)
     check_fingerprint(d, fp)  # every rank, so all of them stop with the same error
@@ -127,6 +135,12 @@ def fingerprint(cfg: ExperimentConfig, spec: RankerSpec, seed: int) -> dict:
     if spec.name == TEACHER or spec.distill.any_enabled:
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
     return fp
+
+
+def baseline_spec(ds: RecDataset, name: str = "baseline") -> RankerSpec:
+    """The student without distillation: entity counts as dense features, nothing from text."""
+    ub, ib = count_dense(ds)
+    return RankerSpec(name, ub, ib)
 
 
 def teacher_spec(cfg, ds, user_text, item_text) -> RankerSpec:
@@ -189,13 +203,12 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
     results: dict[str, RankerResult] = {}
     teacher = None
     if TEACHER in variants or ("distilled" in variants and needs_teacher_ranker(cfg)):
-        teacher = _train(cfg, ds, teacher_spec(cfg, ds, user_text, item_text), env, seed, want_train_logits=True)
+        teacher = train_variant(cfg, ds, teacher_spec(cfg, ds, user_text, item_text), env, seed, want_train_logits=True)
         results[TEACHER] = teacher
     if "baseline" in variants:
-        ub, ib = count_dense(ds)
-        results["baseline"] = _train(cfg, ds, RankerSpec("baseline", ub, ib), env, seed)
+        results["baseline"] = train_variant(cfg, ds, baseline_spec(ds), env, seed)
     if "distilled" in variants:
-        results["distilled"] = _train(cfg, ds, distilled_spec(cfg, ds, user_text, item_text, teacher), env, seed)
+        results["distilled"] = train_variant(cfg, ds, distilled_spec(cfg, ds, user_text, item_text, teacher), env, seed)
     metrics = {name: r.metrics for name, r in results.items()}
     if env.is_main:
         doc = {

@@ -47,24 +47,21 @@ def seed_dir(cfg: ExperimentConfig, seed: int) -> Path:
 def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     """Train teacher ranker + every study variant for one seed. Returns {variant: metrics}."""
     from sparse_kd import pipeline as P
-    from sparse_kd.data.batching import count_dense
     from sparse_kd.dist import init_distributed
-    from sparse_kd.student.spec import RankerSpec
 
     cfg = dataclasses.replace(cfg, output_dir=str(seed_dir(cfg, seed)), train=dataclasses.replace(cfg.train, seed=seed))
     env = init_distributed(cfg.train.backend, cfg.train.collective_timeout_s)
     ds = P.prepare_data(cfg, env)
     user_text, item_text = P.text_embeddings(cfg, ds, env)
-    teacher = P._train(cfg, ds, P.teacher_spec(cfg, ds, user_text, item_text), env, seed, want_train_logits=True)
+    teacher = P.train_variant(cfg, ds, P.teacher_spec(cfg, ds, user_text, item_text), env, seed, want_train_logits=True)
     metrics = {P.TEACHER: teacher.metrics}
     for v in cfg.study.variants:
         vcfg = dataclasses.replace(cfg, distill=variant_distill(cfg, v))
         if v == "baseline":
-            ub, ib = count_dense(ds)
-            spec = RankerSpec("baseline", ub, ib)
+            spec = P.baseline_spec(ds)
         else:
             spec = P.distilled_spec(vcfg, ds, user_text, item_text, teacher, name=v)
-        metrics[v] = P._train(vcfg, ds, spec, env, seed).metrics
+        metrics[v] = P.train_variant(vcfg, ds, spec, env, seed).metrics
     if env.is_main:
         (Path(cfg.output_dir) / "study_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
