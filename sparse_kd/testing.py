@@ -203,3 +203,24 @@ def hang_worker(cfg: ExperimentConfig, step: int) -> str:
     except _Stalled:
         return ""
     return ""
+
+
+def selection_worker(cfg: ExperimentConfig, valid_scores: list[float]) -> dict:
+    """Train the tiny baseline (under :func:`launch`) with the per-epoch valid AUC replaced by
+    ``valid_scores`` (so a test decides which epoch is best). Returns metrics and the last step."""
+    import warnings
+    from pathlib import Path
+
+    from sparse_kd.data.batching import count_dense
+    from sparse_kd.dist import init_distributed
+    from sparse_kd.student import train as T
+    from sparse_kd.student.spec import RankerSpec
+
+    warnings.filterwarnings("ignore")
+    scores = iter(valid_scores)
+    T._valid = lambda *a, **k: {"auc": next(scores), "logloss": 0.5, "n": 1}
+    env = init_distributed("gloo", 120)
+    ds = tiny_dataset(cfg)
+    ub, ib = count_dense(ds)
+    res = T.train_ranker(cfg, ds, RankerSpec("baseline", ub, ib), Path(cfg.output_dir) / "baseline", env)
+    return {"metrics": res.metrics, "checkpoint": str(res.checkpoint), "epochs_trained": len(res.history)}
