@@ -91,6 +91,9 @@ def cmd_encode(args) -> int:
 def cmd_train(args) -> int:
     cfg = _load(args)
     if cfg.nproc > 1 and not _under_torchrun():
+        from sparse_kd.pipeline import check_before_training
+
+        check_before_training(cfg, tuple(args.variants), args.seed)  # refuse before torchrun starts
         return _relaunch(cfg.nproc, args.max_restarts)
     from sparse_kd.pipeline import run_training
 
@@ -100,8 +103,10 @@ def cmd_train(args) -> int:
 
 def cmd_compress(args) -> int:
     from sparse_kd.compress.stage import compress_run
+    from sparse_kd.run_folder import check_same_experiment
 
     cfg = _load(args)
+    check_same_experiment(cfg)
     run = Path(cfg.output_dir)
     out = Path(args.out) if args.out else run / "artifact" / args.variant
     compress_run(run, args.variant, cfg.compress, out)
@@ -145,6 +150,9 @@ def cmd_pipeline(args) -> int:
     if not _under_torchrun():
         t0 = time.perf_counter()
         if cfg.nproc > 1:
+            from sparse_kd.pipeline import check_before_training
+
+            check_before_training(cfg)  # refuse before torchrun starts
             rc = _relaunch(cfg.nproc, args.max_restarts)
         else:
             from sparse_kd.pipeline import run_training
@@ -175,6 +183,8 @@ def cmd_study(args) -> int:
         from sparse_kd.studies import distill_study
 
         if cfg.nproc > 1 and not _under_torchrun() and args.seed is None:
+            for seed in cfg.study.seeds:  # refuse before torchrun starts
+                distill_study.check_seed(cfg, seed)
             for seed in cfg.study.seeds:
                 rc = _relaunch(cfg.nproc, extra=("--seed", str(seed)))
                 if rc:
@@ -252,13 +262,18 @@ def main(argv: list[str] | None = None) -> int:
     from sparse_kd.config import ConfigError
     from sparse_kd.checkpoint import CheckpointError
     from sparse_kd.data.schema import DataError
-    from sparse_kd.student.export import StaleRunError
+    from sparse_kd.run_folder import StaleRunError
     from sparse_kd.teacher.encoder import TeacherModelError
 
     try:
         return args.fn(args) or 0
     except (ConfigError, DataError, FileNotFoundError, CheckpointError, StaleRunError, TeacherModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank stops; one says why
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        if getattr(e, "on_every_rank", False):  # no rank exits (and gets the others killed) before that
+            from sparse_kd.dist import barrier
+
+            barrier()
         return 2
 
 

@@ -74,6 +74,8 @@ class TeacherConfig:
     # else fp32; pooling always in fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     normalize: bool = True  # L2-normalise, as the sentence-transformers recipe of MiniLM does
+    # weights load from safetensors only; true also loads pickled pytorch_model.bin (can run code)
+    allow_pickle_weights: bool = False
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,13 +28,15 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from sparse_kd.config import ExperimentConfig, to_dict
+from sparse_kd import atomic
+from sparse_kd.config import DistillConfig, ExperimentConfig, to_dict
 from sparse_kd.data import load_dataset
 from sparse_kd.data.batching import count_dense
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.dist import DistEnv, barrier, broadcast_object, init_distributed
 from sparse_kd.distill.transfer import pca_reduce, transfer_rows
 from sparse_kd.report import metrics_table
+from sparse_kd.run_folder import StaleRunError, check_run_folder
 from sparse_kd.student.export import check_fingerprint, load_dlrm, write_model_meta
 from sparse_kd.student.spec import RankerResult, RankerSpec, RefitSpec
 from sparse_kd.student.train import train_ranker
@@ -52,11 +53,14 @@ def prepare_data(cfg: ExperimentConfig, env: DistEnv) -> RecDataset:
     out = Path(cfg.output_dir)
     if env.is_main:
         (out / "data").mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        ds.save_mappings(out / "data" / "mappings.json")
+        atomic.write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        with atomic.replacing(out / "data" / "mappings.json") as tmp:
+            ds.save_mappings(tmp)
         ub, ib = count_dense(ds)
-        torch.save({"user": ub, "item": ib}, out / "data" / "entity_dense.pt")
-        write_heldout_pairs(ds, out / "data" / "heldout_pairs.csv")
+        with atomic.replacing(out / "data" / "entity_dense.pt") as tmp:
+            torch.save({"user": ub, "item": ib}, tmp)
+        with atomic.replacing(out / "data" / "heldout_pairs.csv") as tmp:
+            write_heldout_pairs(ds, tmp)
         s = ds.summary()
         log.info(
             "data: %d users, %d items, features %s; splits %s (%.1fs)",
@@ -93,9 +97,8 @@ def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv) -> tupl
     if env.is_main:
         item = encode_texts(cfg.teacher, ds.item_text, "items")
         user = encode_texts(cfg.teacher, ds.user_text, "users")
-        tmp = path.with_suffix(".tmp")
-        save_file({"user": user.contiguous(), "item": item.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic.replacing(path) as tmp:
+            save_file({"user": user.contiguous(), "item": item.contiguous()}, str(tmp))
     barrier()
     t = load_file(str(path))
     return t["user"], t["item"]
@@ -130,9 +133,14 @@ def train_variant(
 
 def fingerprint(cfg: ExperimentConfig, spec: RankerSpec, seed: int) -> dict:
     """The settings that change what a ranker's training produces (not epochs: more epochs continue)."""
+    return variant_fingerprint(cfg, spec.name, spec.distill, seed)
+
+
+def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig, seed: int) -> dict:
+    """:func:`fingerprint` of the ranker ``name`` trained with ``distill``."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size", "collective_timeout_s")}
-    fp = {"data": to_dict(cfg.data), "student": to_dict(cfg.student), "train": train, "seed": seed, "distill": to_dict(spec.distill)}
-    if spec.name == TEACHER or spec.distill.any_enabled:
+    fp = {"data": to_dict(cfg.data), "student": to_dict(cfg.student), "train": train, "seed": seed, "distill": to_dict(distill)}
+    if name == TEACHER or distill.any_enabled:
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
     return fp
 
@@ -141,6 +149,52 @@ def baseline_spec(ds: RecDataset, name: str = "baseline") -> RankerSpec:
     """The student without distillation: entity counts as dense features, nothing from text."""
     ub, ib = count_dense(ds)
     return RankerSpec(name, ub, ib)
+
+
+def trained_variants(cfg: ExperimentConfig, variants: tuple[str, ...]) -> list[str]:
+    """The rankers :func:`run_training` trains for ``variants``, in order (the teacher ranker is
+    added when a distillation method needs it)."""
+    out = [TEACHER] if TEACHER in variants or ("distilled" in variants and needs_teacher_ranker(cfg)) else []
+    return out + [v for v in ("baseline", "distilled") if v in variants]
+
+
+def check_before_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "baseline", "distilled"),
+                          seed: Optional[int] = None) -> None:
+    """Everything that refuses a training command, decided before anything is written (reads only):
+    the run folder must hold this experiment or nothing (:class:`StaleRunError`) and the teacher
+    model must load (:class:`~sparse_kd.teacher.encoder.TeacherModelError`)."""
+    from sparse_kd.teacher.encoder import resolve_model_path
+
+    seed = cfg.train.seed if seed is None else seed
+    fps = {v: variant_fingerprint(cfg, v, cfg.distill if v == "distilled" else DistillConfig(), seed)
+           for v in trained_variants(cfg, variants)}
+    check_run_folder(cfg, fps)
+    resolve_model_path(cfg.teacher.model, allow_pickle_weights=cfg.teacher.allow_pickle_weights)
+
+
+def check_on_main(env: DistEnv, check) -> None:
+    """Run ``check()`` on rank 0 only and raise the refusal it raises on every rank, so that all
+    ranks stop together and only rank 0 says why (refusals: StaleRunError, TeacherModelError)."""
+    from sparse_kd.teacher.encoder import TeacherModelError
+
+    kinds = {"StaleRunError": StaleRunError, "TeacherModelError": TeacherModelError}
+    refusal, failure = None, None
+    if env.is_main:
+        try:
+            check()
+        except (StaleRunError, TeacherModelError) as e:
+            refusal = (type(e).__name__, str(e))
+        except Exception as e:  # not a refusal (a bug, an unreadable disk): the other ranks must not wait
+            refusal, failure = ("failure", f"rank 0 failed before training: {type(e).__name__}: {e}"), e
+    refusal = broadcast_object(refusal)
+    if failure is not None:
+        raise failure
+    if refusal is not None:
+        if refusal[0] == "failure":
+            raise RuntimeError(refusal[1])
+        err = kinds[refusal[0]](refusal[1])
+        err.on_every_rank = True  # the CLI lets the ranks leave together, once rank 0 has said why
+        raise err
 
 
 def teacher_spec(cfg, ds, user_text, item_text) -> RankerSpec:
@@ -155,7 +209,9 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
     dc = cfg.distill
     spec = RankerSpec(name, ub, ib, distill=dc)
     if dc.logit.enabled:
-        assert teacher is not None and teacher.train_logits is not None
+        if teacher is None or teacher.train_logits is None:
+            raise ValueError(f"{name}: distill.logit needs the teacher ranker's train logits; train it first "
+                             "(it is trained automatically by run_training)")
         spec.teacher_logits = teacher.train_logits
     if dc.align.enabled:
         spec.user_text, spec.item_text = user_text, item_text
@@ -173,7 +229,9 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
         tr = dc.transfer
         teacher_tables = None
         if tr.projection == "learned":
-            assert teacher is not None
+            if teacher is None:
+                raise ValueError(f"{name}: distill.transfer.projection 'learned' needs the trained teacher ranker; "
+                                 "train it first (run_training does)")
             teacher_tables = load_dlrm(_variant_dir(cfg, TEACHER)).sparse_arch.embedding_bag_collection.embedding_bags
         train = ds.splits["train"]
         for f in tr.features:
@@ -193,11 +251,15 @@ def needs_teacher_ranker(cfg: ExperimentConfig) -> bool:
 def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "baseline", "distilled"), seed: Optional[int] = None) -> dict:
     """Train the requested variants on every rank; rank 0 writes metrics.json / metrics.md.
 
+    Refusals (a run folder of another experiment, a teacher model that cannot load) are decided
+    on rank 0 before anything is written and raised on every rank (:func:`check_before_training`).
+
     The teacher ranker is trained whenever it is requested or a distillation method needs it.
     Returns {variant: {split: {auc, logloss, n}}} (on every rank).
     """
     env = init_distributed(cfg.train.backend, cfg.train.collective_timeout_s)
     seed = cfg.train.seed if seed is None else seed
+    check_on_main(env, lambda: check_before_training(cfg, variants, seed))
     ds = prepare_data(cfg, env)
     user_text, item_text = text_embeddings(cfg, ds, env)
     results: dict[str, RankerResult] = {}
@@ -222,8 +284,8 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
             "history": {n: r.history for n, r in results.items()},
         }
         out = Path(cfg.output_dir)
-        (out / "metrics.json").write_text(json.dumps(doc, indent=1))
+        atomic.write_text(out / "metrics.json", json.dumps(doc, indent=1))
         table = metrics_table(metrics)
-        (out / "metrics.md").write_text(table + "\n")
+        atomic.write_text(out / "metrics.md", table + "\n")
         print("\n" + table + "\n", flush=True)
     return broadcast_object(metrics)

@@ -143,7 +143,8 @@ def install_remaps(tbe: IntNBitTableBatchedEmbeddingBagsCodegen, remaps: List[Op
     if kind not in REMAP_KINDS:
         raise ValueError(f"compress.remap: {kind!r} is not valid; expected one of {', '.join(REMAP_KINDS)}")
     specs = tbe.embedding_specs
-    assert len(remaps) == len(specs), (len(remaps), len(specs))
+    if len(remaps) != len(specs):
+        raise ValueError(f"{len(remaps)} remaps for {len(specs)} tables: give one per table (None: not pruned)")
     dev = tbe.current_device
     i32 = torch.int32
     for t, (r, spec) in enumerate(zip(remaps, specs)):
@@ -300,7 +301,8 @@ def dequantize_rows(weight: torch.Tensor, scale_bias: Optional[torch.Tensor], dt
         return weight.view(torch.float32).clone()
     if dtype == "fp16":
         return weight.view(torch.float16).float()
-    assert scale_bias is not None
+    if scale_bias is None:
+        raise ValueError(f"dtype {dtype}: quantized rows need their scale_bias (K, 4) to be dequantized")
     fused = torch.cat([weight, scale_bias], dim=1).contiguous()
     return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused, BITS[dtype])
 

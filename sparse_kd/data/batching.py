@@ -119,7 +119,10 @@ class BatchBuilder:
     """
 
     def __init__(self, ds: RecDataset, user_dense: torch.Tensor, item_dense: torch.Tensor) -> None:
-        assert user_dense.shape[0] == ds.num_users and item_dense.shape[0] == ds.num_items
+        if user_dense.shape[0] != ds.num_users or item_dense.shape[0] != ds.num_items:
+            raise ValueError(f"dense features for {user_dense.shape[0]} users and {item_dense.shape[0]} items, but "
+                             f"the dataset has {ds.num_users} users and {ds.num_items} items: build them from this "
+                             "dataset (count_dense(ds)), or load the entity_dense.pt of the same run")
         self.keys = ds.feature_names
         self.owners = [f.owner for f in ds.features]
         self.csr = [_CSR(f.offsets, f.values) for f in ds.features]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from sparse_kd.config import DataConfig
-from sparse_kd.data.schema import Interactions, SparseFeature
+from sparse_kd.data.schema import DataError, Interactions, SparseFeature
 
 
 def choose_cold_items(num_items: int, cfg: DataConfig) -> np.ndarray:
@@ -48,7 +48,9 @@ def split_interactions(
     label = np.asarray(label, dtype=np.float32)
     n = user.shape[0]
     ts = np.zeros(n, dtype=np.int64) if timestamp is None else np.asarray(timestamp, dtype=np.int64)
-    assert item.shape == label.shape == ts.shape == (n,)
+    if not item.shape == label.shape == ts.shape == (n,):
+        raise DataError(f"interactions: user {user.shape}, item {item.shape}, label {label.shape} and timestamp "
+                        f"{ts.shape} must all be ({n},)")
     everything = Interactions(user, item, label, ts)
 
     cold = choose_cold_items(num_items, cfg)

@@ -44,13 +44,29 @@ def seed_dir(cfg: ExperimentConfig, seed: int) -> Path:
     return Path(cfg.output_dir) / f"seed_{seed}"
 
 
+def _seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    return dataclasses.replace(cfg, output_dir=str(seed_dir(cfg, seed)), train=dataclasses.replace(cfg.train, seed=seed))
+
+
+def check_seed(cfg: ExperimentConfig, seed: int) -> None:
+    """Raise StaleRunError, before anything is written, if ``seed_dir(cfg, seed)`` holds a study
+    trained with other settings (see :mod:`sparse_kd.run_folder`)."""
+    from sparse_kd import pipeline as P
+
+    cfg = _seed_config(cfg, seed)
+    fps = {v: P.variant_fingerprint(cfg, v, DistillConfig() if v in (P.TEACHER, "baseline") else variant_distill(cfg, v), seed)
+           for v in (P.TEACHER, *cfg.study.variants)}
+    P.check_run_folder(cfg, fps)
+
+
 def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     """Train teacher ranker + every study variant for one seed. Returns {variant: metrics}."""
     from sparse_kd import pipeline as P
     from sparse_kd.dist import init_distributed
 
-    cfg = dataclasses.replace(cfg, output_dir=str(seed_dir(cfg, seed)), train=dataclasses.replace(cfg.train, seed=seed))
+    study_cfg, cfg = cfg, _seed_config(cfg, seed)
     env = init_distributed(cfg.train.backend, cfg.train.collective_timeout_s)
+    P.check_on_main(env, lambda: check_seed(study_cfg, seed))
     ds = P.prepare_data(cfg, env)
     user_text, item_text = P.text_embeddings(cfg, ds, env)
     teacher = P.train_variant(cfg, ds, P.teacher_spec(cfg, ds, user_text, item_text), env, seed, want_train_logits=True)

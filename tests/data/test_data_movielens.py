@@ -133,3 +133,12 @@ def test_missing_folder_and_file(tmp_path):
     (tmp_path / "u.user").unlink()
     with pytest.raises(DataError, match="u.user: file not found"):
         load_dataset(cfg(tmp_path))
+
+
+def test_blank_lines_are_skipped_and_counted(tmp_path):
+    make_fixture(tmp_path)  # u.genre ends with one blank line, as the original does
+    assert load_dataset(cfg(tmp_path)).report["blank_lines"] == 1
+    data = (tmp_path / "u.data").read_text().splitlines(keepends=True)
+    (tmp_path / "u.data").write_text("".join(data[:5]) + "\n  \n" + "".join(data[5:]) + "\r\n")
+    ds = load_dataset(cfg(tmp_path))
+    assert ds.report["blank_lines"] == 1 + 3 and ds.report["rows_read"]["u.data"] == N_RATINGS
