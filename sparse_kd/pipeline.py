@@ -122,7 +122,8 @@ def _train(cfg, ds, spec: RankerSpec, env, seed, want_train_logits=False) -> Ran
 def fingerprint(cfg: ExperimentConfig, spec: RankerSpec, seed: int) -> dict:
     """The settings that change what a ranker's training produces (not epochs: more epochs continue)."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size", "collective_timeout_s")}
-    fp = {"data": to_dict(cfg.data), "student": to_dict(cfg.student), "train": train, "seed": seed, "distill": to_dict(spec.distill)}
+    student = {k: v for k, v in to_dict(cfg.student).items() if k != "planner"}  # memory caps: same training
+    fp = {"data": to_dict(cfg.data), "student": student, "train": train, "seed": seed, "distill": to_dict(spec.distill)}
     if spec.name == TEACHER or spec.distill.any_enabled:
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
     return fp
