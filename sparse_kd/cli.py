@@ -44,7 +44,19 @@ def _setup_logging(verbose: bool = False) -> None:
 def _load(args):
     from sparse_kd.config import load_config
 
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    if _under_torchrun():  # WORLD_SIZE, not the config, splits the batch: they must agree
+        from sparse_kd.dist import check_world_size
+
+        check_world_size(cfg, int(os.environ["WORLD_SIZE"]))
+    return cfg
+
+
+def _nproc(cfg) -> int:
+    """Local processes to re-launch with (``nproc`` resolved: auto, one per GPU, batch divisible)."""
+    from sparse_kd.dist import local_processes
+
+    return local_processes(cfg)
 
 
 def _under_torchrun() -> bool:
@@ -90,11 +102,11 @@ def cmd_encode(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = _load(args)
-    if cfg.nproc > 1 and not _under_torchrun():
+    if not _under_torchrun() and (n := _nproc(cfg)) > 1:
         from sparse_kd.pipeline import check_before_training
 
         check_before_training(cfg, tuple(args.variants), args.seed)  # refuse before torchrun starts
-        return _relaunch(cfg.nproc, args.max_restarts)
+        return _relaunch(n, args.max_restarts)
     from sparse_kd.pipeline import run_training
 
     run_training(cfg, tuple(args.variants), seed=args.seed)
@@ -149,11 +161,11 @@ def cmd_pipeline(args) -> int:
     cfg = _load(args)
     if not _under_torchrun():
         t0 = time.perf_counter()
-        if cfg.nproc > 1:
+        if (n := _nproc(cfg)) > 1:
             from sparse_kd.pipeline import check_before_training
 
             check_before_training(cfg)  # refuse before torchrun starts
-            rc = _relaunch(cfg.nproc, args.max_restarts)
+            rc = _relaunch(n, args.max_restarts)
         else:
             from sparse_kd.pipeline import run_training
 
@@ -182,11 +194,11 @@ def cmd_study(args) -> int:
     if args.kind == "distill":
         from sparse_kd.studies import distill_study
 
-        if cfg.nproc > 1 and not _under_torchrun() and args.seed is None:
+        if not _under_torchrun() and args.seed is None and (n := _nproc(cfg)) > 1:
             for seed in cfg.study.seeds:  # refuse before torchrun starts
                 distill_study.check_seed(cfg, seed)
             for seed in cfg.study.seeds:
-                rc = _relaunch(cfg.nproc, extra=("--seed", str(seed)))
+                rc = _relaunch(n, extra=("--seed", str(seed)))
                 if rc:
                     return rc
             distill_study.summarize(cfg, Path(args.docs))

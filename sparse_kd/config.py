@@ -79,10 +79,24 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class PlannerConfig:
+    """Memory the sharding planner may use per rank on CUDA (CPU plans are built by hand).
+
+    0 means: from the machine (GPU memory of the device; host RAM divided by the local processes).
+    Tables that do not fit in ``hbm_cap_gb`` get UVM-caching kernels (rows in host memory,
+    a cache on the GPU) instead of an out-of-memory at start-up.
+    """
+
+    hbm_cap_gb: float = 0.0
+    ddr_cap_gb: float = 0.0
+
+
+@dataclass(frozen=True)
 class StudentConfig:
     """The DLRM student (and the teacher ranker, which shares its architecture).
 
     sharding: per-feature sharding type; features not named use ``default_sharding``.
+    planner: memory caps for torchrec's planner on CUDA (does not change what training computes).
     """
 
     embedding_dim: int = 16
@@ -91,6 +105,7 @@ class StudentConfig:
     default_sharding: Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"] = "table_wise"
     sharding: dict[str, str] = field(default_factory=dict)
     teacher_text_dim: int = 64  # teacher ranker: text embeddings are PCA-reduced to this many dims
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
 
 
 @dataclass(frozen=True)
@@ -205,7 +220,8 @@ class ExperimentConfig:
 
     name: str = "experiment"
     output_dir: str = "runs/experiment"
-    nproc: int = 2
+    # local processes when a command re-launches itself; auto: one per GPU when training on CUDA, else 2
+    nproc: Union[int, Literal["auto"]] = 2
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -300,7 +316,7 @@ def _validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{key}: {msg}")
 
     d, t, s, c = cfg.data, cfg.train, cfg.student, cfg.compress
-    need(cfg.nproc >= 1, "nproc", "must be >= 1")
+    need(cfg.nproc == "auto" or cfg.nproc >= 1, "nproc", "must be >= 1 or auto")
     need(d.source == "synthetic" or bool(d.path), "data.path", f"required when data.source is {d.source!r}")
     need(0.0 <= d.cold_item_fraction < 1.0, "data.cold_item_fraction", "must be in [0, 1)")
     need(0.0 < d.valid_fraction < 0.5, "data.valid_fraction", "must be in (0, 0.5)")
@@ -320,6 +336,8 @@ def _validate(cfg: ExperimentConfig) -> None:
     for feat, st in s.sharding.items():
         need(st in SHARDING_TYPES, f"student.sharding.{feat}", f"{st!r} is not valid; expected one of {', '.join(SHARDING_TYPES)}")
     need(s.teacher_text_dim >= 1, "student.teacher_text_dim", "must be >= 1")
+    need(s.planner.hbm_cap_gb >= 0, "student.planner.hbm_cap_gb", "must be >= 0 (0: the GPU's memory)")
+    need(s.planner.ddr_cap_gb >= 0, "student.planner.ddr_cap_gb", "must be >= 0 (0: host RAM / local processes)")
     lk, al = cfg.distill.logit, cfg.distill.align
     need(0.0 <= lk.kd_ratio <= 1.0, "distill.logit.kd_ratio", "must be in [0, 1]")
     need(lk.temperature > 0, "distill.logit.temperature", "must be > 0")
@@ -333,8 +351,9 @@ def _validate(cfg: ExperimentConfig) -> None:
         for f in getattr(getattr(cfg.distill, sec), name):
             need(f in ("user_id", "item_id"), f"distill.{key}", f"{f!r}: only user_id and item_id have text")
     need(t.epochs >= 1, "train.epochs", "must be >= 1")
-    need(t.batch_size >= cfg.nproc and t.batch_size % cfg.nproc == 0, "train.batch_size",
-         f"must be a positive multiple of nproc ({cfg.nproc}): it is the global batch split across ranks")
+    if cfg.nproc != "auto":  # auto: checked once the process count is known (sparse_kd.dist.local_processes)
+        need(t.batch_size >= cfg.nproc and t.batch_size % cfg.nproc == 0, "train.batch_size",
+             f"must be a positive multiple of nproc ({cfg.nproc}): it is the global batch split across ranks")
     need(t.dense_lr > 0 and t.sparse_lr > 0, "train.dense_lr", "learning rates must be > 0")
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")

@@ -139,7 +139,8 @@ def fingerprint(cfg: ExperimentConfig, spec: RankerSpec, seed: int) -> dict:
 def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig, seed: int) -> dict:
     """:func:`fingerprint` of the ranker ``name`` trained with ``distill``."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size", "collective_timeout_s")}
-    fp = {"data": to_dict(cfg.data), "student": to_dict(cfg.student), "train": train, "seed": seed, "distill": to_dict(distill)}
+    student = {k: v for k, v in to_dict(cfg.student).items() if k != "planner"}  # memory caps: same training
+    fp = {"data": to_dict(cfg.data), "student": student, "train": train, "seed": seed, "distill": to_dict(distill)}
     if name == TEACHER or distill.any_enabled:
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
     return fp
