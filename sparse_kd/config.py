@@ -175,7 +175,9 @@ class TrainConfig:
     log_every: int = 20
     eval_batch_size: int = 4096
     collective_timeout_s: int = 300
-    deterministic: bool = True
+    # auto: deterministic kernels on CPU; on CUDA only when CUBLAS_WORKSPACE_CONFIG is set (cuBLAS needs
+    # it, and deterministic CUDA kernels cost speed); true / false force it
+    deterministic: Union[bool, Literal["auto"]] = "auto"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ the same example permutation and takes its slice of each global batch.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from sparse_kd.student.init import write_tables
 from sparse_kd.student.model import build_dlrm
 from sparse_kd.student.optim import combined_optimizer, sparse_optimizer
 from sparse_kd.student.predict import evaluate_sharded, predict_sharded
+from sparse_kd.student.reshard import check_resume
 from sparse_kd.student.sharding import build_plan, describe_plan
 from sparse_kd.student.spec import RankerResult, RankerSpec
 from sparse_kd.student.train_log import TrainLog
@@ -66,7 +68,8 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     module = RankerTrain(dlrm, spec.distill, ds.feature_names, spec.user_text, spec.item_text, embedding_dim=sc.embedding_dim)
     opt_cls, opt_kwargs = sparse_optimizer(cfg.train)
     apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
-    plan = build_plan(module, sc, env.world_size, env.device.type)
+    plan = build_plan(module, sc, env.world_size, env.device.type, local_world_size=env.local_world_size,
+                      batch_size=cfg.train.batch_size // env.world_size)
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan)
     if env.is_main:
         log.info("[%s] sharding plan: %s", spec.name, describe_plan(plan))
@@ -84,13 +87,14 @@ class _Position:
     global_step: int = 0
 
 
-def _resume(ck_dir: Path, r: ShardedRanker) -> tuple[_Position, Optional[Path]]:
+def _resume(ck_dir: Path, r: ShardedRanker, sparse_optimizer_name: str, world_size: int) -> tuple[_Position, Optional[Path]]:
     """Load the newest complete checkpoint in ``ck_dir`` into the model and optimizers, if any."""
     latest = ckpt.latest(ck_dir)
     if latest is None:
         return _Position(), None
     # optimizer state is created lazily; make it exist so the checkpoint can load into it
     # (a zero-gradient Adam step leaves the parameters unchanged)
+    check_resume(latest, r.dmp.plan, sparse_optimizer_name, world_size)  # refuse what DCP cannot reshard
     r.dense_optimizer.init_state()
     r.dense_optimizer.zero_grad()
     meta = ckpt.load(latest, r.dmp, r.optimizer)
@@ -117,12 +121,12 @@ def train_ranker(
     seed = cfg.train.seed if seed is None else seed
     tc, out_dir = cfg.train, Path(out_dir)
     np.random.seed(seed)  # torch is seeded in build_sharded, right before the dense layers are made
-    if tc.deterministic:
+    if use_deterministic(tc.deterministic, env.device.type):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     r = build_sharded(cfg, ds, spec, env, seed)
     ck_dir = out_dir / "checkpoints"
-    pos, last_saved = _resume(ck_dir, r)  # a finished run resumed: its last checkpoint is the result
+    pos, last_saved = _resume(ck_dir, r, tc.sparse_optimizer, env.world_size)  # a finished run resumed: its last checkpoint is the result
     if last_saved is not None and env.is_main:
         log.info("[%s] resumed from %s (epoch %d, step %d)", spec.name, last_saved, pos.epoch, pos.step)
     pipeline = TrainPipelineSparseDist(r.dmp, r.optimizer, env.device)
@@ -195,6 +199,15 @@ def train_ranker(
         writer.close()
     eps = n_seen / t_train if t_train > 0 else 0.0
     return RankerResult(spec.name, metrics, last_saved or ckpt.latest(ck_dir), train_logits, eps, history)
+
+
+def use_deterministic(setting, device_type: str, environ=None) -> bool:
+    """``train.deterministic``: True / False as given; ``auto`` is on for CPU and, on CUDA, only
+    when ``CUBLAS_WORKSPACE_CONFIG`` is set (without it deterministic cuBLAS calls fail)."""
+    if setting != "auto":
+        return bool(setting)
+    environ = os.environ if environ is None else environ
+    return device_type != "cuda" or bool(environ.get("CUBLAS_WORKSPACE_CONFIG"))
 
 
 def _step_failed(e: RuntimeError, name: str, env: DistEnv, pos: _Position, timeout_s: int, ck_dir: Path) -> RuntimeError:
