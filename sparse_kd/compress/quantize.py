@@ -24,9 +24,9 @@ installed on that TBE (:func:`install_remaps`):
            variant (FBGEMM's GPU layout, whose lookup also runs on CPU), which is saved.
 
 Both give identical lookups. Tables kept whole get no remap. Dense layers stay fp32 unless
-``dense_int8`` (``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear``; on the demo run:
-dense weights 20,676 -> 5,664 bytes, test AUC 0.6581 -> 0.6577, i.e. it saves little next to the
-tables at this size and is off by default).
+``dense_int8`` (``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear``; off by default:
+the dense layers are small next to the tables; ``sparse-kd compress CONFIG compress.dense_int8=true``
+reports its bytes and AUC).
 
 Quantized rows (FBGEMM's layout): int8/int4/int2 rows carry an fp16 scale and bias (4 bytes)
 before the packed codes; every row is padded to ``row_alignment`` bytes (16, torchrec's
@@ -34,9 +34,8 @@ default); each table starts on a 128-byte boundary. :func:`table_bytes` reads th
 from the TBE's buffers. At D = 16 the 16-byte padding makes int8 rows as large as fp16 (32 bytes:
 20 used) and int2 rows as large as int4 (16 bytes: 12 / 8 used); ``row_alignment=1`` gives
 20 / 12 / 8 bytes and the CPU kernel's lookups are unchanged (tested exact against dequantized
-rows for alignments 1, 4, 8, 16; GPU kernels want 16). Measured on the demo run (1017 rows x 16):
-fp32 65,280 bytes, fp16 = int8 32,768, int4 = int2 16,512; with alignment 1: int8 20,608,
-int4 12,672, int2 8,576.
+rows for alignments 1, 4, 8, 16; GPU kernels want 16). ``sparse-kd compress`` prints the bytes
+of every table.
 
 :class:`ServingDLRM` is the model a serving process runs: ``forward(dense, values, lengths)``
 with plain tensors (it builds the ``KeyedJaggedTensor`` inside, with int32 ids), returning

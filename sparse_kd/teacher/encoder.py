@@ -8,7 +8,8 @@ by ``save_pretrained``) and pools it the way sentence-transformers pools all-Min
 
     embedding = L2-normalise( mean of the last hidden states over the attention mask )
 
-Choices, measured in ``benchmarks/bench_teacher.py``:
+Choices, measured by ``benchmarks/bench_teacher.py`` (speed and cosine to fp32 per method:
+``docs/BENCHMARKS.md``, section 3):
 
 - **L2-normalised** (``normalize=True``): all-MiniLM-L6-v2 was trained with a ``Normalize``
   module after pooling (its ``modules.json``), so its embeddings are meant to be compared by
@@ -19,16 +20,16 @@ Choices, measured in ``benchmarks/bench_teacher.py``:
   so a batch pads to little more than its own length, and the output is put back in input order.
 - **Precision** ``auto`` (default) runs the model with **bf16 weights** when the hardware has
   native bf16 matmuls (a CUDA GPU, or a CPU with AMX / AVX512-BF16), else fp32. Pooling and
-  normalisation always run in fp32 and the result is fp32. bf16 keeps a mean cosine of
-  0.99996 (min 0.9999) to the fp32 embeddings; with length sorting it ran 3-7x the texts/s of
-  naive fp32 on a 2-core AMX Xeon. Not taken as defaults: dynamic int8 (``quantize_dynamic``)
-  on every Linear (mean cosine 0.935) or all but the FFN output (0.985); on the attention
-  projections only (0.996) it was slower than bf16; bf16 autocast over fp32 weights (slower
-  than bf16 weights); eager attention (no gain over SDPA); ``torch.compile`` (no steady-state
-  gain, 15-50 s of compilation); ``set_float32_matmul_precision("medium")`` (little gain).
-- **Threads**: on a machine shared with other jobs, torch's 2 OpenMP threads can run 3-7x
-  slower than 1 (spinning threads wait for a descheduled peer); ``num_threads=1`` or
-  ``OMP_WAIT_POLICY=PASSIVE`` (set before torch is imported) avoids it.
+  normalisation always run in fp32 and the result is fp32. bf16 stays close to the fp32
+  embeddings and, with length sorting, is the fastest method measured. Not taken as defaults:
+  dynamic int8 (``quantize_dynamic``) on every Linear or all but the FFN output (embeddings
+  drift from fp32); on the attention projections only (slower than bf16); bf16 autocast over
+  fp32 weights (slower than bf16 weights); eager attention (no gain over SDPA);
+  ``torch.compile`` (no steady-state gain, long compilation);
+  ``set_float32_matmul_precision("medium")`` (little gain).
+- **Threads**: on a machine shared with other jobs, torch's OpenMP threads can run several
+  times slower than 1 thread (spinning threads wait for a descheduled peer); ``num_threads=1``
+  or ``OMP_WAIT_POLICY=PASSIVE`` (set before torch is imported) avoids it.
 - The model is loaded **lazily** on the first :meth:`TextEncoder.encode`: building an encoder
   (e.g. to compute a cache key) never imports transformers.
 

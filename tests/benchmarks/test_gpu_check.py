@@ -57,7 +57,7 @@ def compressed():
     from sparse_kd.config import StudentConfig
     from sparse_kd.data.batching import count_dense
     from sparse_kd.student.model import build_dlrm
-    from sparse_kd.testing import tiny_dataset
+    from helpers.tiny import tiny_dataset
 
     torch.manual_seed(0)
     ds = tiny_dataset()

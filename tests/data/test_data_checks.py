@@ -15,7 +15,7 @@ from sparse_kd.config import DataConfig
 from sparse_kd.data.batching import BatchBuilder, count_dense
 from sparse_kd.data.schema import DataError, SparseFeature
 from sparse_kd.data.split import split_interactions
-from sparse_kd.testing import tiny_dataset
+from helpers.tiny import tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,7 @@ def main() -> None:
     from sparse_kd.student.model import build_dlrm
     from sparse_kd.student.sharding import build_plan, describe_plan
     from sparse_kd.student.train import RankerSpec, train_ranker
-    from sparse_kd.testing import tiny_config, tiny_dataset
+    from helpers.tiny import tiny_config, tiny_dataset
 
     out = Path(sys.argv[1])
     cfg = tiny_config(

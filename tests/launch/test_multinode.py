@@ -24,7 +24,7 @@ TIMEOUT = 300
 
 
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
 
 
 def _torchrun(*args: str) -> list[str]:

@@ -23,7 +23,7 @@ from sparse_kd.config import DistillConfig, replace, to_dict
 from sparse_kd.integrity import sha256_file
 from sparse_kd.pipeline import TEACHER, variant_fingerprint
 from sparse_kd.run_folder import StaleRunError, check_run_folder, check_same_experiment
-from sparse_kd.testing import tiny_config
+from helpers.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

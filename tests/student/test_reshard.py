@@ -68,7 +68,9 @@ def test_save_records_world_size_and_sharding(tmp_path):
 def test_row_wise_checkpoint_of_two_ranks_resumes_on_one(tmp_path):
     """Where DCP can reshard, a run saved by 2 ranks mid-epoch and finished by 1 process ends
     like the uninterrupted 2-rank run (the global batch, not the world size, sets the maths)."""
-    from sparse_kd.testing import launch, tiny_config, train_worker
+    from helpers.tiny import tiny_config
+    from helpers.workers import train_worker
+    from sparse_kd.dist import launch_local as launch
 
     kw = dict(student={"default_sharding": "row_wise"}, train={"checkpoint_every": 5})
     full = launch(train_worker, 2, tiny_config(str(tmp_path / "full"), nproc=2, **kw))[0]["metrics"]
