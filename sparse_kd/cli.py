@@ -254,10 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     from sparse_kd.data.schema import DataError
     from sparse_kd.student.export import StaleRunError
     from sparse_kd.teacher.encoder import TeacherModelError
+    from sparse_kd.serve.format import ArtifactError
 
     try:
         return args.fn(args) or 0
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError, StaleRunError, TeacherModelError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, StaleRunError, TeacherModelError,
+            ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
