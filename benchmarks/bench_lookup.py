@@ -497,8 +497,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not torch.equal(ref, got):
                 raise SystemExit(f"{name}: {top} workers differ from 1 (max |diff| {(ref - got).abs().max()})")
             if not args.no_profile and dt in ("int8", "int4") and with_remap == (pruned is not None):
-                # one worker: torch.profiler's result parser crashed (SIGSEGV in _parse_kineto_results, 1
-                # run in 7) on events of tasks forked onto the inter-op pool
+                # one worker: torch.profiler's result parser crashed now and then (SIGSEGV in
+                # _parse_kineto_results) on events of tasks forked onto the inter-op pool
                 n_prof = 3 if args.quick else 20
                 sm.set_num_workers(1)
                 profiles[f"{name}, 1 worker, {top} intra-op threads"] = profile_lookup(

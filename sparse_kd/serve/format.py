@@ -191,7 +191,7 @@ def verify_artifact(artifact_dir: str | Path) -> dict:
     manifest = read_manifest(d)
     version = manifest.get("format_version")
     if version != FORMAT_VERSION or isinstance(version, bool):
-        old = f" (it serves every table on FBGEMM's TBE, which is slower on CPU than the current kernels)" if version == 1 else ""
+        old = " (it serves every table on FBGEMM's TBE, slower on CPU than the current kernels)" if version == 1 else ""
         raise ArtifactError(
             f"{mf}: artifact format version {version!r}{old}, but this sparse_kd reads version {FORMAT_VERSION}; "
             f"rebuild it with `{rebuild_command(manifest, d)}`"

@@ -252,6 +252,23 @@ def test_threads_change_nothing_but_speed(tiny, saved):
         one.set_threads(0)
 
 
+def test_concurrent_calls_from_several_threads_score_alike(tiny, saved):
+    """The ranking service calls one Predictor from many request threads; with forked lookups
+    inside each call, every call still gets the scores of a lone call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ds, _, _, _ = tiny
+    users, items = _pairs(ds, "valid")
+    users, items = users * 40, items * 40
+    p = Predictor.load(saved[0], threads=2, max_batch=len(users))
+    expect = p.score_logits(users, items)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: p.score_logits(users, items), range(12)))
+    for r in results:
+        np.testing.assert_array_equal(r, expect)
+    assert p.stats["calls"] == 13
+
+
 def _tree(d: Path) -> dict:
     """relative path -> sha256 of every file under d (and the folders, as None)."""
     return {str(p.relative_to(d)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)

@@ -150,9 +150,19 @@ def test_remap_array_and_hash_give_identical_outputs_on_the_tbe(tiny, fill):
 
 
 def test_hash_remap_is_refused_on_the_cpu_kernel(tiny):
+    from pathlib import Path
+
+    from sparse_kd.config import ConfigError, load_config
+
     ds, text, model, _ = tiny
     with pytest.raises(ValueError, match=r"compress\.remap: 'hash' needs the TBE"):
         compress_model(model, ds, settings(model, "int8", keep=0.5), remap="hash", text=text)
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    with pytest.raises(ConfigError, match=r"compress\.remap: 'hash' needs compress\.serve_device: cuda"):
+        load_config(demo, ["compress.remap=hash"])
+    with pytest.raises(ConfigError, match=r"compress\.row_alignment: 1 is not valid with compress\.serve_device: cuda"):
+        load_config(demo, ["compress.serve_device=cuda", "compress.row_alignment=1"])
+    assert load_config(demo, ["compress.serve_device=cuda", "compress.remap=hash"]).compress.serve_device == "cuda"
 
 
 def test_table_bytes_equal_real_buffers(tiny):
