@@ -276,10 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     from sparse_kd.data.schema import DataError
     from sparse_kd.run_folder import StaleRunError
     from sparse_kd.teacher.encoder import TeacherModelError
+    from sparse_kd.serve.format import ArtifactError
 
     try:
         return args.fn(args) or 0
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError, StaleRunError, TeacherModelError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, StaleRunError, TeacherModelError,
+            ArtifactError) as e:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank stops; one says why
             print(f"error: {e}", file=sys.stderr, flush=True)
         if getattr(e, "on_every_rank", False):  # no rank exits (and gets the others killed) before that

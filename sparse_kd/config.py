@@ -197,9 +197,12 @@ class CompressConfig:
     default_pruned_fill: Literal["zero", "mean", "text"] = "zero"
     pruned_fill: dict[str, str] = field(default_factory=dict)
     budget_mb: float = 0.0
-    remap: Literal["array", "hash"] = "array"
-    # bytes each quantized row is padded to: 16 is what FBGEMM's GPU kernels need; CPU serving
-    # works with 1, which makes int8/int4/int2 rows of small dims markedly smaller
+    remap: Literal["array", "hash"] = "array"  # hash: TBE only (serve_device cuda)
+    # where the artifact is served: cpu -> PyTorch's quantized EmbeddingBag ops (FBGEMM CPU kernels),
+    # cuda -> FBGEMM's TBE on the GPU (see sparse_kd/compress/quantize.py)
+    serve_device: Literal["cpu", "cuda"] = "cpu"
+    # bytes each TBE row is padded to (serve_device cuda; its GPU kernels need 16); the CPU kernels
+    # store rows unpadded and ignore it
     row_alignment: int = 16
     dense_int8: bool = False  # torch.ao dynamic int8 on the dense layers (off: the dense layers are small)
 
@@ -369,6 +372,10 @@ def _validate(cfg: ExperimentConfig) -> None:
         need(fill in ("zero", "mean", "text"), f"compress.pruned_fill.{feat}", f"{fill!r} is not valid; expected zero, mean or text")
     need(c.budget_mb >= 0, "compress.budget_mb", "must be >= 0 (0: no budget)")
     need(c.row_alignment in (1, 2, 4, 8, 16), "compress.row_alignment", f"{c.row_alignment} is not valid; expected 1, 2, 4, 8 or 16")
+    need(c.remap == "array" or c.serve_device == "cuda", "compress.remap",
+         "'hash' needs compress.serve_device: cuda (FBGEMM's TBE); the CPU kernels take an array remap")
+    need(c.row_alignment == 16 or c.serve_device == "cpu", "compress.row_alignment",
+         f"{c.row_alignment} is not valid with compress.serve_device: cuda; FBGEMM's GPU kernels need 16")
     for k in cfg.study.keep_ratios:
         need(0.0 < k <= 1.0, "study.keep_ratios", f"{k} is not in (0, 1]")
     for dt in cfg.study.dtypes:

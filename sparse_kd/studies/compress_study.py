@@ -92,7 +92,7 @@ def run_compress_study(
                     for f in pruned_here:
                         settings[f]["keep_ratio"] = float(r)
                     comp = compress_model(model, inp.ds, settings, cfg.importance, cfg.remap, inp.text, imps,
-                                          cfg.dense_int8, cfg.row_alignment)
+                                          cfg.dense_int8, cfg.row_alignment, cfg.serve_device)
                     m = evaluate(serving_forward(comp.serving), inp.ds, inp.builder)
                     row = {
                         "variant": variant, "fill": fill, "keep_ratio": float(r), "dtype": dt,
