@@ -30,6 +30,7 @@ from sparse_kd.config import ExperimentConfig, to_dict
 from sparse_kd.data import load_dataset
 from sparse_kd.data.batching import count_dense
 from sparse_kd.data.schema import RecDataset
+from sparse_kd.data.stream import check_logit_kd
 from sparse_kd.dist import DistEnv, barrier, broadcast_object, init_distributed
 from sparse_kd.distill.transfer import pca_reduce, transfer_rows
 from sparse_kd.report import metrics_table
@@ -45,6 +46,7 @@ def prepare_data(cfg: ExperimentConfig, env: DistEnv) -> RecDataset:
     """Load the dataset (every rank, deterministically) and write the run's data folder (rank 0)."""
     t0 = time.perf_counter()
     ds = load_dataset(cfg.data)
+    check_logit_kd(cfg.distill.logit.enabled, ds.sampler is not None)
     out = Path(cfg.output_dir)
     if env.is_main:
         (out / "data").mkdir(parents=True, exist_ok=True)

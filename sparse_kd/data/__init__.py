@@ -1,10 +1,12 @@
 """Data loading: :func:`load_dataset` turns a :class:`~sparse_kd.config.DataConfig` into a validated
-:class:`RecDataset` (users, items, text, sparse features, train/valid/test/test_cold splits).
+:class:`RecDataset` (users, items, text, sparse features, train/valid/test/valid_cold/test_cold splits).
 
 Sources: ``synthetic`` (:mod:`.synthetic`), ``movielens`` (ML-100K, :mod:`.movielens`) and ``csv``
-(the documented generic format, :mod:`.csv_format`). All share the split protocol of :mod:`.split`.
-``dataset.report`` holds rows read per file (``rows_read``), everything dropped with its reason
-(``dropped``, e.g. ``{"rating_3": 27145}``), ``truncated_texts`` and the split sizes (``split``).
+(the documented generic format, :mod:`.csv_format`; without a label column the feedback is
+implicit and negatives are sampled, :mod:`.negatives`). All share the split protocol of
+:mod:`.split`. Training order: :mod:`.stream`. ``dataset.report`` holds rows read per file
+(``rows_read``), everything dropped with its reason (``dropped``, e.g. ``{"rating_3": 27145}``),
+``truncated_texts``, the split sizes (``split``) and, for implicit data, ``feedback``.
 """
 
 from __future__ import annotations

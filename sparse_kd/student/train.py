@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from sparse_kd import checkpoint as ckpt
 from sparse_kd.config import DistillConfig, ExperimentConfig
-from sparse_kd.data.batching import BatchBuilder, eval_batches, steps_per_epoch, train_batches
+from sparse_kd.data.batching import BatchBuilder, eval_batches
 from sparse_kd.data.schema import RecDataset
+from sparse_kd.data.stream import train_source
 from sparse_kd.dist import DistEnv, all_gather_cat
 from sparse_kd.distill.module import RankerTrain
 from sparse_kd.student.model import build_dlrm, feature_of
@@ -42,7 +43,7 @@ from sparse_kd.student.sharding import build_plan, describe_plan
 
 log = logging.getLogger(__name__)
 
-EVAL_SPLITS = ("valid", "test", "test_cold")
+EVAL_SPLITS = ("valid", "test", "valid_cold", "test_cold")
 
 
 @dataclass
@@ -321,7 +322,7 @@ def train_ranker(
     stop_after_steps: Optional[int] = None,
     on_step: Optional[Callable[[int], None]] = None,
 ) -> RankerResult:
-    """Train one ranker; evaluate on valid/test/test_cold; save a sharded checkpoint per epoch.
+    """Train one ranker; evaluate on the splits of EVAL_SPLITS; save a sharded checkpoint per epoch.
 
     Resumes from the newest complete checkpoint in ``out_dir/checkpoints`` if there is one.
     ``stop_after_steps`` ends the run early (after saving), for tests of resumption;
@@ -350,12 +351,12 @@ def train_ranker(
             log.info("[%s] resumed from %s (epoch %d, step %d)", spec.name, latest, start_epoch, start_step)
 
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)
-    train = ds.splits["train"]
-    spe = steps_per_epoch(len(train), tc.batch_size, env.world_size)
+    source = train_source(ds, cfg.data)
+    spe = source.steps_per_epoch(tc.batch_size)
     if env.is_main:
         log.info(
             "[%s] %d train examples, global batch %d (%d per rank x %d ranks), %d steps/epoch, %d epochs",
-            spec.name, len(train), tc.batch_size, tc.batch_size // env.world_size, env.world_size, spe, tc.epochs,
+            spec.name, source.num_examples, tc.batch_size, tc.batch_size // env.world_size, env.world_size, spe, tc.epochs,
         )
     history: list[dict] = []
     writer = _Logger(out_dir, spec.name) if env.is_main else None
@@ -363,9 +364,9 @@ def train_ranker(
     last_saved = latest  # a finished run resumed: its last checkpoint is the result
     for epoch in range(start_epoch, tc.epochs):
         dmp.train()
-        it = train_batches(
-            train, builder, tc.batch_size, env.rank, env.world_size, epoch, seed, spec.teacher_logits,
-            start_step=start_step if epoch == start_epoch else 0,
+        it = source.batches(
+            builder, tc.batch_size, env.rank, env.world_size, epoch, seed,
+            start_step=start_step if epoch == start_epoch else 0, teacher_logits=spec.teacher_logits,
         )
         step = start_step if epoch == start_epoch else 0
         bar = tqdm(total=spe, initial=step, desc=f"{spec.name} epoch {epoch + 1}/{tc.epochs}", disable=None if env.is_main else True, leave=False)
@@ -416,7 +417,7 @@ def train_ranker(
                 log.info("[%s] weight transfer refit: rows of rarely seen entities set from text: %s", spec.name, written)
             last_saved = ckpt.save(ck_dir, dmp, optimizer, tc.epochs, 0, global_step, tc.keep_checkpoints)
     metrics = evaluate(pipeline, dmp, ds, builder, cfg, env)
-    train_logits = _predict(pipeline, dmp, train, builder, cfg, env) if want_train_logits else None
+    train_logits = _predict(pipeline, dmp, ds.splits["train"], builder, cfg, env) if want_train_logits else None
     if writer:
         writer.close()
     eps = n_seen / t_train if t_train > 0 else 0.0
