@@ -47,7 +47,9 @@ class DataConfig:
     """Where interactions come from and how they are split (protocol: ``sparse_kd/data/split.py``).
 
     source: ``synthetic`` (embedded generator), ``movielens`` (ML-100K folder with u.data, u.item,
-    u.user) or ``csv`` (folder with interactions.csv, items.csv and optional users.csv).
+    u.user), ``csv`` (folder with interactions.csv, items.csv and optional users.csv) or
+    ``parquet`` (a folder written by ``sparse-kd data convert``: streamed, for data of any size;
+    its split settings must be those it was converted with).
     split: ``auto`` (by time when there are timestamps, else seeded random), ``time`` or ``random``.
     valid_cold_fraction: share of the cold items whose interactions form ``valid_cold`` (the rest
     form ``test_cold``).
@@ -56,7 +58,7 @@ class DataConfig:
     (``sparse_kd/data/negatives.py``).
     """
 
-    source: Literal["synthetic", "movielens", "csv"] = "synthetic"
+    source: Literal["synthetic", "movielens", "csv", "parquet"] = "synthetic"
     path: str = ""
     cold_item_fraction: float = 0.1
     valid_cold_fraction: float = 0.5
@@ -71,6 +73,9 @@ class DataConfig:
     # windows of blocks; memory holds one window whatever the data size
     shuffle_block_rows: int = 65536
     shuffle_window_blocks: int = 16
+    # DataLoader worker processes building each rank's batches; -1: 1 for parquet, 0 (in the
+    # training process) for in-memory sources
+    loader_workers: int = -1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -318,6 +323,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     need(0.0 <= d.valid_cold_fraction <= 1.0, "data.valid_cold_fraction", "must be in [0, 1]")
     need(d.shuffle_block_rows >= 1, "data.shuffle_block_rows", "must be >= 1")
     need(d.shuffle_window_blocks >= 1, "data.shuffle_window_blocks", "must be >= 1")
+    need(d.loader_workers >= -1, "data.loader_workers", "must be >= 0, or -1 (auto)")
     need(d.negatives >= 1, "data.negatives", "must be >= 1 (sampled negatives per positive, implicit feedback)")
     need(0.0 < d.valid_fraction < 0.5, "data.valid_fraction", "must be in (0, 0.5)")
     need(0.0 < d.test_fraction < 0.5, "data.test_fraction", "must be in (0, 0.5)")

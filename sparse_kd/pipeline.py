@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -124,7 +123,8 @@ def _train(cfg, ds, spec: RankerSpec, env, seed, want_train_logits=False) -> Ran
 def fingerprint(cfg: ExperimentConfig, spec: RankerSpec, seed: int) -> dict:
     """The settings that change what a ranker's training produces (not epochs: more epochs continue)."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size", "collective_timeout_s")}
-    fp = {"data": to_dict(cfg.data), "student": to_dict(cfg.student), "train": train, "seed": seed, "distill": to_dict(spec.distill)}
+    data = {k: v for k, v in to_dict(cfg.data).items() if k != "loader_workers"}  # how batches are built, not which
+    fp = {"data": data, "student": to_dict(cfg.student), "train": train, "seed": seed, "distill": to_dict(spec.distill)}
     if spec.name == TEACHER or spec.distill.any_enabled:
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
     return fp
@@ -146,13 +146,12 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
         spec.teacher_logits = teacher.train_logits
     if dc.align.enabled:
         spec.user_text, spec.item_text = user_text, item_text
+    user_counts, item_counts = ds.train_counts()
     if dc.transfer.enabled and dc.transfer.refit:
-        train = ds.splits["train"]
         feats = dc.transfer.refit_features
         spec.refit = RefitSpec(
             text={f: (user_text if f == "user_id" else item_text) for f in feats},
-            counts={f: np.bincount(train.user if f == "user_id" else train.item,
-                                   minlength=ds.num_users if f == "user_id" else ds.num_items) for f in feats},
+            counts={f: user_counts if f == "user_id" else item_counts for f in feats},
             min_count=dc.transfer.refit_min_count,
             l2=dc.transfer.ridge_l2,
         )
@@ -162,11 +161,9 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
         if tr.projection == "learned":
             assert teacher is not None
             teacher_tables = load_dlrm(_variant_dir(cfg, TEACHER)).sparse_arch.embedding_bag_collection.embedding_bags
-        train = ds.splits["train"]
         for f in tr.features:
             text = user_text if f == "user_id" else item_text
-            n = text.shape[0]
-            warm = torch.from_numpy(np.bincount(train.user if f == "user_id" else train.item, minlength=n) > 0)
+            warm = torch.from_numpy((user_counts if f == "user_id" else item_counts) > 0)
             trows = teacher_tables[f"t_{f}"].weight.detach() if teacher_tables is not None else None
             spec.init_rows[f] = transfer_rows(text, cfg.student.embedding_dim, tr.projection, tr.scale, trows, warm)
     return spec

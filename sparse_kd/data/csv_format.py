@@ -60,7 +60,8 @@ import numpy as np
 
 from sparse_kd.config import DataConfig
 from sparse_kd.data.schema import DataError, RecDataset
-from sparse_kd.data.split import id_feature, item_codes, make_feature, split_interactions, truncate_text
+from sparse_kd.data.split import (id_feature, item_codes, make_feature, positives, size_report, split_interactions,
+                                  truncate_text)
 
 INTERACTIONS, ITEMS, USERS = "interactions.csv", "items.csv", "users.csv"
 _INT_RE = re.compile(r"[+-]?[0-9]+")
@@ -593,7 +594,6 @@ def load_csv(cfg: DataConfig, unknown_ids: Literal["error", "drop"] = "error") -
                                                                cfg.train_negatives)
         ds.implicit, ds.negatives = True, cfg.negatives
         ds.sampler = sampler if cfg.train_negatives == "per_epoch" else None
-        report["split"]["sizes"] = {s: len(sp) for s, sp in ds.splits.items()}
-        report["split"]["positive_rate"] = {s: round(float(sp.label.mean()), 4) if len(sp) else 0.0
-                                            for s, sp in ds.splits.items()}
+        report["split"].update(size_report({s: len(sp) for s, sp in ds.splits.items()},
+                                           {s: positives(sp.label) for s, sp in ds.splits.items()}))
     return ds

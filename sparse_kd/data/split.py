@@ -253,9 +253,17 @@ def split_report(splits: dict[str, Interactions], codes: np.ndarray, mode: str, 
         "test_cold_items": int((codes == TEST_COLD).sum()),
         "split": mode,
         "split_key": order,
-        "sizes": {s: len(sp) for s, sp in splits.items()},
-        "positive_rate": {s: round(float(sp.label.mean()), 4) if len(sp) else 0.0 for s, sp in splits.items()},
+        **size_report({s: len(sp) for s, sp in splits.items()}, {s: positives(sp.label) for s, sp in splits.items()}),
     }
+
+
+def positives(label: np.ndarray) -> int:
+    return int(np.count_nonzero(label > 0))
+
+
+def size_report(sizes: dict[str, int], n_positive: dict[str, int]) -> dict:
+    """``{"sizes": ..., "positive_rate": ...}`` of the report (rates from exact counts)."""
+    return {"sizes": dict(sizes), "positive_rate": {s: round(n_positive[s] / n, 4) if n else 0.0 for s, n in sizes.items()}}
 
 
 # --------------------------------------------------------------------------------------------

@@ -200,7 +200,32 @@ class TrainSource:
         n, rem = self.num_examples, self.num_examples % global_batch
         if rem and rank == 0 and epoch == 0 and start_step == 0:
             log.info("train: the last %d example(s) of each shuffled epoch do not fill a batch and are left out", rem)
-        return rank_batches(self.stream, builder, global_batch, rank, world_size, epoch, seed, start_step, teacher_logits)
+        args = (self.stream, builder, global_batch, rank, world_size, epoch, seed, start_step, teacher_logits)
+        if self.workers <= 0:
+            return rank_batches(*args)
+        from torch.utils.data import DataLoader
+
+        # worker j builds steps j, j + w, ...; the DataLoader returns them round-robin, i.e. in order
+        return iter(DataLoader(_RankBatches(args), batch_size=None, num_workers=self.workers,
+                               pin_memory=torch.cuda.is_available(), worker_init_fn=_one_thread,
+                               prefetch_factor=4, persistent_workers=False))
+
+
+class _RankBatches(torch.utils.data.IterableDataset):
+    """:func:`rank_batches` split over DataLoader workers by step."""
+
+    def __init__(self, args: tuple) -> None:
+        super().__init__()
+        self.args = args
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        every, offset = (info.num_workers, info.id) if info is not None else (1, 0)
+        return rank_batches(*self.args, every=every, offset=offset)
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # a worker gathers rows; the training process keeps the cores
 
 
 def rank_batches(stream: TrainStream, builder, global_batch: int, rank: int, world_size: int, epoch: int, seed: int,
@@ -236,4 +261,5 @@ def train_source(ds, data_cfg) -> TrainSource:
         return make(data_cfg)
     negatives = (ds.sampler.pool("train"), ds.negatives) if ds.sampler is not None else None
     blocks = ArrayBlocks(ds.splits["train"], data_cfg.shuffle_block_rows)
-    return TrainSource(TrainStream(blocks, data_cfg.shuffle_window_blocks, negatives))
+    workers = 0 if data_cfg.loader_workers < 0 else data_cfg.loader_workers
+    return TrainSource(TrainStream(blocks, data_cfg.shuffle_window_blocks, negatives), workers=workers)

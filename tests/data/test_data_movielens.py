@@ -137,3 +137,17 @@ def test_missing_folder_and_file(tmp_path):
     (tmp_path / "u.user").unlink()
     with pytest.raises(DataError, match="u.user: file not found"):
         load_dataset(cfg(tmp_path))
+
+
+def test_convert_to_parquet_equals_in_memory(tmp_path):
+    from sparse_kd.data import convert
+
+    make_fixture(tmp_path)
+    c = cfg(tmp_path, shuffle_block_rows=50)
+    convert(c, tmp_path / "conv")
+    a, b = load_dataset(c), load_dataset(DataConfig(source="parquet", path=str(tmp_path / "conv"), shuffle_block_rows=50))
+    assert a.item_text == b.item_text and a.feature_names == b.feature_names
+    for s in a.splits:
+        for k in ("user", "item", "label", "timestamp"):
+            assert np.array_equal(getattr(a.splits[s], k), getattr(b.splits[s], k))
+    assert b.report["split"] == a.report["split"] and b.report["dropped"] == a.report["dropped"]
