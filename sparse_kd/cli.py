@@ -77,8 +77,22 @@ def _relaunch(nproc: int, max_restarts: int = 0, extra: tuple[str, ...] = ()) ->
 
 
 def cmd_data(args) -> int:
-    from sparse_kd.data import load_dataset
+    from sparse_kd.data import convert, load_dataset
 
+    if args.config == "convert":  # sparse-kd data convert CONFIG [overrides] --out FOLDER
+        if not args.overrides or "=" in args.overrides[0]:
+            print("error: usage: sparse-kd data convert CONFIG [key=value ...] --out FOLDER", file=sys.stderr)
+            return 2
+        args.config, args.overrides = args.overrides[0], args.overrides[1:]
+        if not args.out:
+            print("error: sparse-kd data convert needs --out FOLDER (where the Parquet folder goes)", file=sys.stderr)
+            return 2
+        cfg = _load(args)
+        m = convert(cfg.data, args.out)
+        print(json.dumps({"converted": args.out, "users": m["num_users"], "items": m["num_items"],
+                          "implicit": m["implicit"], "splits": {k: v["rows"] for k, v in m["splits"].items()},
+                          "conversion": m["conversion"], "train with": f"data.source=parquet data.path={args.out}"}, indent=1))
+        return 0
     cfg = _load(args)
     ds = load_dataset(cfg.data)
     print(json.dumps({"summary": ds.summary(), "report": ds.report}, indent=1))
@@ -239,7 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    add("data", cmd_data, "Load and split the dataset; print its summary and what was skipped.")
+    sp = add("data", cmd_data, "Load and split the dataset; print its summary and what was skipped. "
+             "`sparse-kd data convert CONFIG [key=value ...] --out FOLDER` instead writes the data as sharded "
+             "Parquet (ids mapped, splits assigned, bounded memory) for data.source=parquet data.path=FOLDER.")
+    sp.add_argument("--out", default=None, help="convert: the folder to write")
     add("encode", cmd_encode, "Encode user and item text with the BERT teacher (cached on disk).")
     sp = add("train", cmd_train, "Train the teacher ranker, the baseline and the distilled student (nproc processes).")
     sp.add_argument("--variants", nargs="+", default=["teacher_ranker", "baseline", "distilled"],

@@ -44,19 +44,38 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where interactions come from and how they are split.
+    """Where interactions come from and how they are split (protocol: ``sparse_kd/data/split.py``).
 
     source: ``synthetic`` (embedded generator), ``movielens`` (ML-100K folder with u.data, u.item,
-    u.user) or ``csv`` (folder with interactions.csv, items.csv and optional users.csv).
+    u.user), ``csv`` (folder with interactions.csv, items.csv and optional users.csv) or
+    ``parquet`` (a folder written by ``sparse-kd data convert``: streamed, for data of any size;
+    its split settings must be those it was converted with).
+    split: ``auto`` (by time when there are timestamps, else seeded random), ``time`` or ``random``.
+    valid_cold_fraction: share of the cold items whose interactions form ``valid_cold`` (the rest
+    form ``test_cold``).
+    negatives / train_negatives: implicit feedback only (no label column): sampled negatives per
+    positive, and whether training negatives are resampled every epoch or sampled once
+    (``sparse_kd/data/negatives.py``).
     """
 
-    source: Literal["synthetic", "movielens", "csv"] = "synthetic"
+    source: Literal["synthetic", "movielens", "csv", "parquet"] = "synthetic"
     path: str = ""
     cold_item_fraction: float = 0.1
+    valid_cold_fraction: float = 0.5
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
+    split: Literal["auto", "time", "random"] = "auto"
     seed: int = 0
     max_text_chars: int = 2000
+    negatives: int = 4
+    train_negatives: Literal["per_epoch", "fixed"] = "per_epoch"
+    # training order (sparse_kd/data/stream.py): blocks of rows permuted, rows shuffled within
+    # windows of blocks; memory holds one window whatever the data size
+    shuffle_block_rows: int = 65536
+    shuffle_window_blocks: int = 16
+    # DataLoader worker processes building each rank's batches; -1: 1 for parquet, 0 (in the
+    # training process) for in-memory sources
+    loader_workers: int = -1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -324,6 +343,11 @@ def _validate(cfg: ExperimentConfig) -> None:
     need(cfg.nproc == "auto" or cfg.nproc >= 1, "nproc", "must be >= 1 or auto")
     need(d.source == "synthetic" or bool(d.path), "data.path", f"required when data.source is {d.source!r}")
     need(0.0 <= d.cold_item_fraction < 1.0, "data.cold_item_fraction", "must be in [0, 1)")
+    need(0.0 <= d.valid_cold_fraction <= 1.0, "data.valid_cold_fraction", "must be in [0, 1]")
+    need(d.shuffle_block_rows >= 1, "data.shuffle_block_rows", "must be >= 1")
+    need(d.shuffle_window_blocks >= 1, "data.shuffle_window_blocks", "must be >= 1")
+    need(d.loader_workers >= -1, "data.loader_workers", "must be >= 0, or -1 (auto)")
+    need(d.negatives >= 1, "data.negatives", "must be >= 1 (sampled negatives per positive, implicit feedback)")
     need(0.0 < d.valid_fraction < 0.5, "data.valid_fraction", "must be in (0, 0.5)")
     need(0.0 < d.test_fraction < 0.5, "data.test_fraction", "must be in (0, 0.5)")
     need(d.valid_fraction + d.test_fraction < 0.9, "data.test_fraction", "valid + test must leave >= 10% for training")

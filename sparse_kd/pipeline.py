@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -33,6 +32,7 @@ from sparse_kd.config import DistillConfig, ExperimentConfig, to_dict
 from sparse_kd.data import load_dataset
 from sparse_kd.data.batching import count_dense
 from sparse_kd.data.schema import RecDataset
+from sparse_kd.data.stream import check_logit_kd
 from sparse_kd.dist import DistEnv, barrier, broadcast_object, init_distributed
 from sparse_kd.distill.transfer import pca_reduce, transfer_rows
 from sparse_kd.report import metrics_table
@@ -50,6 +50,7 @@ def prepare_data(cfg: ExperimentConfig, env: DistEnv) -> RecDataset:
     """Load the dataset (every rank, deterministically) and write the run's data folder (rank 0)."""
     t0 = time.perf_counter()
     ds = load_dataset(cfg.data)
+    check_logit_kd(cfg.distill.logit.enabled, ds.sampler is not None)
     out = Path(cfg.output_dir)
     if env.is_main:
         (out / "data").mkdir(parents=True, exist_ok=True)
@@ -139,8 +140,9 @@ def fingerprint(cfg: ExperimentConfig, spec: RankerSpec, seed: int) -> dict:
 def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig, seed: int) -> dict:
     """:func:`fingerprint` of the ranker ``name`` trained with ``distill``."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size", "collective_timeout_s")}
+    data = {k: v for k, v in to_dict(cfg.data).items() if k != "loader_workers"}  # how batches are built, not which
     student = {k: v for k, v in to_dict(cfg.student).items() if k != "planner"}  # memory caps: same training
-    fp = {"data": to_dict(cfg.data), "student": student, "train": train, "seed": seed, "distill": to_dict(distill)}
+    fp = {"data": data, "student": student, "train": train, "seed": seed, "distill": to_dict(distill)}
     if name == TEACHER or distill.any_enabled:
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
     return fp
@@ -216,13 +218,12 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
         spec.teacher_logits = teacher.train_logits
     if dc.align.enabled:
         spec.user_text, spec.item_text = user_text, item_text
+    user_counts, item_counts = ds.train_counts()
     if dc.transfer.enabled and dc.transfer.refit:
-        train = ds.splits["train"]
         feats = dc.transfer.refit_features
         spec.refit = RefitSpec(
             text={f: (user_text if f == "user_id" else item_text) for f in feats},
-            counts={f: np.bincount(train.user if f == "user_id" else train.item,
-                                   minlength=ds.num_users if f == "user_id" else ds.num_items) for f in feats},
+            counts={f: user_counts if f == "user_id" else item_counts for f in feats},
             min_count=dc.transfer.refit_min_count,
             l2=dc.transfer.ridge_l2,
         )
@@ -234,11 +235,9 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
                 raise ValueError(f"{name}: distill.transfer.projection 'learned' needs the trained teacher ranker; "
                                  "train it first (run_training does)")
             teacher_tables = load_dlrm(_variant_dir(cfg, TEACHER)).sparse_arch.embedding_bag_collection.embedding_bags
-        train = ds.splits["train"]
         for f in tr.features:
             text = user_text if f == "user_id" else item_text
-            n = text.shape[0]
-            warm = torch.from_numpy(np.bincount(train.user if f == "user_id" else train.item, minlength=n) > 0)
+            warm = torch.from_numpy((user_counts if f == "user_id" else item_counts) > 0)
             trows = teacher_tables[f"t_{f}"].weight.detach() if teacher_tables is not None else None
             spec.init_rows[f] = transfer_rows(text, cfg.student.embedding_dim, tr.projection, tr.scale, trows, warm)
     return spec

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Optional
 
 import numpy as np
 
-SPLITS = ("train", "valid", "test", "test_cold")
+if TYPE_CHECKING:
+    from sparse_kd.data.negatives import NegativeSampler
+
+SPLITS = ("train", "valid", "test", "valid_cold", "test_cold")
 
 
 class DataError(ValueError):
@@ -84,10 +87,14 @@ class Interactions:
 
 @dataclass
 class RecDataset:
-    """Users and items (raw string ids, text), sparse features and the train/valid/test/test_cold splits.
+    """Users and items (raw string ids, text), sparse features and the splits of ``SPLITS``.
 
     report: what the loader did that a user should know (rows read, skipped and why); it is
     written to the run's metrics JSON.
+    implicit: the source had no labels (positives only); the evaluation splits then hold
+    ``negatives`` sampled negatives per positive, and ``sampler`` (set when training negatives
+    are resampled every epoch) draws the training negatives (:mod:`.negatives`).
+    Splits missing from ``splits`` are empty.
     """
 
     user_ids: list[str]
@@ -97,6 +104,14 @@ class RecDataset:
     features: list[SparseFeature]
     splits: dict[str, Interactions]
     report: dict = field(default_factory=dict)
+    implicit: bool = False
+    negatives: int = 0
+    sampler: Optional["NegativeSampler"] = None
+
+    def __post_init__(self) -> None:
+        for s in SPLITS:
+            if s not in self.splits:
+                self.splits[s] = Interactions.empty()
 
     @property
     def num_users(self) -> int:
@@ -148,10 +163,25 @@ class RecDataset:
         }
         Path(path).write_text(json.dumps(doc))
 
+    def train_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(U,), (I,) int64 training interactions per user and per item (positives only when
+        the feedback is implicit: sampled negatives are not part of the log)."""
+        tr = self.splits["train"]
+        keep = tr.label > 0 if self.implicit else slice(None)
+        return (np.bincount(tr.user[keep], minlength=self.num_users).astype(np.int64),
+                np.bincount(tr.item[keep], minlength=self.num_items).astype(np.int64))
+
     def summary(self) -> dict:
-        return {
+        out = {
             "users": self.num_users,
             "items": self.num_items,
             "features": {f.name: f.num_embeddings for f in self.features},
-            "splits": {s: {"n": len(sp), "positives": float(sp.label.mean()) if len(sp) else 0.0} for s, sp in self.splits.items()},
+            "splits": {s: {"n": len(sp), "positives": round(float(sp.label.mean()), 4) if len(sp) else 0.0}
+                       for s, sp in self.splits.items()},
         }
+        if self.implicit:
+            fb = self.report.get("feedback", {})
+            out["feedback"] = (f"implicit: {self.negatives} sampled negatives per positive; training negatives "
+                               f"{fb.get('train_negatives', '?')}; evaluation negatives {fb.get('eval_negatives', '?')} "
+                               f"(report.feedback)")
+        return out

@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from sparse_kd import checkpoint as ckpt
 from sparse_kd.config import ExperimentConfig
-from sparse_kd.data.batching import BatchBuilder, steps_per_epoch, train_batches
+from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
+from sparse_kd.data.stream import train_source
 from sparse_kd.dist import DistEnv
 from sparse_kd.distill.module import RankerTrain
 from sparse_kd.distill.refit import refit_rows
@@ -134,20 +135,20 @@ def train_ranker(
     def save(epoch: int, step: int) -> Path:
         return ckpt.save(ck_dir, r.dmp, r.optimizer, epoch, step, pos.global_step, tc.keep_checkpoints)
 
-    train = ds.splits["train"]
-    spe = steps_per_epoch(len(train), tc.batch_size, env.world_size)
+    source = train_source(ds, cfg.data)  # in memory, or streamed from Parquet shards
+    spe = source.steps_per_epoch(tc.batch_size)
     if env.is_main:
         log.info(
             "[%s] %d train examples, global batch %d (%d per rank x %d ranks), %d steps/epoch, %d epochs",
-            spec.name, len(train), tc.batch_size, tc.batch_size // env.world_size, env.world_size, spe, tc.epochs,
+            spec.name, source.num_examples, tc.batch_size, tc.batch_size // env.world_size, env.world_size, spe, tc.epochs,
         )
     writer = TrainLog(out_dir) if env.is_main else None
     history: list[dict] = []
     t_train, n_seen = 0.0, 0
     for epoch in range(pos.epoch, tc.epochs):
         pos.epoch = epoch
-        batches = train_batches(train, r.builder, tc.batch_size, env.rank, env.world_size, pos.epoch, seed,
-                                spec.teacher_logits, start_step=pos.step)
+        batches = source.batches(r.builder, tc.batch_size, env.rank, env.world_size, pos.epoch, seed,
+                                 start_step=pos.step, teacher_logits=spec.teacher_logits)
         bar = tqdm(total=spe, initial=pos.step, desc=f"{spec.name} epoch {pos.epoch + 1}/{tc.epochs}",
                    disable=None if env.is_main else True, leave=False)
         r.dmp.train()
@@ -194,7 +195,7 @@ def train_ranker(
                 log.info("[%s] weight transfer refit: rows of rarely seen entities set from text: %s", spec.name, written)
             last_saved = save(tc.epochs, 0)
     metrics = evaluate_sharded(pipeline, r.dmp, ds, r.builder, tc.eval_batch_size, env)
-    train_logits = predict_sharded(pipeline, r.dmp, train, r.builder, tc.eval_batch_size, env) if want_train_logits else None
+    train_logits = predict_sharded(pipeline, r.dmp, ds.splits["train"], r.builder, tc.eval_batch_size, env) if want_train_logits else None
     if writer:
         writer.close()
     eps = n_seen / t_train if t_train > 0 else 0.0
