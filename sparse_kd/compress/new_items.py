@@ -125,12 +125,34 @@ def add_items_from_csv(artifact: str | Path, items_csv: str | Path, config: Opti
         raise ConfigError(f"teacher.model: {cfg.teacher.model!r} (from {cfg_source}) gives {emb.shape[1]}-dim text "
                           f"embeddings, but {art / 'text_maps.pt'} maps {want}-dim ones; pass --config with the "
                           "config of the run that trained the artifact's model")
+    register_fbgemm_script_enums()
     res = A.add_items(art, items.ids, emb, out_dir=out)
     dest = Path(out) if out is not None else art
     log.info("added %d items to %s (%s now has %d rows)", res["added"], dest, res["table"], res["rows"])
     return {"added": res["added"], "artifact": str(dest), "first_ids": items.ids[:5], "teacher_config": cfg_source,
             "ignored_columns": items.ignored_columns, "truncated_texts": items.report.get("truncated_texts", 0),
             "rows": res["rows"]}
+
+
+def register_fbgemm_script_enums() -> None:
+    """Register FBGEMM's enums (``SparseType``, ``EmbeddingLocation``, ...) as TorchScript classes.
+
+    :func:`sparse_kd.compress.artifact.add_entities` reads the loaded ``model.pt``'s TBE attribute
+    ``embedding_specs`` from Python, whose tuples hold these enums; in a process that never
+    scripted a TBE (a fresh ``add-items``) TorchScript cannot convert them ("Unknown reference to
+    ScriptClass ...SparseType"). Compiling each enum once registers it; doing it again is a no-op.
+    """
+    import enum
+
+    from fbgemm_gpu.split_embedding_configs import SparseType
+    from fbgemm_gpu.tbe.config import embedding_config
+    from torch._sources import fake_range
+    from torch.jit.annotations import try_ann_to_type
+
+    for cls in (SparseType, embedding_config.EmbeddingLocation, embedding_config.PoolingMode,
+                embedding_config.BoundsCheckMode, embedding_config.ComputeDevice):
+        assert issubclass(cls, enum.Enum)
+        try_ann_to_type(cls, fake_range())
 
 
 def notify(url: str, artifact: str | Path, token: Optional[str] = None, timeout: float = 120.0) -> dict:

@@ -204,15 +204,32 @@ def _config(service: Service, access_log: bool = False, timeout_keep_alive: int 
                           timeout_graceful_shutdown=30)
 
 
+class _Stop(Exception):
+    """SIGTERM, re-raised by uvicorn once it has drained the requests in flight."""
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop()
+
+
 def run_server(service: Service, host: str = "127.0.0.1", port: int = 8000, access_log: bool = False) -> None:
-    """Serve until SIGINT / SIGTERM (in-flight requests finish first); logs the address it listens on."""
+    """Serve until SIGINT / SIGTERM (in-flight requests finish first, then it returns); logs the
+    address it listens on."""
+    import signal
+
     sock = bind(host, port)
     h, p = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (POST /rank, POST /score, GET /health, GET /metrics, POST /admin/reload)",
              f"[{h}]" if ":" in h else h, p)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_stop) if main_thread else None
     try:
         uvicorn.Server(_config(service, access_log)).run(sockets=[sock])
+    except (KeyboardInterrupt, _Stop):
+        pass  # uvicorn re-raises the signal that stopped it, after its graceful shutdown
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         service.close()
         sock.close()
         log.info("stopped")

@@ -483,7 +483,8 @@ class Service:
             except Exception as e:  # whatever breaks a load refuses the artifact; the old one keeps serving
                 self.metrics.counters["reloads_refused"] += 1
                 self._refused_signature = manifest_signature(target)
-                msg = f"refused {target}: {e}" if isinstance(e, ArtifactError) else f"refused {target}: {type(e).__name__}: {e}"
+                why = str(e) if isinstance(e, ArtifactError) else f"{type(e).__name__}: {e}"
+                msg = f"refused: {why}" if why.startswith(str(target)) else f"refused {target}: {why}"
                 log.error("%s; still serving %s (%s)", msg, old.artifact_id, old.path)
                 raise ReloadRefused(f"{msg}; still serving {old.artifact_id} ({old.path})") from None
             self.current = new  # one reference assignment: atomic for every request that starts after it

@@ -1,13 +1,36 @@
-"""Helpers for the serving tests: HTTP requests on fresh connections, artifact copies, Prometheus text."""
+"""Helpers for the serving tests: small artifacts (built the way tests/compress/conftest.py builds them),
+HTTP requests on fresh connections, artifact copies, Prometheus text."""
 
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import shutil
 import urllib.parse
 from pathlib import Path
 from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compress_fixtures():
+    """tests/compress/conftest.py as a module (make_dataset, train_dlrm, H)."""
+    spec = importlib.util.spec_from_file_location("_compress_fixtures", ROOT / "tests" / "compress" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def save(out: Path, model, ds, builder, dtype: str, text: dict, config: Optional[dict] = None) -> Path:
+    from sparse_kd.compress import artifact as A
+    from sparse_kd.compress.stage import _mappings, compress_model
+
+    settings = {f.name: {"keep_ratio": 1.0, "dtype": dtype, "fill": "zero"} for f in ds.features}
+    comp = compress_model(model, ds, settings, text=text)
+    A.save_artifact(out, comp, _mappings(ds), {"user": builder.user_dense, "item": builder.item_dense},
+                    config or {"dtype": dtype})
+    return out
 
 
 def copy_artifact(src: Path, dst: Path) -> Path:
