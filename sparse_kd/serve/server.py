@@ -36,7 +36,7 @@ from typing import Any, Awaitable, Callable, Iterator, Optional
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -83,6 +83,8 @@ def _endpoint(fn: Callable[[Service, Request], Awaitable[Response]], service: Se
             return await fn(service, request)
         except RequestError as e:
             return _error(e.status, e.message, {"Retry-After": "1"} if e.status == 503 else None)
+        except ClientDisconnect:
+            return _error(400, "the client disconnected before sending the whole body")
         except Exception as e:
             log.exception("%s %s failed", request.method, request.url.path)
             return _error(500, f"internal error: {type(e).__name__}: {e}")
@@ -187,7 +189,9 @@ def create_app(service: Service) -> Any:
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on (host, port); port 0 picks a free one (read it with getsockname)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (proto 0 does
+    # not), and without it the response headers and body, written separately, meet Nagle + delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

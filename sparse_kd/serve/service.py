@@ -415,14 +415,16 @@ class Service:
 
     artifact: folder to load now (an :class:`ArtifactError` here means the service does not start).
     workers: scoring threads (torch releases the GIL inside the model; the request parsing stays on
-    the event loop). watch_interval: seconds between checks of ``manifest.json`` (0: no watching).
+    the event loop); 0 scores on the event loop itself: no thread hand-off per request, but nothing
+    else (health, metrics, reading the next request) runs while one request is scored.
+    watch_interval: seconds between checks of ``manifest.json`` (0: no watching).
     """
 
     def __init__(self, artifact: str | Path, limits: Limits = Limits(), workers: int = 1,
                  watch_interval: float = 0.0, max_batch: int = DEFAULT_MAX_BATCH,
                  admin_token: Optional[str] = None) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
         if watch_interval < 0:
             raise ValueError(f"watch_interval must be >= 0, got {watch_interval}")
         self.limits = limits
@@ -432,7 +434,8 @@ class Service:
         self.metrics = Metrics()
         self.current = self._load(artifact)
         log.info("serving %s", _summary(self.current))
-        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="sparse_kd-score")
+        self.workers = workers
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="sparse_kd-score") if workers else None
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="sparse_kd-load")
         self.pending = 0
         self._reload_lock = asyncio.Lock()
@@ -443,7 +446,12 @@ class Service:
         return load_artifact(path, self.max_batch)
 
     async def run_scoring(self, fn: Callable[..., tuple[bytes, dict]], *args: Any) -> bytes:
-        """Run ``fn(*args)`` on a scoring thread; 503 when ``max_pending`` jobs already wait."""
+        """Run ``fn(*args)`` on a scoring thread (or inline when ``workers == 0``); 503 when
+        ``max_pending`` jobs already wait."""
+        if self.executor is None:
+            body, counts = fn(*args)
+            self.metrics.add(counts)
+            return body
         if self.pending >= self.limits.max_pending:
             self.metrics.counters["overloaded"] += 1
             raise RequestError(503, f"overloaded: {self.pending} scoring jobs pending (--max-pending "
@@ -519,12 +527,13 @@ class Service:
                 "pending": self.pending, "limits": {k: getattr(self.limits, k) for k in
                                                     ("max_candidates", "max_pairs", "max_body_bytes", "max_pending")},
                 "reloads": {"ok": self.metrics.counters["reloads_ok"], "refused": self.metrics.counters["reloads_refused"]},
-                "watch_interval_s": self.watch_interval}
+                "watch_interval_s": self.watch_interval, "workers": self.workers}
 
     def close(self) -> None:
         if not self._closed.is_set():
             self._closed.set()
-            self.executor.shutdown(wait=True)
+            if self.executor is not None:
+                self.executor.shutdown(wait=True)
             self.loader.shutdown(wait=True)
 
 

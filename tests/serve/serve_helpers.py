@@ -7,6 +7,7 @@ import http.client
 import importlib.util
 import json
 import shutil
+import socket
 import urllib.parse
 from pathlib import Path
 from typing import Any, Optional
@@ -46,6 +47,10 @@ def request(url: str, method: str, path: str, body: Any = None, headers: Optiona
     """One HTTP request on a fresh connection; body: bytes as is, anything else as JSON."""
     u = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    conn.connect()
+    # http.client writes headers and body separately: without TCP_NODELAY (which urllib3, requests and
+    # httpx set) Nagle's algorithm holds the body until the server's delayed ACK
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
         conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})

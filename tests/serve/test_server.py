@@ -225,7 +225,7 @@ def test_no_request_fails_while_artifacts_are_swapped_back_and_forth(artifacts):
             seen.add(doc.get("artifact"))
 
     with running_server(svc) as url:
-        threads = [threading.Thread(target=client, args=(url,)) for _ in range(3)]
+        threads = [threading.Thread(target=client, args=(url,)) for _ in range(2)]
         for t in threads:
             t.start()
         for path in (artifacts.b, artifacts.a):
@@ -323,6 +323,26 @@ def test_watcher_swaps_in_a_replaced_artifact_and_refuses_a_broken_one(artifacts
         assert m['sparse_kd_reloads_total{result="refused"}'] == 1
         status, doc = post(url, "/rank", {"user": user, "items": ["fresh-item"]})
         assert status == 200 and doc["artifact"] == new_id and doc["unknown_items"] == []
+
+
+def test_scoring_on_the_event_loop_gives_the_same_answers(artifacts):
+    svc = Service(artifacts.a, workers=0)
+    users, items = _ids(artifacts)
+    with running_server(svc) as url:
+        status, doc = post(url, "/rank", {"user": users[4], "items": items[:7] + ["ghost"]})
+        health = json.loads(get(url, "/health")[1])
+    assert status == 200 and doc["unknown_items"] == [7] and health["workers"] == 0
+    np.testing.assert_array_equal(np.asarray(doc["scores"], np.float32),
+                                  Predictor.load(artifacts.a).score([users[4]] * 8, items[:7] + ["ghost"]))
+
+
+def test_listening_socket_is_tcp_so_connections_get_nodelay():
+    """asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP; a proto-0 socket would leave
+    Nagle on and stall every response behind the client's delayed ACK."""
+    from sparse_kd.serve.server import bind
+
+    with bind("127.0.0.1", 0) as s:
+        assert s.proto == socket.IPPROTO_TCP and s.getsockname()[1] > 0
 
 
 def test_limits_are_checked():
