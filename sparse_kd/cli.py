@@ -159,24 +159,23 @@ def _serve_http(args) -> int:
     from sparse_kd.serve.server import run_server
     from sparse_kd.serve.service import Limits, Service
 
-    # unknown ids are counted in /metrics and flagged in every response: no log line per request
-    logging.getLogger("sparse_kd.serve.predictor").setLevel(logging.WARNING)
+    try:
+        limits = Limits(args.max_candidates, args.max_pairs, args.max_body_bytes, args.max_pending)
+        if args.torch_threads < 0:
+            raise ValueError(f"--torch-threads must be >= 0, got {args.torch_threads}")
+        # unknown ids are counted in /metrics and flagged in every answer: no log line per request
+        logging.getLogger("sparse_kd.serve.predictor").setLevel(logging.WARNING)
+        service = Service(args.artifact, limits, workers=args.workers, watch_interval=args.watch,
+                          admin_token=args.admin_token)
+    except (ValueError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     uv = logging.getLogger("uvicorn")
     uv.handlers[:] = logging.getLogger("sparse_kd").handlers
     uv.setLevel(logging.INFO if args.access_log else logging.WARNING)
     uv.propagate = False
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
-    try:
-        limits = Limits(args.max_candidates, args.max_pairs, args.max_body_bytes, args.max_pending)
-        service = Service(args.artifact, limits, workers=args.workers, watch_interval=args.watch,
-                          admin_token=args.admin_token)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ArtifactError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     log.info("torch intra-op threads %d, scoring workers %d", torch.get_num_threads(), args.workers)
     try:
         run_server(service, args.host, args.port, access_log=args.access_log)

@@ -153,3 +153,14 @@ def test_cli_add_items_reports_an_unreachable_service(artifacts, tmp_path, monke
     err = capsys.readouterr().err
     assert "the new artifact is in" in err and "cannot reach the service" in err
     assert "new-1" in json.loads((art / "mappings.json").read_text())["item_ids"]  # written all the same
+
+
+def test_serve_command_line_needs_one_mode(artifacts, capsys):
+    assert main(["serve", str(artifacts.a)]) == 2
+    assert "nothing to do: give --port P" in capsys.readouterr().err
+    assert main(["serve", str(artifacts.a), "--port", "0", "--user", "u1", "--item", "i1"]) == 2
+    assert "--port starts the HTTP service" in capsys.readouterr().err
+    assert main(["serve", str(artifacts.a), "--port", "0", "--workers", "-1"]) == 2
+    assert "workers must be >= 0" in capsys.readouterr().err
+    assert main(["serve", str(artifacts.a), "--port", "0", "--max-candidates", "0"]) == 2
+    assert "max_candidates must be an integer >= 1" in capsys.readouterr().err
