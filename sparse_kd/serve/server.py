@@ -30,7 +30,6 @@ import logging
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Optional
 
 import uvicorn
@@ -259,8 +258,3 @@ def running_server(service: Service, host: str = "127.0.0.1", start_timeout: flo
         t.join(timeout=60)
         service.close()
         sock.close()
-
-
-def serve_artifact(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
-    """Load ``artifact`` and serve it (kwargs go to :class:`Service`)."""
-    run_server(Service(artifact, **kwargs), host, port)

@@ -4,8 +4,8 @@ reloads, and metrics. :mod:`sparse_kd.serve.server` puts it behind HTTP.
 
 Notation: N candidate items of one ``/rank`` request, P pairs of one ``/score`` request.
 
-Requests (JSON bodies; every problem is a :class:`RequestError` with a 4xx status and a message
-naming the key, never a 5xx):
+Requests (JSON bodies; every problem with one is a :class:`RequestError` with a 4xx status and a
+message naming the key; the only 5xx is a 503 when the service is overloaded):
 
 * rank: ``{"user": str, "items": [str, ...], "top_k": int (optional)}`` with
   ``0 <= N <= Limits.max_candidates``;
@@ -51,9 +51,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from sparse_kd.serve.predictor import DEFAULT_MAX_BATCH, MANIFEST, ArtifactError, Predictor
+from sparse_kd.serve import ArtifactError, Predictor  # the predictor's public API only
 
 log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
 
 DEFAULT_FALLBACK = {
     "unknown_user": "every embedding bag of the user's features is empty (zero pooled embedding) and its dense "
@@ -202,15 +204,15 @@ def fallback_policy(manifest: dict) -> dict:
     return dict(fb) if isinstance(fb, dict) and fb else dict(DEFAULT_FALLBACK)
 
 
-def _manifest_state(d: Path) -> tuple[Optional[tuple], Optional[str]]:
-    """(stat signature, sha256) of ``d/manifest.json``; (None, None) while it is absent."""
+def _manifest_state(d: Path) -> tuple[Optional[tuple], Optional[str], bytes]:
+    """(stat signature, sha256, bytes) of ``d/manifest.json``; (None, None, b"") while it is absent."""
     try:
         with open(d / MANIFEST, "rb") as f:
             st = os.fstat(f.fileno())
             data = f.read()
     except OSError:
-        return None, None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size), hashlib.sha256(data).hexdigest()
+        return None, None, b""
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size), hashlib.sha256(data).hexdigest(), data
 
 
 def manifest_signature(d: Path) -> Optional[tuple]:
@@ -284,23 +286,25 @@ def _dumps(doc: dict) -> bytes:
         raise RuntimeError("the artifact produced a non-finite score (NaN or inf); its weights are broken") from None
 
 
-def load_artifact(path: str | Path, max_batch: int = DEFAULT_MAX_BATCH, attempts: int = 3) -> Loaded:
+def load_artifact(path: str | Path, max_batch: Optional[int] = None, attempts: int = 3) -> Loaded:
     """Verify (checksums, format version) and load an artifact folder for serving.
 
     The manifest is read before and after loading: if the folder was replaced meanwhile (a writer
     renamed a new artifact into place), the load is repeated, so the predictor and the id sets
-    always come from one artifact. Raises :class:`ArtifactError` (or whatever loading raised)."""
+    always come from one artifact. max_batch: the predictor's (None: its default). Raises
+    :class:`ArtifactError` (or whatever loading raised)."""
     d = Path(path).absolute()
     for _ in range(attempts):
         t0 = time.perf_counter()
-        _, before = _manifest_state(d)
-        predictor = Predictor.load(d, max_batch=max_batch)
+        _, before, _ = _manifest_state(d)
+        predictor = Predictor.load(d) if max_batch is None else Predictor.load(d, max_batch=max_batch)
         mappings = json.loads((d / "mappings.json").read_text(encoding="utf-8"))
-        signature, after = _manifest_state(d)
+        signature, after, data = _manifest_state(d)
         if before is not None and before == after:
-            return Loaded(predictor, d, predictor.manifest, after, signature, frozenset(mappings["user_ids"]),
+            manifest = json.loads(data)
+            return Loaded(predictor, d, manifest, after, signature, frozenset(mappings["user_ids"]),
                           frozenset(mappings["item_ids"]), time.time(), time.perf_counter() - t0,
-                          fallback_policy(predictor.manifest))
+                          fallback_policy(manifest))
         log.warning("%s was replaced while it was being loaded; loading it again", d)
     raise ArtifactError(f"{d}: the artifact kept changing while it was being loaded ({attempts} attempts)")
 
@@ -421,7 +425,7 @@ class Service:
     """
 
     def __init__(self, artifact: str | Path, limits: Limits = Limits(), workers: int = 1,
-                 watch_interval: float = 0.0, max_batch: int = DEFAULT_MAX_BATCH,
+                 watch_interval: float = 0.0, max_batch: Optional[int] = None,
                  admin_token: Optional[str] = None) -> None:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
@@ -481,7 +485,7 @@ class Service:
             old = self.current
             target = Path(path).absolute() if path is not None else old.path
             if target == old.path:
-                _, digest = _manifest_state(target)
+                _, digest, _ = _manifest_state(target)
                 if digest == old.digest:
                     return {"swapped": False, "reason": "unchanged (same folder, same manifest)",
                             "artifact": old.describe(), "previous": old.artifact_id}
