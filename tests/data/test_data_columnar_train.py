@@ -9,7 +9,9 @@ import math
 import pytest
 
 from sparse_kd.data import convert
-from sparse_kd.testing import launch, tiny_config, train_worker
+from helpers.tiny import tiny_config
+from helpers.workers import train_worker
+from sparse_kd.dist import launch_local as launch
 
 pytestmark = pytest.mark.slow
 
