@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv demo test test-fast bench clean help
+.PHONY: venv demo test test-fast bench gpu-check clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -35,6 +35,9 @@ test-fast: $(STAMP)  ## skip multi-process and end-to-end tests
 
 bench: $(STAMP)  ## quick variants of every benchmark
 	$(PY) benchmarks/run_all.py --quick
+
+gpu-check:  ## CUDA machines only: CUDA stack in .venv-gpu, then GPU training/resume/lookup/teacher checks (one table)
+	bash scripts/gpu_check.sh
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf runs .pytest_cache

@@ -1,30 +1,36 @@
-"""Embedding lookup throughput: fp32 floors vs FBGEMM quantized torchrec EBCs (serial and parallel).
+"""Embedding lookup throughput: fp32 nn.EmbeddingBag vs the CPU serving lookup (plain and pruned).
 
 One command measures, in one process and interleaved round by round (so that load from other
 jobs hits every variant alike):
 
-* ``embbag_fp32``      plain ``torch.nn.EmbeddingBag`` (mode sum), one per table: the floor;
-* ``ebc_fp32``         torchrec ``EmbeddingBagCollection`` (same weight tensors);
-* ``{dt}``             torchrec quantized EBC (``EmbeddingBagCollection.from_float``, FBGEMM
-                       ``IntNBitTableBatchedEmbeddingBagsCodegen``), dt in fp16/int8/int4/int2;
+* ``embbag_fp32``      plain ``torch.nn.EmbeddingBag`` (mode sum), one per table, fed the batch's
+                       int64 ids: the floor every target is a ratio to;
+* ``embbag_fp32_i32``  the same fed int32 ids and offsets (for reference: the serving lookup
+                       casts ids to int32 inside its timed call);
+* ``{dt}``             the CPU serving lookup of compressed artifacts,
+                       :class:`sparse_kd.compress.quantize.QuantizedLookup`, ``torch.jit.script``-ed,
+                       ``num_workers`` = threads: PyTorch's quantized EmbeddingBag operators
+                       (FBGEMM's JIT CPU kernels; fp16 through ``embedding_bag``), dt in
+                       fp16/int8/int4/int2, rows quantized exactly as ``sparse-kd compress`` does;
 * ``{dt}+prune``       the same built from the kept rows only (``embedding_bag_rowwise_prune``)
-                       with the id remap installed (``set_index_remappings_array``);
-* ``...+par``          :class:`sparse_kd.compress.parallel.ParallelQuantEmbeddingBagCollection`
-                       around the quantized EBC, ``torch.jit.script``-ed (forks on the inter-op
-                       pool), with as many workers as intra-op threads;
+                       with the id remap as the operators' ``compressed_indices_mapping``;
+* with ``--tbe``: ``ebc_fp32`` (torchrec ``EmbeddingBagCollection``) and ``{dt}_tbe`` /
+  ``{dt}_tbe+prune``, torchrec's quantized EBC on FBGEMM's ``IntNBitTableBatchedEmbeddingBagsCodegen``
+  (the kernel artifacts served on CPU before format version 2; now the GPU path);
 
 at each thread count (``torch.set_num_threads``), plus the machine's copy bandwidth
-(``dst.copy_(src)``, read + write bytes). Quantized variants are built one dtype at a time and
-measured in rounds together with the fp32 floors, so each ratio to the floor is paired.
+(``dst.copy_(src)``, read + write bytes). Variants are built one dtype at a time and measured in
+rounds together with the fp32 floors, so each ratio to the floor is paired.
 
 Reported per variant and thread count: ids/s (median over rounds; best too), effective GB/s
-(bytes of rows actually read: ids that hit a stored row x padded row bytes, i.e. FBGEMM's
-row with its fp16 scale/bias and row alignment; pruned ids read no row), that as a fraction
-of the copy bandwidth at the same thread count, and the paired ratio to ``embbag_fp32``.
+(bytes of rows actually read: ids that hit a stored row x row bytes, scale/bias included; pruned
+ids read no row), that as a fraction of the copy bandwidth at the same thread count, and the
+paired ratio to ``embbag_fp32``. Targets (all cores): int8 and int4 >= 1.5x, pruned int8 and
+int4 >= 1.2x the floor.
 
-    python benchmarks/bench_lookup.py                      # 8 x 2M x 64 fp32 (4 GB), Zipf ids
-    python benchmarks/bench_lookup.py --dist uniform --tables 4
-    python benchmarks/bench_lookup.py --quick              # seconds; used by the tests
+    python benchmarks/bench_lookup.py --tables 4 --out docs/bench/lookup.json   # 4 x 2M x 64, Zipf ids
+    python benchmarks/bench_lookup.py --tbe               # also the torchrec / TBE variants
+    python benchmarks/bench_lookup.py --quick             # seconds; used by the tests
 """
 
 from __future__ import annotations
@@ -45,7 +51,6 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import fbgemm_gpu  # noqa: E402,F401  (registers torch.ops.fbgemm)
-import torchrec  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.ao import quantization as quant  # noqa: E402
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, QuantConfig  # noqa: E402
@@ -53,7 +58,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
-from sparse_kd.compress.parallel import ParallelQuantEmbeddingBagCollection  # noqa: E402
+from sparse_kd.compress import quantize as Q  # noqa: E402
 
 from machine import machine_info, read as _read, write_json  # noqa: E402
 
@@ -64,13 +69,7 @@ DTYPES: Dict[str, torch.dtype] = {
     "int2": torch.quint2x4,
 }
 FLOOR = "embbag_fp32"
-
-
-# ----------------------------------------------------------------------------------------------
-# Machine
-
-
-
+TARGETS = (("int8", 1.5), ("int4", 1.5), ("int8+prune", 1.2), ("int4+prune", 1.2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,17 +94,20 @@ def zipf_sampler(rows: int, a: float, gen: torch.Generator) -> Callable[[int], t
 
 
 class Batch:
-    """One batch in both layouts: a KJT (torchrec) and per-table (ids, offsets) views."""
+    """One batch in every layout: a KJT (torchrec), values + lengths (the serving lookup) and
+    per-table (ids, offsets) views, int64 and int32 (the nn.EmbeddingBag floors)."""
 
     def __init__(self, keys: List[str], values: torch.Tensor, lengths: torch.Tensor, T: int, B: int) -> None:
         self.kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
         self.kjt.offsets()  # cache
+        self.values, self.lengths = values, lengths
         offsets = torch.zeros(T * B + 1, dtype=torch.int64)
         offsets[1:] = lengths.cumsum(0)
         self.per_table = []
         for t in range(T):
             s, e = int(offsets[t * B]), int(offsets[(t + 1) * B])
             self.per_table.append((values[s:e], (offsets[t * B : (t + 1) * B] - s).contiguous()))
+        self.per_table_i32 = [(i.int(), o.int()) for i, o in self.per_table]
         self.ids = int(values.numel())
         self.ids_per_table = [int(offsets[(t + 1) * B] - offsets[t * B]) for t in range(T)]
 
@@ -195,6 +197,23 @@ def tbe_row_bytes(qebc: QuantEBC) -> List[int]:
     return out
 
 
+def serving_lookup(ebc: EmbeddingBagCollection, dt: str, remaps: Optional[List[torch.Tensor]]) -> Q.QuantizedLookup:
+    """The CPU serving lookup over ``ebc``'s tables (their stored rows), quantized to ``dt`` exactly
+    as ``sparse-kd compress`` does (:func:`sparse_kd.compress.quantize.quantize_rows`)."""
+    tables = []
+    for t, cfg in enumerate(ebc.embedding_bag_configs()):
+        w = ebc.embedding_bags[cfg.name].weight.detach()
+        codes, sb = Q.quantize_rows(w, dt)
+        remap = None if remaps is None else remaps[t]
+        tables.append(Q.pack_table(Q.QTable(cfg.feature_names[0], dt, cfg.embedding_dim, codes, sb, remap)))
+        del codes, sb
+    return Q.QuantizedLookup(tables)
+
+
+def lookup_row_bytes(lookup: Q.QuantizedLookup) -> List[int]:
+    return [int(t.weight.shape[1]) * t.weight.element_size() for t in lookup.tables]
+
+
 # ----------------------------------------------------------------------------------------------
 # Measurement
 
@@ -212,8 +231,10 @@ class Variant:
         row_bytes: int,
         set_workers: Optional[Callable[[int], None]] = None,
         weight_bytes: int = 0,
+        kernel: str = "",
     ) -> None:
         self.name, self.call, self.bytes_per_batch = name, call, bytes_per_batch
+        self.kernel = kernel
         self.dtype, self.remap, self.parallel, self.row_bytes = dtype, remap, parallel, row_bytes
         self.set_workers = set_workers
         self.weight_bytes = weight_bytes
@@ -298,17 +319,18 @@ def measure_rounds(
             torch.set_num_threads(th)
 
 
-def profile_lookup(module: nn.Module, batches: List[Batch], threads: int, calls: int, top: int) -> List[Dict[str, Any]]:
+def profile_lookup(call: Callable[[Batch], Any], batches: List[Batch], threads: int, calls: int,
+                   top: int) -> List[Dict[str, Any]]:
     """Operator-level CPU profile (torch.profiler) of ``calls`` lookups; top ops by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(threads)
     for b in batches[:2]:
-        module(b.kjt)
+        call(b)
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(calls):
-            module(batches[i % len(batches)].kjt)
+            call(batches[i % len(batches)])
     wall = time.perf_counter() - t0
     events = prof.key_averages()
     total_self = sum(e.self_cpu_time_total for e in events) or 1.0
@@ -333,7 +355,7 @@ def profile_lookup(module: nn.Module, batches: List[Batch], threads: int, calls:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tables", type=int, default=8)
+    p.add_argument("--tables", type=int, default=4)
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--batch", type=int, default=2048)
@@ -348,6 +370,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-batches", type=int, default=32, help="distinct pre-generated batches, cycled")
     p.add_argument("--copy-mb", type=int, default=1024, help="size of the copy-bandwidth tensor")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler pass")
+    p.add_argument("--tbe", action="store_true", help="also measure torchrec's EBC and quantized EBC (FBGEMM TBE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench/lookup.json")
     p.add_argument("--quick", action="store_true", help="small tables and few rounds: seconds")
@@ -390,6 +413,7 @@ def summarize(v: Variant, th: int, copy_gbps: float) -> Dict[str, Any]:
         "row_gb_per_s": gb,
         "frac_of_copy_bw": gb / copy_gbps if copy_gbps else None,
         "vs_embbag_fp32": statistics.median(v.paired[th]) if v.paired.get(th) else None,
+        "kernel": v.kernel,
         "iters_per_sample": v.iters.get(th),
         "cpu_per_wall": statistics.median(v.cpu_util[th]),
         "ids_per_cpu_s": statistics.median(v.per_cpu[th]),
@@ -418,19 +442,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     def call_embbag(b: Batch) -> Any:
         return [bag(ids, off) for bag, (ids, off) in zip(bags, b.per_table)]
 
+    def call_embbag_i32(b: Batch) -> Any:
+        return [bag(ids, off) for bag, (ids, off) in zip(bags, b.per_table_i32)]
+
     weight_fp32 = T * args.rows * fp32_bytes
     floors = [
         Variant(FLOOR, call_embbag, lambda b: b.ids * fp32_bytes, dtype="fp32", remap=False, parallel=False,
-                row_bytes=fp32_bytes, weight_bytes=weight_fp32),
-        Variant("ebc_fp32", lambda b: ebc(b.kjt), lambda b: b.ids * fp32_bytes, dtype="fp32", remap=False,
-                parallel=False, row_bytes=fp32_bytes, weight_bytes=weight_fp32),
+                row_bytes=fp32_bytes, weight_bytes=weight_fp32, kernel="nn.EmbeddingBag"),
+        Variant("embbag_fp32_i32", call_embbag_i32, lambda b: b.ids * fp32_bytes, dtype="fp32", remap=False,
+                parallel=False, row_bytes=fp32_bytes, weight_bytes=weight_fp32, kernel="nn.EmbeddingBag"),
     ]
+    if args.tbe:
+        floors.append(Variant("ebc_fp32", lambda b: ebc(b.kjt), lambda b: b.ids * fp32_bytes, dtype="fp32", remap=False,
+                              parallel=False, row_bytes=fp32_bytes, weight_bytes=weight_fp32, kernel="torchrec EBC"))
     copy_samples: Dict[int, List[float]] = {}
     copy_bytes = args.copy_mb * 2**20
     results: List[Variant] = list(floors)
     profiles: Dict[str, Any] = {}
     loads: List[float] = []  # 1-minute load average at the start of each round
     cpu0 = time.process_time()
+    top = max(args.thread_list)
 
     pruned = remaps = None
     if args.keep < 1.0:
@@ -439,62 +470,70 @@ def main(argv: Optional[List[str]] = None) -> int:
             b.kept_per_table = [  # type: ignore[attr-defined]
                 int((remaps[t][ids] >= 0).sum()) for t, (ids, _off) in enumerate(b.per_table)
             ]
+
+    def read_bytes(rb: List[int], with_remap: bool) -> Callable[[Batch], int]:
+        if with_remap:
+            return lambda b: sum(k * r for k, r in zip(b.kept_per_table, rb))  # type: ignore[attr-defined]
+        return lambda b: sum(k * r for k, r in zip(b.ids_per_table, rb))
+
     for dt in args.dtype_list:
         t0 = time.time()
         group: List[Variant] = []
         for with_remap in ([False, True] if pruned is not None else [False]):
-            qebc = quantize(pruned if with_remap else ebc, DTYPES[dt])
-            if with_remap:
-                for tbe in qebc._emb_modules:
-                    tbe.set_index_remappings_array(list(remaps))  # features in table order
-            rb = tbe_row_bytes(qebc)
-            wbytes = sum(int(tbe.weights_host.numel()) for tbe in qebc._emb_modules)
-            if with_remap:
-                def nbytes(b: Batch, rb=rb) -> int:
-                    return sum(k * r for k, r in zip(b.kept_per_table, rb))  # type: ignore[attr-defined]
-            else:
-                def nbytes(b: Batch, rb=rb) -> int:
-                    return sum(k * r for k, r in zip(b.ids_per_table, rb))
-            par = torch.jit.script(ParallelQuantEmbeddingBagCollection(qebc, num_workers=1))
             name = dt + ("+prune" if with_remap else "")
-            group.append(Variant(name, lambda b, m=qebc: m(b.kjt), nbytes, dtype=dt, remap=with_remap,
-                                 parallel=False, row_bytes=rb[0], weight_bytes=wbytes))
-            group.append(Variant(name + "+par", lambda b, m=par: m(b.kjt), nbytes, dtype=dt, remap=with_remap,
-                                 parallel=True, row_bytes=rb[0], weight_bytes=wbytes,
-                                 set_workers=par.set_num_workers))
-            # the parallel module must give the serial module's output, bit for bit
-            par.set_num_workers(max(args.thread_list))
-            ref, got = qebc(batches[0].kjt).values(), par(batches[0].kjt).values()
+            lookup = serving_lookup(pruned if with_remap else ebc, dt, list(remaps) if with_remap else None)
+            rb = lookup_row_bytes(lookup)
+            wbytes = sum(t.weight.numel() * t.weight.element_size() + t.mapping.numel() * 4 for t in lookup.tables)
+            sm = torch.jit.script(lookup)
+            del lookup
+            group.append(Variant(name, lambda b, m=sm: m(b.values, b.lengths), read_bytes(rb, with_remap), dtype=dt,
+                                 remap=with_remap, parallel=True, row_bytes=rb[0], weight_bytes=wbytes,
+                                 set_workers=sm.set_num_workers, kernel="torch.ops.quantized"))
+            # more workers must not change a bit of the result
+            sm.set_num_workers(1)
+            ref = sm(batches[0].values, batches[0].lengths)
+            sm.set_num_workers(top)
+            got = sm(batches[0].values, batches[0].lengths)
             if not torch.equal(ref, got):
-                raise SystemExit(f"{name}: parallel output differs from serial (max |diff| {(ref - got).abs().max()})")
-            if dt == "int8" and with_remap == (pruned is not None) and not args.no_profile:
-                th = max(args.thread_list)
+                raise SystemExit(f"{name}: {top} workers differ from 1 (max |diff| {(ref - got).abs().max()})")
+            if not args.no_profile and dt in ("int8", "int4") and with_remap == (pruned is not None):
+                # one worker: torch.profiler's result parser crashed now and then (SIGSEGV in
+                # _parse_kineto_results) on events of tasks forked onto the inter-op pool
                 n_prof = 3 if args.quick else 20
-                profiles[f"{name} serial, {th} threads"] = profile_lookup(qebc, batches, th, n_prof, 8)
-                par.set_num_workers(th)
-                profiles[f"{name}+par, {th} threads"] = profile_lookup(par, batches, th, n_prof, 8)
+                sm.set_num_workers(1)
+                profiles[f"{name}, 1 worker, {top} intra-op threads"] = profile_lookup(
+                    lambda b, m=sm: m(b.values, b.lengths), batches, top, n_prof, 8)
+            if args.tbe:
+                qebc = quantize(pruned if with_remap else ebc, DTYPES[dt])
+                if with_remap:
+                    for tbe in qebc._emb_modules:
+                        tbe.set_index_remappings_array(list(remaps))  # features in table order
+                trb = tbe_row_bytes(qebc)
+                group.append(Variant(f"{dt}_tbe" + ("+prune" if with_remap else ""), lambda b, m=qebc: m(b.kjt),
+                                     read_bytes(trb, with_remap), dtype=dt, remap=with_remap, parallel=False,
+                                     row_bytes=trb[0], weight_bytes=sum(int(t.weights_host.numel()) for t in qebc._emb_modules),
+                                     kernel="FBGEMM TBE"))
+                del qebc
         print(f"# built {dt} in {time.time() - t0:.1f}s; measuring", flush=True)
         measure_rounds(floors + group, batches, args.thread_list, args.rounds, args.sample_s, copy_samples, copy_bytes,
                        loads)
         for v in group:  # release this dtype's models before building the next
             v.call = v.set_workers = None  # type: ignore[assignment]
         results.extend(group)
-        del group, qebc, par
+        del group, sm
     if not args.dtype_list:
         measure_rounds(floors, batches, args.thread_list, args.rounds, args.sample_s, copy_samples, copy_bytes, loads)
 
     copy_gbps = {th: statistics.median(s) for th, s in copy_samples.items()}
     rows = [summarize(v, th, copy_gbps[th]) for th in args.thread_list for v in results]
     by = {(r["variant"], r["threads"]): r for r in rows}
-    top = max(args.thread_list)
     targets = {}
-    for dt, goal in (("int8", 1.5), ("int4", 1.2)):
-        for suffix in ("", "+par"):
-            r = by.get((dt + suffix, top))
-            if r:
-                targets[f"{dt}{suffix} / {FLOOR} @ {top} threads"] = {
-                    "ratio": r["vs_embbag_fp32"], "target": goal, "met": bool(r["vs_embbag_fp32"] and r["vs_embbag_fp32"] >= goal)
-                }
+    for name, goal in TARGETS:
+        r = by.get((name, top))
+        if r:
+            targets[f"{name} / {FLOOR} @ {top} threads"] = {
+                "ratio": r["vs_embbag_fp32"], "target": goal, "met": bool(r["vs_embbag_fp32"] and r["vs_embbag_fp32"] >= goal)
+            }
 
     # table
     print()
@@ -551,7 +590,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             "ids_per_s: median over interleaved rounds; vs_embbag_fp32: median of per-round ratios to embbag_fp32",
             "row_gb_per_s counts ids that hit a stored row x padded row bytes (pruned ids read no row; the "
             "4-byte remap entry read per id is not counted)",
-            "+par: ParallelQuantEmbeddingBagCollection, torch.jit.script-ed, workers = threads",
+            "{dt}, {dt}+prune: sparse_kd.compress.quantize.QuantizedLookup (the CPU serving lookup), "
+            "torch.jit.script-ed, workers = threads; its timed call includes the int64 -> int32 id cast, the offsets "
+            "and writing the (B, F, D) output; the floors return one (B, D) tensor per table",
+            "embbag_fp32 gets the batch's int64 ids; embbag_fp32_i32 int32 ids and offsets (reference only)",
+            "{dt}_tbe (--tbe): torchrec quantized EBC on FBGEMM's TBE, the CPU serving path before artifact format 2",
             "cpu_per_wall: this process's CPU seconds per wall second during the samples (median); well below "
             "the thread count means other jobs held the cores and the rates are depressed",
             "ids_per_cpu_s: ids per CPU-second of this process (all its threads, OpenMP spinning included); at 1 "

@@ -35,12 +35,17 @@ def _ranker_app(
 ) -> specs.AppDef:
     if nnodes < 1 or nproc_per_node < 1:
         raise ValueError(f"nnodes ({nnodes}) and nproc_per_node ({nproc_per_node}) must be >= 1")
+    if 0 < gpu < nproc_per_node:
+        raise ValueError(
+            f"gpu ({gpu}) < nproc_per_node ({nproc_per_node}): each process of a CUDA job needs its own GPU; "
+            f"ask for --gpu {nproc_per_node} or start --nproc_per_node {gpu}"
+        )
     if not config.endswith((".yaml", ".yml")):
         raise ValueError(f"config {config!r}: expected a YAML file such as configs/demo.yaml")
     for ov in overrides:
         if "=" not in ov:
             raise ValueError(f"override {ov!r}: expected key=value, e.g. train.epochs=2")
-    world = nnodes * nproc_per_node
+    world = nnodes * nproc_per_node  # the config's nproc must equal torchrun's WORLD_SIZE (checked by the CLI)
     args = ["train", config, *overrides, f"nproc={world}", "--variants", *variants]
     return ddp(
         *args,

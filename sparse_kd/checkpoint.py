@@ -1,7 +1,8 @@
 """Sharded checkpoints with ``torch.distributed.checkpoint``, written atomically.
 
 Layout: ``<dir>/step_<global_step>/`` holds DCP files plus ``meta.json`` (epoch, step, format
-version, and a sha256 per file). Every rank writes into ``step_N.tmp``; after a barrier rank 0
+version, a sha256 per file, the world size that saved it and, for a sharded model, the sharding
+type of each table: see :mod:`sparse_kd.student.reshard` for what another world size can load). Every rank writes into ``step_N.tmp``; after a barrier rank 0
 writes the manifest and renames the folder, so a ``step_N`` folder is always complete. A kill
 during writing leaves only a ``.tmp`` folder (re-saving a step first moves the old one to
 ``.old``), which is ignored and cleaned up by the next save.
@@ -35,6 +36,21 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def plan_sharding(plan) -> dict[str, str]:
+    """table name -> sharding type, for every table of a torchrec ``ShardingPlan``."""
+    return {name: ps.sharding_type for mp in plan.plan.values() for name, ps in mp.items()}
+
+
+def _sharding(model) -> dict[str, str]:
+    """The plan's sharding types for a DistributedModelParallel (empty for other models)."""
+    plan = getattr(model, "plan", None)
+    return plan_sharding(plan) if plan is not None and hasattr(plan, "plan") else {}
+
+
 def save(ck_dir: Path, model, optimizer, epoch: int, step_in_epoch: int, global_step: int, keep: int = 2) -> Path:
     ck_dir = Path(ck_dir)
     final = ck_dir / f"step_{global_step:08d}"
@@ -54,6 +70,8 @@ def save(ck_dir: Path, model, optimizer, epoch: int, step_in_epoch: int, global_
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
             "global_step": global_step,
+            "world_size": _world_size(),
+            "sharding": _sharding(model),
             "files": files,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -92,16 +110,22 @@ def latest(ck_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def verify(path: Path) -> dict:
-    """Check format version and every file's checksum; return the metadata."""
+def read_meta(path: Path) -> dict:
+    """The checkpoint's ``meta.json`` (not checked against the files: see :func:`verify`)."""
     path = Path(path)
     mf = path / "meta.json"
     if not mf.is_file():
         raise CheckpointError(f"{path}: no meta.json: not a complete sparse_kd checkpoint")
     try:
-        meta = json.loads(mf.read_text())
+        return json.loads(mf.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{mf}: unreadable manifest ({e})") from None
+
+
+def verify(path: Path) -> dict:
+    """Check format version and every file's checksum; return the metadata."""
+    path = Path(path)
+    meta = read_meta(path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {meta.get('format_version')} but this sparse_kd reads version {FORMAT_VERSION}"

@@ -44,7 +44,19 @@ def _setup_logging(verbose: bool = False) -> None:
 def _load(args):
     from sparse_kd.config import load_config
 
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    if _under_torchrun():  # WORLD_SIZE, not the config, splits the batch: they must agree
+        from sparse_kd.dist import check_world_size
+
+        check_world_size(cfg, int(os.environ["WORLD_SIZE"]))
+    return cfg
+
+
+def _nproc(cfg) -> int:
+    """Local processes to re-launch with (``nproc`` resolved: auto, one per GPU, batch divisible)."""
+    from sparse_kd.dist import local_processes
+
+    return local_processes(cfg)
 
 
 def _under_torchrun() -> bool:
@@ -65,8 +77,22 @@ def _relaunch(nproc: int, max_restarts: int = 0, extra: tuple[str, ...] = ()) ->
 
 
 def cmd_data(args) -> int:
-    from sparse_kd.data import load_dataset
+    from sparse_kd.data import convert, load_dataset
 
+    if args.config == "convert":  # sparse-kd data convert CONFIG [overrides] --out FOLDER
+        if not args.overrides or "=" in args.overrides[0]:
+            print("error: usage: sparse-kd data convert CONFIG [key=value ...] --out FOLDER", file=sys.stderr)
+            return 2
+        args.config, args.overrides = args.overrides[0], args.overrides[1:]
+        if not args.out:
+            print("error: sparse-kd data convert needs --out FOLDER (where the Parquet folder goes)", file=sys.stderr)
+            return 2
+        cfg = _load(args)
+        m = convert(cfg.data, args.out)
+        print(json.dumps({"converted": args.out, "users": m["num_users"], "items": m["num_items"],
+                          "implicit": m["implicit"], "splits": {k: v["rows"] for k, v in m["splits"].items()},
+                          "conversion": m["conversion"], "train with": f"data.source=parquet data.path={args.out}"}, indent=1))
+        return 0
     cfg = _load(args)
     ds = load_dataset(cfg.data)
     print(json.dumps({"summary": ds.summary(), "report": ds.report}, indent=1))
@@ -90,8 +116,11 @@ def cmd_encode(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = _load(args)
-    if cfg.nproc > 1 and not _under_torchrun():
-        return _relaunch(cfg.nproc, args.max_restarts)
+    if not _under_torchrun() and (n := _nproc(cfg)) > 1:
+        from sparse_kd.pipeline import check_before_training
+
+        check_before_training(cfg, tuple(args.variants), args.seed)  # refuse before torchrun starts
+        return _relaunch(n, args.max_restarts)
     from sparse_kd.pipeline import run_training
 
     run_training(cfg, tuple(args.variants), seed=args.seed)
@@ -100,8 +129,10 @@ def cmd_train(args) -> int:
 
 def cmd_compress(args) -> int:
     from sparse_kd.compress.stage import compress_run
+    from sparse_kd.run_folder import check_same_experiment
 
     cfg = _load(args)
+    check_same_experiment(cfg)
     run = Path(cfg.output_dir)
     out = Path(args.out) if args.out else run / "artifact" / args.variant
     compress_run(run, args.variant, cfg.compress, out)
@@ -109,7 +140,19 @@ def cmd_compress(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from sparse_kd.serve.predictor import ArtifactError, Predictor
+    from sparse_kd.serve.predictor import ArtifactError
+
+    if args.port is not None:
+        if args.pairs or args.user or args.item:
+            print("error: --port starts the HTTP service; score pairs with --user/--item or --pairs without --port",
+                  file=sys.stderr)
+            return 2
+        return _serve_http(args)
+    if not (args.pairs or args.user or args.item):
+        print("error: nothing to do: give --port P to start the HTTP service, or --user/--item or --pairs to "
+              "score pairs (see `sparse-kd serve --help`)", file=sys.stderr)
+        return 2
+    from sparse_kd.serve.predictor import Predictor
 
     try:
         p = Predictor.load(args.artifact)
@@ -139,13 +182,72 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _serve_http(args) -> int:
+    """The HTTP ranking service (sparse_kd.serve.server); imports neither transformers nor torchrec."""
+    import torch
+
+    from sparse_kd.serve.predictor import ArtifactError
+    from sparse_kd.serve.server import run_server
+    from sparse_kd.serve.service import Limits, Service
+
+    try:
+        limits = Limits(args.max_candidates, args.max_pairs, args.max_body_bytes, args.max_pending)
+        if args.torch_threads < 0:
+            raise ValueError(f"--torch-threads must be >= 0, got {args.torch_threads}")
+        # unknown ids are counted in /metrics and flagged in every answer: no log line per request
+        logging.getLogger("sparse_kd.serve.predictor").setLevel(logging.WARNING)
+        service = Service(args.artifact, limits, workers=args.workers, watch_interval=args.watch,
+                          admin_token=args.admin_token)
+    except (ValueError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    uv = logging.getLogger("uvicorn")
+    uv.handlers[:] = logging.getLogger("sparse_kd").handlers
+    uv.setLevel(logging.INFO if args.access_log else logging.WARNING)
+    uv.propagate = False
+    log.info("torch intra-op threads %d, scoring workers %d", torch.get_num_threads(), args.workers)
+    try:
+        run_server(service, args.host, args.port, access_log=args.access_log)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_add_items(args) -> int:
+    from sparse_kd.compress.new_items import add_items_from_csv, notify
+    from sparse_kd.serve.predictor import ArtifactError
+
+    try:
+        res = add_items_from_csv(args.artifact, args.items_csv, args.config, args.out)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=1))
+    if args.notify:
+        try:
+            answer = notify(args.notify, res["artifact"], args.admin_token)
+        except RuntimeError as e:
+            print(f"error: the new artifact is in {res['artifact']}, but the service did not swap it in: {e}",
+                  file=sys.stderr)
+            return 1
+        print(f"service {args.notify}: swapped={answer.get('swapped')} now serving "
+              f"{answer.get('artifact', {}).get('id')} (was {answer.get('previous')})")
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     """Train (under torchrun), compress the distilled student, reload it in a fresh process."""
     cfg = _load(args)
     if not _under_torchrun():
         t0 = time.perf_counter()
-        if cfg.nproc > 1:
-            rc = _relaunch(cfg.nproc, args.max_restarts)
+        if (n := _nproc(cfg)) > 1:
+            from sparse_kd.pipeline import check_before_training
+
+            check_before_training(cfg)  # refuse before torchrun starts
+            rc = _relaunch(n, args.max_restarts)
         else:
             from sparse_kd.pipeline import run_training
 
@@ -174,9 +276,11 @@ def cmd_study(args) -> int:
     if args.kind == "distill":
         from sparse_kd.studies import distill_study
 
-        if cfg.nproc > 1 and not _under_torchrun() and args.seed is None:
+        if not _under_torchrun() and args.seed is None and (n := _nproc(cfg)) > 1:
+            for seed in cfg.study.seeds:  # refuse before torchrun starts
+                distill_study.check_seed(cfg, seed)
             for seed in cfg.study.seeds:
-                rc = _relaunch(cfg.nproc, extra=("--seed", str(seed)))
+                rc = _relaunch(n, extra=("--seed", str(seed)))
                 if rc:
                     return rc
             distill_study.summarize(cfg, Path(args.docs))
@@ -196,6 +300,44 @@ def cmd_study(args) -> int:
 # ------------------------------------------------------------------------------------------ parser
 
 
+SERVE_EPILOG = """\
+HTTP service (with --port); JSON in and out, details in docs/SERVING.md:
+  POST /rank          {"user": "u1", "items": ["i1", "i2", ...], "top_k": 10}
+                      -> {"scores": [...] (request order), "order": [indices, best first],
+                          "unknown_user": bool, "unknown_items": [indices], "artifact": id}
+  POST /score         {"pairs": [["u1", "i1"], ...]}
+                      -> {"scores": [...], "unknown_users": [...], "unknown_items": [...], "artifact": id}
+  GET  /health        the artifact served (id, path, tables, fallback for unknown ids), limits
+  GET  /metrics       Prometheus text: requests by route/status, latency histograms, reloads
+  POST /admin/reload  {"path": "DIR"} (default: ARTIFACT again): load, verify and swap in; requests
+                      in flight finish on the old artifact; a corrupt one is refused (422) and the
+                      old one keeps serving
+Unknown ids get the artifact's fallback (empty embedding bags, zero dense features) and are
+flagged. Bad requests get 4xx with {"error": message}; 503 only when --max-pending jobs wait.
+Stop with Ctrl-C / SIGTERM (requests in flight finish first).
+
+examples:
+  sparse-kd serve runs/demo/artifact/distilled --user u00012 --item i00007
+  sparse-kd serve runs/demo/artifact/distilled --port 8000
+  curl -s localhost:8000/rank -d '{"user": "u00012", "items": ["i00007", "i00042"]}'
+"""
+
+ADD_ITEMS_EPILOG = """\
+items.csv: header item_id,text; one row per new item; ids must be new to the artifact; text
+non-empty (cut to the run's data.max_text_chars). Errors name the file, line and column.
+The new artifact reaches a running service through --notify URL, or by itself when the service
+watches the folder (serve --watch, on by default).
+
+example:
+  sparse-kd add-items runs/demo/artifact/distilled new_items.csv --notify http://127.0.0.1:8000
+"""
+
+
+# defaults of sparse_kd.serve.service.Limits, repeated here so that building the parser imports no torch
+# (a test checks that they agree)
+SERVE_LIMITS = {"max_candidates": 1000, "max_pairs": 10000, "max_body_bytes": 1 << 20, "max_pending": 64}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sparse-kd",
@@ -209,15 +351,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name, fn, help_, config=True):
-        sp = sub.add_parser(name, help=help_, description=help_)
+    def add(name, fn, help_, config=True, epilog=None):
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter)
         if config:
             sp.add_argument("config", help="experiment YAML (see configs/)")
             sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2 nproc=1")
         sp.set_defaults(fn=fn)
         return sp
 
-    add("data", cmd_data, "Load and split the dataset; print its summary and what was skipped.")
+    sp = add("data", cmd_data, "Load and split the dataset; print its summary and what was skipped. "
+             "`sparse-kd data convert CONFIG [key=value ...] --out FOLDER` instead writes the data as sharded "
+             "Parquet (ids mapped, splits assigned, bounded memory) for data.source=parquet data.path=FOLDER.")
+    sp.add_argument("--out", default=None, help="convert: the folder to write")
     add("encode", cmd_encode, "Encode user and item text with the BERT teacher (cached on disk).")
     sp = add("train", cmd_train, "Train the teacher ranker, the baseline and the distilled student (nproc processes).")
     sp.add_argument("--variants", nargs="+", default=["teacher_ranker", "baseline", "distilled"],
@@ -228,11 +374,50 @@ def build_parser() -> argparse.ArgumentParser:
              "(compress.budget_mb=N asks the planner for a plan that fits N MB).")
     sp.add_argument("--variant", default="distilled", help="trained variant folder inside output_dir")
     sp.add_argument("--out", default=None, help="artifact folder (default OUTPUT_DIR/artifact/VARIANT)")
-    sp = add("serve", cmd_serve, "Score (user, item) pairs with a saved artifact, without training code or BERT.", config=False)
+    sp = add("serve", cmd_serve, "Score (user, item) pairs with a saved artifact (--user/--item or --pairs), or start "
+             "the HTTP ranking service (--port), without training code or BERT.", config=False, epilog=SERVE_EPILOG)
     sp.add_argument("artifact", help="artifact folder written by `sparse-kd compress`")
-    sp.add_argument("--pairs", help="CSV with user_id,item_id columns")
-    sp.add_argument("--user", nargs="*", default=[], help="raw user ids")
-    sp.add_argument("--item", nargs="*", default=[], help="raw item ids")
+    g = sp.add_argument_group("scoring from the command line")
+    g.add_argument("--pairs", help="CSV with user_id,item_id columns")
+    g.add_argument("--user", nargs="*", default=[], help="raw user ids")
+    g.add_argument("--item", nargs="*", default=[], help="raw item ids")
+    g = sp.add_argument_group("HTTP service (docs/SERVING.md)")
+    g.add_argument("--port", type=int, default=None,
+                   help="start the HTTP service on this port (0: any free port; the address is logged)")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--max-candidates", type=int, default=SERVE_LIMITS["max_candidates"],
+                   help="most items in one /rank request; more is a 413 (default %(default)s)")
+    g.add_argument("--max-pairs", type=int, default=SERVE_LIMITS["max_pairs"],
+                   help="most pairs in one /score request; more is a 413 (default %(default)s)")
+    g.add_argument("--max-body-bytes", type=int, default=SERVE_LIMITS["max_body_bytes"],
+                   help="largest request body; more is a 413 (default %(default)s)")
+    g.add_argument("--max-pending", type=int, default=SERVE_LIMITS["max_pending"],
+                   help="scoring jobs allowed to wait; beyond, requests get 503 + Retry-After (default %(default)s)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="scoring threads (default %(default)s; torch releases the GIL inside the model)")
+    g.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op threads (default %(default)s: a 1 x 500 ranking is too small to split; "
+                        "0 keeps torch's default)")
+    g.add_argument("--watch", type=float, default=2.0,
+                   help="seconds between checks of ARTIFACT/manifest.json; a replaced artifact (e.g. by add-items) "
+                        "is loaded and swapped in (0: off; default %(default)s)")
+    g.add_argument("--admin-token", default=None,
+                   help="require this value in the X-Admin-Token header of POST /admin/reload (default: no token; "
+                        "keep the default --host then)")
+    g.add_argument("--access-log", action="store_true", help="log every request (costs time per request)")
+    sp = add("add-items", cmd_add_items, "Add items known only by their text to an artifact: encode items.csv's "
+             "texts with the teacher, compute their rows through the artifact's text map, write the artifact "
+             "atomically, and optionally tell a running service to swap it in.", config=False, epilog=ADD_ITEMS_EPILOG)
+    sp.add_argument("artifact", help="artifact folder (replaced atomically unless --out)")
+    sp.add_argument("items_csv", help="CSV with header item_id,text (UTF-8; other columns are ignored)")
+    sp.add_argument("--config", default=None,
+                    help="YAML of the run that trained the model (for the teacher settings); default: the run's "
+                         "config.yaml named by the artifact's manifest (config.source.run_dir)")
+    sp.add_argument("--out", default=None, help="write the new artifact here instead of replacing ARTIFACT")
+    sp.add_argument("--notify", default=None, metavar="URL",
+                    help="base URL of a running service (e.g. http://127.0.0.1:8000): POST URL/admin/reload with "
+                         "the new artifact's path")
+    sp.add_argument("--admin-token", default=None, help="X-Admin-Token for --notify (when the service has one)")
     sp = add("pipeline", cmd_pipeline, "Everything: teacher -> teacher ranker -> baseline + distilled student -> compress -> serve check.")
     sp.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failed rank")
     sp = sub.add_parser("study", help="Sweeps: `study distill` (variants x seeds) or `study compress` (keep ratio x bit width).",
@@ -246,19 +431,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type, ...]:
+    """Exceptions that are the user's to fix: printed as one line, exit 2 (imported only when one is
+    raised, so that `serve` does not import the training code)."""
+    from sparse_kd.checkpoint import CheckpointError
+    from sparse_kd.config import ConfigError
+    from sparse_kd.data.schema import DataError
+    from sparse_kd.run_folder import StaleRunError
+    from sparse_kd.teacher.encoder import TeacherModelError
+    from sparse_kd.serve.format import ArtifactError
+
+    return (ConfigError, DataError, FileNotFoundError, CheckpointError, StaleRunError, TeacherModelError, ArtifactError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from sparse_kd.config import ConfigError
-    from sparse_kd.checkpoint import CheckpointError
-    from sparse_kd.data.schema import DataError
-    from sparse_kd.student.export import StaleRunError
-    from sparse_kd.teacher.encoder import TeacherModelError
-
     try:
         return args.fn(args) or 0
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError, StaleRunError, TeacherModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank stops; one says why
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        if getattr(e, "on_every_rank", False):  # no rank exits (and gets the others killed) before that
+            from sparse_kd.dist import barrier
+
+            barrier()
         return 2
 
 

@@ -44,19 +44,38 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where interactions come from and how they are split.
+    """Where interactions come from and how they are split (protocol: ``sparse_kd/data/split.py``).
 
     source: ``synthetic`` (embedded generator), ``movielens`` (ML-100K folder with u.data, u.item,
-    u.user) or ``csv`` (folder with interactions.csv, items.csv and optional users.csv).
+    u.user), ``csv`` (folder with interactions.csv, items.csv and optional users.csv) or
+    ``parquet`` (a folder written by ``sparse-kd data convert``: streamed, for data of any size;
+    its split settings must be those it was converted with).
+    split: ``auto`` (by time when there are timestamps, else seeded random), ``time`` or ``random``.
+    valid_cold_fraction: share of the cold items whose interactions form ``valid_cold`` (the rest
+    form ``test_cold``).
+    negatives / train_negatives: implicit feedback only (no label column): sampled negatives per
+    positive, and whether training negatives are resampled every epoch or sampled once
+    (``sparse_kd/data/negatives.py``).
     """
 
-    source: Literal["synthetic", "movielens", "csv"] = "synthetic"
+    source: Literal["synthetic", "movielens", "csv", "parquet"] = "synthetic"
     path: str = ""
     cold_item_fraction: float = 0.1
+    valid_cold_fraction: float = 0.5
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
+    split: Literal["auto", "time", "random"] = "auto"
     seed: int = 0
     max_text_chars: int = 2000
+    negatives: int = 4
+    train_negatives: Literal["per_epoch", "fixed"] = "per_epoch"
+    # training order (sparse_kd/data/stream.py): blocks of rows permuted, rows shuffled within
+    # windows of blocks; memory holds one window whatever the data size
+    shuffle_block_rows: int = 65536
+    shuffle_window_blocks: int = 16
+    # DataLoader worker processes building each rank's batches; -1: 1 for parquet, 0 (in the
+    # training process) for in-memory sources
+    loader_workers: int = -1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -74,6 +93,21 @@ class TeacherConfig:
     # else fp32; pooling always in fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     normalize: bool = True  # L2-normalise, as the sentence-transformers recipe of MiniLM does
+    # weights load from safetensors only; true also loads pickled pytorch_model.bin (can run code)
+    allow_pickle_weights: bool = False
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """Memory the sharding planner may use per rank on CUDA (CPU plans are built by hand).
+
+    0 means: from the machine (GPU memory of the device; host RAM divided by the local processes).
+    Tables that do not fit in ``hbm_cap_gb`` get UVM-caching kernels (rows in host memory,
+    a cache on the GPU) instead of an out-of-memory at start-up.
+    """
+
+    hbm_cap_gb: float = 0.0
+    ddr_cap_gb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +115,7 @@ class StudentConfig:
     """The DLRM student (and the teacher ranker, which shares its architecture).
 
     sharding: per-feature sharding type; features not named use ``default_sharding``.
+    planner: memory caps for torchrec's planner on CUDA (does not change what training computes).
     """
 
     embedding_dim: int = 16
@@ -89,6 +124,7 @@ class StudentConfig:
     default_sharding: Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"] = "table_wise"
     sharding: dict[str, str] = field(default_factory=dict)
     teacher_text_dim: int = 64  # teacher ranker: text embeddings are PCA-reduced to this many dims
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
 
 
 @dataclass(frozen=True)
@@ -198,7 +234,9 @@ class TrainConfig:
     log_every: int = 20
     eval_batch_size: int = 4096
     collective_timeout_s: int = 300
-    deterministic: bool = True
+    # auto: deterministic kernels on CPU; on CUDA only when CUBLAS_WORKSPACE_CONFIG is set (cuBLAS needs
+    # it, and deterministic CUDA kernels cost speed); true / false force it
+    deterministic: Union[bool, Literal["auto"]] = "auto"
     # model selection on valid (the ``valid`` split's AUC): keep the epoch with the best score as
     # the result, and stop after ``early_stop_patience`` epochs without improvement (0: never)
     select_best: bool = False
@@ -222,11 +260,14 @@ class CompressConfig:
     default_pruned_fill: Literal["zero", "mean", "text"] = "zero"
     pruned_fill: dict[str, str] = field(default_factory=dict)
     budget_mb: float = 0.0
-    remap: Literal["array", "hash"] = "array"
-    # bytes each quantized row is padded to: 16 is what FBGEMM's GPU kernels need; CPU serving
-    # works with 1, which makes int8/int4/int2 rows of small dims markedly smaller
+    remap: Literal["array", "hash"] = "array"  # hash: TBE only (serve_device cuda)
+    # where the artifact is served: cpu -> PyTorch's quantized EmbeddingBag ops (FBGEMM CPU kernels),
+    # cuda -> FBGEMM's TBE on the GPU (see sparse_kd/compress/quantize.py)
+    serve_device: Literal["cpu", "cuda"] = "cpu"
+    # bytes each TBE row is padded to (serve_device cuda; its GPU kernels need 16); the CPU kernels
+    # store rows unpadded and ignore it
     row_alignment: int = 16
-    dense_int8: bool = False  # torch.ao dynamic int8 on the dense layers (off: measured -0.0004 AUC on the demo)
+    dense_int8: bool = False  # torch.ao dynamic int8 on the dense layers (off: the dense layers are small)
 
 
 @dataclass(frozen=True)
@@ -251,7 +292,8 @@ class ExperimentConfig:
 
     name: str = "experiment"
     output_dir: str = "runs/experiment"
-    nproc: int = 2
+    # local processes when a command re-launches itself; auto: one per GPU when training on CUDA, else 2
+    nproc: Union[int, Literal["auto"]] = 2
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -346,9 +388,14 @@ def _validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{key}: {msg}")
 
     d, t, s, c = cfg.data, cfg.train, cfg.student, cfg.compress
-    need(cfg.nproc >= 1, "nproc", "must be >= 1")
+    need(cfg.nproc == "auto" or cfg.nproc >= 1, "nproc", "must be >= 1 or auto")
     need(d.source == "synthetic" or bool(d.path), "data.path", f"required when data.source is {d.source!r}")
     need(0.0 <= d.cold_item_fraction < 1.0, "data.cold_item_fraction", "must be in [0, 1)")
+    need(0.0 <= d.valid_cold_fraction <= 1.0, "data.valid_cold_fraction", "must be in [0, 1]")
+    need(d.shuffle_block_rows >= 1, "data.shuffle_block_rows", "must be >= 1")
+    need(d.shuffle_window_blocks >= 1, "data.shuffle_window_blocks", "must be >= 1")
+    need(d.loader_workers >= -1, "data.loader_workers", "must be >= 0, or -1 (auto)")
+    need(d.negatives >= 1, "data.negatives", "must be >= 1 (sampled negatives per positive, implicit feedback)")
     need(0.0 < d.valid_fraction < 0.5, "data.valid_fraction", "must be in (0, 0.5)")
     need(0.0 < d.test_fraction < 0.5, "data.test_fraction", "must be in (0, 0.5)")
     need(d.valid_fraction + d.test_fraction < 0.9, "data.test_fraction", "valid + test must leave >= 10% for training")
@@ -366,6 +413,8 @@ def _validate(cfg: ExperimentConfig) -> None:
     for feat, st in s.sharding.items():
         need(st in SHARDING_TYPES, f"student.sharding.{feat}", f"{st!r} is not valid; expected one of {', '.join(SHARDING_TYPES)}")
     need(s.teacher_text_dim >= 1, "student.teacher_text_dim", "must be >= 1")
+    need(s.planner.hbm_cap_gb >= 0, "student.planner.hbm_cap_gb", "must be >= 0 (0: the GPU's memory)")
+    need(s.planner.ddr_cap_gb >= 0, "student.planner.ddr_cap_gb", "must be >= 0 (0: host RAM / local processes)")
     lk, al = cfg.distill.logit, cfg.distill.align
     need(0.0 <= lk.kd_ratio <= 1.0, "distill.logit.kd_ratio", "must be in [0, 1]")
     need(lk.temperature > 0, "distill.logit.temperature", "must be > 0")
@@ -392,8 +441,9 @@ def _validate(cfg: ExperimentConfig) -> None:
         for f in getattr(getattr(cfg.distill, sec), name):
             need(f in ("user_id", "item_id"), f"distill.{key}", f"{f!r}: only user_id and item_id have text")
     need(t.epochs >= 1, "train.epochs", "must be >= 1")
-    need(t.batch_size >= cfg.nproc and t.batch_size % cfg.nproc == 0, "train.batch_size",
-         f"must be a positive multiple of nproc ({cfg.nproc}): it is the global batch split across ranks")
+    if cfg.nproc != "auto":  # auto: checked once the process count is known (sparse_kd.dist.local_processes)
+        need(t.batch_size >= cfg.nproc and t.batch_size % cfg.nproc == 0, "train.batch_size",
+             f"must be a positive multiple of nproc ({cfg.nproc}): it is the global batch split across ranks")
     need(t.dense_lr > 0 and t.sparse_lr > 0, "train.dense_lr", "learning rates must be > 0")
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
@@ -407,6 +457,10 @@ def _validate(cfg: ExperimentConfig) -> None:
         need(fill in ("zero", "mean", "text"), f"compress.pruned_fill.{feat}", f"{fill!r} is not valid; expected zero, mean or text")
     need(c.budget_mb >= 0, "compress.budget_mb", "must be >= 0 (0: no budget)")
     need(c.row_alignment in (1, 2, 4, 8, 16), "compress.row_alignment", f"{c.row_alignment} is not valid; expected 1, 2, 4, 8 or 16")
+    need(c.remap == "array" or c.serve_device == "cuda", "compress.remap",
+         "'hash' needs compress.serve_device: cuda (FBGEMM's TBE); the CPU kernels take an array remap")
+    need(c.row_alignment == 16 or c.serve_device == "cpu", "compress.row_alignment",
+         f"{c.row_alignment} is not valid with compress.serve_device: cuda; FBGEMM's GPU kernels need 16")
     for k in cfg.study.keep_ratios:
         need(0.0 < k <= 1.0, "study.keep_ratios", f"{k} is not in (0, 1]")
     for dt in cfg.study.dtypes:

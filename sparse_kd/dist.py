@@ -1,4 +1,16 @@
-"""Process-group set-up shared by every stage: the same code runs as 1 process or under torchrun."""
+"""Process-group set-up shared by every stage: the same code runs as 1 process or under torchrun;
+and :func:`launch_local`, N local CPU ranks in fresh processes (tests, benchmarks).
+
+How many processes, and on which devices:
+
+- ``nproc`` (config) is the number of local processes a command re-launches itself with;
+  :func:`local_processes` resolves ``auto`` (one per GPU when training on CUDA, else 2) and
+  refuses more processes than GPUs, since each CUDA rank needs a GPU of its own.
+- Under torchrun (or torchx), WORLD_SIZE is what splits the global batch; :func:`check_world_size`
+  refuses a config whose integer ``nproc`` says otherwise.
+- With ``nccl`` the default group is ``cpu:gloo,cuda:nccl``: CUDA tensors go through NCCL, and
+  CPU tensors, objects and barriers through gloo (an NCCL-only group rejects CPU tensors).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +18,16 @@ import datetime
 import logging
 import os
 import socket
+import uuid
 from dataclasses import dataclass
+from typing import Any, Callable, Union
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+AUTO_CPU_NPROC = 2  # nproc: auto without CUDA
 
 
 @dataclass(frozen=True)
@@ -20,7 +36,8 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    backend: str
+    backend: str  # the backend of the training tensors: "nccl" or "gloo"
+    local_world_size: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -33,24 +50,106 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _config_error(msg: str) -> Exception:
+    from sparse_kd.config import ConfigError
+
+    return ConfigError(msg)
+
+
+def resolve_backend(backend: str, cuda: bool) -> str:
+    """``auto`` -> nccl with CUDA, else gloo; nccl without CUDA is an error."""
+    if backend == "auto":
+        return "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise _config_error("train.backend: 'nccl' needs CUDA GPUs; none is visible. Use train.backend=gloo (or auto) on CPU.")
+    return backend
+
+
+def group_backend(backend: str) -> str:
+    """The backend string of the default process group for training tensors on ``backend``.
+
+    nccl -> ``cpu:gloo,cuda:nccl``, so that collectives on CPU tensors (gathered metrics,
+    broadcast objects, barriers) have a backend too; gloo serves both devices as it is.
+    """
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+
+
+def resolve_nproc(nproc: Union[int, str], backend: str, gpus: int) -> int:
+    """Local processes for ``nproc`` (an int or ``auto``) on a machine with ``gpus`` visible GPUs.
+
+    With CUDA training (``backend`` resolves to nccl) every process needs its own GPU: ``auto`` is
+    the GPU count, and an integer above it is an error. Otherwise ``auto`` is 2 CPU processes.
+    """
+    cuda_training = resolve_backend(backend, gpus > 0) == "nccl"
+    if nproc == "auto":
+        return gpus if cuda_training else AUTO_CPU_NPROC
+    if cuda_training and nproc > gpus:
+        raise _config_error(
+            f"nproc: {nproc} processes, but this machine has {gpus} visible GPU(s) and each CUDA rank needs its own "
+            f"(rank {gpus} would ask for cuda:{gpus}). Set nproc={gpus} or nproc=auto, or train.backend=gloo to "
+            "train on CPU."
+        )
+    return nproc
+
+
+def _visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_processes(cfg) -> int:
+    """How many local processes a command that trains ``cfg`` starts (``nproc`` resolved and checked)."""
+    n = resolve_nproc(cfg.nproc, cfg.train.backend, _visible_gpus())
+    check_batch(cfg.train.batch_size, n, "nproc" if cfg.nproc != "auto" else f"nproc (auto: {n})")
+    return n
+
+
+def check_batch(batch_size: int, world_size: int, what: str) -> None:
+    if batch_size < world_size or batch_size % world_size:
+        raise _config_error(
+            f"train.batch_size: {batch_size} must be a positive multiple of {what} = {world_size}: "
+            "it is the global batch split across ranks"
+        )
+
+
+def check_world_size(cfg, world_size: int) -> None:
+    """Under torchrun, WORLD_SIZE splits the batch: refuse an integer ``nproc`` that disagrees."""
+    if cfg.nproc != "auto" and cfg.nproc != world_size:
+        raise _config_error(
+            f"nproc: the config says {cfg.nproc} processes but torchrun started WORLD_SIZE={world_size} "
+            f"(nodes x processes per node). Pass nproc={world_size} (or nproc=auto) so the config matches the launch."
+        )
+    check_batch(cfg.train.batch_size, world_size, "WORLD_SIZE")
+
+
+def check_local_gpus(local_world_size: int, local_rank: int, gpus: int) -> None:
+    """Each CUDA rank on a node needs its own GPU: cuda:LOCAL_RANK must exist."""
+    if local_world_size > gpus or local_rank >= gpus:
+        raise _config_error(
+            f"nproc: {local_world_size} processes on this node (LOCAL_WORLD_SIZE) but only {gpus} visible GPU(s): "
+            f"local rank {local_rank} would use cuda:{local_rank}. Start at most {gpus} processes per node "
+            "(--nproc_per_node, or nproc=auto), or use train.backend=gloo to train on CPU."
+        )
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 300) -> DistEnv:
     """Join (or create) the default process group.
 
-    Under torchrun the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) is used; otherwise a
-    1-process group on a free local port. backend ``auto`` is nccl with CUDA, else gloo.
-    Collectives that wait longer than ``timeout_s`` fail instead of hanging.
+    Under torchrun the environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, ...) is used;
+    otherwise a 1-process group on a free local port. backend ``auto`` is nccl with CUDA, else
+    gloo; nccl runs rank r of a node on ``cuda:LOCAL_RANK``. Collectives that wait longer than
+    ``timeout_s`` fail instead of hanging.
     """
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+        )
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    backend = resolve_backend(backend, torch.cuda.is_available())
     if backend == "nccl":
-        if not torch.cuda.is_available():
-            from sparse_kd.config import ConfigError
-
-            raise ConfigError("train.backend: 'nccl' needs CUDA GPUs; none is visible. Use train.backend=gloo (or auto) on CPU.")
+        check_local_gpus(local_world, local_rank, torch.cuda.device_count())
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
     else:
@@ -63,8 +162,8 @@ def init_distributed(backend: str = "auto", timeout_s: int = 300) -> DistEnv:
         store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"sparse_kd/attempt_{attempt}", store)
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    return DistEnv(rank, world, local_rank, device, backend)
+        dist.init_process_group(backend=group_backend(backend), store=store, rank=rank, world_size=world, timeout=timeout)
+    return DistEnv(rank, world, local_rank, device, backend, local_world)
 
 
 def barrier() -> None:
@@ -72,18 +171,71 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_device(tensor_device: str, backend_config: str) -> str:
+    """The device type to run a collective on for a tensor on ``tensor_device``, given the group's
+    backend config (``dist.get_backend_config()``, e.g. ``cpu:gloo,cuda:nccl`` or ``cuda:nccl``):
+    the tensor's own device when the group serves it, else the device the group does serve."""
+    served = [pair.split(":")[0] for pair in backend_config.split(",") if ":" in pair]
+    if not served or tensor_device in served:
+        return tensor_device
+    return "cuda" if "cuda" in served else served[0]
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-shaped tensors from every rank along dim 0, in rank order."""
+    """Concatenate equal-shaped tensors from every rank along dim 0, in rank order.
+
+    Returns a tensor on ``t``'s device; the gather itself runs on a device the group serves
+    (a CPU tensor in an NCCL-only group is gathered on this rank's GPU).
+    """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return t
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
+    where = gather_device(t.device.type, dist.get_backend_config())
+    src = t.contiguous()
+    if where != t.device.type:
+        src = src.to(torch.device("cuda", torch.cuda.current_device()) if where == "cuda" else torch.device(where))
+    out = [torch.empty_like(src) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, src)
+    return torch.cat(out).to(t.device)
 
 
 def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (torch picks gloo for objects in a cpu:gloo,cuda:nccl group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def launch_local(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:
+    """Run ``fn(*args)`` on ``nproc`` fresh local CPU ranks (``elastic_launch``, as torchrec's own
+    tests do, each launch on a fresh rendezvous port); return {rank: return value}.
+
+    ``fn`` and ``args`` must be picklable (ranks are spawned). Each rank gets one OpenMP thread,
+    as torchrun gives it, unless OMP_NUM_THREADS is set: N ranks x default threads would
+    oversubscribe the cores and spin-wait on each other. The setting reaches only the ranks;
+    this process's environment is left as it was.
+    """
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    lc = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        rdzv_configs={"timeout": 120},
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    # the agent forwards OMP_NUM_THREADS from os.environ to the ranks it spawns
+    unset = "OMP_NUM_THREADS" not in os.environ
+    if unset:
+        os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        return elastic_launch(lc, entrypoint=fn)(*args)
+    finally:
+        if unset:
+            os.environ.pop("OMP_NUM_THREADS", None)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # runtime imports stay light: the serving check imports this 
     from sparse_kd.data.batching import BatchBuilder, KDBatch
     from sparse_kd.data.schema import RecDataset
 
-EVAL_SPLITS = ("valid", "test", "test_cold")
+EVAL_SPLITS = ("valid", "test", "valid_cold", "test_cold")
 
 
 def auc(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> float:

@@ -19,25 +19,26 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from sparse_kd.config import ExperimentConfig, to_dict
+from sparse_kd import atomic
+from sparse_kd.config import DistillConfig, ExperimentConfig, to_dict
 from sparse_kd.data import load_dataset
 from sparse_kd.data.batching import count_dense
 from sparse_kd.data.schema import RecDataset
+from sparse_kd.data.stream import check_logit_kd, train_source
 from sparse_kd.dist import DistEnv, barrier, broadcast_object, init_distributed
 from sparse_kd.distill.history import HistoryPairFeature, resolve_mode, resolve_user_text
-from sparse_kd.distill.pairs import describe_pool, pool_size, sample_pool, teacher_pool_logits
+from sparse_kd.distill.pairs import describe_pool, pool_batch, sample_pool, teacher_pool_logits
 from sparse_kd.distill.transfer import pca_reduce, transfer_rows
 from sparse_kd.report import metrics_table
+from sparse_kd.run_folder import StaleRunError, check_run_folder
 from sparse_kd.student.export import check_fingerprint, load_dlrm, write_model_meta
 from sparse_kd.student.spec import RankerResult, RankerSpec, RefitSpec
 from sparse_kd.student.train import train_ranker
@@ -51,14 +52,18 @@ def prepare_data(cfg: ExperimentConfig, env: DistEnv) -> RecDataset:
     """Load the dataset (every rank, deterministically) and write the run's data folder (rank 0)."""
     t0 = time.perf_counter()
     ds = load_dataset(cfg.data)
+    check_logit_kd(cfg.distill.logit.enabled, ds.sampler is not None)
     out = Path(cfg.output_dir)
     if env.is_main:
         (out / "data").mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        ds.save_mappings(out / "data" / "mappings.json")
+        atomic.write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        with atomic.replacing(out / "data" / "mappings.json") as tmp:
+            ds.save_mappings(tmp)
         ub, ib = count_dense(ds)
-        torch.save({"user": ub, "item": ib}, out / "data" / "entity_dense.pt")
-        write_heldout_pairs(ds, out / "data" / "heldout_pairs.csv")
+        with atomic.replacing(out / "data" / "entity_dense.pt") as tmp:
+            torch.save({"user": ub, "item": ib}, tmp)
+        with atomic.replacing(out / "data" / "heldout_pairs.csv") as tmp:
+            write_heldout_pairs(ds, tmp)
         s = ds.summary()
         log.info(
             "data: %d users, %d items, features %s; splits %s (%.1fs)",
@@ -95,9 +100,8 @@ def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv) -> tupl
     if env.is_main:
         item = encode_texts(cfg.teacher, ds.item_text, "items")
         user = encode_texts(cfg.teacher, ds.user_text, "users")
-        tmp = path.with_suffix(".tmp")
-        save_file({"user": user.contiguous(), "item": item.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic.replacing(path) as tmp:
+            save_file({"user": user.contiguous(), "item": item.contiguous()}, str(tmp))
     barrier()
     t = load_file(str(path))
     return t["user"], t["item"]
@@ -131,12 +135,19 @@ def train_variant(
 
 def fingerprint(cfg: ExperimentConfig, spec: RankerSpec, seed: int) -> dict:
     """The settings that change what a ranker's training produces (not epochs: more epochs continue)."""
+    return variant_fingerprint(cfg, spec.name, spec.distill, seed)
+
+
+def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig, seed: int) -> dict:
+    """:func:`fingerprint` of the ranker ``name`` trained with ``distill``."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size", "collective_timeout_s")}
-    distill = to_dict(spec.distill) if spec.distill.any_enabled else {}  # a baseline does not depend on them
-    fp = {"data": to_dict(cfg.data), "student": to_dict(cfg.student), "train": train, "seed": seed, "distill": distill}
-    if spec.name == TEACHER or spec.distill.any_enabled:
+    data = {k: v for k, v in to_dict(cfg.data).items() if k != "loader_workers"}  # how batches are built, not which
+    student = {k: v for k, v in to_dict(cfg.student).items() if k != "planner"}  # memory caps: same training
+    # a ranker without distillation (the baseline) does not depend on the distill settings
+    fp = {"data": data, "student": student, "train": train, "seed": seed, "distill": to_dict(distill) if distill.any_enabled else {}}
+    if name == TEACHER or distill.any_enabled:
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
-    if spec.name == TEACHER:
+    if name == TEACHER:
         fp["teacher_ranker"] = {"user_text": cfg.distill.user_text, **to_dict(cfg.distill.teacher_ranker)}
     return fp
 
@@ -145,6 +156,52 @@ def baseline_spec(ds: RecDataset, name: str = "baseline") -> RankerSpec:
     """The student without distillation: entity counts as dense features, nothing from text."""
     ub, ib = count_dense(ds)
     return RankerSpec(name, ub, ib)
+
+
+def trained_variants(cfg: ExperimentConfig, variants: tuple[str, ...]) -> list[str]:
+    """The rankers :func:`run_training` trains for ``variants``, in order (the teacher ranker is
+    added when a distillation method needs it)."""
+    out = [TEACHER] if TEACHER in variants or ("distilled" in variants and needs_teacher_ranker(cfg)) else []
+    return out + [v for v in ("baseline", "distilled") if v in variants]
+
+
+def check_before_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "baseline", "distilled"),
+                          seed: Optional[int] = None) -> None:
+    """Everything that refuses a training command, decided before anything is written (reads only):
+    the run folder must hold this experiment or nothing (:class:`StaleRunError`) and the teacher
+    model must load (:class:`~sparse_kd.teacher.encoder.TeacherModelError`)."""
+    from sparse_kd.teacher.encoder import resolve_model_path
+
+    seed = cfg.train.seed if seed is None else seed
+    fps = {v: variant_fingerprint(cfg, v, cfg.distill if v == "distilled" else DistillConfig(), seed)
+           for v in trained_variants(cfg, variants)}
+    check_run_folder(cfg, fps)
+    resolve_model_path(cfg.teacher.model, allow_pickle_weights=cfg.teacher.allow_pickle_weights)
+
+
+def check_on_main(env: DistEnv, check) -> None:
+    """Run ``check()`` on rank 0 only and raise the refusal it raises on every rank, so that all
+    ranks stop together and only rank 0 says why (refusals: StaleRunError, TeacherModelError)."""
+    from sparse_kd.teacher.encoder import TeacherModelError
+
+    kinds = {"StaleRunError": StaleRunError, "TeacherModelError": TeacherModelError}
+    refusal, failure = None, None
+    if env.is_main:
+        try:
+            check()
+        except (StaleRunError, TeacherModelError) as e:
+            refusal = (type(e).__name__, str(e))
+        except Exception as e:  # not a refusal (a bug, an unreadable disk): the other ranks must not wait
+            refusal, failure = ("failure", f"rank 0 failed before training: {type(e).__name__}: {e}"), e
+    refusal = broadcast_object(refusal)
+    if failure is not None:
+        raise failure
+    if refusal is not None:
+        if refusal[0] == "failure":
+            raise RuntimeError(refusal[1])
+        err = kinds[refusal[0]](refusal[1])
+        err.on_every_rank = True  # the CLI lets the ranks leave together, once rank 0 has said why
+        raise err
 
 
 def user_text_for(cfg: ExperimentConfig, ds: RecDataset, user_text: torch.Tensor, item_text: torch.Tensor,
@@ -181,25 +238,27 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
     dc = cfg.distill
     spec = RankerSpec(name, ub, ib, distill=dc)
     if dc.logit.enabled:
-        assert teacher is not None and teacher.train_logits is not None
+        if teacher is None or teacher.train_logits is None:
+            raise ValueError(f"{name}: distill.logit needs the teacher ranker's train logits; train it first "
+                             "(it is trained automatically by run_training)")
         spec.teacher_logits = teacher.train_logits
     if dc.pairs.enabled:
         if teacher is None or teacher.checkpoint is None or teacher_ranker_spec is None or env is None:
             raise ValueError("distill.pairs needs the trained teacher ranker (its result, spec and checkpoint) and the DistEnv")
-        pool = sample_pool(ds, dc.pairs, pool_size(len(ds.splits["train"]), cfg.train.batch_size, dc.pairs), seed)
+        steps = train_source(ds, cfg.data).steps_per_epoch(cfg.train.batch_size)  # sampled negatives included
+        pool = sample_pool(ds, dc.pairs, steps * pool_batch(dc.pairs, cfg.train.batch_size), seed)
         spec.kd_pool = pool
         spec.kd_pool_logits = teacher_pool_logits(cfg, ds, teacher_ranker_spec, teacher.checkpoint, pool, env, seed)
         if env.is_main:
             log.info("[%s] sampled-pair KD pool: %s", name, describe_pool(ds, pool))
     if dc.align.enabled:
         spec.user_text, spec.item_text = user_text, item_text
+    user_counts, item_counts = ds.train_counts()
     if dc.transfer.enabled and dc.transfer.refit:
-        train = ds.splits["train"]
         feats = dc.transfer.refit_features
         spec.refit = RefitSpec(
             text={f: (user_text if f == "user_id" else item_text) for f in feats},
-            counts={f: np.bincount(train.user if f == "user_id" else train.item,
-                                   minlength=ds.num_users if f == "user_id" else ds.num_items) for f in feats},
+            counts={f: user_counts if f == "user_id" else item_counts for f in feats},
             min_count=dc.transfer.refit_min_count,
             l2=dc.transfer.ridge_l2,
         )
@@ -207,16 +266,16 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
         tr = dc.transfer
         teacher_tables = None
         if tr.projection == "learned":
-            assert teacher is not None
+            if teacher is None:
+                raise ValueError(f"{name}: distill.transfer.projection 'learned' needs the trained teacher ranker; "
+                                 "train it first (run_training does)")
             teacher_tables = load_dlrm(_variant_dir(cfg, TEACHER)).sparse_arch.embedding_bag_collection.embedding_bags
-        train = ds.splits["train"]
         # users given by their click history live in the item-text space: project them on the
         # items' PCA basis, so seeded user . item products follow history . item similarity
         shared = resolve_mode(dc.user_text, ds) == "history"
         for f in tr.features:
             text = user_text if f == "user_id" else item_text
-            n = text.shape[0]
-            warm = torch.from_numpy(np.bincount(train.user if f == "user_id" else train.item, minlength=n) > 0)
+            warm = torch.from_numpy((user_counts if f == "user_id" else item_counts) > 0)
             trows = teacher_tables[f"t_{f}"].weight.detach() if teacher_tables is not None else None
             basis = item_text if (f == "user_id" and shared) else None
             spec.init_rows[f] = transfer_rows(text, cfg.student.embedding_dim, tr.projection, tr.scale, trows, warm,
@@ -232,11 +291,15 @@ def needs_teacher_ranker(cfg: ExperimentConfig) -> bool:
 def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "baseline", "distilled"), seed: Optional[int] = None) -> dict:
     """Train the requested variants on every rank; rank 0 writes metrics.json / metrics.md.
 
+    Refusals (a run folder of another experiment, a teacher model that cannot load) are decided
+    on rank 0 before anything is written and raised on every rank (:func:`check_before_training`).
+
     The teacher ranker is trained whenever it is requested or a distillation method needs it.
     Returns {variant: {split: {auc, logloss, n}}} (on every rank).
     """
     env = init_distributed(cfg.train.backend, cfg.train.collective_timeout_s)
     seed = cfg.train.seed if seed is None else seed
+    check_on_main(env, lambda: check_before_training(cfg, variants, seed))
     ds = prepare_data(cfg, env)
     user_text, item_text = text_embeddings(cfg, ds, env)
     user_text = user_text_for(cfg, ds, user_text, item_text, env)
@@ -264,8 +327,8 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
             "history": {n: r.history for n, r in results.items()},
         }
         out = Path(cfg.output_dir)
-        (out / "metrics.json").write_text(json.dumps(doc, indent=1))
+        atomic.write_text(out / "metrics.json", json.dumps(doc, indent=1))
         table = metrics_table(metrics)
-        (out / "metrics.md").write_text(table + "\n")
+        atomic.write_text(out / "metrics.md", table + "\n")
         print("\n" + table + "\n", flush=True)
     return broadcast_object(metrics)

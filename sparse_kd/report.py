@@ -19,8 +19,10 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
     return "\n".join([line(headers), sep, *(line(r) for r in rows)])
 
 
-def metrics_table(metrics: dict, splits: Sequence[str] = ("valid", "test", "test_cold")) -> str:
-    """metrics: {variant: {split: {"auc", "logloss", "n"}}} -> one row per variant."""
+def metrics_table(metrics: dict, splits: Sequence[str] = ("valid", "test", "valid_cold", "test_cold")) -> str:
+    """metrics: {variant: {split: {"auc", "logloss", "n"}}} -> one row per variant (splits no
+    variant has are left out)."""
+    splits = [s for s in splits if any(s in m for m in metrics.values())]
     headers = ["variant"] + [f"{s} AUC" for s in splits] + [f"{s} logloss" for s in splits]
     rows = []
     for name, m in metrics.items():

@@ -1,17 +1,21 @@
 """The serving artifact: one folder a serving process loads with :class:`sparse_kd.serve.Predictor`.
 
-Layout and format: see :mod:`sparse_kd.serve.predictor` (which also verifies it). Serialization
-is TorchScript (``torchrec.fx.Tracer`` keeping FBGEMM's TBE as a leaf, then ``torch.jit.script``):
-the saved model loads in a process that imports only torch and fbgemm_gpu (measured: no torchrec
-module gets imported), and every TBE buffer, including the remap array or hash table, is saved
-with it. ``torch.export`` also works (after ``torchrec.pt2.utils.register_fake_classes()``), but a
-process that loads and runs it needs torchrec imported for the KeyedJaggedTensor pytree and fake
-classes; TorchScript keeps the serving process smaller.
+Layout, manifest schema, verification and crash recovery: :mod:`sparse_kd.serve.format` (shared
+with the reader). Serialization is TorchScript: on the CPU kernel the serving module scripts as it
+is and needs only torch to run; on the TBE (GPU serving) it goes through ``torchrec.fx.Tracer``
+keeping FBGEMM's TBE as a leaf, and needs torch and fbgemm_gpu. No torchrec module is imported
+by a process that loads either, and every buffer, including the remaps, is saved with the model.
+``torch.export`` also works for the TBE model (after ``torchrec.pt2.utils.register_fake_classes()``),
+but a process that loads and runs it needs torchrec imported for the KeyedJaggedTensor pytree and
+fake classes; TorchScript keeps the serving process smaller.
 
 Writes are atomic: everything goes to a temporary sibling folder, the manifest (with the sha256
 and size of every file) is written last, then the folder is renamed into place (an existing
 artifact is moved aside first and deleted after). A crash leaves either the old artifact or the
-new one, plus at most a ``.tmp-*`` / ``.old-*`` folder that the next save removes.
+new one, plus at most a ``.tmp-*`` / ``.old-*`` folder that the next save removes. The writer
+replaces only an artifact (of any format version) or an empty folder: anything else at the
+output path (a run folder, a file, an artifact folder holding unlisted files) is refused with an
+:class:`~sparse_kd.serve.format.ArtifactError` before anything is written or moved.
 
 :func:`add_items` serves new items known only by their text (no clicks, no retraining): their
 item_id rows are computed offline from their teacher text embedding through the ridge map saved
@@ -36,12 +40,19 @@ import torch
 
 from sparse_kd.compress import quantize as Q
 from sparse_kd.compress.prune import text_rows
-from sparse_kd.serve.predictor import (
+from sparse_kd.integrity import sha256_file
+from sparse_kd.serve.format import (
     FORMAT,
     FORMAT_VERSION,
+    KERNEL_CPU,
     MANIFEST,
     ArtifactError,
-    sha256_file,
+    not_an_artifact,
+    old_glob,
+    old_sibling,
+    recover_interrupted_replacement,
+    tmp_glob,
+    tmp_sibling,
     verify_artifact,
 )
 
@@ -54,10 +65,10 @@ class Compressed:
     keep_ratio, importance, bytes {...}, fp32_bytes). remaps: table -> (N,) int32.
     text_maps: feature -> (H + 1, D). dense_fp32: fp32 state of the dense layers.
     model_info: keys, owners, dense_in_features, embedding_dim, dense_arch, over_arch,
-    dense_int8, remap, row_alignment.
+    dense_int8, remap, row_alignment, kernel, device.
     """
 
-    serving: Q.ServingDLRM
+    serving: torch.nn.Module
     tables: dict
     remaps: dict
     text_maps: dict
@@ -94,13 +105,24 @@ def _write_json(path: Path, doc) -> None:
         os.fsync(f.fileno())
 
 
-def _cleanup_siblings(out: Path) -> None:
-    from sparse_kd.serve.predictor import recover_interrupted_replacement
+def check_out_dir(out: Path) -> None:
+    """Refuse (ArtifactError) an output path the writer must not replace: see
+    :func:`sparse_kd.serve.format.not_an_artifact`. Nothing is touched."""
+    out = Path(out)
+    recover_interrupted_replacement(out)
+    why = not_an_artifact(out)
+    if why:
+        raise ArtifactError(
+            f"refusing to write an artifact to {out}: {why}. Writing an artifact replaces the whole folder; "
+            "give an empty or new folder (the default is <run>/artifact/<variant>), or delete it yourself"
+        )
 
+
+def _cleanup_siblings(out: Path) -> None:
     recover_interrupted_replacement(out)  # never delete the only complete copy
-    for p in out.parent.glob(f".{out.name}.tmp-*"):
+    for p in out.parent.glob(tmp_glob(out)):
         shutil.rmtree(p, ignore_errors=True)
-    for p in out.parent.glob(f".{out.name}.old-*"):
+    for p in out.parent.glob(old_glob(out)):
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -119,9 +141,10 @@ def save_artifact(
     config: what made it (compress config, source run/variant, plan), stored in the manifest.
     """
     out = Path(out_dir)
+    check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _cleanup_siblings(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = tmp_sibling(out, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         sm = scripted if scripted is not None else Q.script_model(comp.serving)
@@ -132,11 +155,13 @@ def save_artifact(
         torch.save({k: v.float().contiguous() for k, v in comp.text_maps.items()}, tmp / "text_maps.pt")
         torch.save({k: v.contiguous() for k, v in comp.dense_fp32.items()}, tmp / "dense_fp32.pt")
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        serving = {"kernel": comp.model_info.get("kernel", KERNEL_CPU), "device": comp.model_info.get("device", "cpu")}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": {**comp.model_info, "file": "model.pt", "output": "logits"},
+            "serving": serving,
+            "model": {**comp.model_info, **serving, "file": "model.pt", "output": "logits"},
             "tables": comp.tables,
             "bytes": {  # embedding storage (tables + remaps), MB = 10^6 bytes; same keys as the stage report
                 "total": comp.embedding_bytes,
@@ -155,7 +180,7 @@ def save_artifact(
         }
         _write_json(tmp / MANIFEST, manifest)
         if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            old = old_sibling(out, uuid.uuid4().hex[:8])
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -263,7 +288,8 @@ def add_entities(
             fm["offsets"] = list(fm["offsets"]) + [last] * k
     ed = dict(parts["entity_dense"])
     ed[owner] = torch.cat([ed[owner], torch.zeros(k, ed[owner].shape[1])])
-    serving = Q.assemble_dlrm(_skeleton(info, parts["dense_fp32"]), qtables, keys, info["remap"], info["row_alignment"])
+    serving = Q.assemble_dlrm(_skeleton(info, parts["dense_fp32"]), qtables, keys, info["remap"], info["row_alignment"],
+                              manifest["serving"]["kernel"], manifest["serving"]["device"])
     tb = Q.table_bytes(serving)
     tables = manifest["tables"]
     for t, b in tb.items():
@@ -274,6 +300,7 @@ def add_entities(
     remaps = {Q.table_name(f): q.remap for f, q in qtables.items() if q.remap is not None}
     comp = Compressed(serving, tables, remaps, parts["text_maps"], parts["dense_fp32"],
                       {kk: v for kk, v in info.items() if kk not in ("file", "output")}, manifest.get("notes", []))
+    comp.model_info.update(manifest["serving"])
     history = list(manifest.get("history", [])) + [
         {"added": k, "owner": owner, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     ]

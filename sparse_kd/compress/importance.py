@@ -27,10 +27,9 @@ Ties (many rows scoring 0) are broken by training frequency, then by the lower i
 (:func:`ranking`), so selection is deterministic. The ridge penalty is chosen by exact
 leave-one-out error over ``sparse_kd.ridge.RIDGE_GRID`` unless one is given.
 
-Measured on the demo run (keep 0.5 of user_id / item_id, int8), test AUC with fill zero / text:
-baseline student frequency 0.545 / 0.554, l2 0.546 / 0.563, distill 0.544 / 0.555; distilled
-student frequency 0.595 / 0.687, l2 0.589 / 0.666, distill 0.590 / 0.665 (distill without the
-frequency weight: 0.576 / 0.659). Frequency is the default and the best or tied here.
+``frequency`` is the default. Which kind keeps quality best depends on the model and data:
+compare them with ``sparse-kd study compress CONFIG compress.importance=KIND`` (tables in
+``docs/compress_study_*.md``); measured numbers live in docs/, not here.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@ loss of validation AUC.
 
 Notation: F tables, O options per table (keep ratio x dtype), MB = 10^6 bytes.
 
-1. Bytes of every option (table, keep ratio, dtype) are read from a real one-table FBGEMM TBE
-   built for it (rows incl. scale/bias and row padding, the 128-byte table alignment, and the
-   remap array or hash table): :func:`option_bytes`. Embedding storage = sum over tables.
+1. Bytes of every option (table, keep ratio, dtype) are read from a real one-table module of
+   the serving kernel built for it (rows incl. scale/bias and padding, and the remap):
+   :func:`option_bytes`. Embedding storage = sum over tables.
    If even the smallest option of every table does not fit, :class:`BudgetError` names
    ``compress.budget_mb`` and the smallest feasible size, before anything is evaluated.
 2. Sensitivity: each option is applied to ONE table while every other table stays fp32, and the
@@ -60,28 +60,13 @@ _BYTES_CACHE: dict[tuple, dict] = {}
 
 
 def option_bytes(num_original: int, num_rows: int, dim: int, dtype: str, num_mapped: Optional[int], remap: str,
-                 row_alignment: int = Q.ROW_ALIGNMENT) -> dict:
-    """Real bytes of a table with ``num_rows`` stored rows, read from a one-table FBGEMM TBE:
-    {"weights", "padding", "remap", "total"}. num_mapped: ids (of ``num_original``) that have a
-    row, None when the table is not pruned (no remap)."""
-    key = (num_original, num_rows, dim, dtype, num_mapped, remap, row_alignment)
+                 row_alignment: int = Q.ROW_ALIGNMENT, kernel: str = Q.KERNEL_CPU) -> dict:
+    """Real bytes of a table with ``num_rows`` stored rows, read from a one-table module of the
+    serving kernel (:func:`~.quantize.option_bytes`): {"weights", "padding", "remap", "total"}.
+    num_mapped: ids (of ``num_original``) that have a row, None when the table is not pruned (no remap)."""
+    key = (num_original, num_rows, dim, dtype, num_mapped, remap, row_alignment, kernel)
     if key not in _BYTES_CACHE:
-        from fbgemm_gpu.split_embedding_configs import SparseType
-        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
-
-        tbe = Q.IntNBitTableBatchedEmbeddingBagsCodegen(
-            [("t", num_rows, dim, SparseType(dtype), EmbeddingLocation.HOST)], device="cpu",
-            row_alignment=row_alignment, output_dtype=SparseType.FP32,
-        )
-        tbe.initialize_weights()
-        r = None
-        if num_mapped is not None:
-            r = torch.full((num_original,), -1, dtype=torch.int32)
-            r[:num_mapped] = torch.arange(num_mapped, dtype=torch.int32) % num_rows
-        Q.install_remaps(tbe, [r], remap)
-        holder = torch.nn.Module()
-        holder.tbe = tbe
-        b = Q.table_bytes(holder)["t"]
+        b = Q.option_bytes(num_original, num_rows, dim, dtype, num_mapped, remap, row_alignment, kernel)
         _BYTES_CACHE[key] = {k: b[k] for k in ("weights", "padding", "remap", "total")}
     return dict(_BYTES_CACHE[key])
 
@@ -225,6 +210,7 @@ def plan_budget(
     dtypes: Iterable[str] = QUANT_DTYPES,
     row_alignment: int = Q.ROW_ALIGNMENT,
     batch_size: int = 4096,
+    kernel: str = Q.KERNEL_CPU,
 ) -> Plan:
     """Choose keep ratio and dtype per table for ``budget_mb`` MB (see the module doc)."""
     from sparse_kd.compress.importance import TEXT_FEATURES
@@ -252,7 +238,7 @@ def plan_budget(
             kept_sets[(f, r)] = kept
             rows = _stored_rows(n, len(kept), fill)
             for dt in dtypes:
-                b = option_bytes(n, rows, dim, dt, _mapped(n, len(kept), fill), remap, row_alignment)
+                b = option_bytes(n, rows, dim, dt, _mapped(n, len(kept), fill), remap, row_alignment, kernel)
                 opts.append(Option(f, r, dt, rows, b["total"], fp32_bytes=int(w.numel() * w.element_size())))
         options[f] = opts
     smallest = sum(min(o.bytes for o in opts) for opts in options.values())

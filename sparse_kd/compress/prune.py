@@ -17,11 +17,10 @@ What a pruned id gets (``CompressConfig.pruned_fill`` per feature, ``default_pru
           text -> row fit on the kept warm rows (penalty by leave-one-out). Every id keeps a row
           (R = N), so the table stays in original id order with the pruned rows overwritten in
           place and needs no remap: it saves no storage over not pruning, it replaces the pruned
-          (rarely read) rows by their text prediction. Measured on the demo run (distilled
-          student, int4, keep 0.5 of user_id/item_id by frequency): test AUC 0.687 vs 0.658
-          unpruned, test_cold 0.634 vs 0.557, at the bytes of the unpruned int4 table; with
-          ``zero`` at the same keep ratio 0.595. Only ``user_id`` / ``item_id`` have a text per
-          row; for other features ``text`` falls back to ``mean`` (recorded in ``PrunedTable.fill``).
+          (rarely read) rows by their text prediction (compare fills with ``sparse-kd study
+          compress CONFIG study.compress_fills=[zero,text]``; tables in
+          ``docs/compress_study_*.md``). Only ``user_id`` / ``item_id`` have a text per row; for
+          other features ``text`` falls back to ``mean`` (recorded in ``PrunedTable.fill``).
 
 A table kept whole (K = N) has no remap at all (no remap bytes, ids pass through).
 

@@ -20,7 +20,7 @@ from typing import Mapping, Optional
 import torch
 
 from sparse_kd.compress import quantize as Q
-from sparse_kd.compress.artifact import Compressed, save_artifact
+from sparse_kd.compress.artifact import Compressed, check_out_dir, save_artifact
 from sparse_kd.compress.importance import RowImportance, table_importance
 from sparse_kd.compress.planner import MB, Plan, plan_budget
 from sparse_kd.compress.prune import prune_tables, table_settings
@@ -93,10 +93,13 @@ def compress_model(
     importances: Optional[Mapping[str, RowImportance]] = None,
     dense_int8: bool = False,
     row_alignment: int = Q.ROW_ALIGNMENT,
+    serve_device: str = "cpu",
+    kernel: Optional[str] = None,
 ) -> Compressed:
     """Prune + quantize every table of a trained fp32 DLRM (not modified).
 
     settings: feature -> {"keep_ratio", "dtype", "fill"} (see :func:`~.prune.table_settings`).
+    serve_device / kernel: see :func:`~.quantize.quantize_dlrm`.
     """
     weights = model_weights(model)
     keys = list(weights)
@@ -105,7 +108,9 @@ def compress_model(
     imps = importances if importances is not None else table_importance(importance, weights, ds, text)
     pruned = prune_tables(weights, imps, {f: s["keep_ratio"] for f, s in settings.items()},
                           {f: s["fill"] for f, s in settings.items()}, text)
-    serving = Q.quantize_dlrm(model, pruned, {f: s["dtype"] for f, s in settings.items()}, remap, dense_int8, row_alignment)
+    kernel = Q.kernel_for(serve_device, kernel)
+    serving = Q.quantize_dlrm(model, pruned, {f: s["dtype"] for f, s in settings.items()}, remap, dense_int8, row_alignment,
+                              serve_device, kernel)
     tb = Q.table_bytes(serving)
     fp = Q.float_table_bytes(model)
     owners = {f.name: f.owner for f in ds.features}
@@ -129,7 +134,7 @@ def compress_model(
         "embedding_dim": int(next(iter(weights.values())).shape[1]),
         "dense_arch": [int(m._linear.out_features) for m in model.dense_arch.model._mlp],
         "over_arch": _over_arch_sizes(model), "dense_int8": bool(dense_int8), "remap": remap,
-        "row_alignment": int(row_alignment),
+        "row_alignment": int(row_alignment), "kernel": kernel, "device": serve_device,
     }
     return Compressed(serving, tables, remaps, text_maps, dense_fp32, info, notes)
 
@@ -174,6 +179,7 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
     t0 = time.perf_counter()
     dense_int8 = cfg.dense_int8 if dense_int8 is None else dense_int8
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    check_out_dir(out_dir)  # refuse a folder that is not an artifact before any work
     inp = load_run(run_dir, variant)
     model, ds, builder = inp.model, inp.ds, inp.builder
     keys = list(model_weights(model))
@@ -185,10 +191,11 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
     plan: Optional[Plan] = None
     if cfg.budget_mb > 0:
         plan = plan_budget(model, ds, builder, imps, {f: s["fill"] for f, s in settings.items()}, cfg.budget_mb,
-                           cfg.remap, inp.text, row_alignment=cfg.row_alignment)
+                           cfg.remap, inp.text, row_alignment=cfg.row_alignment, kernel=Q.kernel_for(cfg.serve_device))
         for f, o in plan.choices.items():
             settings[f]["keep_ratio"], settings[f]["dtype"] = o.keep_ratio, o.dtype
-    comp = compress_model(model, ds, settings, cfg.importance, cfg.remap, inp.text, imps, dense_int8, cfg.row_alignment)
+    comp = compress_model(model, ds, settings, cfg.importance, cfg.remap, inp.text, imps, dense_int8, cfg.row_alignment,
+                          cfg.serve_device)
     if plan is not None and comp.embedding_bytes > plan.budget_bytes:  # the per-option bytes are exact; guard anyway
         raise RuntimeError(f"plan bytes {comp.embedding_bytes} exceed compress.budget_mb ({plan.budget_bytes} bytes)")
     after = evaluate(serving_forward(comp.serving), ds, builder)

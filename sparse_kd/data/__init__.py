@@ -1,10 +1,13 @@
 """Data loading: :func:`load_dataset` turns a :class:`~sparse_kd.config.DataConfig` into a validated
-:class:`RecDataset` (users, items, text, sparse features, train/valid/test/test_cold splits).
+:class:`RecDataset` (users, items, text, sparse features, train/valid/test/valid_cold/test_cold splits).
 
-Sources: ``synthetic`` (:mod:`.synthetic`), ``movielens`` (ML-100K, :mod:`.movielens`) and ``csv``
-(the documented generic format, :mod:`.csv_format`). All share the split protocol of :mod:`.split`.
-``dataset.report`` holds rows read per file (``rows_read``), everything dropped with its reason
-(``dropped``, e.g. ``{"rating_3": 27145}``), ``truncated_texts`` and the split sizes (``split``).
+Sources: ``synthetic`` (:mod:`.synthetic`), ``movielens`` (ML-100K, :mod:`.movielens`), ``csv``
+(the documented generic format, :mod:`.csv_format`; without a label column the feedback is
+implicit and negatives are sampled, :mod:`.negatives`) and ``parquet`` (a folder written by
+:func:`convert`, streamed during training, :mod:`.columnar`). All share the split protocol of
+:mod:`.split`. Training order: :mod:`.stream`. ``dataset.report`` holds rows read per file
+(``rows_read``), everything dropped with its reason (``dropped``, e.g. ``{"rating_3": 27145}``),
+``truncated_texts``, the split sizes (``split``) and, for implicit data, ``feedback``.
 """
 
 from __future__ import annotations
@@ -18,10 +21,26 @@ from sparse_kd.data.schema import SPLITS, DataError, Interactions, RecDataset, S
 from sparse_kd.data.split import split_interactions
 from sparse_kd.data.synthetic import load_synthetic
 
-__all__ = ["SPLITS", "DataError", "Interactions", "RecDataset", "SparseFeature", "load_dataset", "load_csv",
-           "load_movielens", "load_synthetic", "split_interactions"]
+__all__ = ["SPLITS", "DataError", "Interactions", "RecDataset", "SparseFeature", "convert", "load_columnar",
+           "load_dataset", "load_csv", "load_movielens", "load_synthetic", "split_interactions"]
 
-_LOADERS = {"synthetic": load_synthetic, "movielens": load_movielens, "csv": load_csv}
+
+
+def load_columnar(cfg: DataConfig) -> RecDataset:
+    """A folder written by :func:`convert` (pyarrow and torch are imported only here)."""
+    from sparse_kd.data.columnar import load_columnar as load
+
+    return load(cfg)
+
+
+def convert(cfg: DataConfig, out, **kw) -> dict:
+    """``sparse-kd data convert``: see :func:`sparse_kd.data.columnar.convert`."""
+    from sparse_kd.data.columnar import convert as conv
+
+    return conv(cfg, out, **kw)
+
+
+_LOADERS = {"synthetic": load_synthetic, "movielens": load_movielens, "csv": load_csv, "parquet": load_columnar}
 
 
 def load_dataset(cfg: DataConfig) -> RecDataset:

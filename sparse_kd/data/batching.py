@@ -66,10 +66,9 @@ def count_dense(ds: RecDataset) -> tuple[torch.Tensor, torch.Tensor]:
     """Default dense features: log(1 + number of training interactions) of each user and item.
 
     Returns user_dense (U, 1), item_dense (I, 1) float32. Cold items get 0, as at serving time.
+    With implicit feedback only positives count (sampled negatives are not part of the log).
     """
-    tr = ds.splits["train"]
-    uc = np.bincount(tr.user, minlength=ds.num_users).astype(np.float32)
-    ic = np.bincount(tr.item, minlength=ds.num_items).astype(np.float32)
+    uc, ic = (c.astype(np.float32) for c in ds.train_counts())
     return torch.from_numpy(np.log1p(uc))[:, None], torch.from_numpy(np.log1p(ic))[:, None]
 
 
@@ -119,7 +118,10 @@ class BatchBuilder:
     """
 
     def __init__(self, ds: RecDataset, user_dense: torch.Tensor, item_dense: torch.Tensor) -> None:
-        assert user_dense.shape[0] == ds.num_users and item_dense.shape[0] == ds.num_items
+        if user_dense.shape[0] != ds.num_users or item_dense.shape[0] != ds.num_items:
+            raise ValueError(f"dense features for {user_dense.shape[0]} users and {item_dense.shape[0]} items, but "
+                             f"the dataset has {ds.num_users} users and {ds.num_items} items: build them from this "
+                             "dataset (count_dense(ds)), or load the entity_dense.pt of the same run")
         self.keys = ds.feature_names
         self.owners = [f.owner for f in ds.features]
         self.csr = [_CSR(f.offsets, f.values) for f in ds.features]
@@ -173,33 +175,20 @@ def train_batches(
     seed: int,
     teacher_logits: Optional[torch.Tensor] = None,
     start_step: int = 0,
+    block_rows: int = 1 << 16,
+    window_blocks: int = 16,
 ) -> Iterator[KDBatch]:
-    """Shuffled training batches of this rank for one epoch.
+    """Shuffled training batches of this rank for one epoch of an in-memory split (no sampled
+    negatives), in the order of :mod:`sparse_kd.data.stream` (what ``train_ranker`` iterates).
 
-    All ranks draw the same permutation (seed, epoch) and take their slice of every global
-    batch, so 1 process with batch B and 2 processes with B/2 each see the same examples.
-    An incomplete last batch is left out (``drop_last``; a different random remainder each
-    epoch, counted in the log), so every step has the same global batch whatever the number
-    of ranks. ``start_step`` skips batches already trained (resume).
+    All ranks draw the same order (seed, epoch) and take their slice of every global batch, so
+    1 process with batch B and 2 processes with B/2 each see the same examples. An incomplete
+    last batch is left out. ``start_step`` skips batches already trained (resume).
     """
-    n = len(split)
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    usable = n - n % global_batch
-    if usable < n and rank == 0 and epoch == 0:
-        log.info("train: the last %d example(s) of each shuffled epoch do not fill a batch and are left out", n - usable)
-    user = torch.from_numpy(split.user)
-    item = torch.from_numpy(split.item)
-    label = torch.from_numpy(split.label)
-    for step, start in enumerate(range(0, usable, global_batch)):
-        if step < start_step:
-            continue
-        idx = perm[start : start + global_batch]
-        per = idx.shape[0] // world_size
-        mine = idx[rank * per : (rank + 1) * per]
-        # index_select: 1-D gathers from the whole split, cheaper than advanced indexing
-        tl = teacher_logits.index_select(0, mine) if teacher_logits is not None else None
-        yield builder.build(user.index_select(0, mine), item.index_select(0, mine), label.index_select(0, mine), tl)
+    from sparse_kd.data.stream import ArrayBlocks, TrainStream, rank_batches
+
+    stream = TrainStream(ArrayBlocks(split, block_rows), window_blocks)
+    return rank_batches(stream, builder, global_batch, rank, world_size, epoch, seed, start_step, teacher_logits)
 
 
 def steps_per_epoch(n: int, global_batch: int, world_size: int) -> int:

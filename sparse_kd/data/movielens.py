@@ -25,6 +25,7 @@ Protocol (fixed):
     See :mod:`sparse_kd.data.split`.
 
 Malformed lines are a :class:`DataError` naming the file, the 1-based line and the field.
+Blank (or whitespace-only) lines are skipped and counted in ``report["blank_lines"]``.
 """
 
 from __future__ import annotations
@@ -62,13 +63,18 @@ def _err(path: Path, line: int, field: str, problem: str, fix: str) -> DataError
     return DataError(f"{path}, line {line}, column '{field}': {problem}. Fix: {fix}.")
 
 
-def _lines(path: Path):
-    """(1-based line number, stripped line) for every non-blank line of a latin-1 file."""
+def _lines(path: Path, report: dict):
+    """(1-based line number, stripped line) for every non-blank line of a latin-1 file; blank
+    lines are counted in ``report["blank_lines"]``."""
     if not path.is_file():
         raise DataError(f"{path}: file not found. Fix: point data.path at the unpacked ml-100k folder "
                         "(it must contain u.data, u.item and u.user).")
-    text = path.read_bytes().decode("latin-1")
-    return [(i + 1, ln.rstrip("\r")) for i, ln in enumerate(text.split("\n")) if ln.strip()]
+    lines = path.read_bytes().decode("latin-1").split("\n")
+    if lines[-1] == "":  # the newline that ends the last line
+        lines.pop()
+    out = [(i + 1, ln.rstrip("\r")) for i, ln in enumerate(lines) if ln.strip()]
+    report["blank_lines"] += len(lines) - len(out)
+    return out
 
 
 def _split(path: Path, line: int, raw: str, sep: str | None, names: tuple[str, ...], n: int) -> list[str]:
@@ -89,12 +95,12 @@ def _int(path: Path, line: int, field: str, s: str) -> int:
     return int(s)
 
 
-def _read_genres(root: Path) -> tuple[list[str], int]:
+def _read_genres(root: Path, report: dict) -> tuple[list[str], int]:
     path = root / "u.genre"
     if not path.is_file():
         return list(DEFAULT_GENRES), 0
     by_index: dict[int, str] = {}
-    rows = _lines(path)
+    rows = _lines(path, report)
     for line, raw in rows:
         name, idx = _split(path, line, raw, "|", ("name", "index"), 2)
         by_index[_int(path, line, "index", idx)] = name.strip()
@@ -122,8 +128,9 @@ def load_movielens(cfg: DataConfig) -> RecDataset:
     root = Path(cfg.path)
     if not root.is_dir():
         raise DataError(f"{root}: folder not found. Fix: set data.path to the unpacked ml-100k folder.")
-    report: dict = {"source": "movielens", "path": str(root), "rows_read": {}, "dropped": {}, "truncated_texts": 0}
-    genre_names, n_genre_rows = _read_genres(root)
+    report: dict = {"source": "movielens", "path": str(root), "rows_read": {}, "dropped": {}, "truncated_texts": 0,
+                    "blank_lines": 0}
+    genre_names, n_genre_rows = _read_genres(root, report)
     report["rows_read"]["u.genre"] = n_genre_rows
     ng = len(genre_names)
 
@@ -132,7 +139,7 @@ def load_movielens(cfg: DataConfig) -> RecDataset:
     item_text: list[str] = []
     genre_bags: list[list[str]] = []
     first: dict[str, int] = {}
-    rows = _lines(path)
+    rows = _lines(path, report)
     for line, raw in rows:
         f = _split(path, line, raw, "|", _ITEM_FIELDS + tuple(genre_names), 5 + ng)
         iid = str(_int(path, line, "id", f[0]))
@@ -154,7 +161,7 @@ def load_movielens(cfg: DataConfig) -> RecDataset:
     user_text: list[str] = []
     ucats: dict[str, list[list[str]]] = {"gender": [], "age_bucket": [], "occupation": [], "zip_prefix": []}
     first = {}
-    rows = _lines(path)
+    rows = _lines(path, report)
     for line, raw in rows:
         f = _split(path, line, raw, "|", _USER_FIELDS, 5)
         uid = str(_int(path, line, "id", f[0]))
@@ -174,7 +181,7 @@ def load_movielens(cfg: DataConfig) -> RecDataset:
     report["rows_read"]["u.user"] = len(rows)
 
     path = root / "u.data"
-    rows = _lines(path)
+    rows = _lines(path, report)
     report["rows_read"]["u.data"] = len(rows)
     arr = np.zeros((len(rows), 4), dtype=np.int64)
     uidx = {u: i for i, u in enumerate(user_ids)}

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Optional
 
 import numpy as np
 
-SPLITS = ("train", "valid", "test", "test_cold")
+if TYPE_CHECKING:
+    from sparse_kd.data.negatives import NegativeSampler
+
+SPLITS = ("train", "valid", "test", "valid_cold", "test_cold")
 
 
 class DataError(ValueError):
@@ -45,11 +48,19 @@ class SparseFeature:
         return np.diff(self.offsets)
 
     def validate(self, num_entities: int) -> None:
-        assert self.offsets.shape == (num_entities + 1,), (self.name, self.offsets.shape, num_entities)
-        assert self.offsets[0] == 0 and self.offsets[-1] == len(self.values)
-        assert np.all(np.diff(self.offsets) >= 0)
-        if len(self.values):
-            assert self.values.min() >= 0 and self.values.max() < len(self.vocab), self.name
+        """Raise :class:`DataError` unless the CSR arrays fit ``num_entities`` owners and the vocab."""
+        where = f"sparse feature {self.name!r} ({self.owner})"
+        if self.offsets.shape != (num_entities + 1,):
+            raise DataError(f"{where}: offsets have shape {self.offsets.shape}, expected ({num_entities + 1},) "
+                            f"for {num_entities} {self.owner}s")
+        if self.offsets[0] != 0 or self.offsets[-1] != len(self.values):
+            raise DataError(f"{where}: offsets run from {self.offsets[0]} to {self.offsets[-1]}, expected 0 to "
+                            f"{len(self.values)} (the number of values)")
+        if np.any(np.diff(self.offsets) < 0):
+            raise DataError(f"{where}: offsets decrease at {self.owner} {int(np.argmax(np.diff(self.offsets) < 0))}")
+        if len(self.values) and (self.values.min() < 0 or self.values.max() >= len(self.vocab)):
+            raise DataError(f"{where}: values span {self.values.min()}..{self.values.max()}, outside the vocabulary "
+                            f"0..{len(self.vocab) - 1}")
 
 
 @dataclass
@@ -76,10 +87,14 @@ class Interactions:
 
 @dataclass
 class RecDataset:
-    """Users and items (raw string ids, text), sparse features and the train/valid/test/test_cold splits.
+    """Users and items (raw string ids, text), sparse features and the splits of ``SPLITS``.
 
     report: what the loader did that a user should know (rows read, skipped and why); it is
     written to the run's metrics JSON.
+    implicit: the source had no labels (positives only); the evaluation splits then hold
+    ``negatives`` sampled negatives per positive, and ``sampler`` (set when training negatives
+    are resampled every epoch) draws the training negatives (:mod:`.negatives`).
+    Splits missing from ``splits`` are empty.
     """
 
     user_ids: list[str]
@@ -89,6 +104,14 @@ class RecDataset:
     features: list[SparseFeature]
     splits: dict[str, Interactions]
     report: dict = field(default_factory=dict)
+    implicit: bool = False
+    negatives: int = 0
+    sampler: Optional["NegativeSampler"] = None
+
+    def __post_init__(self) -> None:
+        for s in SPLITS:
+            if s not in self.splits:
+                self.splits[s] = Interactions.empty()
 
     @property
     def num_users(self) -> int:
@@ -109,16 +132,24 @@ class RecDataset:
         return [f.name for f in self.features]
 
     def validate(self) -> None:
-        assert len(self.user_text) == self.num_users and len(self.item_text) == self.num_items
+        """Raise :class:`DataError` if texts, features or splits do not fit the users and items."""
+        if len(self.user_text) != self.num_users or len(self.item_text) != self.num_items:
+            raise DataError(f"{len(self.user_text)} user texts for {self.num_users} users and {len(self.item_text)} "
+                            f"item texts for {self.num_items} items: expected one text per entity")
         names = self.feature_names
-        assert len(set(names)) == len(names), f"duplicate feature names {names}"
+        if len(set(names)) != len(names):
+            raise DataError(f"duplicate sparse feature names {sorted(n for n in set(names) if names.count(n) > 1)}: "
+                            "rename the columns so each feature name is unique")
         for f in self.features:
             f.validate(self.num_users if f.owner == "user" else self.num_items)
         for s in SPLITS:
-            assert s in self.splits, s
+            if s not in self.splits:
+                raise DataError(f"split {s!r} is missing; a dataset has splits {', '.join(SPLITS)}")
             sp = self.splits[s]
-            if len(sp):
-                assert sp.user.max() < self.num_users and sp.item.max() < self.num_items
+            if len(sp) and (sp.user.min() < 0 or sp.user.max() >= self.num_users
+                            or sp.item.min() < 0 or sp.item.max() >= self.num_items):
+                raise DataError(f"split {s!r}: user/item indices outside 0..{self.num_users - 1} / "
+                                f"0..{self.num_items - 1}")
 
     def save_mappings(self, path: str | Path) -> None:
         """Write the raw-id -> index mappings and per-feature vocabularies (JSON) for serving."""
@@ -132,10 +163,25 @@ class RecDataset:
         }
         Path(path).write_text(json.dumps(doc))
 
+    def train_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(U,), (I,) int64 training interactions per user and per item (positives only when
+        the feedback is implicit: sampled negatives are not part of the log)."""
+        tr = self.splits["train"]
+        keep = tr.label > 0 if self.implicit else slice(None)
+        return (np.bincount(tr.user[keep], minlength=self.num_users).astype(np.int64),
+                np.bincount(tr.item[keep], minlength=self.num_items).astype(np.int64))
+
     def summary(self) -> dict:
-        return {
+        out = {
             "users": self.num_users,
             "items": self.num_items,
             "features": {f.name: f.num_embeddings for f in self.features},
-            "splits": {s: {"n": len(sp), "positives": float(sp.label.mean()) if len(sp) else 0.0} for s, sp in self.splits.items()},
+            "splits": {s: {"n": len(sp), "positives": round(float(sp.label.mean()), 4) if len(sp) else 0.0}
+                       for s, sp in self.splits.items()},
         }
+        if self.implicit:
+            fb = self.report.get("feedback", {})
+            out["feedback"] = (f"implicit: {self.negatives} sampled negatives per positive; training negatives "
+                               f"{fb.get('train_negatives', '?')}; evaluation negatives {fb.get('eval_negatives', '?')} "
+                               f"(report.feedback)")
+        return out

@@ -41,15 +41,6 @@ def logit_kd_loss(
     return per if reduction == "none" else per.mean()
 
 
-def combined_logit_loss(
-    student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor, kd_ratio: float, temperature: float
-) -> torch.Tensor:
-    """(1 - kd_ratio) * click BCE + kd_ratio * soft-target KL."""
-    return (1.0 - kd_ratio) * click_loss(student_logits, labels) + kd_ratio * logit_kd_loss(
-        student_logits, teacher_logits, temperature
-    )
-
-
 def cosine_align_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - cosine(projected, target), averaged. projected, target: (B, H)."""
     return (1.0 - F.cosine_similarity(projected, target, dim=-1)).mean()

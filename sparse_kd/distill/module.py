@@ -53,7 +53,8 @@ class RankerTrain(nn.Module):
         self.align_index: dict[str, int] = {}
         self.align_heads = nn.ModuleDict()
         if al.enabled:
-            assert feature_names is not None and user_text is not None and item_text is not None
+            if feature_names is None or user_text is None or item_text is None:
+                raise ValueError("distill.align is enabled: feature_names, user_text and item_text are all needed")
             if al.kind == "cosine":
                 # cosine is blind to the target's length: keep unit rows, so the loss can be
                 # computed in the embedding space (:func:`cosine_align_from_head`)

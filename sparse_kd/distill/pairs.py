@@ -1,7 +1,7 @@
 """Distillation beyond the observed pairs: teacher soft labels on sampled unobserved (user, item) pairs.
 
-Notation: N training examples, W ranks, B global batch, Bp = ratio * B sampled pairs per global
-batch, S = N // B steps per epoch, P = S * Bp pairs in the pool.
+Notation: W ranks, B global batch, Bp = ratio * B sampled pairs per global batch, S training
+steps per epoch, P = S * Bp pairs in the pool (one epoch's worth).
 
 The pool is drawn once per run from (seed, dataset) alone: users with probability proportional
 to (train interactions + 1)^user_power, items to (train interactions + 1)^item_power (0:
@@ -121,11 +121,6 @@ def with_sampled_pairs(
         sampled = builder.build(user.index_select(0, mine), item.index_select(0, mine),
                                 torch.full((per,), SAMPLED), pool_logits.index_select(0, mine))
         yield concat_batches(batch, sampled)
-
-
-def pool_size(n_train: int, global_batch: int, pc: PairKDConfig) -> int:
-    """P: one epoch's worth of sampled pairs (steps per epoch x pairs per batch)."""
-    return (n_train // global_batch) * pool_batch(pc, global_batch)
 
 
 def teacher_pool_logits(cfg, ds: RecDataset, teacher_spec, checkpoint: Path, pool: Interactions, env, seed: int) -> torch.Tensor:

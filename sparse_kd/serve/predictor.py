@@ -1,24 +1,14 @@
 """Score (user, item) pairs with a compressed artifact, in a process without training code or BERT.
 
-Imports only torch, fbgemm_gpu (its operators run the scripted model's quantized lookups),
-numpy and the standard library: not transformers, not torchrec, not ``sparse_kd.student`` /
-``sparse_kd.compress`` (a test checks this in a fresh subprocess).
+Imports only torch, numpy and the standard library (plus :mod:`sparse_kd.serve.format`): not
+transformers, not torchrec, not ``sparse_kd.student`` / ``sparse_kd.compress``, and not
+``fbgemm_gpu`` unless the artifact is served on FBGEMM's TBE (``serving.kernel: fbgemm_tbe``,
+GPU serving), which needs its operators (a test checks this in a fresh subprocess).
 
-Artifact layout (written by :mod:`sparse_kd.compress.artifact`)::
-
-    manifest.json      format version, tables (rows kept, dtype, bytes), sha256 + size of every
-                       file, the config that made it, library versions
-    model.pt           TorchScript: forward(dense (B, Dd) f32, values (nnz,) int, lengths (F*B,) int)
-                       -> logits (B,)
-    mappings.json      raw user / item ids and, per sparse feature, its owner, vocabulary and CSR
-                       (offsets, values) over the owner's entities
-    entity_dense.pt    {"user": (U, Du), "item": (I, Di)} float32 dense features per entity
-    remaps.pt          {table: (N,) int32} original id -> stored row (-1 pruned), pruned tables only
-    text_maps.pt       {feature: (H + 1, D)} ridge maps text -> row (for adding entities later)
-    dense_fp32.pt      fp32 dense-layer weights (to rebuild the model when entities are added)
-
-:func:`verify_artifact` checks the format version and every file's size and sha256 before
-anything is loaded; a problem is an :class:`ArtifactError` naming the file.
+Artifact layout, manifest and verification: :mod:`sparse_kd.serve.format`. :func:`verify_artifact`
+checks the format version, the manifest's file table and every file's size and sha256 before
+anything is loaded; a problem is an :class:`ArtifactError` naming the file. Artifacts of an older
+format version are refused with the command that rebuilds them.
 
 Scoring (:meth:`Predictor.score`) returns click probabilities, sigmoid(logit), as float32
 (:meth:`Predictor.score_logits` returns the logits). Behaviour at the edges:
@@ -32,90 +22,62 @@ Scoring (:meth:`Predictor.score`) returns click probabilities, sigmoid(logit), a
   the same as one call per chunk, concatenated.
 * wrong types: ``TypeError`` naming the argument (``user_ids`` must be a list or tuple of str;
   ``user_ids[3]`` names the first bad element); different lengths: ``ValueError``.
+
+Threads: a CPU artifact's lookups use ``threads`` workers (default ``torch.get_num_threads()``
+at load time; see :class:`sparse_kd.compress.quantize.QuantizedLookup`); calls from several
+threads at once are safe (the model keeps no state between calls). A ``cuda`` artifact runs on
+the GPU (inputs are moved there, scores come back to the CPU); that path has not been run on
+this project's machines, which have no GPU.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-import os
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-from sparse_kd.integrity import sha256_file
-
-import fbgemm_gpu  # noqa: F401  (registers the torch.ops.fbgemm operators the scripted model calls)
+from sparse_kd.integrity import sha256_file  # noqa: F401  (re-exported)
+from sparse_kd.serve.format import (  # noqa: F401  (re-exported: the format's names, for callers)
+    FORMAT,
+    FORMAT_VERSION,
+    KERNEL_TBE,
+    MANIFEST,
+    REQUIRED_FILES,
+    ArtifactError,
+    recover_interrupted_replacement,
+    verify_artifact,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "sparse_kd.artifact"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-REQUIRED_FILES = ("model.pt", "mappings.json", "entity_dense.pt")
 DEFAULT_MAX_BATCH = 4096
 
 
-class ArtifactError(RuntimeError):
-    """An artifact is missing, incomplete, corrupt or of another format version (names the file)."""
-
-
-def recover_interrupted_replacement(d: Path) -> None:
-    """A writer killed between moving the old artifact aside (``.<name>.old-*``) and renaming the new
-    one in leaves nothing at ``d``: move the newest complete old copy back (logged)."""
-    if d.exists():
-        return
-    olds = sorted((p for p in d.parent.glob(f".{d.name}.old-*") if (p / MANIFEST).is_file()),
-                  key=lambda p: p.stat().st_mtime)
-    if olds:
-        os.replace(olds[-1], d)
-        log.warning("%s: restored the previous artifact from %s (a replacement was interrupted)", d, olds[-1].name)
-
-
-def verify_artifact(artifact_dir: str | Path) -> dict:
-    """Check the manifest (format, version) and every listed file (present, size, sha256).
-
-    Returns the manifest. Raises :class:`ArtifactError` naming the offending file."""
-    d = Path(artifact_dir)
-    recover_interrupted_replacement(d)
-    if not d.is_dir():
-        raise ArtifactError(f"{d}: no such artifact folder")
-    mf = d / MANIFEST
-    if not mf.is_file():
-        raise ArtifactError(f"{mf}: missing; {d} is not a complete sparse_kd artifact")
-    try:
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mf}: unreadable manifest ({e}); the file is truncated or modified") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{mf}: not a {FORMAT} manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{mf}: artifact format version {version!r}, but this sparse_kd reads version {FORMAT_VERSION}; "
-            "re-create the artifact with `sparse-kd compress`"
-        )
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise ArtifactError(f"{mf}: no 'files' table")
-    for name in REQUIRED_FILES:
-        if name not in files:
-            raise ArtifactError(f"{mf}: required file {name} is not listed")
-    for name, info in files.items():
-        f = d / name
-        if not f.is_file():
-            raise ArtifactError(f"{f}: missing (listed in {MANIFEST})")
-        size = f.stat().st_size
-        if size != info["bytes"]:
-            raise ArtifactError(f"{f}: {size} bytes but {MANIFEST} says {info['bytes']}: the file is truncated or modified")
-        if sha256_file(f) != info["sha256"]:
-            raise ArtifactError(f"{f}: sha256 mismatch with {MANIFEST}: the file is corrupted or modified")
+def _load_model(d: Path, manifest: dict) -> tuple[torch.jit.ScriptModule, torch.device]:
+    serving = manifest["serving"]
+    if serving["kernel"] == KERNEL_TBE:
+        try:
+            importlib.import_module("fbgemm_gpu")  # registers the torch.ops.fbgemm operators the TBE calls
+        except ImportError as e:
+            raise ArtifactError(f"{d / MANIFEST}: served on FBGEMM's TBE, which needs fbgemm_gpu ({e}); install "
+                                "fbgemm-gpu, or rebuild the artifact with compress.serve_device=cpu") from None
+    device = torch.device(serving["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"{d / MANIFEST}: built for serving on cuda, but this process sees no GPU; rebuild it "
+                            "with compress.serve_device=cpu to serve on CPU")
     versions = manifest.get("versions", {})
     if versions.get("torch") and versions["torch"] != torch.__version__:
         log.warning("artifact made with torch %s, running %s", versions["torch"], torch.__version__)
-    return manifest
+    try:
+        model = torch.jit.load(str(d / "model.pt"), map_location=device)
+    except Exception as e:  # corrupt but checksum-consistent files are not expected; still name it
+        raise ArtifactError(f"{d / 'model.pt'}: cannot be loaded as TorchScript ({e})") from None
+    return model, device
 
 
 class _CSR:
@@ -149,10 +111,11 @@ class Predictor:
     """A loaded artifact. ``Predictor.load(dir).score(["u1"], ["i7"])`` -> array([0.73], float32)."""
 
     def __init__(self, model: torch.jit.ScriptModule, manifest: dict, mappings: dict, entity_dense: dict,
-                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
+                 max_batch: int = DEFAULT_MAX_BATCH, device: str | torch.device = "cpu") -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model.eval()
+        self.device = torch.device(device)
         self.manifest = manifest
         self.max_batch = int(max_batch)
         self.keys: list[str] = list(manifest["model"]["keys"])
@@ -171,24 +134,31 @@ class Predictor:
         self.stats = {"pairs": 0, "unknown_users": 0, "unknown_items": 0, "chunks": 0, "calls": 0}
 
     @classmethod
-    def load(cls, artifact_dir: str | Path, max_batch: int = DEFAULT_MAX_BATCH, warmup: bool = True) -> "Predictor":
+    def load(cls, artifact_dir: str | Path, max_batch: int = DEFAULT_MAX_BATCH, warmup: bool = True,
+             threads: Optional[int] = None) -> "Predictor":
         """Verify (checksums, version) and load an artifact folder.
 
         warmup: run the model twice on a tiny batch, so that TorchScript's profiling executor
         (about 0.2 s per call for its first two calls, measured) does not delay the first request.
+        threads: lookup workers of a CPU artifact (default ``torch.get_num_threads()``).
         """
         d = Path(artifact_dir)
         manifest = verify_artifact(d)
-        try:
-            model = torch.jit.load(str(d / "model.pt"), map_location="cpu")
-        except Exception as e:  # corrupt but checksum-consistent files are not expected; still name it
-            raise ArtifactError(f"{d / 'model.pt'}: cannot be loaded as TorchScript ({e})") from None
+        model, device = _load_model(d, manifest)
         mappings = json.loads((d / "mappings.json").read_text(encoding="utf-8"))
         entity_dense = torch.load(d / "entity_dense.pt", weights_only=True)
-        p = cls(model, manifest, mappings, entity_dense, max_batch)
+        p = cls(model, manifest, mappings, entity_dense, max_batch, device)
+        p.set_threads(threads if threads is not None else torch.get_num_threads())
         if warmup:
             p.warmup()
         return p
+
+    def set_threads(self, threads: int) -> None:
+        """Lookup workers per call from now on (CPU artifacts; a no-op for the TBE)."""
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if hasattr(self.model, "set_num_workers"):
+            self.model.set_num_workers(int(threads))
 
     def warmup(self, calls: int = 2) -> None:
         """Run the model ``calls`` times on a two-pair batch (not counted in :attr:`stats`)."""
@@ -197,7 +167,12 @@ class Predictor:
         dense, values, lengths, _ = self.inputs(users, items)
         with torch.no_grad():
             for _ in range(calls):
-                self.model(dense, values, lengths)
+                self._run(dense, values, lengths)
+
+    def _run(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
+        dev = self.device
+        out = self.model(dense.to(dev), values.to(dev), lengths.to(dev))
+        return out.reshape(-1).float().cpu().numpy()
 
     # ------------------------------------------------------------------------------------------
 
@@ -232,7 +207,7 @@ class Predictor:
         with torch.no_grad():
             for lo in range(0, len(users), self.max_batch):
                 dense, values, lengths, st = self.inputs(users[lo: lo + self.max_batch], items[lo: lo + self.max_batch])
-                outs.append(self.model(dense, values, lengths).reshape(-1).float().numpy())
+                outs.append(self._run(dense, values, lengths))
                 stats["unknown_users"] += st["unknown_users"]
                 stats["unknown_items"] += st["unknown_items"]
                 stats["chunks"] += 1

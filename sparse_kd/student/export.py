@@ -14,13 +14,8 @@ from torchrec.models.dlrm import DLRM
 
 from sparse_kd import checkpoint as ckpt
 from sparse_kd.config import StudentConfig
+from sparse_kd.run_folder import MODEL_META, StaleRunError  # noqa: F401 (re-exported)
 from sparse_kd.student.model import build_dlrm
-
-MODEL_META = "model_meta.json"
-
-
-class StaleRunError(RuntimeError):
-    """A run folder holds checkpoints trained under another configuration."""
 
 
 def write_model_meta(

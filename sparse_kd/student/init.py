@@ -91,19 +91,19 @@ def write_tables(dmp: torch.nn.Module, seed: int, init_rows: dict[str, torch.Ten
                 if reinit:
                     block = init_rows_block(seed, table, full_rows, full_dim, r0 + lo, hi - lo)[:, c0 : c0 + d]
                 else:
-                    block = t[lo:hi].detach().clone()
+                    block = t[lo:hi].detach().cpu()  # rows are assembled on the host, then copied back
                 if seeded is not None:
                     src = seeded[r0 + lo : r0 + hi, c0 : c0 + d].float()
                     ok = ~torch.isnan(src).any(dim=1)
                     block[ok] = src[ok]
                     n_written += int(ok.sum()) if c0 == 0 and not replica else 0
-                t[lo:hi].copy_(block)
+                t[lo:hi].copy_(block)  # onto the shard's device (a CUDA shard included)
                 lo = hi
         if seeded is not None:
             written[feat] = n_written
     dmp.load_state_dict(sd, strict=False)
     if written and dist.is_initialized() and dist.get_world_size() > 1:
         counts = torch.tensor([written[f] for f in sorted(written)], dtype=torch.int64)
-        dist.all_reduce(counts)
+        dist.all_reduce(counts)  # CPU tensor: the gloo side of a cpu:gloo,cuda:nccl group
         written = dict(zip(sorted(written), counts.tolist()))
     return written

@@ -41,8 +41,10 @@ def predict_sharded(
                 _, logits, _ = pipeline.progress(batches)
             except StopIteration:
                 break
-            outs.append(all_gather_cat(logits.reshape(-1).cpu()))  # (W * per,)
+            # gathered where the logits are (nccl on CUDA): no host sync per batch
+            outs.append(all_gather_cat(logits.reshape(-1).detach()))  # (W * per,)
     model.train()
+    outs = [o.cpu() for o in outs]  # one copy back per split, after the pass
     # undo the per-rank padding: global batch g holds rank r's rows at [r*per, r*per + real)
     result = []
     for g, chunk in enumerate(outs):

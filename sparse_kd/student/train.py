@@ -16,6 +16,7 @@ the same example permutation and takes its slice of each global batch.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,9 @@ from tqdm import tqdm
 
 from sparse_kd import checkpoint as ckpt
 from sparse_kd.config import ExperimentConfig
-from sparse_kd.data.batching import BatchBuilder, steps_per_epoch, train_batches
+from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
+from sparse_kd.data.stream import train_source
 from sparse_kd.dist import DistEnv
 from sparse_kd.distill.module import RankerTrain
 from sparse_kd.distill.refit import refit_rows
@@ -40,6 +42,7 @@ from sparse_kd.student.init import write_tables
 from sparse_kd.student.model import build_dlrm
 from sparse_kd.student.optim import combined_optimizer, sparse_optimizer
 from sparse_kd.student.predict import evaluate_sharded, predict_sharded
+from sparse_kd.student.reshard import check_resume
 from sparse_kd.student.sharding import build_plan, describe_plan
 from sparse_kd.student.spec import RankerResult, RankerSpec
 from sparse_kd.student.train_log import TrainLog
@@ -70,7 +73,8 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
                          pair_feature=spec.pair_feature)
     opt_cls, opt_kwargs = sparse_optimizer(cfg.train)
     apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
-    plan = build_plan(module, sc, env.world_size, env.device.type)
+    plan = build_plan(module, sc, env.world_size, env.device.type, local_world_size=env.local_world_size,
+                      batch_size=cfg.train.batch_size // env.world_size)
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan)
     if env.is_main:
         log.info("[%s] sharding plan: %s", spec.name, describe_plan(plan))
@@ -88,13 +92,14 @@ class _Position:
     global_step: int = 0
 
 
-def _resume(ck_dir: Path, r: ShardedRanker) -> tuple[_Position, Optional[Path]]:
+def _resume(ck_dir: Path, r: ShardedRanker, sparse_optimizer_name: str, world_size: int) -> tuple[_Position, Optional[Path]]:
     """Load the newest complete checkpoint in ``ck_dir`` into the model and optimizers, if any."""
     latest = ckpt.latest(ck_dir)
     if latest is None:
         return _Position(), None
     # optimizer state is created lazily; make it exist so the checkpoint can load into it
     # (a zero-gradient Adam step leaves the parameters unchanged)
+    check_resume(latest, r.dmp.plan, sparse_optimizer_name, world_size)  # refuse what DCP cannot reshard
     r.dense_optimizer.init_state()
     r.dense_optimizer.zero_grad()
     meta = ckpt.load(latest, r.dmp, r.optimizer)
@@ -121,12 +126,12 @@ def train_ranker(
     seed = cfg.train.seed if seed is None else seed
     tc, out_dir = cfg.train, Path(out_dir)
     np.random.seed(seed)  # torch is seeded in build_sharded, right before the dense layers are made
-    if tc.deterministic:
+    if use_deterministic(tc.deterministic, env.device.type):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     r = build_sharded(cfg, ds, spec, env, seed)
     ck_dir = out_dir / "checkpoints"
-    pos, last_saved = _resume(ck_dir, r)  # a finished run resumed: its last checkpoint is the result
+    pos, last_saved = _resume(ck_dir, r, tc.sparse_optimizer, env.world_size)  # a finished run resumed: its last checkpoint is the result
     if last_saved is not None and env.is_main:
         log.info("[%s] resumed from %s (epoch %d, step %d)", spec.name, last_saved, pos.epoch, pos.step)
     pipeline = TrainPipelineSparseDist(r.dmp, r.optimizer, env.device)
@@ -134,12 +139,12 @@ def train_ranker(
     def save(epoch: int, step: int) -> Path:
         return ckpt.save(ck_dir, r.dmp, r.optimizer, epoch, step, pos.global_step, tc.keep_checkpoints)
 
-    train = ds.splits["train"]
-    spe = steps_per_epoch(len(train), tc.batch_size, env.world_size)
+    source = train_source(ds, cfg.data)  # in memory, or streamed from Parquet shards
+    spe = source.steps_per_epoch(tc.batch_size)
     if env.is_main:
         log.info(
             "[%s] %d train examples, global batch %d (%d per rank x %d ranks), %d steps/epoch, %d epochs",
-            spec.name, len(train), tc.batch_size, tc.batch_size // env.world_size, env.world_size, spe, tc.epochs,
+            spec.name, source.num_examples, tc.batch_size, tc.batch_size // env.world_size, env.world_size, spe, tc.epochs,
         )
     writer = TrainLog(out_dir) if env.is_main else None
     history: list[dict] = []
@@ -152,8 +157,8 @@ def train_ranker(
         if sel.stopped:
             break
         pos.epoch = epoch
-        batches = train_batches(train, r.builder, tc.batch_size, env.rank, env.world_size, pos.epoch, seed,
-                                spec.teacher_logits, start_step=pos.step)
+        batches = source.batches(r.builder, tc.batch_size, env.rank, env.world_size, pos.epoch, seed,
+                                 start_step=pos.step, teacher_logits=spec.teacher_logits)
         if spec.kd_pool is not None:  # distill.pairs: sampled pairs with the teacher's logits
             batches = with_sampled_pairs(batches, spec.kd_pool, spec.kd_pool_logits, r.builder,
                                          pool_batch(spec.distill.pairs, tc.batch_size), env.rank, env.world_size,
@@ -209,11 +214,20 @@ def train_ranker(
                 log.info("[%s] weight transfer refit: rows of rarely seen entities set from text: %s", spec.name, written)
             last_saved = save(tc.epochs, 0)
     metrics = evaluate_sharded(pipeline, r.dmp, ds, r.builder, tc.eval_batch_size, env)
-    train_logits = predict_sharded(pipeline, r.dmp, train, r.builder, tc.eval_batch_size, env) if want_train_logits else None
+    train_logits = predict_sharded(pipeline, r.dmp, ds.splits["train"], r.builder, tc.eval_batch_size, env) if want_train_logits else None
     if writer:
         writer.close()
     eps = n_seen / t_train if t_train > 0 else 0.0
     return RankerResult(spec.name, metrics, last_saved or ckpt.latest(ck_dir), train_logits, eps, history)
+
+
+def use_deterministic(setting, device_type: str, environ=None) -> bool:
+    """``train.deterministic``: True / False as given; ``auto`` is on for CPU and, on CUDA, only
+    when ``CUBLAS_WORKSPACE_CONFIG`` is set (without it deterministic cuBLAS calls fail)."""
+    if setting != "auto":
+        return bool(setting)
+    environ = os.environ if environ is None else environ
+    return device_type != "cuda" or bool(environ.get("CUBLAS_WORKSPACE_CONFIG"))
 
 
 # ----------------------------------------------------------- best-epoch selection (train.select_best)

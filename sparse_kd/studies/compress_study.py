@@ -92,7 +92,7 @@ def run_compress_study(
                     for f in pruned_here:
                         settings[f]["keep_ratio"] = float(r)
                     comp = compress_model(model, inp.ds, settings, cfg.importance, cfg.remap, inp.text, imps,
-                                          cfg.dense_int8, cfg.row_alignment)
+                                          cfg.dense_int8, cfg.row_alignment, cfg.serve_device)
                     m = evaluate(serving_forward(comp.serving), inp.ds, inp.builder)
                     row = {
                         "variant": variant, "fill": fill, "keep_ratio": float(r), "dtype": dt,
@@ -105,12 +105,17 @@ def run_compress_study(
                     log.info("[%s/%s] keep %.2f %s: %.4f MB, test AUC %.4f", variant, fill, r, dt, row["embedding_mb"],
                              row["test_auc"])
                     del comp
+    _mark_pareto(rows)
+    _write(rows, out_dir, run_dir, variants, study_cfg, base, pruned_here)
+    return rows
+
+
+def _mark_pareto(rows: list[dict]) -> None:
+    """Set each row's ``pareto``: on its series' front of (embedding bytes, test AUC)."""
     for key in sorted({_series(r, rows) for r in rows}):
         mine = [r for r in rows if _series(r, rows) == key]
         for r, on in zip(mine, pareto_front([(r["embedding_bytes"], r["test_auc"]) for r in mine])):
             r["pareto"] = on
-    _write(rows, out_dir, run_dir, variants, study_cfg, base, pruned_here)
-    return rows
 
 
 def _series(row: dict, rows: list[dict]) -> str:
@@ -208,10 +213,7 @@ def run_compress_study_seeds(cfg, docs: Path) -> list[dict]:
                 row[f"{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
         row["seeds"] = len(same)
         rows.append(row)
-    for key in sorted({_series(r, rows) for r in rows}):
-        mine = [r for r in rows if _series(r, rows) == key]
-        for r, on in zip(mine, pareto_front([(r["embedding_bytes"], r["test_auc"]) for r in mine])):
-            r["pareto"] = on
+    _mark_pareto(rows)
     docs.mkdir(parents=True, exist_ok=True)
     import sys
 

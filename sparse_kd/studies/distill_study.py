@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_kd.config import ExperimentConfig, replace, to_dict
+from sparse_kd.config import DistillConfig, ExperimentConfig, replace, to_dict
 from sparse_kd.metrics import EVAL_SPLITS as SPLITS
 from sparse_kd.report import markdown_table
 
@@ -94,14 +94,29 @@ def seed_dir(cfg: ExperimentConfig, seed: int) -> Path:
     return Path(cfg.output_dir) / f"seed_{seed}"
 
 
+def check_seed(cfg: ExperimentConfig, seed: int) -> None:
+    """Raise StaleRunError, before anything is written, if ``seed_dir(cfg, seed)`` holds a study
+    trained with other settings (see :mod:`sparse_kd.run_folder`): the teacher ranker, every
+    variant and every search candidate."""
+    from sparse_kd import pipeline as P
+
+    cfg = seed_config(cfg, seed)
+    fps = {v: P.variant_fingerprint(cfg, v, DistillConfig() if v in (P.TEACHER, "baseline") else variant_distill(cfg, v), seed)
+           for v in (P.TEACHER, *cfg.study.variants)}
+    for name, (ccfg, _) in candidates(cfg).items():
+        fps.setdefault(name, P.variant_fingerprint(ccfg, name, ccfg.distill, seed))
+    P.check_run_folder(cfg, fps)
+
+
 def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     """Train teacher ranker + every study variant + every search candidate for one seed.
     Returns {variant: metrics, ..., "search": {...}}."""
     from sparse_kd import pipeline as P
     from sparse_kd.dist import init_distributed
 
-    cfg = seed_config(cfg, seed)
+    study_cfg, cfg = cfg, seed_config(cfg, seed)
     env = init_distributed(cfg.train.backend, cfg.train.collective_timeout_s)
+    P.check_on_main(env, lambda: check_seed(study_cfg, seed))
     ds = P.prepare_data(cfg, env)
     user_text, item_text = P.text_embeddings(cfg, ds, env)
     user_text = P.user_text_for(cfg, ds, user_text, item_text, env)

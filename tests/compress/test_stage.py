@@ -9,16 +9,17 @@ import pytest
 import torch
 
 from sparse_kd.compress.planner import BudgetError
-from sparse_kd.compress.stage import compress_run
+from sparse_kd.compress.prune import table_settings
+from sparse_kd.compress.stage import compress_model, compress_run, load_run, model_weights
 from sparse_kd.config import CompressConfig, StudyConfig
+from sparse_kd.metrics import binary_metrics, evaluate, fp32_forward, serving_forward
 from sparse_kd.serve import Predictor
-from sparse_kd.metrics import binary_metrics
 from sparse_kd.studies.compress_study import pareto_front, run_compress_study
 
 
 def test_compress_run_report_and_artifact(run_folder, tmp_path, capsys):
     run, ds, _ = run_folder
-    cfg = CompressConfig(default_dtype="int8", keep_ratio={"item_id": 0.5}, dtype={"user_id": "int4"}, remap="hash")
+    cfg = CompressConfig(default_dtype="int8", keep_ratio={"item_id": 0.5}, dtype={"user_id": "int4"})
     rep = compress_run(run, "baseline", cfg, tmp_path / "art")
     printed = capsys.readouterr().out
     assert "embedding storage" in printed and "t_item_id" in printed and "delta AUC" in printed
@@ -53,34 +54,69 @@ def test_pareto_front():
     assert pareto_front(pts) == [True, True, False, True, True, False]
 
 
+def _md_rows(path, variant: str) -> list[list[str]]:
+    """The cells of the markdown table's rows of ``variant``."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in path.read_text().splitlines() if line.startswith(f"| {variant} ")]
+
+
 def test_compress_study_writes_csv_json_png(run_folder, tmp_path):
-    run, _, _ = run_folder
+    run, ds, baseline = run_folder
     study = StudyConfig(keep_ratios=(1.0, 0.5), dtypes=("fp32", "int4"))
     rows = run_compress_study(run, ["baseline", "distilled"], study, tmp_path)
-    assert len(rows) == 8
+    # one row per variant x keep ratio x dtype of the inputs, in order
+    grid = [(v, k, d) for v in ("baseline", "distilled") for k in (1.0, 0.5) for d in ("fp32", "int4")]
+    assert [(r["variant"], r["keep_ratio"], r["dtype"]) for r in rows] == grid
+    # the CSV, JSON and markdown files hold exactly these rows
     with open(tmp_path / "compress_study.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 8 and {r["variant"] for r in table} == {"baseline", "distilled"}
+    assert [(t["variant"], float(t["keep_ratio"]), t["dtype"], int(t["embedding_bytes"]), float(t["test_auc"]),
+             t["pareto"] == "True") for t in table] == \
+        [(r["variant"], r["keep_ratio"], r["dtype"], r["embedding_bytes"], r["test_auc"], r["pareto"]) for r in rows]
     doc = json.loads((tmp_path / "compress_study.json").read_text())
-    assert len(doc["rows"]) == 8
+    assert doc["rows"] == rows and doc["keep_ratios"] == [1.0, 0.5] and doc["dtypes"] == ["fp32", "int4"]
+    for v in ("baseline", "distilled"):
+        assert [(c[1], float(c[2]), c[3]) for c in _md_rows(tmp_path / "compress_study.md", v)] == \
+            [(r["fill"], r["keep_ratio"], r["dtype"]) for r in rows if r["variant"] == v]
     png = (tmp_path / "compress_study.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # the numbers are those of the models: the fp32 AUC of the trained baseline, measured here
+    inp = load_run(run, "baseline")
+    fp32 = evaluate(fp32_forward(baseline), ds, inp.builder)["test"]["auc"]
+    by = {(r["variant"], r["keep_ratio"], r["dtype"]): r for r in rows}
+    assert by[("baseline", 1.0, "fp32")]["fp32_test_auc"] == pytest.approx(fp32, abs=1e-9)
+    assert by[("baseline", 1.0, "fp32")]["test_auc"] == pytest.approx(fp32, abs=1e-6)  # fp32 TBE: same lookups
+    # and the compressed baseline at keep 0.5 / int4, compressed and evaluated here
+    settings = table_settings(CompressConfig(default_dtype="int4"), list(model_weights(baseline)))
+    for f in ("user_id", "item_id"):
+        settings[f]["keep_ratio"] = 0.5
+    comp = compress_model(baseline, ds, settings, text=inp.text)
+    small = by[("baseline", 0.5, "int4")]
+    assert small["embedding_bytes"] == comp.embedding_bytes < by[("baseline", 1.0, "fp32")]["embedding_bytes"]
+    assert small["test_auc"] == pytest.approx(evaluate(serving_forward(comp.serving), ds, inp.builder)["test"]["auc"], abs=1e-9)
     for v in ("baseline", "distilled"):
         mine = [r for r in rows if r["variant"] == v]
-        assert any(r["pareto"] for r in mine)
-        smallest = min(mine, key=lambda r: r["embedding_bytes"])
-        assert smallest["pareto"] or any(r["embedding_bytes"] == smallest["embedding_bytes"] and r["pareto"] for r in mine)
-        full = next(r for r in mine if r["keep_ratio"] == 1.0 and r["dtype"] == "fp32")
+        assert [r["pareto"] for r in mine] == pareto_front([(r["embedding_bytes"], r["test_auc"]) for r in mine])
+        full = by[(v, 1.0, "fp32")]
         assert full["test_auc"] == pytest.approx(full["fp32_test_auc"], abs=1e-6)
-        assert 0.8 < full["ratio"] <= 1.0  # fp32 in the TBE: same rows plus 128-byte table alignment
+        assert full["ratio"] == 1.0  # fp32 on the CPU kernel: the same rows, nothing added
 
 
 def test_compress_study_fill_series(run_folder, tmp_path):
     run, _, _ = run_folder
-    rows = run_compress_study(run, ["distilled"], StudyConfig(keep_ratios=(0.5,), dtypes=("int8",)), tmp_path,
+    rows = run_compress_study(run, ["distilled"], StudyConfig(keep_ratios=(1.0, 0.5), dtypes=("int8",)), tmp_path,
                               fills=("zero", "text"))
-    z, t = rows
-    assert (z["fill"], t["fill"]) == ("zero", "text")
-    assert z["pareto"] and t["pareto"]  # one point per series: each is its own front
-    assert t["embedding_bytes"] > z["embedding_bytes"]  # text keeps a row per id
-    assert "distilled/text" in (tmp_path / "compress_study.md").read_text() or "text" in (tmp_path / "compress_study.csv").read_text()
+    assert [(r["fill"], r["keep_ratio"]) for r in rows] == [("zero", 1.0), ("zero", 0.5), ("text", 1.0), ("text", 0.5)]
+    z = {r["keep_ratio"]: r for r in rows if r["fill"] == "zero"}
+    t = {r["keep_ratio"]: r for r in rows if r["fill"] == "text"}
+    # nothing pruned at keep 1.0: both fills are the same model
+    assert (z[1.0]["embedding_bytes"], z[1.0]["test_auc"]) == (t[1.0]["embedding_bytes"], t[1.0]["test_auc"])
+    # pruned: text keeps a row per id (the unpruned bytes, other rows); zero drops rows
+    assert t[0.5]["embedding_bytes"] == t[1.0]["embedding_bytes"] > z[0.5]["embedding_bytes"]
+    assert t[0.5]["test_auc"] != t[1.0]["test_auc"]
+    # one Pareto front per fill series
+    for fill in ("zero", "text"):
+        mine = [r for r in rows if r["fill"] == fill]
+        assert [r["pareto"] for r in mine] == pareto_front([(r["embedding_bytes"], r["test_auc"]) for r in mine])
+    assert [(c[1], float(c[2])) for c in _md_rows(tmp_path / "compress_study.md", "distilled")] == \
+        [(r["fill"], r["keep_ratio"]) for r in rows]

@@ -1,5 +1,6 @@
 """Configs: every YAML in configs/ loads; unknown keys, wrong types and impossible values name the key."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,7 @@ def test_overrides_apply_and_parse_yaml_values():
         ("distill.logit.kd_ratio=1.5", "distill.logit.kd_ratio: must be in [0, 1]"),
         ("compress.dtype.item_id=int3", "compress.dtype.item_id: 'int3' is not valid"),
         ("compress.budget_mb=-1", "compress.budget_mb: must be >= 0"),
+        ("teacher.allow_pickle_weights=sometimes", "teacher.allow_pickle_weights: expected true or false"),
         ("bogus=1", "bogus: unknown key"),
         ("train=5", "train: expected a mapping"),
         ("train.epochs", "expected key=value"),
@@ -76,5 +78,5 @@ def test_round_trip_and_replace():
     again = replace(cfg, [])
     assert again == cfg
     assert to_dict(replace(cfg, ["train.seed=5"]))["train"]["seed"] == 5
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'epochs'"):
         cfg.train.epochs = 1  # frozen

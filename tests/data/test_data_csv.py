@@ -57,10 +57,11 @@ def test_full_format(tmp_path):
     assert g.offsets.tolist() == [0, 2, 2, 3] and g.values.tolist() == [0, 1, 2]  # multi-hot, empty bag
     assert ds.feature("item_id").vocab == ["B7", "A1", "C3"] and ds.feature("item_id").values.tolist() == [0, 1, 2]
     tr = ds.splits["train"]
-    # 4 rows, 80/10/10 -> round(0.4)=0 valid/test; train sorted by timestamp
-    assert tr.timestamp.tolist() == [10, 20, 30, 40]
-    assert tr.user.tolist() == [1, 0, 0, 1] and tr.item.tolist() == [1, 2, 0, 0]
-    assert tr.label.dtype == np.float32 and tr.user.dtype == np.int64 and tr.label.tolist() == [0, 1, 1, 1]
+    # 4 rows, 80/10/10 -> round(0.4)=0 valid/test; a split keeps source order (membership is by time)
+    assert tr.timestamp.tolist() == [30, 10, 20, 40]
+    assert tr.user.tolist() == [0, 1, 0, 1] and tr.item.tolist() == [0, 1, 2, 0]
+    assert tr.label.dtype == np.float32 and tr.user.dtype == np.int64 and tr.label.tolist() == [1, 0, 1, 1]
+    assert not ds.implicit and "feedback" not in ds.report
     assert ds.report["rows_read"] == {"items.csv": 3, "users.csv": 2, "interactions.csv": 4}
     assert ds.report["empty_user_text"] == 1
 
@@ -97,14 +98,17 @@ def test_cold_items_and_temporal_split(tmp_path):
     rows = [f"u{rng.integers(5)},it{rng.integers(n_items)},{rng.integers(2)},{rng.integers(1000)}\n" for _ in range(300)]
     ds = load_csv(cfg(write(tmp_path, items=items, interactions="user_id,item_id,label,timestamp\n" + "".join(rows)),
                       cold_item_fraction=0.1))
-    cold = set(ds.splits["test_cold"].item.tolist())
+    vcold, tcold = (set(ds.splits[s].item.tolist()) for s in ("valid_cold", "test_cold"))
+    cold = vcold | tcold
     assert ds.report["split"]["cold_items"] == 2 and cold <= set(range(n_items))
+    assert ds.report["split"]["valid_cold_items"] == ds.report["split"]["test_cold_items"] == 1 and not vcold & tcold
     for s in ("train", "valid", "test"):
         assert not cold & set(ds.splits[s].item.tolist())
     assert sum(len(sp) for sp in ds.splits.values()) == 300
     t = {s: ds.splits[s].timestamp for s in ("train", "valid", "test")}
     assert t["train"].max() <= t["valid"].min() and t["valid"].max() <= t["test"].min()
-    assert abs(len(ds.splits["valid"]) - 0.1 * (300 - len(ds.splits["test_cold"]))) <= 1
+    n_cold = len(ds.splits["test_cold"]) + len(ds.splits["valid_cold"])
+    assert abs(len(ds.splits["valid"]) - 0.1 * (300 - n_cold)) <= 1
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -48,15 +48,19 @@ def test_protocol(tmp_path):
     assert rep["rows_read"] == {"u.genre": 19, "u.item": N_ITEMS, "u.user": N_USERS, "u.data": N_RATINGS}
     assert rep["dropped"] == {"rating_3": int((raw["rating"] == 3).sum())}
     assert sum(len(sp) for sp in ds.splits.values()) == int((raw["rating"] != 3).sum())
-    # cold items: 10% of items, only in test_cold
-    cold = set(ds.splits["test_cold"].item.tolist())
+    # cold items: 10% of items, split between valid_cold and test_cold, never in train/valid/test
+    cold = set(ds.splits["test_cold"].item.tolist()) | set(ds.splits["valid_cold"].item.tolist())
     assert rep["split"]["cold_items"] == 3 and len(cold) <= 3
+    assert (rep["split"]["valid_cold_items"], rep["split"]["test_cold_items"]) == (1, 2)
     for s in ("train", "valid", "test"):
         assert not cold & set(ds.splits[s].item.tolist())
-    # temporal order and 80/10/10
+    # split by time, 80/10/10; each split keeps file order
     t = {s: ds.splits[s].timestamp for s in ("train", "valid", "test")}
     assert t["train"].max() <= t["valid"].min() and t["valid"].max() <= t["test"].min()
-    assert all(np.all(np.diff(x) >= 0) for x in t.values())
+    line_of = {(str(a), str(b), int(d)): k for k, (a, b, d) in enumerate(zip(raw["user"], raw["item"], raw["ts"]))}
+    for sp in ds.splits.values():
+        lines = [line_of[(ds.user_ids[u], ds.item_ids[i], int(ts))] for u, i, ts in zip(sp.user, sp.item, sp.timestamp)]
+        assert lines == sorted(lines)
     n_warm = sum(len(ds.splits[s]) for s in ("train", "valid", "test"))
     assert abs(len(ds.splits["test"]) - 0.1 * n_warm) <= 1 and abs(len(ds.splits["valid"]) - 0.1 * n_warm) <= 1
     # labels: rating >= 4 -> 1, <= 2 -> 0, matched per (user, item, ts) row
@@ -133,3 +137,26 @@ def test_missing_folder_and_file(tmp_path):
     (tmp_path / "u.user").unlink()
     with pytest.raises(DataError, match="u.user: file not found"):
         load_dataset(cfg(tmp_path))
+
+
+def test_blank_lines_are_skipped_and_counted(tmp_path):
+    make_fixture(tmp_path)  # u.genre ends with one blank line, as the original does
+    assert load_dataset(cfg(tmp_path)).report["blank_lines"] == 1
+    data = (tmp_path / "u.data").read_text().splitlines(keepends=True)
+    (tmp_path / "u.data").write_text("".join(data[:5]) + "\n  \n" + "".join(data[5:]) + "\r\n")
+    ds = load_dataset(cfg(tmp_path))
+    assert ds.report["blank_lines"] == 1 + 3 and ds.report["rows_read"]["u.data"] == N_RATINGS
+
+
+def test_convert_to_parquet_equals_in_memory(tmp_path):
+    from sparse_kd.data import convert
+
+    make_fixture(tmp_path)
+    c = cfg(tmp_path, shuffle_block_rows=50)
+    convert(c, tmp_path / "conv")
+    a, b = load_dataset(c), load_dataset(DataConfig(source="parquet", path=str(tmp_path / "conv"), shuffle_block_rows=50))
+    assert a.item_text == b.item_text and a.feature_names == b.feature_names
+    for s in a.splits:
+        for k in ("user", "item", "label", "timestamp"):
+            assert np.array_equal(getattr(a.splits[s], k), getattr(b.splits[s], k))
+    assert b.report["split"] == a.report["split"] and b.report["dropped"] == a.report["dropped"]

@@ -28,11 +28,34 @@ def test_logit_kd_is_kl_times_t_squared():
     assert losses.logit_kd_loss(torch.tensor([0.3, -2.0]), torch.tensor([0.3, -2.0]), 3.0).item() == pytest.approx(0, abs=1e-6)
 
 
-def test_combined_logit_loss_mixes_by_kd_ratio():
-    s, y, t = torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([2.0])
-    c = losses.click_loss(s, y).item()
-    k = losses.logit_kd_loss(s, t, 1.0).item()
-    assert losses.combined_logit_loss(s, y, t, 0.25, 1.0).item() == pytest.approx(0.75 * c + 0.25 * k, rel=1e-6)
+def test_training_loss_mixes_click_and_kd_by_kd_ratio():
+    """What training optimises (RankerTrain): (1 - kd_ratio) * click + kd_ratio * KD in train mode,
+    the click loss alone in eval mode."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from sparse_kd.config import DistillConfig, LogitKDConfig, StudentConfig
+    from sparse_kd.data.batching import KDBatch
+    from sparse_kd.distill.module import RankerTrain
+    from sparse_kd.student.model import build_dlrm
+
+    torch.manual_seed(0)
+    B, U, I = 12, 7, 5
+    dlrm = build_dlrm({"user_id": U, "item_id": I}, 2, StudentConfig(embedding_dim=8, dense_arch=(8, 8), over_arch=(4, 1)), device="cpu")
+    kd = LogitKDConfig(enabled=True, kd_ratio=0.25, temperature=2.0)
+    m = RankerTrain(dlrm, DistillConfig(logit=kd))
+    u, i = torch.randint(0, U, (B,)), torch.randint(0, I, (B,))
+    kjt = KeyedJaggedTensor.from_lengths_sync(["user_id", "item_id"], torch.cat([u, i]), torch.ones(2 * B, dtype=torch.int32))
+    labels, teacher = torch.randint(0, 2, (B,)).float(), 3 * torch.randn(B)
+    batch = KDBatch(torch.randn(B, 2), kjt, labels, u, i, teacher)
+
+    loss, (_, logits, _) = m.train()(batch)
+    click = losses.click_loss(logits, labels).item()
+    soft = losses.logit_kd_loss(logits, teacher, 2.0).item()
+    assert soft > 1e-3  # the teacher disagrees with the untrained student: the mix is visible
+    assert loss.item() == pytest.approx(0.75 * click + 0.25 * soft, rel=1e-6)
+    assert m.last_parts["click"].item() == pytest.approx(click) and m.last_parts["kd"].item() == pytest.approx(soft)
+    loss, _ = m.eval()(batch)
+    assert loss.item() == pytest.approx(click, rel=1e-6) and "kd" not in m.last_parts
 
 
 def test_cosine_and_mse_alignment():

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiny_config, tiny_dataset
 from sparse_kd.config import DistillConfig, PairKDConfig, StudentConfig
 from sparse_kd.data.batching import BatchBuilder, count_dense, train_batches
 from sparse_kd.distill import losses
 from sparse_kd.distill.module import RankerTrain
-from sparse_kd.distill.pairs import SAMPLED, concat_batches, pool_batch, pool_size, sample_pool, with_sampled_pairs
+from sparse_kd.distill.pairs import SAMPLED, concat_batches, pool_batch, sample_pool, with_sampled_pairs
 from sparse_kd.student.model import build_dlrm
-from sparse_kd.testing import tiny_config, tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,8 @@ def test_pool_avoids_train_pairs_is_seeded_and_favours_the_tail(ds):
     assert rare[pop.item].mean() < rare[pool.item].mean()
 
 
-def test_pool_size_is_one_epoch_of_sampled_batches():
-    pc = PairKDConfig(enabled=True, ratio=1.5)
-    assert pool_batch(pc, 64) == 96
-    assert pool_size(1000, 64, pc) == (1000 // 64) * 96
+def test_sampled_pairs_per_batch():
+    assert pool_batch(PairKDConfig(enabled=True, ratio=1.5), 64) == 96
 
 
 def _rows(batch):

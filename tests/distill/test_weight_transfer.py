@@ -3,10 +3,12 @@
 import pytest
 import torch
 
+from helpers import tiny_config, tiny_dataset
+from helpers.workers import local_tables_worker
+from sparse_kd.dist import launch_local
 from sparse_kd.distill.transfer import pca_projection, transfer_rows
 from sparse_kd.ridge import ridge_fit, ridge_predict
 from sparse_kd.student.init import init_rows_block
-from sparse_kd.testing import launch, local_tables_worker, tiny_config, tiny_dataset
 
 
 def test_pca_rows_follow_the_text_geometry():
@@ -43,7 +45,7 @@ def test_transfer_fills_exactly_the_seeded_rows_on_sharded_tables(tmp_path):
     seeded_items = torch.arange(0, ds.num_items, 3)  # every third item, across both row shards
     items[seeded_items] = torch.arange(len(seeded_items) * dim, dtype=torch.float32).reshape(-1, dim) + 1.0
     users = torch.randn(ds.num_users, dim)  # every user row
-    out = launch(local_tables_worker, 2, cfg, {"item_id": items, "user_id": users})
+    out = launch_local(local_tables_worker, 2, cfg, {"item_id": items, "user_id": users})
     assert out[0]["written"] == {"item_id": len(seeded_items), "user_id": ds.num_users}
     # reassemble each table from both ranks' shards
     for table, want_rows, n in (("t_item_id", items, ds.num_items), ("t_user_id", users, ds.num_users)):

@@ -34,9 +34,21 @@ def test_train_builds_torchrun_of_the_cli():
     assert "--variants teacher_ranker" in " ".join(teacher.roles[0].args)
 
 
+@pytest.mark.parametrize("name", ["train", "train_teacher", "train_student"])
+def test_nodes_times_processes_is_the_world_size(name):
+    app = getattr(components, name)("nproc=3", config="configs/demo.yaml", nnodes=2, nproc_per_node=4)
+    role = app.roles[0]
+    cmd = " ".join([role.entrypoint, *role.args])
+    assert role.num_replicas == 2  # one torchrun agent per node
+    assert "--nnodes 2" in cmd and "--nproc_per_node 4" in cmd and "--rdzv_backend c10d" in cmd
+    # the component's nproc comes after the user's overrides, so it wins: 2 nodes x 4 = 8 ranks
+    assert cmd.index("nproc=3") < cmd.index("nproc=8")
+
+
 @pytest.mark.parametrize(
     "kwargs,msg",
-    [({"nproc_per_node": 0}, "must be >= 1"), ({"config": "configs/demo.json"}, "expected a YAML"), ({"overrides": ("epochs",)}, "key=value")],
+    [({"nproc_per_node": 0}, "must be >= 1"), ({"config": "configs/demo.json"}, "expected a YAML"), ({"overrides": ("epochs",)}, "key=value"),
+     ({"gpu": 2, "nproc_per_node": 4}, "each process of a CUDA job needs its own GPU")],
 )
 def test_component_rejects_bad_input(kwargs, msg):
     overrides = kwargs.pop("overrides", ())

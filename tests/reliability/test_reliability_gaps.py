@@ -611,7 +611,7 @@ def test_corrupt_checkpoint_stops_export_for_compression(tmp_path):
         ("no_files", "no 'files' table"),
         ("not_utf8", "unreadable manifest"),
         ("no_manifest", "manifest.json: missing;"),
-        ("version_string", "artifact format version '2', but this sparse_kd reads version 1; re-create the artifact"),
+        ("version_string", "artifact format version '2', but this sparse_kd reads version 2; rebuild it with `sparse-kd compress"),
     ],
 )
 def test_damaged_artifact_manifest_is_rejected_naming_the_file(artifact, tmp_path, damage, needle):

@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 
+from helpers import tiny_config, tiny_dataset
+from helpers.workers import selection_worker
 from sparse_kd.student.selection import FILE, EpochSelector
-from sparse_kd.testing import launch, selection_worker, tiny_config
+from sparse_kd.dist import launch_local
 
 
 def test_best_epoch_and_patience(tmp_path):
@@ -62,18 +64,16 @@ def _table(checkpoint, name, rows, dim):
 @pytest.mark.slow
 def test_early_stop_restores_the_best_epoch_and_a_rerun_trains_no_further(tmp_path):
     cfg = tiny_config(str(tmp_path), nproc=2, train={"epochs": 4, "select_best": True, "early_stop_patience": 1})
-    out = launch(selection_worker, 2, cfg, [0.70, 0.65, 0.60, 0.55])[0]
+    out = launch_local(selection_worker, 2, cfg, [0.70, 0.65, 0.60, 0.55])[0]
     sel = json.loads((tmp_path / "baseline" / FILE).read_text())
     assert out["epochs_trained"] == 2 and sel["stopped"] and sel["restored"] and sel["best_epoch"] == 1
     meta = json.loads((tmp_path / "baseline" / "checkpoints" / out["checkpoint"].split("/")[-1] / "meta.json").read_text())
     assert meta["epoch"] == 4  # marked finished
-    from sparse_kd.testing import tiny_dataset
-
     ds = tiny_dataset(cfg)
     best = tmp_path / "baseline" / sel["best_checkpoint"]
     for feat, n in (("item_id", ds.num_items), ("user_id", ds.num_users)):
         assert torch.equal(_table(out["checkpoint"], feat, n, 8), _table(best, feat, n, 8))
-    again = launch(selection_worker, 2, cfg, [0.0] * 4)[0]  # a rerun scores nothing: it trains no epoch
+    again = launch_local(selection_worker, 2, cfg, [0.0] * 4)[0]  # a rerun scores nothing: it trains no epoch
     assert again["epochs_trained"] == 0 and again["checkpoint"] == out["checkpoint"]
     for split in ("valid", "test", "test_cold"):
         assert math.isclose(again["metrics"][split]["auc"], out["metrics"][split]["auc"], abs_tol=1e-9)

@@ -1,12 +1,12 @@
 """Sharded training on 2 CPU ranks equals 1 process for the same seed and global batch."""
 
-import dataclasses
 import math
-import shutil
 
 import pytest
 
-from sparse_kd.testing import launch, tiny_config, train_worker
+from helpers import tiny_config
+from helpers.workers import train_worker
+from sparse_kd.dist import launch_local
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,8 @@ def test_two_ranks_match_one(tmp_path, sharding, optimizer):
     kw = dict(student={"default_sharding": sharding}, train={"sparse_optimizer": optimizer})
     c1 = tiny_config(str(tmp_path / "one"), nproc=1, **kw)
     c2 = tiny_config(str(tmp_path / "two"), nproc=2, **kw)
-    one = launch(train_worker, 1, c1)[0]
-    two = launch(train_worker, 2, c2)
+    one = launch_local(train_worker, 1, c1)[0]
+    two = launch_local(train_worker, 2, c2)
     # both ranks report the same (gathered) metrics
     _close(two[0]["metrics"], two[1]["metrics"], 0.0)
     _close(one["metrics"], two[0]["metrics"], 1e-4)
@@ -44,9 +44,9 @@ def test_two_ranks_match_one(tmp_path, sharding, optimizer):
 def test_resume_equals_uninterrupted(tmp_path):
     """Stop after 7 steps (a checkpoint mid-epoch), resume, finish: same metrics as one run."""
     cfg = tiny_config(str(tmp_path / "full"), nproc=2, train={"checkpoint_every": 5})
-    full = launch(train_worker, 2, cfg)[0]
+    full = launch_local(train_worker, 2, cfg)[0]
     cut = tiny_config(str(tmp_path / "cut"), nproc=2, train={"checkpoint_every": 5})
-    stopped = launch(train_worker, 2, cut, "baseline", 0, 7)[0]
+    stopped = launch_local(train_worker, 2, cut, "baseline", 0, 7)[0]
     assert stopped["metrics"] == {}
-    resumed = launch(train_worker, 2, cut)[0]
+    resumed = launch_local(train_worker, 2, cut)[0]
     _close(full["metrics"], resumed["metrics"], 1e-6)

@@ -140,3 +140,37 @@ def test_not_a_bert_folder_is_a_clear_error(tmp_path: Path, tiny_bert: Path) -> 
 def test_rejects_non_strings(tiny_bert: Path) -> None:
     with pytest.raises(TypeError, match=r"texts\[1\]"):
         TextEncoder(str(tiny_bert), show_progress=False).encode(["ok", None])  # type: ignore[list-item]
+
+
+def test_pickled_weights_load_only_when_the_user_opts_in(tmp_path: Path, tiny_bert: Path, capsys) -> None:
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_bert, pickled)
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(TeacherModelError, match=r"weights only as a pickle \(pytorch_model\.bin\).*"
+                                                 r"set teacher\.allow_pickle_weights=true"):
+        TextEncoder(str(pickled))
+    kw = dict(precision="fp32", device="cpu", show_progress=False)
+    ref = TextEncoder(str(tiny_bert), **kw).encode(["toy story", "a drama"])
+    got = TextEncoder.from_config(TeacherConfig(model=str(pickled), allow_pickle_weights=True), **kw).encode(["toy story", "a drama"])
+    torch.testing.assert_close(got, ref)
+    # config.json may name the weight file itself: a pickle named there is refused too
+    named = tmp_path / "named"
+    shutil.copytree(tiny_bert, named)
+    cfg = json.loads((named / "config.json").read_text())
+    (named / "config.json").write_text(json.dumps({**cfg, "transformers_weights": "pytorch_model.bin"}))
+    with pytest.raises(TeacherModelError, match="only as a pickle"):
+        resolve_model_path(str(named))
+    # through the CLI: exit 2 with the message, nothing else
+    from sparse_kd.cli import main
+
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    capsys.readouterr()
+    assert main(["encode", str(demo), f"teacher.model={pickled}", f"teacher.cache_dir={tmp_path / 'c'}",
+                 "data.synthetic.num_users=20", "data.synthetic.num_items=20", "data.synthetic.interactions_per_user=5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: teacher.model: ") and "allow_pickle_weights=true" in err and "Traceback" not in err, err

@@ -1,0 +1,101 @@
+"""Functions each rank runs under :func:`sparse_kd.dist.launch_local` in the multi-rank tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from helpers.tiny import tiny_dataset
+from sparse_kd.config import ExperimentConfig
+from sparse_kd.dist import init_distributed
+from sparse_kd.pipeline import baseline_spec, distilled_spec
+from sparse_kd.student.init import local_tables, write_tables
+from sparse_kd.student.train import build_sharded, train_ranker
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+
+
+def train_worker(cfg: ExperimentConfig, name: str = "baseline", seed: int = 0, stop_after_steps: int | None = None) -> dict:
+    """Train one ranker on the tiny dataset in this rank.
+
+    ``name`` picks the spec: ``baseline`` or ``distilled`` (cfg.distill, random stand-in text
+    embeddings so no BERT is needed). Returns the metrics and the per-epoch history.
+    """
+    _quiet()
+    env = init_distributed("gloo", 120)
+    ds = tiny_dataset(cfg)
+    spec = baseline_spec(ds, name)
+    if name == "distilled":
+        g = torch.Generator().manual_seed(123)
+        ut, it = torch.randn(ds.num_users, 12, generator=g), torch.randn(ds.num_items, 12, generator=g)
+        assert not cfg.distill.logit.enabled and cfg.distill.transfer.projection == "pca"
+        spec = distilled_spec(cfg, ds, ut, it, None, name="distilled")
+    res = train_ranker(cfg, ds, spec, Path(cfg.output_dir) / name, env, seed=seed, stop_after_steps=stop_after_steps)
+    return {"metrics": res.metrics, "history": res.history}
+
+
+def local_tables_worker(cfg: ExperimentConfig, init_rows: dict, seed: int = 0) -> dict:
+    """Build the sharded model with ``init_rows`` seeded and return this rank's local shards:
+    {table: [(row offset, col offset, tensor)]}, plus the count of rows written per feature."""
+    _quiet()
+    env = init_distributed("gloo", 120)
+    ds = tiny_dataset(cfg)
+    spec = baseline_spec(ds, "t")
+    spec.init_rows = init_rows
+    dmp = build_sharded(cfg, ds, spec, env, seed).dmp
+    out = {table: [(r0, c0, t.detach().clone()) for (r0, c0), t in shards]
+           for table, shards, _, _ in local_tables(dmp.state_dict())}
+    return {"tables": out, "written": write_tables(dmp, seed, init_rows)}
+
+
+def hang_worker(cfg: ExperimentConfig, step: int) -> str:
+    """Rank 1 stops answering at ``step`` (sleeps past the collective timeout); rank 0 must fail
+    with a message naming its rank and step. Returns rank 0's error message ('' on rank 1)."""
+    _quiet()
+    env = init_distributed("gloo", cfg.train.collective_timeout_s)
+    ds = tiny_dataset(cfg)
+
+    class _Stalled(Exception):
+        pass
+
+    def hook(global_step: int) -> None:
+        if env.rank == 1 and global_step == step:
+            time.sleep(cfg.train.collective_timeout_s + 5)
+            raise _Stalled
+
+    try:
+        train_ranker(cfg, ds, baseline_spec(ds), Path(cfg.output_dir) / "baseline", env, on_step=hook)
+    except RuntimeError as e:
+        return str(e)
+    except _Stalled:
+        return ""
+    return ""
+
+
+
+def env_worker(name: str) -> str | None:
+    """This rank's value of the environment variable ``name``."""
+    return os.environ.get(name)
+
+
+def selection_worker(cfg: ExperimentConfig, valid_scores: list[float]) -> dict:
+    """Train the tiny baseline with the per-epoch valid AUC replaced by ``valid_scores`` (so a test
+    decides which epoch is best; train.select_best). Returns metrics, the result checkpoint and
+    the number of epochs trained in this call."""
+    from sparse_kd.student import train as T
+
+    _quiet()
+    scores = iter(valid_scores)
+    T._valid = lambda *a, **k: {"auc": next(scores), "logloss": 0.5, "n": 1}
+    env = init_distributed("gloo", 120)
+    ds = tiny_dataset(cfg)
+    res = train_ranker(cfg, ds, baseline_spec(ds), Path(cfg.output_dir) / "baseline", env)
+    return {"metrics": res.metrics, "checkpoint": str(res.checkpoint), "epochs_trained": len(res.history)}
