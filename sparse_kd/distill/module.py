@@ -67,7 +67,7 @@ class RankerTrain(nn.Module):
                 if f not in ("user_id", "item_id"):
                     raise ValueError(f"distill.align.features: {f!r}: only user_id and item_id have text")
                 self.align_index[f] = feature_names.index(f)
-                self.align_heads[f] = nn.Linear(embedding_dim, user_text.shape[1])
+                self.align_heads[f] = nn.Linear(embedding_dim, (user_text if f == "user_id" else item_text).shape[1])
 
     def forward(self, batch: KDBatch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         m = self.model
