@@ -132,3 +132,17 @@ def test_sampled_rows_get_only_the_kd_loss():
         ["user_id", "item_id"], torch.cat([u[:n_obs], i[:n_obs]]), torch.ones(2 * n_obs, dtype=torch.int32)),
         labels[:n_obs], u[:n_obs], i[:n_obs], teacher[:n_obs]))
     assert set(m.last_parts) == {"click"}
+
+
+@pytest.mark.slow
+def test_sampled_pair_training_on_two_ranks_equals_one(tmp_path):
+    from helpers.workers import sampled_pairs_worker
+    from sparse_kd.dist import launch_local
+
+    kw = dict(distill={"pairs": {"enabled": True, "ratio": 0.5, "weight": 1.0}}, train={"epochs": 2})
+    one = launch_local(sampled_pairs_worker, 1, tiny_config(str(tmp_path / "one"), nproc=1, **kw))[0]
+    two = launch_local(sampled_pairs_worker, 2, tiny_config(str(tmp_path / "two"), nproc=2, **kw))
+    for split in ("valid", "test", "test_cold"):
+        assert two[0]["metrics"][split] == two[1]["metrics"][split]
+        assert one["metrics"][split]["logloss"] == pytest.approx(two[0]["metrics"][split]["logloss"], abs=1e-4)
+        assert one["metrics"][split]["auc"] == pytest.approx(two[0]["metrics"][split]["auc"], abs=1e-4)
