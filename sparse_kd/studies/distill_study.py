@@ -183,8 +183,7 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
         per_seed[s] = json.loads(f.read_text())
     search = {s: per_seed[s].pop("search", None) for s in per_seed}
     variants = [v for v in per_seed[cfg.study.seeds[0]] if all(v in per_seed[s] for s in per_seed)]
-    splits = [sp for sp in (*SPLITS[:1], "valid_cold", *SPLITS[1:])
-              if all(sp in per_seed[s][v] for s in per_seed for v in variants)]
+    splits = [sp for sp in SPLITS if all(sp in per_seed[s][v] for s in per_seed for v in variants)]
     summary = {}
     for v in variants:
         summary[v] = {}
