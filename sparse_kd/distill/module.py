@@ -31,7 +31,8 @@ class RankerTrain(nn.Module):
 
     Rows labelled :data:`sparse_kd.distill.pairs.SAMPLED` are sampled pairs (distill.pairs):
     they get only the KD loss on their teacher logits (``kd_sampled``) and are left out of the
-    click loss and the observed-pair KD; alignment covers every row.
+    click loss and the observed-pair KD; alignment covers every row, and the returned logits and
+    labels are those of every row (the training loop only counts them).
     """
 
     def __init__(
