@@ -142,6 +142,7 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
         scores[name] = selection_score(out[name])
     chosen = choose(scores)
     out["chosen"] = out[chosen]
+    out["data_facts"] = data_facts(ds)
     out["search"] = {"chosen": chosen, "scores": scores, "overrides": {n: ov for n, (_, ov) in cands.items()},
                      "select_on": [s for s in SELECT_SPLITS if s in out[chosen]]}
     if env.is_main:
@@ -150,6 +151,19 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
         tmp = f.with_suffix(".tmp")
         tmp.write_text(json.dumps(out, indent=1))
         os.replace(tmp, f)
+    return out
+
+
+def data_facts(ds) -> dict:
+    """Share of each evaluation split's rows whose user, and whose item, has a training
+    interaction (how much of a "warm" test is about users the students never trained on)."""
+    user_counts, item_counts = ds.train_counts()
+    out = {}
+    for s in SPLITS:
+        sp = ds.splits[s]
+        if len(sp):
+            out[s] = {"rows_with_trained_user": round(float((user_counts[sp.user] > 0).mean()), 4),
+                      "rows_with_trained_item": round(float((item_counts[sp.item] > 0).mean()), 4)}
     return out
 
 
@@ -182,6 +196,7 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
             raise FileNotFoundError(f"{f}: seed {s} has not been run")
         per_seed[s] = json.loads(f.read_text())
     search = {s: per_seed[s].pop("search", None) for s in per_seed}
+    facts = {s: per_seed[s].pop("data_facts", None) for s in per_seed}
     variants = [v for v in per_seed[cfg.study.seeds[0]] if all(v in per_seed[s] for s in per_seed)]
     splits = [sp for sp in SPLITS if all(sp in per_seed[s][v] for s in per_seed for v in variants)]
     summary = {}
@@ -210,7 +225,11 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
     table = markdown_table(headers, rows)
 
     sections = [table]
-    doc: dict = {"seeds": list(per_seed), "summary": summary, "per_seed": per_seed, "search": search}
+    doc: dict = {"seeds": list(per_seed), "summary": summary, "per_seed": per_seed, "search": search, "data_facts": facts}
+    if all(facts.values()):
+        share = {sp: np.mean([facts[s][sp]["rows_with_trained_user"] for s in per_seed]) for sp in facts[next(iter(facts))]}
+        sections.append("Rows whose user has a training interaction (mean over seeds): "
+                        + ", ".join(f"{sp} {v:.0%}" for sp, v in share.items()) + ".")
     if base and "chosen" in summary and "teacher_ranker" in summary:
         seed_rows = []
         for s in per_seed:

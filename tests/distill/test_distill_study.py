@@ -81,3 +81,12 @@ def test_summarize_reports_per_seed_choice_and_targets(tmp_path):
     assert not doc["targets"]["test"]["met"] and doc["targets"]["test_cold"]["met"]
     assert doc["targets"]["no_seed_below_baseline"]["met"]
     assert not any(math.isnan(v["test"]["mean"]) for v in summary.values())
+
+
+def test_data_facts_see_cold_items_as_untrained():
+    from helpers import tiny_dataset
+
+    facts = S.data_facts(tiny_dataset(tiny_config("unused")))
+    assert facts["test_cold"]["rows_with_trained_item"] == 0.0
+    assert facts["test"]["rows_with_trained_item"] > 0.5
+    assert 0.0 <= facts["valid"]["rows_with_trained_user"] <= 1.0
