@@ -85,6 +85,7 @@ class TeacherConfig:
 
     model: str = "default"
     batch_size: int = 128
+    cuda_batch_size: int = 1024  # texts per forward pass when encoding on a GPU (large batches keep it busy)
     max_length: int = 64
     cache_dir: str = ".cache/teacher"
     sort_by_length: bool = True
@@ -356,6 +357,7 @@ def _validate(cfg: ExperimentConfig) -> None:
         need(getattr(syn, k) >= 2, f"data.synthetic.{k}", "must be >= 2")
     need(0.0 <= syn.label_noise < 0.5, "data.synthetic.label_noise", "must be in [0, 0.5)")
     need(cfg.teacher.batch_size >= 1, "teacher.batch_size", "must be >= 1")
+    need(cfg.teacher.cuda_batch_size >= 1, "teacher.cuda_batch_size", "must be >= 1")
     need(8 <= cfg.teacher.max_length <= 512, "teacher.max_length", "must be in [8, 512] (BERT positions)")
     need(s.embedding_dim >= 4 and s.embedding_dim % 4 == 0, "student.embedding_dim",
          "must be a multiple of 4 (FBGEMM quantized rows), >= 4")
