@@ -167,16 +167,56 @@ class TransferConfig:
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """Knowledge distillation from the text teacher; each method on/off and weighted."""
+class PairKDConfig:
+    """Logit KD beyond the observed pairs: every training batch also carries ``ratio`` times as
+    many sampled (user, item) pairs that are not training interactions, with the teacher
+    ranker's logits on them as the only target (weight ``weight``, temperature ``temperature``).
 
+    Users are drawn with probability proportional to (train interactions + 1)^``user_power``,
+    items to (train interactions + 1)^``item_power``: 0 draws uniformly over the whole catalogue
+    (never-seen items included), so rarely clicked items get far more teacher targets than
+    clicks. The pool is drawn once per run (seeded) and reshuffled every epoch.
+    """
+
+    enabled: bool = False
+    ratio: float = 1.0
+    weight: float = 0.5
+    temperature: float = 1.0
+    user_power: float = 1.0
+    item_power: float = 0.0
+
+
+@dataclass(frozen=True)
+class TeacherRankerConfig:
+    """The text-aware teacher ranker (the student's architecture plus text as dense features).
+
+    history_pair: add a dense pair feature, the mean cosine between the item's text and the
+    texts of the other items the user clicked in train (see :mod:`sparse_kd.distill.history`).
+    """
+
+    history_pair: bool = False
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from the text teacher; each method on/off and weighted.
+
+    user_text: what stands for a user's text wherever user text is used (teacher ranker inputs,
+    alignment targets, weight transfer): ``text`` (the user's own text), ``history`` (the mean
+    teacher embedding of the items the user clicked in train), ``both`` (the two concatenated),
+    or ``auto`` (``history`` when the dataset has no user text, else ``text``).
+    """
+
+    user_text: Literal["auto", "text", "history", "both"] = "auto"
+    teacher_ranker: TeacherRankerConfig = field(default_factory=TeacherRankerConfig)
     logit: LogitKDConfig = field(default_factory=LogitKDConfig)
+    pairs: PairKDConfig = field(default_factory=PairKDConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
 
     @property
     def any_enabled(self) -> bool:
-        return self.logit.enabled or self.align.enabled or self.transfer.enabled
+        return self.logit.enabled or self.pairs.enabled or self.align.enabled or self.transfer.enabled
 
 
 @dataclass(frozen=True)
@@ -198,6 +238,10 @@ class TrainConfig:
     # auto: deterministic kernels on CPU; on CUDA only when CUBLAS_WORKSPACE_CONFIG is set (cuBLAS needs
     # it, and deterministic CUDA kernels cost speed); true / false force it
     deterministic: Union[bool, Literal["auto"]] = "auto"
+    # model selection on valid (the ``valid`` split's AUC): keep the epoch with the best score as
+    # the result, and stop after ``early_stop_patience`` epochs without improvement (0: never)
+    select_best: bool = False
+    early_stop_patience: int = 0
 
 
 @dataclass(frozen=True)
@@ -237,6 +281,10 @@ class StudyConfig:
     variants: tuple[str, ...] = ("baseline", "logit", "align", "transfer", "combined")
     compress_variants: tuple[str, ...] = ("baseline", "distilled")  # trained variant folders to sweep
     compress_fills: tuple[str, ...] = ("zero",)
+    # distillation study: candidate settings for the ``chosen`` student, each a list of
+    # ``key=value`` overrides applied on top of the config's ``distill`` section (``[]``: the
+    # config as it is); per seed, the candidate with the best valid AUC is chosen
+    search: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -377,6 +425,19 @@ def _validate(cfg: ExperimentConfig) -> None:
     need(cfg.distill.transfer.scale > 0, "distill.transfer.scale", "must be > 0")
     need(cfg.distill.transfer.refit_min_count >= 1, "distill.transfer.refit_min_count", "must be >= 1")
     need(cfg.distill.transfer.ridge_l2 >= 0, "distill.transfer.ridge_l2", "must be >= 0")
+    pk = cfg.distill.pairs
+    need(pk.ratio > 0, "distill.pairs.ratio", "must be > 0 (sampled pairs per observed pair)")
+    need(pk.weight >= 0, "distill.pairs.weight", "must be >= 0")
+    need(pk.temperature > 0, "distill.pairs.temperature", "must be > 0")
+    if pk.enabled:
+        pool_batch = pk.ratio * t.batch_size
+        need(abs(pool_batch - round(pool_batch)) < 1e-9 and round(pool_batch) % cfg.nproc == 0 and round(pool_batch) > 0,
+             "distill.pairs.ratio",
+             f"ratio x train.batch_size ({pk.ratio} x {t.batch_size}) must be a whole multiple of nproc ({cfg.nproc}): "
+             "the sampled pairs of a batch are split evenly across ranks")
+    need(t.early_stop_patience >= 0, "train.early_stop_patience", "must be >= 0 (0: never stop early)")
+    need(t.early_stop_patience == 0 or t.select_best, "train.early_stop_patience",
+         "needs train.select_best: true (stopping early keeps the best epoch)")
     for key in ("transfer.features", "transfer.refit_features", "align.features"):
         sec, name = key.split(".")
         for f in getattr(getattr(cfg.distill, sec), name):
@@ -407,6 +468,16 @@ def _validate(cfg: ExperimentConfig) -> None:
     for dt in cfg.study.dtypes:
         need(dt in QUANT_DTYPES, "study.dtypes", f"{dt!r} is not valid; expected one of {', '.join(QUANT_DTYPES)}")
     need(len(cfg.study.seeds) >= 1, "study.seeds", "needs at least one seed")
+    for i, cand in enumerate(cfg.study.search):
+        for ov in cand:
+            need("=" in ov and ov.split("=", 1)[0].strip().startswith("distill."), f"study.search[{i}]",
+                 f"{ov!r}: expected distill.KEY=VALUE (the search varies distillation settings only)")
+        try:
+            raw = _merge(to_dict(cfg), parse_overrides(list(cand)))
+            raw["study"]["search"] = []
+            _validate(_build(ExperimentConfig, raw))
+        except ConfigError as e:
+            raise ConfigError(f"study.search[{i}] {list(cand)}: {e}") from None
     for fill in cfg.study.compress_fills:
         need(fill in ("zero", "mean", "text"), "study.compress_fills", f"{fill!r} is not valid; expected zero, mean or text")
 

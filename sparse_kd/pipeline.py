@@ -32,8 +32,10 @@ from sparse_kd.config import DistillConfig, ExperimentConfig, to_dict
 from sparse_kd.data import load_dataset
 from sparse_kd.data.batching import count_dense
 from sparse_kd.data.schema import RecDataset
-from sparse_kd.data.stream import check_logit_kd
+from sparse_kd.data.stream import check_logit_kd, train_source
 from sparse_kd.dist import DistEnv, barrier, broadcast_object, init_distributed
+from sparse_kd.distill.history import HistoryPairFeature, resolve_mode, resolve_user_text
+from sparse_kd.distill.pairs import describe_pool, pool_batch, sample_pool, teacher_pool_logits
 from sparse_kd.distill.transfer import pca_reduce, transfer_rows
 from sparse_kd.report import metrics_table
 from sparse_kd.run_folder import StaleRunError, check_run_folder
@@ -120,8 +122,7 @@ def train_variant(
     check_fingerprint(d, fp)  # every rank, so all of them stop with the same error
     if env.is_main:
         num_emb = {f.name: f.num_embeddings for f in ds.features}
-        dense_in = spec.user_dense.shape[1] + spec.item_dense.shape[1]
-        write_model_meta(d, num_emb, dense_in, to_dict(cfg.student), fp)
+        write_model_meta(d, num_emb, spec.dense_dim, to_dict(cfg.student), fp)
     barrier()
     t0 = time.perf_counter()
     res = train_ranker(cfg, ds, spec, d, env, seed=seed, want_train_logits=want_train_logits)
@@ -142,9 +143,12 @@ def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size", "collective_timeout_s")}
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "loader_workers"}  # how batches are built, not which
     student = {k: v for k, v in to_dict(cfg.student).items() if k != "planner"}  # memory caps: same training
-    fp = {"data": data, "student": student, "train": train, "seed": seed, "distill": to_dict(distill)}
+    # a ranker without distillation (the baseline) does not depend on the distill settings
+    fp = {"data": data, "student": student, "train": train, "seed": seed, "distill": to_dict(distill) if distill.any_enabled else {}}
     if name == TEACHER or distill.any_enabled:
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
+    if name == TEACHER:
+        fp["teacher_ranker"] = {"user_text": cfg.distill.user_text, **to_dict(cfg.distill.teacher_ranker)}
     return fp
 
 
@@ -200,14 +204,36 @@ def check_on_main(env: DistEnv, check) -> None:
         raise err
 
 
+def user_text_for(cfg: ExperimentConfig, ds: RecDataset, user_text: torch.Tensor, item_text: torch.Tensor,
+                  env: Optional[DistEnv] = None) -> torch.Tensor:
+    """What stands for user text in the teacher ranker and the distillation methods
+    (``distill.user_text``: the users' own text, or their train-click history; see
+    :mod:`sparse_kd.distill.history`). (U, H) or (U, 2H) for ``both``."""
+    emb, mode = resolve_user_text(cfg.distill.user_text, ds, user_text, item_text)
+    if env is None or env.is_main:
+        log.info("user text: %s (distill.user_text=%s)", {"text": "the users' own text", "history": "mean teacher embedding "
+                 "of each user's train clicks", "both": "own text and train-click history"}[mode], cfg.distill.user_text)
+    return emb
+
+
 def teacher_spec(cfg, ds, user_text, item_text) -> RankerSpec:
-    """The teacher ranker sees the students' inputs plus PCA-reduced text embeddings as dense features."""
+    """The teacher ranker sees the students' inputs plus PCA-reduced text embeddings as dense features
+    (``user_text`` as given by :func:`user_text_for`), and with ``distill.teacher_ranker.history_pair``
+    the user-item history similarity (:class:`~sparse_kd.distill.history.HistoryPairFeature`)."""
     ub, ib = count_dense(ds)
     k = cfg.student.teacher_text_dim
-    return RankerSpec(TEACHER, torch.cat([ub, pca_reduce(user_text, k)], 1), torch.cat([ib, pca_reduce(item_text, k)], 1))
+    spec = RankerSpec(TEACHER, torch.cat([ub, pca_reduce(user_text, k)], 1), torch.cat([ib, pca_reduce(item_text, k)], 1))
+    if cfg.distill.teacher_ranker.history_pair:
+        spec.pair_feature = HistoryPairFeature(ds, item_text)
+    return spec
 
 
-def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult], name: str = "distilled") -> RankerSpec:
+def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult], name: str = "distilled",
+                   teacher_ranker_spec: Optional[RankerSpec] = None, env: Optional[DistEnv] = None, seed: int = 0) -> RankerSpec:
+    """A distilled student: ``cfg.distill``'s methods, fed by the teacher ranker's result.
+
+    ``distill.pairs`` also needs the teacher's spec, ``env`` and ``seed``: the teacher scores the
+    sampled pool from its checkpoint (a collective: call on every rank)."""
     ub, ib = count_dense(ds)
     dc = cfg.distill
     spec = RankerSpec(name, ub, ib, distill=dc)
@@ -216,6 +242,15 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
             raise ValueError(f"{name}: distill.logit needs the teacher ranker's train logits; train it first "
                              "(it is trained automatically by run_training)")
         spec.teacher_logits = teacher.train_logits
+    if dc.pairs.enabled:
+        if teacher is None or teacher.checkpoint is None or teacher_ranker_spec is None or env is None:
+            raise ValueError("distill.pairs needs the trained teacher ranker (its result, spec and checkpoint) and the DistEnv")
+        steps = train_source(ds, cfg.data).steps_per_epoch(cfg.train.batch_size)  # sampled negatives included
+        pool = sample_pool(ds, dc.pairs, steps * pool_batch(dc.pairs, cfg.train.batch_size), seed)
+        spec.kd_pool = pool
+        spec.kd_pool_logits = teacher_pool_logits(cfg, ds, teacher_ranker_spec, teacher.checkpoint, pool, env, seed)
+        if env.is_main:
+            log.info("[%s] sampled-pair KD pool: %s", name, describe_pool(ds, pool))
     if dc.align.enabled:
         spec.user_text, spec.item_text = user_text, item_text
     user_counts, item_counts = ds.train_counts()
@@ -235,17 +270,22 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
                 raise ValueError(f"{name}: distill.transfer.projection 'learned' needs the trained teacher ranker; "
                                  "train it first (run_training does)")
             teacher_tables = load_dlrm(_variant_dir(cfg, TEACHER)).sparse_arch.embedding_bag_collection.embedding_bags
+        # users given by their click history live in the item-text space: project them on the
+        # items' PCA basis, so seeded user . item products follow history . item similarity
+        shared = resolve_mode(dc.user_text, ds) == "history"
         for f in tr.features:
             text = user_text if f == "user_id" else item_text
             warm = torch.from_numpy((user_counts if f == "user_id" else item_counts) > 0)
             trows = teacher_tables[f"t_{f}"].weight.detach() if teacher_tables is not None else None
-            spec.init_rows[f] = transfer_rows(text, cfg.student.embedding_dim, tr.projection, tr.scale, trows, warm)
+            basis = item_text if (f == "user_id" and shared) else None
+            spec.init_rows[f] = transfer_rows(text, cfg.student.embedding_dim, tr.projection, tr.scale, trows, warm,
+                                              basis_text=basis)
     return spec
 
 
 def needs_teacher_ranker(cfg: ExperimentConfig) -> bool:
     t = cfg.distill
-    return t.logit.enabled or (t.transfer.enabled and t.transfer.projection == "learned")
+    return t.logit.enabled or t.pairs.enabled or (t.transfer.enabled and t.transfer.projection == "learned")
 
 
 def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "baseline", "distilled"), seed: Optional[int] = None) -> dict:
@@ -262,15 +302,18 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
     check_on_main(env, lambda: check_before_training(cfg, variants, seed))
     ds = prepare_data(cfg, env)
     user_text, item_text = text_embeddings(cfg, ds, env)
+    user_text = user_text_for(cfg, ds, user_text, item_text, env)
     results: dict[str, RankerResult] = {}
     teacher = None
+    t_spec = teacher_spec(cfg, ds, user_text, item_text)
     if TEACHER in variants or ("distilled" in variants and needs_teacher_ranker(cfg)):
-        teacher = train_variant(cfg, ds, teacher_spec(cfg, ds, user_text, item_text), env, seed, want_train_logits=True)
+        teacher = train_variant(cfg, ds, t_spec, env, seed, want_train_logits=True)
         results[TEACHER] = teacher
     if "baseline" in variants:
         results["baseline"] = train_variant(cfg, ds, baseline_spec(ds), env, seed)
     if "distilled" in variants:
-        results["distilled"] = train_variant(cfg, ds, distilled_spec(cfg, ds, user_text, item_text, teacher), env, seed)
+        spec = distilled_spec(cfg, ds, user_text, item_text, teacher, teacher_ranker_spec=t_spec, env=env, seed=seed)
+        results["distilled"] = train_variant(cfg, ds, spec, env, seed)
     metrics = {name: r.metrics for name, r in results.items()}
     if env.is_main:
         doc = {

@@ -11,25 +11,34 @@ import torch
 import torch.nn.functional as F
 
 
-def click_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy on clicks. logits, labels: (B,)."""
-    return F.binary_cross_entropy_with_logits(logits, labels)
+def click_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Binary cross-entropy on clicks. logits, labels: (B,); ``reduction="none"``: per example (B,)."""
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction=reduction)
 
 
-def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x (B,) over the rows where mask (B,) is 1 (weights in [0, 1]); 0 when none is."""
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def logit_kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, reduction: str = "mean"
+) -> torch.Tensor:
     """Soft-label distillation for a binary ranker (Hinton et al. with a sigmoid).
 
     BCE between sigmoid(student / T) and the teacher's soft target sigmoid(teacher / T),
     times T^2 so that gradients keep their scale as T changes. Zero when the student equals
     the teacher only up to the entropy of the soft target, so we subtract that entropy:
-    the returned value is the KL divergence KL(p_t || p_s) per example, averaged.
+    the returned value is the KL divergence KL(p_t || p_s) per example, averaged
+    (``reduction="none"``: per example, (B,)).
     """
     t = temperature
     p_t = torch.sigmoid(teacher_logits / t)
     s = student_logits / t
     bce = F.binary_cross_entropy_with_logits(s, p_t, reduction="none")
     ent = F.binary_cross_entropy_with_logits(teacher_logits / t, p_t, reduction="none")
-    return (bce - ent).mean() * (t * t)
+    per = (bce - ent) * (t * t)
+    return per if reduction == "none" else per.mean()
 
 
 def cosine_align_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torchrec.models.dlrm import DLRM
 from sparse_kd.config import DistillConfig
 from sparse_kd.data.batching import KDBatch
 from sparse_kd.distill import losses
+from sparse_kd.distill.pairs import SAMPLED
 
 
 class RankerTrain(nn.Module):
@@ -25,6 +26,13 @@ class RankerTrain(nn.Module):
         distill: which distillation losses are on.
         feature_names: the DLRM's sparse feature order (the KJT keys).
         user_text, item_text: (U, H), (I, H) teacher embeddings for feature alignment, or None.
+        pair_feature: a module (user (B,), item (B,)) -> (B, P) whose output is appended to the
+            dense features (the teacher ranker's history pair feature), or None.
+
+    Rows labelled :data:`sparse_kd.distill.pairs.SAMPLED` are sampled pairs (distill.pairs):
+    they get only the KD loss on their teacher logits (``kd_sampled``) and are left out of the
+    click loss and the observed-pair KD; alignment covers every row, and the returned logits and
+    labels are those of every row (the training loop only counts them).
     """
 
     def __init__(
@@ -35,9 +43,11 @@ class RankerTrain(nn.Module):
         user_text: Optional[torch.Tensor] = None,
         item_text: Optional[torch.Tensor] = None,
         embedding_dim: int = 0,
+        pair_feature: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.pair_feature = pair_feature
         self.distill = distill or DistillConfig()
         self.last_parts: dict[str, torch.Tensor] = {}
         al = self.distill.align
@@ -58,20 +68,37 @@ class RankerTrain(nn.Module):
                 if f not in ("user_id", "item_id"):
                     raise ValueError(f"distill.align.features: {f!r}: only user_id and item_id have text")
                 self.align_index[f] = feature_names.index(f)
-                self.align_heads[f] = nn.Linear(embedding_dim, user_text.shape[1])
+                self.align_heads[f] = nn.Linear(embedding_dim, (user_text if f == "user_id" else item_text).shape[1])
 
     def forward(self, batch: KDBatch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         m = self.model
-        dense = m.dense_arch(batch.dense_features)  # (B, D)
+        dense_in = batch.dense_features  # (B, Du + Di)
+        if self.pair_feature is not None:
+            dense_in = torch.cat([dense_in, self.pair_feature(batch.user, batch.item)], 1)  # (B, Du + Di + P)
+        dense = m.dense_arch(dense_in)  # (B, D)
         sparse = m.sparse_arch(batch.sparse_features)  # (B, F, D)
         logits = m.over_arch(m.inter_arch(dense, sparse)).squeeze(-1)  # (B,)
-        lk, al = self.distill.logit, self.distill.align
-        parts: dict[str, torch.Tensor] = {"click": losses.click_loss(logits, batch.labels)}
+        lk, al, pk = self.distill.logit, self.distill.align, self.distill.pairs
+        labels = batch.labels
+        if pk.enabled and self.training:
+            # sampled rows (distill.pairs) have no click: masks, not slicing by a count, so the
+            # forward stays traceable by the train pipeline's torch.fx pass
+            obs = (labels != SAMPLED).float()  # (B,)
+            labels = labels.clamp_min(0.0)
+            parts: dict[str, torch.Tensor] = {"click": losses.masked_mean(losses.click_loss(logits, labels, "none"), obs)}
+        else:
+            obs = None
+            parts = {"click": losses.click_loss(logits, labels)}
         if lk.enabled and self.training:
-            parts["kd"] = losses.logit_kd_loss(logits, batch.teacher_logits, lk.temperature)
+            kd = losses.logit_kd_loss(logits, batch.teacher_logits, lk.temperature, "none")  # (B,)
+            parts["kd"] = losses.masked_mean(kd, obs) if obs is not None else kd.mean()
             loss = (1.0 - lk.kd_ratio) * parts["click"] + lk.kd_ratio * parts["kd"]
         else:
             loss = parts["click"]
+        if obs is not None:
+            kd_s = losses.logit_kd_loss(logits, batch.teacher_logits, pk.temperature, "none")  # (B,)
+            parts["kd_sampled"] = losses.masked_mean(kd_s, 1.0 - obs)
+            loss = loss + pk.weight * parts["kd_sampled"]
         if self.align_heads and self.training:
             for f, head in self.align_heads.items():
                 emb = sparse[:, self.align_index[f], :]  # (B, D)

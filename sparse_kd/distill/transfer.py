@@ -50,6 +50,7 @@ def transfer_rows(
     scale: float,
     teacher_rows: torch.Tensor | None = None,
     warm: torch.Tensor | None = None,
+    basis_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows (N, dim) to seed a table with.
 
@@ -58,9 +59,11 @@ def transfer_rows(
         projection: ``pca`` or ``learned``.
         teacher_rows: (N, dim) the teacher ranker's trained rows (``learned`` only).
         warm: (N,) bool, entities seen in training (``learned`` fits on these only).
+        basis_text: (M, H) other embeddings of the same space whose PCA mean and basis to use
+            (``pca`` only; e.g. the items' for users given by their click history), or None.
     """
     if projection == "pca":
-        mean, basis = pca_projection(text, dim)
+        mean, basis = pca_projection(text if basis_text is None else basis_text, dim)
         rows = (text - mean) @ basis
     elif projection == "learned":
         if teacher_rows is None or warm is None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sparse_kd.config import DistillConfig
+from sparse_kd.data.schema import Interactions
 
 
 @dataclass
@@ -46,6 +47,10 @@ class RankerSpec:
     init_rows: feature -> (num_embeddings, D) rows to seed the table with (weight transfer);
         NaN rows keep the default initialisation.
     refit: rows to replace from text after training, or None.
+    pair_feature: module (user (B,), item (B,)) -> (B, P) of extra dense features computed per
+        pair (the teacher ranker's history pair feature), or None.
+    kd_pool, kd_pool_logits: sampled unobserved pairs (P_pool,) and the teacher's logits on them
+        (P_pool,), added to every training batch for KD (``distill.pairs``), or None.
     """
 
     name: str
@@ -57,6 +62,15 @@ class RankerSpec:
     item_text: Optional[torch.Tensor] = None
     init_rows: dict[str, torch.Tensor] = field(default_factory=dict)
     refit: Optional[RefitSpec] = None
+    pair_feature: Optional[torch.nn.Module] = None
+    kd_pool: Optional[Interactions] = None
+    kd_pool_logits: Optional[torch.Tensor] = None
+
+    @property
+    def dense_dim(self) -> int:
+        """Width of the DLRM's dense input: user + item dense features (+ pair features)."""
+        extra = self.pair_feature.dim if self.pair_feature is not None else 0
+        return self.user_dense.shape[1] + self.item_dense.shape[1] + extra
 
 
 @dataclass

@@ -46,6 +46,9 @@ from sparse_kd.student.reshard import check_resume
 from sparse_kd.student.sharding import build_plan, describe_plan
 from sparse_kd.student.spec import RankerResult, RankerSpec
 from sparse_kd.student.train_log import TrainLog
+from sparse_kd.dist import barrier
+from sparse_kd.distill.pairs import pool_batch, with_sampled_pairs
+from sparse_kd.student.selection import BEST_DIR, EpochSelector
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +68,9 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     torch.manual_seed(seed)  # dense layers: identical on every rank and for any world size
     builder = BatchBuilder(ds, spec.user_dense, spec.item_dense)
     num_emb = {f.name: f.num_embeddings for f in ds.features}
-    dlrm = build_dlrm(num_emb, builder.dense_dim, sc, device="meta")
-    module = RankerTrain(dlrm, spec.distill, ds.feature_names, spec.user_text, spec.item_text, embedding_dim=sc.embedding_dim)
+    dlrm = build_dlrm(num_emb, spec.dense_dim, sc, device="meta")
+    module = RankerTrain(dlrm, spec.distill, ds.feature_names, spec.user_text, spec.item_text, embedding_dim=sc.embedding_dim,
+                         pair_feature=spec.pair_feature)
     opt_cls, opt_kwargs = sparse_optimizer(cfg.train)
     apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
     plan = build_plan(module, sc, env.world_size, env.device.type, local_world_size=env.local_world_size,
@@ -145,10 +149,20 @@ def train_ranker(
     writer = TrainLog(out_dir) if env.is_main else None
     history: list[dict] = []
     t_train, n_seen = 0.0, 0
+    sel = EpochSelector(out_dir, tc.select_best, tc.early_stop_patience)  # train.select_best
+    if sel.enabled and pos.step == 0 and 0 < pos.epoch < tc.epochs and sel.last_epoch < pos.epoch and last_saved:
+        # stopped between an epoch's checkpoint and its selection record: score that epoch now
+        _select(sel, pos.epoch, _valid(pipeline, r, ds, tc, env)["auc"], last_saved, env, tc.epochs)
     for epoch in range(pos.epoch, tc.epochs):
+        if sel.stopped:
+            break
         pos.epoch = epoch
         batches = source.batches(r.builder, tc.batch_size, env.rank, env.world_size, pos.epoch, seed,
                                  start_step=pos.step, teacher_logits=spec.teacher_logits)
+        if spec.kd_pool is not None:  # distill.pairs: sampled pairs with the teacher's logits
+            batches = with_sampled_pairs(batches, spec.kd_pool, spec.kd_pool_logits, r.builder,
+                                         pool_batch(spec.distill.pairs, tc.batch_size), env.rank, env.world_size,
+                                         pos.epoch, seed, start_step=pos.step)
         bar = tqdm(total=spe, initial=pos.step, desc=f"{spec.name} epoch {pos.epoch + 1}/{tc.epochs}",
                    disable=None if env.is_main else True, leave=False)
         r.dmp.train()
@@ -180,12 +194,17 @@ def train_ranker(
         bar.close()
         pos.step = 0
         last_saved = save(pos.epoch + 1, 0)
-        valid = evaluate_sharded(pipeline, r.dmp, ds, r.builder, tc.eval_batch_size, env, splits=("valid",))["valid"]
+        valid = _valid(pipeline, r, ds, tc, env)
         row = {"epoch": pos.epoch + 1, "global_step": pos.global_step, "valid_auc": valid["auc"], "valid_logloss": valid["logloss"]}
         history.append(row)
         if writer:
             writer.epoch(row)
             log.info("[%s] epoch %d/%d: valid AUC %.4f, log loss %.4f", spec.name, pos.epoch + 1, tc.epochs, valid["auc"], valid["logloss"])
+        if _select(sel, pos.epoch + 1, valid["auc"], last_saved, env, tc.epochs) and env.is_main:
+            log.info("[%s] early stop: no valid AUC gain for %d epoch(s); best epoch %d (valid AUC %.4f)",
+                     spec.name, tc.early_stop_patience, sel.best_epoch, sel.best_score)
+    if sel.enabled and not sel.restored and sel.best_path() is not None:
+        last_saved = _restore_best(sel, r, ck_dir, tc, pos, env, spec.name, last_saved)
 
     if spec.refit is not None and last_saved is not None:
         num_rows = {f.name: f.num_embeddings for f in ds.features}
@@ -209,6 +228,50 @@ def use_deterministic(setting, device_type: str, environ=None) -> bool:
         return bool(setting)
     environ = os.environ if environ is None else environ
     return device_type != "cuda" or bool(environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
+# ----------------------------------------------------------- best-epoch selection (train.select_best)
+
+
+def _valid(pipeline, r: ShardedRanker, ds: RecDataset, tc, env: DistEnv) -> dict:
+    return evaluate_sharded(pipeline, r.dmp, ds, r.builder, tc.eval_batch_size, env, splits=("valid",))["valid"]
+
+
+def _select(sel: EpochSelector, epoch: int, score: float, checkpoint: Path, env: DistEnv, epochs: int) -> bool:
+    """Record an epoch's valid score (every rank, same numbers); rank 0 keeps a copy of a new best
+    epoch's checkpoint and writes selection.json. Returns True when training stops early."""
+    if not sel.enabled:
+        return False
+    improved = sel.update(epoch, score)
+    if improved:
+        sel.best_checkpoint = str((checkpoint.parent / BEST_DIR / checkpoint.name).relative_to(sel.out_dir))
+    sel.stopped = sel.should_stop() and epoch < epochs
+    if env.is_main:
+        if improved:
+            sel.keep(checkpoint)
+        sel.save()
+        sel.prune()
+    barrier()
+    return sel.stopped
+
+
+def _restore_best(sel: EpochSelector, r: ShardedRanker, ck_dir: Path, tc, pos: _Position, env: DistEnv, name: str,
+                  last_saved: Optional[Path]) -> Path:
+    """Load the best epoch's weights (unless the last epoch is the best) and save them as the final
+    checkpoint, marked finished so a rerun trains no further."""
+    best = sel.best_path()
+    if sel.best_epoch != sel.last_epoch:
+        ckpt.load(best, r.dmp, r.optimizer)
+        if env.is_main:
+            log.info("[%s] best epoch %d of %d (valid AUC %.4f): its weights are the result", name, sel.best_epoch,
+                     sel.last_epoch, sel.best_score)
+    if sel.best_epoch != sel.last_epoch or sel.stopped or last_saved is None:
+        last_saved = ckpt.save(ck_dir, r.dmp, r.optimizer, tc.epochs, 0, pos.global_step, tc.keep_checkpoints)
+    sel.restored = True
+    if env.is_main:
+        sel.save()
+    barrier()
+    return last_saved
 
 
 def _step_failed(e: RuntimeError, name: str, env: DistEnv, pos: _Position, timeout_s: int, ck_dir: Path) -> RuntimeError:

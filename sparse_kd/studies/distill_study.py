@@ -1,11 +1,21 @@
-"""Distillation study: baseline vs each distillation method alone vs the combination, over seeds.
+"""Distillation study: baseline vs each distillation method alone vs the combination vs the
+student chosen on valid, over seeds.
 
 ``run_seed`` (SPMD, every rank) trains the teacher ranker once and then every variant of
-``study.variants`` into ``output_dir/seed_<s>/``; ``summarize`` (one process) reads the
-per-seed metrics and writes ``distill_study.md`` / ``.json`` with mean and spread per variant.
+``study.variants`` and every candidate of ``study.search`` into ``output_dir/seed_<s>/``;
+``summarize`` (one process) reads the per-seed metrics and writes
+``docs/distill_study_<name>.md`` / ``.json``: mean and spread per variant, per-seed deltas
+against the baseline, and whether each target is met.
 
-Variants: ``baseline`` (no distillation), ``logit`` / ``align`` / ``transfer`` (that method
-alone, with its settings from the config), ``combined`` (every method enabled in the config).
+Seeds: study seed s sets both ``train.seed`` and ``data.seed`` to s (so the cold items, and
+any seeded part of the split, change with the seed as well as the initialisation and order).
+
+Variants: ``baseline`` (no distillation), ``logit`` / ``pairs`` / ``align`` / ``transfer`` (that
+method alone, with its settings from the config), ``combined`` (every method enabled in the
+config). ``chosen``: per seed, among ``combined`` and the ``study.search`` candidates (each a
+list of ``distill.*`` overrides on top of the config), the one with the best selection score
+on validation data only: the mean AUC over the validation splits the dataset has
+(:data:`SELECT_SPLITS`). Test splits are never looked at to choose.
 """
 
 from __future__ import annotations
@@ -13,89 +23,171 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
 from pathlib import Path
 
 import numpy as np
 
-from sparse_kd.config import DistillConfig, ExperimentConfig
+from sparse_kd.config import DistillConfig, ExperimentConfig, replace, to_dict
 from sparse_kd.metrics import EVAL_SPLITS as SPLITS
 from sparse_kd.report import markdown_table
 
 log = logging.getLogger(__name__)
 
+METHODS = ("logit", "pairs", "align", "transfer")
+SELECT_SPLITS = ("valid", "valid_cold")  # splits the choice is made on, where the dataset has them
+# targets of the study (issue 10): chosen student against the baseline, on test and test_cold
+TARGET_TEST_GAIN = 0.005
+TARGET_TEACHER_SHARE = 0.5
+TARGET_COLD_GAIN = 0.03
 
-def variant_distill(cfg: ExperimentConfig, variant: str) -> DistillConfig:
+
+def variant_distill(cfg: ExperimentConfig, variant: str):
+    """The ``distill`` section of one study variant."""
     d = cfg.distill
-    off = DistillConfig(
-        logit=dataclasses.replace(d.logit, enabled=False),
-        align=dataclasses.replace(d.align, enabled=False),
-        transfer=dataclasses.replace(d.transfer, enabled=False),
-    )
+    off = dataclasses.replace(d, **{m: dataclasses.replace(getattr(d, m), enabled=False) for m in METHODS})
     if variant == "baseline":
         return off
     if variant == "combined":
         return d
-    if variant in ("logit", "align", "transfer"):
+    if variant in METHODS:
         return dataclasses.replace(off, **{variant: dataclasses.replace(getattr(d, variant), enabled=True)})
-    raise ValueError(f"study.variants: unknown variant {variant!r}; expected baseline, logit, align, transfer, combined")
+    raise ValueError(f"study.variants: unknown variant {variant!r}; expected baseline, {', '.join(METHODS)}, combined")
+
+
+def candidates(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, list[str]]]:
+    """``combined`` and the ``study.search`` candidates: name -> (config, overrides); candidates
+    whose distill settings equal an earlier one's are left out."""
+    out = {"combined": (cfg, [])}
+    seen = [to_dict(cfg.distill)]
+    for i, ovs in enumerate(cfg.study.search):
+        c = replace(cfg, list(ovs))
+        if to_dict(c.distill) in seen:
+            continue
+        seen.append(to_dict(c.distill))
+        out[f"search_{i}"] = (c, list(ovs))
+    return out
+
+
+def selection_score(metrics: dict) -> float:
+    """Mean AUC over the validation splits present (non-empty, defined) in ``metrics``."""
+    vals = [metrics[s]["auc"] for s in SELECT_SPLITS if s in metrics and not math.isnan(metrics[s]["auc"])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def choose(scores: dict[str, float]) -> str:
+    """The candidate with the highest score (ties: the earliest, i.e. ``combined`` first)."""
+    best, best_s = None, -math.inf
+    for name, s in scores.items():
+        if not math.isnan(s) and s > best_s:
+            best, best_s = name, s
+    return best if best is not None else next(iter(scores))
+
+
+def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    return dataclasses.replace(cfg, output_dir=str(seed_dir(cfg, seed)), train=dataclasses.replace(cfg.train, seed=seed),
+                               data=dataclasses.replace(cfg.data, seed=seed))
 
 
 def seed_dir(cfg: ExperimentConfig, seed: int) -> Path:
     return Path(cfg.output_dir) / f"seed_{seed}"
 
 
-def _seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
-    return dataclasses.replace(cfg, output_dir=str(seed_dir(cfg, seed)), train=dataclasses.replace(cfg.train, seed=seed))
-
-
 def check_seed(cfg: ExperimentConfig, seed: int) -> None:
     """Raise StaleRunError, before anything is written, if ``seed_dir(cfg, seed)`` holds a study
-    trained with other settings (see :mod:`sparse_kd.run_folder`)."""
+    trained with other settings (see :mod:`sparse_kd.run_folder`): the teacher ranker, every
+    variant and every search candidate."""
     from sparse_kd import pipeline as P
 
-    cfg = _seed_config(cfg, seed)
+    cfg = seed_config(cfg, seed)
     fps = {v: P.variant_fingerprint(cfg, v, DistillConfig() if v in (P.TEACHER, "baseline") else variant_distill(cfg, v), seed)
            for v in (P.TEACHER, *cfg.study.variants)}
+    for name, (ccfg, _) in candidates(cfg).items():
+        fps.setdefault(name, P.variant_fingerprint(ccfg, name, ccfg.distill, seed))
     P.check_run_folder(cfg, fps)
 
 
 def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
-    """Train teacher ranker + every study variant for one seed. Returns {variant: metrics}."""
+    """Train teacher ranker + every study variant + every search candidate for one seed.
+    Returns {variant: metrics, ..., "search": {...}}."""
     from sparse_kd import pipeline as P
     from sparse_kd.dist import init_distributed
 
-    study_cfg, cfg = cfg, _seed_config(cfg, seed)
+    study_cfg, cfg = cfg, seed_config(cfg, seed)
     env = init_distributed(cfg.train.backend, cfg.train.collective_timeout_s)
     P.check_on_main(env, lambda: check_seed(study_cfg, seed))
     ds = P.prepare_data(cfg, env)
     user_text, item_text = P.text_embeddings(cfg, ds, env)
-    teacher = P.train_variant(cfg, ds, P.teacher_spec(cfg, ds, user_text, item_text), env, seed, want_train_logits=True)
-    metrics = {P.TEACHER: teacher.metrics}
-    for v in cfg.study.variants:
-        vcfg = dataclasses.replace(cfg, distill=variant_distill(cfg, v))
-        if v == "baseline":
-            spec = P.baseline_spec(ds)
+    user_text = P.user_text_for(cfg, ds, user_text, item_text, env)
+    t_spec = P.teacher_spec(cfg, ds, user_text, item_text)
+    teacher = P.train_variant(cfg, ds, t_spec, env, seed, want_train_logits=True)
+    out: dict = {P.TEACHER: teacher.metrics}
+
+    def train(vcfg: ExperimentConfig, name: str) -> dict:
+        if not vcfg.distill.any_enabled:
+            spec = P.baseline_spec(ds, name=name)
         else:
-            spec = P.distilled_spec(vcfg, ds, user_text, item_text, teacher, name=v)
-        metrics[v] = P.train_variant(vcfg, ds, spec, env, seed).metrics
+            spec = P.distilled_spec(vcfg, ds, user_text, item_text, teacher, name=name, teacher_ranker_spec=t_spec,
+                                    env=env, seed=seed)
+        return P.train_variant(vcfg, ds, spec, env, seed).metrics
+
+    for v in cfg.study.variants:
+        out[v] = train(dataclasses.replace(cfg, distill=variant_distill(cfg, v)), v)
+    cands = candidates(cfg)
+    scores = {}
+    for name, (ccfg, _) in cands.items():
+        if name not in out:
+            out[name] = train(ccfg, name)  # cfg is already this seed's, so each candidate is too
+        scores[name] = selection_score(out[name])
+    chosen = choose(scores)
+    out["chosen"] = out[chosen]
+    out["search"] = {"chosen": chosen, "scores": scores, "overrides": {n: ov for n, (_, ov) in cands.items()},
+                     "select_on": [s for s in SELECT_SPLITS if s in out[chosen]]}
     if env.is_main:
-        (Path(cfg.output_dir) / "study_metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+        log.info("[seed %d] chosen on validation: %s (scores %s)", seed, chosen, {k: round(v, 4) for k, v in scores.items()})
+        f = Path(cfg.output_dir) / "study_metrics.json"
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, f)
+    return out
+
+
+def targets(per_seed: dict, student: str = "chosen") -> dict:
+    """Whether ``student`` meets the study's targets against the baseline (means over seeds)."""
+    seeds = list(per_seed)
+
+    def mean(v: str, sp: str) -> float:
+        return float(np.mean([per_seed[s][v][sp]["auc"] for s in seeds]))
+
+    base, stu, tea = mean("baseline", "test"), mean(student, "test"), mean("teacher_ranker", "test")
+    need_test = base + max(TARGET_TEST_GAIN, TARGET_TEACHER_SHARE * (tea - base))
+    cold_base, cold_stu = mean("baseline", "test_cold"), mean(student, "test_cold")
+    below = [s for s in seeds if per_seed[s][student]["test"]["auc"] < per_seed[s]["baseline"]["test"]["auc"]]
+    return {
+        "test": {"student": stu, "baseline": base, "teacher_ranker": tea, "needed": need_test, "met": stu >= need_test},
+        "test_cold": {"student": cold_stu, "baseline": cold_base, "needed": cold_base + TARGET_COLD_GAIN,
+                      "met": cold_stu >= cold_base + TARGET_COLD_GAIN},
+        "no_seed_below_baseline": {"seeds_below": below, "met": not below},
+    }
 
 
 def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
-    """Mean, std, min per variant and split over seeds -> docs/distill_study.{md,json}."""
+    """Mean, std, min per variant and split over seeds, per-seed deltas, targets ->
+    docs/distill_study_<name>.{md,json}."""
     per_seed = {}
     for s in cfg.study.seeds:
         f = seed_dir(cfg, s) / "study_metrics.json"
         if not f.is_file():
             raise FileNotFoundError(f"{f}: seed {s} has not been run")
         per_seed[s] = json.loads(f.read_text())
-    variants = list(next(iter(per_seed.values())).keys())
+    search = {s: per_seed[s].pop("search", None) for s in per_seed}
+    variants = [v for v in per_seed[cfg.study.seeds[0]] if all(v in per_seed[s] for s in per_seed)]
+    splits = [sp for sp in SPLITS if all(sp in per_seed[s][v] for s in per_seed for v in variants)]
     summary = {}
     for v in variants:
         summary[v] = {}
-        for sp in SPLITS:
+        for sp in splits:
             a = np.array([per_seed[s][v][sp]["auc"] for s in per_seed])
             summary[v][sp] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
                               "min": float(a.min()), "per_seed": a.tolist()}
@@ -103,7 +195,7 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
     rows = []
     for v in variants:
         r = [v]
-        for sp in SPLITS:
+        for sp in splits:
             m = summary[v][sp]
             r.append(f"{m['mean']:.4f} ± {m['std']:.4f}")
         if base:
@@ -112,20 +204,61 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
             wins = sum(per_seed[s][v]["test"]["auc"] >= per_seed[s]["baseline"]["test"]["auc"] for s in per_seed)
             r.append(f"{wins}/{len(per_seed)}")
         rows.append(r)
-    headers = ["variant"] + [f"{sp} AUC (mean ± std)" for sp in SPLITS]
+    headers = ["variant"] + [f"{sp} AUC (mean ± std)" for sp in splits]
     if base:
         headers += ["Δ test vs baseline", "Δ test_cold vs baseline", "seeds ≥ baseline (test)"]
     table = markdown_table(headers, rows)
+
+    sections = [table]
+    doc: dict = {"seeds": list(per_seed), "summary": summary, "per_seed": per_seed, "search": search}
+    if base and "chosen" in summary and "teacher_ranker" in summary:
+        seed_rows = []
+        for s in per_seed:
+            b = per_seed[s]["baseline"]
+            d = lambda v, sp: per_seed[s][v][sp]["auc"] - b[sp]["auc"]  # noqa: E731
+            seed_rows.append([str(s), (search[s] or {}).get("chosen", "combined"),
+                              f"{d('teacher_ranker', 'test'):+.4f}", f"{d('chosen', 'test'):+.4f}",
+                              f"{d('teacher_ranker', 'test_cold'):+.4f}", f"{d('chosen', 'test_cold'):+.4f}"])
+        sections.append("Per seed, against that seed's baseline (`chosen`: the candidate picked on validation):\n\n"
+                        + markdown_table(["seed", "chosen", "Δ test teacher_ranker", "Δ test chosen",
+                                          "Δ test_cold teacher_ranker", "Δ test_cold chosen"], seed_rows))
+        if any(search.values()):
+            names = list(next(v for v in search.values() if v)["overrides"])
+            cand_rows = [[n, " ".join(next(v for v in search.values() if v)["overrides"][n]) or "(the config as is)"]
+                         + [f"{search[s]['scores'].get(n, float('nan')):.4f}" if search[s] else "" for s in per_seed]
+                         for n in names]
+            select_on = next(v for v in search.values() if v)["select_on"]
+            sections.append(f"Search candidates and their selection score per seed (mean AUC on {', '.join(select_on)}):\n\n"
+                            + markdown_table(["candidate", "overrides"] + [f"seed {s}" for s in per_seed], cand_rows))
+        t = targets(per_seed)
+        doc["targets"] = t
+        yes = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
+        sections.append(
+            "Targets (chosen student against the baseline, means over seeds):\n\n"
+            f"- test AUC ≥ baseline + max({TARGET_TEST_GAIN}, {TARGET_TEACHER_SHARE} × (teacher ranker − baseline)): "
+            f"{t['test']['student']:.4f} vs needed {t['test']['needed']:.4f} "
+            f"(baseline {t['test']['baseline']:.4f}, teacher ranker {t['test']['teacher_ranker']:.4f}): {yes(t['test']['met'])}\n"
+            f"- test_cold AUC ≥ baseline + {TARGET_COLD_GAIN}: {t['test_cold']['student']:.4f} vs needed "
+            f"{t['test_cold']['needed']:.4f}: {yes(t['test_cold']['met'])}\n"
+            f"- no seed with the student's test AUC below its baseline's: seeds below: "
+            f"{t['no_seed_below_baseline']['seeds_below'] or 'none'}: {yes(t['no_seed_below_baseline']['met'])}"
+        )
     docs.mkdir(parents=True, exist_ok=True)
     stem = f"distill_study_{cfg.name}"
-    (docs / f"{stem}.json").write_text(json.dumps({"seeds": list(per_seed), "summary": summary, "per_seed": per_seed}, indent=1))
+    _write(docs / f"{stem}.json", json.dumps(doc, indent=1))
     import sys
 
     command = "sparse-kd " + " ".join(a for a in sys.argv[1:] if not a.startswith("--seed"))
-    (docs / f"{stem}.md").write_text(
-        f"# Distillation study: {cfg.name}\n\nProduced by `{command}`. Seeds: {list(per_seed)}; "
-        f"{cfg.nproc} process(es); data: {cfg.data.source}. AUC per split, mean ± std over seeds; "
-        f"Δ columns against the baseline's mean.\n\n{table}\n"
-    )
-    print("\n" + table + "\n")
+    _write(docs / f"{stem}.md",
+           f"# Distillation study: {cfg.name}\n\nProduced by `{command}`. Seeds: {list(per_seed)} (each sets "
+           f"train.seed and data.seed); {cfg.nproc} process(es); data: {cfg.data.source}. AUC per split, mean ± std "
+           f"over seeds; Δ columns against the baseline's mean. Every choice (best epoch, search candidate) is made "
+           f"on validation splits only.\n\n" + "\n\n".join(sections) + "\n")
+    print("\n" + "\n\n".join(sections) + "\n")
     return summary
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

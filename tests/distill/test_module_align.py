@@ -57,3 +57,13 @@ def test_ranker_train_align_parts_match_reference():
         assert m.last_parts[f"align_{f}"].item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
     loss.backward()
     assert m.align_heads["user_id"].weight.grad is not None
+
+
+def test_align_heads_follow_each_feature_text_width():
+    """distill.user_text=both makes user targets wider than item targets: one head per width."""
+    U, I, D = 7, 5, 8
+    sc = StudentConfig(embedding_dim=D, dense_arch=(16, D), over_arch=(8, 1))
+    dlrm = build_dlrm({"user_id": U, "item_id": I}, 2, sc, device="cpu")
+    dc = DistillConfig(align=AlignConfig(enabled=True, kind="mse"))
+    m = RankerTrain(dlrm, dc, ["user_id", "item_id"], torch.randn(U, 10), torch.randn(I, 6), embedding_dim=D)
+    assert m.align_heads["user_id"].out_features == 10 and m.align_heads["item_id"].out_features == 6

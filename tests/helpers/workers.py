@@ -84,3 +84,38 @@ def hang_worker(cfg: ExperimentConfig, step: int) -> str:
 def env_worker(name: str) -> str | None:
     """This rank's value of the environment variable ``name``."""
     return os.environ.get(name)
+
+
+def selection_worker(cfg: ExperimentConfig, valid_scores: list[float]) -> dict:
+    """Train the tiny baseline with the per-epoch valid AUC replaced by ``valid_scores`` (so a test
+    decides which epoch is best; train.select_best). Returns metrics, the result checkpoint and
+    the number of epochs trained in this call."""
+    from sparse_kd.student import train as T
+
+    _quiet()
+    scores = iter(valid_scores)
+    T._valid = lambda *a, **k: {"auc": next(scores), "logloss": 0.5, "n": 1}
+    env = init_distributed("gloo", 120)
+    ds = tiny_dataset(cfg)
+    res = train_ranker(cfg, ds, baseline_spec(ds), Path(cfg.output_dir) / "baseline", env)
+    return {"metrics": res.metrics, "checkpoint": str(res.checkpoint), "epochs_trained": len(res.history)}
+
+
+def sampled_pairs_worker(cfg: ExperimentConfig) -> dict:
+    """Train the tiny student with sampled-pair KD (distill.pairs) against stand-in teacher logits
+    (a fixed function of the pair, so no teacher ranker is needed). Returns the metrics."""
+    import numpy as np
+
+    from sparse_kd.data.stream import train_source
+    from sparse_kd.distill.pairs import pool_batch, sample_pool
+
+    _quiet()
+    env = init_distributed("gloo", 120)
+    ds = tiny_dataset(cfg)
+    spec = baseline_spec(ds, "pairs")
+    spec.distill = cfg.distill
+    steps = train_source(ds, cfg.data).steps_per_epoch(cfg.train.batch_size)
+    spec.kd_pool = sample_pool(ds, cfg.distill.pairs, steps * pool_batch(cfg.distill.pairs, cfg.train.batch_size), cfg.train.seed)
+    spec.kd_pool_logits = torch.from_numpy(np.sin(spec.kd_pool.user * 0.7 + spec.kd_pool.item * 1.3)).float() * 2.0
+    res = train_ranker(cfg, ds, spec, Path(cfg.output_dir) / "pairs", env)
+    return {"metrics": res.metrics}

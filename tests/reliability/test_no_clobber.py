@@ -152,7 +152,7 @@ def test_distill_study_checks_each_seed_folder(tmp_path):
     from sparse_kd.studies.distill_study import check_seed, seed_dir
 
     cfg = tiny_config(str(tmp_path / "study"), nproc=1, study={"seeds": [0, 1], "variants": ["baseline", "align"]})
-    fake_run(replace(cfg, [f"output_dir={seed_dir(cfg, 1)}", "train.seed=1"]))
+    fake_run(replace(cfg, [f"output_dir={seed_dir(cfg, 1)}", "train.seed=1", "data.seed=1"]))  # a study seed sets both
     check_seed(cfg, 1)
     check_seed(replace(cfg, ["train.epochs=7"]), 1)
     with pytest.raises(StaleRunError, match=r"seed_1 holds a run trained with other settings \(distill\.align\.weight: 0\.1 -> 0\.5\)"):

@@ -1,0 +1,149 @@
+"""What a user's clicks say in text: user embeddings from history, and the teacher ranker's
+history pair feature.
+
+Notation: U users, I items, H text dim, P distinct (user, item) clicks in train, B batch size.
+
+A user's *history embedding* is the mean of the unit-normalised teacher embeddings of the
+items the user clicked (label 1) in the ``train`` split, never valid or test; a user with no
+click in train gets a zero row. It lives in the item-text space, so a user and an item can be
+compared directly, and it stands in for user text on datasets that have none
+(:func:`resolve_user_text`).
+
+:class:`HistoryPairFeature` gives the teacher ranker what its per-entity dense features cannot:
+how close this item's text is to the texts of the *other* items this user clicked. A training
+click (u, i) has i in u's history; the feature leaves it out (it is computed from the sum of
+the history minus i whenever (u, i) is a training click), so a click is never explained by
+itself, and training, valid and test pairs are scored by the same rule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparse_kd.data.schema import RecDataset
+
+
+def train_clicks(ds: RecDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (user, item) pairs clicked in ``train``: two (P,) int64 arrays, sorted by user * I + item."""
+    tr = ds.splits["train"]
+    pos = tr.label > 0
+    keys = np.unique(tr.user[pos].astype(np.int64) * ds.num_items + tr.item[pos].astype(np.int64))
+    return keys // ds.num_items, keys % ds.num_items
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    x = x.float()
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def history_sums(ds: RecDataset, item_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum (U, H) of the unit item embeddings each user clicked in train, and the count (U,)."""
+    u, i = train_clicks(ds)
+    e = unit(item_text)
+    sums = torch.zeros(ds.num_users, e.shape[1])
+    sums.index_add_(0, torch.from_numpy(u), e.index_select(0, torch.from_numpy(i)))
+    counts = torch.from_numpy(np.bincount(u, minlength=ds.num_users)).float()
+    return sums, counts
+
+
+def history_text(ds: RecDataset, item_text: torch.Tensor) -> torch.Tensor:
+    """(U, H) history embedding of every user: mean unit item embedding of the train clicks."""
+    sums, counts = history_sums(ds, item_text)
+    return sums / counts.clamp_min(1.0)[:, None]
+
+
+def has_user_text(ds: RecDataset) -> bool:
+    """False when every user's text is blank or all are the same (the text then says nothing)."""
+    return len({t.strip() for t in ds.user_text}) > 1
+
+
+def resolve_mode(mode: str, ds: RecDataset) -> str:
+    """``distill.user_text`` with ``auto`` resolved: ``history`` when users have no text, else ``text``."""
+    if mode == "auto":
+        return "text" if has_user_text(ds) else "history"
+    return mode
+
+
+def resolve_user_text(mode: str, ds: RecDataset, user_text: torch.Tensor, item_text: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The (U, H') embeddings that stand for user text under ``distill.user_text`` = ``mode``,
+    and the mode actually used (``auto`` resolved)."""
+    mode = resolve_mode(mode, ds)
+    if mode == "text":
+        return user_text, mode
+    hist = history_text(ds, item_text)
+    if mode == "history":
+        return hist, mode
+    if mode == "both":
+        return torch.cat([unit(user_text), hist], 1), mode
+    raise ValueError(f"distill.user_text: unknown {mode!r}; expected auto, text, history or both")
+
+
+class HistoryPairFeature(nn.Module):
+    """Dense pair features of (user, item) from the user's train clicks, leave-one-out.
+
+    With s = (sum of the user's clicked unit item embeddings) minus e_i when (u, i) is itself a
+    train click, and n the number of clicks left:
+        mean_cos = s . e_i / n      (the mean cosine between item i and the user's other clicks)
+        dir_cos  = s . e_i / |s|    (the cosine between item i and the direction of the history)
+    both 0 for a user with no other click, then standardised with the mean and std over the
+    training examples. forward(user (B,), item (B,)) -> (B, 2).
+
+    Args:
+        ds: the dataset (the train split defines the histories).
+        item_text: (I, H) teacher embeddings of the items.
+
+    Example::
+
+        pair = HistoryPairFeature(ds, item_text)
+        pair(torch.tensor([0, 3]), torch.tensor([5, 7])).shape  # (2, 2)
+    """
+
+    dim = 2
+    STATS_ROWS = 200_000  # training examples the standardisation is estimated on (evenly spaced)
+
+    def __init__(self, ds: RecDataset, item_text: torch.Tensor) -> None:
+        super().__init__()
+        self.num_items = ds.num_items
+        sums, counts = history_sums(ds, item_text)
+        u, i = train_clicks(ds)
+        # non-persistent buffers: they follow the module's device and stay out of checkpoints
+        self.register_buffer("item_unit", unit(item_text), persistent=False)  # (I, H)
+        self.register_buffer("sums", sums, persistent=False)  # (U, H)
+        self.register_buffer("counts", counts, persistent=False)  # (U,)
+        # (P + 1,) sorted keys user * I + item, led by -1 (never a pair) so it is never empty
+        keys = np.concatenate([np.array([-1], dtype=np.int64), u * ds.num_items + i])
+        self.register_buffer("click_keys", torch.from_numpy(keys), persistent=False)
+        self.register_buffer("shift", torch.zeros(self.dim), persistent=False)
+        self.register_buffer("scale", torch.ones(self.dim), persistent=False)
+        tr = ds.splits["train"]
+        if len(tr):
+            rows = np.linspace(0, len(tr) - 1, num=min(len(tr), self.STATS_ROWS)).astype(np.int64)
+            raw = self.raw(torch.from_numpy(tr.user[rows]), torch.from_numpy(tr.item[rows]))
+            self.shift.copy_(raw.mean(0))
+            self.scale.copy_(raw.std(0).clamp_min(1e-6) if raw.shape[0] > 1 else torch.ones(self.dim))
+
+    def is_click(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: (user, item) is a train click."""
+        keys = user.long() * self.num_items + item.long()
+        pos = torch.searchsorted(self.click_keys, keys).clamp_max(self.click_keys.shape[0] - 1)
+        return self.click_keys.index_select(0, pos) == keys
+
+    def raw(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """(B, 2) [mean_cos, dir_cos] before standardisation."""
+        user, item = user.long(), item.long()
+        e = self.item_unit.index_select(0, item)  # (B, H)
+        m = self.is_click(user, item).float()  # (B,)
+        s = self.sums.index_select(0, user) - m[:, None] * e  # (B, H) the history without this item
+        n = self.counts.index_select(0, user) - m  # (B,)
+        dot = (s * e).sum(-1)  # (B,)
+        norm = torch.linalg.vector_norm(s, dim=-1)
+        has = n > 0.5
+        mean_cos = torch.where(has, dot / n.clamp_min(1.0), torch.zeros_like(dot))
+        dir_cos = torch.where(has & (norm > 1e-6), dot / norm.clamp_min(1e-6), torch.zeros_like(dot))
+        return torch.stack([mean_cos, dir_cos], 1)
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        return (self.raw(user, item) - self.shift) / self.scale

@@ -1,0 +1,83 @@
+"""The distillation study's choice on validation, its search candidates, and its targets."""
+
+import json
+import math
+
+import pytest
+
+from helpers import tiny_config
+from sparse_kd.config import ConfigError, replace
+from sparse_kd.studies import distill_study as S
+
+
+def _m(valid, test, cold, valid_cold=None):
+    out = {"valid": {"auc": valid}, "test": {"auc": test}, "test_cold": {"auc": cold}}
+    if valid_cold is not None:
+        out["valid_cold"] = {"auc": valid_cold}
+    return out
+
+
+def test_selection_uses_validation_splits_only():
+    assert S.selection_score(_m(0.70, 0.99, 0.99)) == pytest.approx(0.70)
+    assert S.selection_score(_m(0.70, 0.10, 0.10, valid_cold=0.60)) == pytest.approx(0.65)
+    assert S.selection_score(_m(0.70, 0.5, 0.5, valid_cold=float("nan"))) == pytest.approx(0.70)
+    assert S.choose({"combined": 0.70, "search_0": 0.71, "search_1": float("nan")}) == "search_0"
+    assert S.choose({"combined": 0.70, "search_0": 0.70}) == "combined"  # ties keep the earliest
+
+
+def test_candidates_dedupe_and_bad_overrides_are_config_errors(tmp_path):
+    cfg = tiny_config(str(tmp_path), nproc=1, study={"search": [[], ["distill.logit.kd_ratio=0.8"], ["distill.logit.kd_ratio=0.8"]]})
+    c = S.candidates(cfg)
+    assert list(c) == ["combined", "search_1"]  # [] and the repeat equal earlier candidates
+    assert c["search_1"][0].distill.logit.kd_ratio == 0.8
+    with pytest.raises(ConfigError, match=r"study.search\[0\].*distill.logit.kd_ratoi"):
+        replace(cfg, ["study.search=[[distill.logit.kd_ratoi=0.8]]"])
+    with pytest.raises(ConfigError, match=r"study.search\[0\].*distill.KEY=VALUE"):
+        replace(cfg, ["study.search=[[train.epochs=9]]"])
+
+
+def test_seeds_vary_the_data_split_and_the_training_seed(tmp_path):
+    cfg = tiny_config(str(tmp_path), nproc=1)
+    c = S.seed_config(cfg, 2)
+    assert c.train.seed == 2 and c.data.seed == 2 and c.output_dir.endswith("seed_2")
+
+
+def _per_seed(teacher, base, chosen):
+    return {s: {"teacher_ranker": _m(0.7, teacher[k][0], teacher[k][1]), "baseline": _m(0.7, base[k][0], base[k][1]),
+                "chosen": _m(0.7, chosen[k][0], chosen[k][1])} for k, s in enumerate((0, 1))}
+
+
+def test_targets():
+    # teacher +0.02 over the baseline: the student needs +0.01 (half of it, more than 0.005)
+    t = S.targets(_per_seed([(0.72, 0.6), (0.72, 0.6)], [(0.70, 0.6), (0.70, 0.6)], [(0.711, 0.64), (0.709, 0.62)]))
+    assert t["test"]["needed"] == pytest.approx(0.71) and t["test"]["met"]
+    assert t["test_cold"]["met"] and t["no_seed_below_baseline"]["met"]
+    # teacher barely better: 0.005 is the bar; one seed below its baseline
+    t = S.targets(_per_seed([(0.701, 0.6), (0.701, 0.6)], [(0.70, 0.6), (0.70, 0.6)], [(0.708, 0.62), (0.699, 0.62)]))
+    assert t["test"]["needed"] == pytest.approx(0.705) and not t["test"]["met"]
+    assert not t["test_cold"]["met"] and t["no_seed_below_baseline"]["seeds_below"] == [1]
+
+
+def test_summarize_reports_per_seed_choice_and_targets(tmp_path):
+    cfg = tiny_config(str(tmp_path / "study"), nproc=1, study={"seeds": [0, 1]})
+    for s in (0, 1):
+        d = S.seed_dir(cfg, s)
+        d.mkdir(parents=True)
+        m = {"teacher_ranker": _m(0.72, 0.73, 0.65, 0.64), "baseline": _m(0.70, 0.70, 0.60, 0.61),
+             "combined": _m(0.71, 0.72, 0.64, 0.66), "search_0": _m(0.72 - s * 0.02, 0.70, 0.63, 0.66)}
+        chosen = "search_0" if s == 0 else "combined"
+        m["chosen"] = m[chosen]
+        m["search"] = {"chosen": chosen, "scores": {"combined": 0.685, "search_0": 0.69 - s * 0.01},
+                       "overrides": {"combined": [], "search_0": ["distill.logit.kd_ratio=0.8"]}, "select_on": ["valid", "valid_cold"]}
+        (d / "study_metrics.json").write_text(json.dumps(m))
+    summary = S.summarize(cfg, tmp_path / "docs")
+    assert summary["chosen"]["test"]["per_seed"] == [0.70, 0.72]
+    md = (tmp_path / "docs" / "distill_study_tiny.md").read_text()
+    assert "| 0    | search_0" in md and "| 1    | combined" in md
+    assert "distill.logit.kd_ratio=0.8" in md and md.count("valid_cold AUC (mean") == 1
+    doc = json.loads((tmp_path / "docs" / "distill_study_tiny.json").read_text())
+    assert doc["search"]["0"]["chosen"] == "search_0"
+    # teacher +0.03: the student needs +0.015, has +0.01 -> not met; cold +0.035 -> met
+    assert not doc["targets"]["test"]["met"] and doc["targets"]["test_cold"]["met"]
+    assert doc["targets"]["no_seed_below_baseline"]["met"]
+    assert not any(math.isnan(v["test"]["mean"]) for v in summary.values())
