@@ -23,7 +23,7 @@ def test_compress_run_report_and_artifact(run_folder, tmp_path, capsys):
     rep = compress_run(run, "baseline", cfg, tmp_path / "art")
     printed = capsys.readouterr().out
     assert "embedding storage" in printed and "t_item_id" in printed and "delta AUC" in printed
-    assert set(rep["metrics"]["before"]) == set(rep["metrics"]["after"]) == {"valid", "test", "test_cold"}
+    assert set(rep["metrics"]["before"]) == set(rep["metrics"]["after"]) == {"valid", "valid_cold", "test", "test_cold"}
     t = rep["tables"]["t_item_id"]
     assert t["rows_kept"] == 15 and t["dtype"] == "int8" and rep["tables"]["t_user_id"]["dtype"] == "int4"
     assert rep["bytes"]["total"] == sum(v["bytes"]["total"] for v in rep["tables"].values())
