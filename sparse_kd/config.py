@@ -223,6 +223,8 @@ class CompressConfig:
     budget_mb: float = 0.0
     # planner objective: valid AUC loss + cold_weight * valid_cold AUC loss (0: warm items only)
     cold_weight: float = 0.5
+    # planner: measure each option on at most this many interactions per split (seeded subset; 0: all)
+    planner_max_examples: int = 200000
     # hash: TBE only (serve_device cuda); fold: the remap is composed into the entity -> id bags
     # the server holds anyway (mappings.json), so the model holds none (sparse_kd/compress/prune.py)
     remap: Literal["array", "hash", "fold"] = "array"
@@ -411,6 +413,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     for feat, r in c.cluster_ratio.items():
         need(0.0 < r <= 1.0, f"compress.cluster_ratio.{feat}", "must be in (0, 1]")
     need(c.cold_weight >= 0, "compress.cold_weight", "must be >= 0")
+    need(c.planner_max_examples >= 0, "compress.planner_max_examples", "must be >= 0 (0: every interaction)")
     need(c.budget_mb >= 0, "compress.budget_mb", "must be >= 0 (0: no budget)")
     need(c.row_alignment in (1, 2, 4, 8, 16), "compress.row_alignment", f"{c.row_alignment} is not valid; expected 1, 2, 4, 8 or 16")
     need(c.remap != "hash" or c.serve_device == "cuda", "compress.remap",

@@ -257,6 +257,17 @@ class Sensitivity:
         return plan
 
 
+def _subsampled(ds: RecDataset, splits: Sequence[str], max_examples: int) -> RecDataset:
+    """``ds`` with each of ``splits`` cut to a seeded random ``max_examples`` of its rows (0: all)."""
+    if max_examples <= 0 or all(len(ds.splits[s]) <= max_examples for s in splits):
+        return ds
+    rng = np.random.default_rng(0)
+    cut = {s: ds.splits[s].subset(np.sort(rng.choice(len(ds.splits[s]), max_examples, replace=False)))
+           for s in splits if len(ds.splits[s]) > max_examples}
+    log.info("planner: measuring on %s", ", ".join(f"{max_examples} of {len(ds.splits[s])} {s}" for s in cut))
+    return dataclasses.replace(ds, splits={**ds.splits, **cut})
+
+
 def sensitivity(
     model,
     ds: RecDataset,
@@ -274,13 +285,15 @@ def sensitivity(
     batch_size: int = 4096,
     kernel: str = Q.KERNEL_CPU,
     budget_mb: Optional[float] = None,
+    max_examples: int = 0,
 ) -> Sensitivity:
     """Steps 1 and 2 of the module doc: every option's bytes (for each of ``remaps``) and loss.
 
     settings: feature -> {"fill", "cluster_ratio", ...} from the config (:func:`~.prune.table_settings`):
     the configured fill and cluster ratio are candidates next to ``fills`` / ``cluster_ratios``.
     budget_mb: when given, a budget no plan fits (with ``remaps[0]``) raises :class:`BudgetError`
-    before anything is evaluated.
+    before anything is evaluated. max_examples: > 0 measures each split on at most that many of
+    its interactions (a seeded random subset, the same for every option), for large datasets.
     """
     t0 = time.perf_counter()
     model = copy.deepcopy(model).eval()  # sensitivity swaps table rows in and out: never touch the caller's model
@@ -321,6 +334,7 @@ def sensitivity(
             choose(options, budget)  # raises the BudgetError
     fwd = fp32_forward(model)
     splits = ["valid"] + ([COLD_SPLIT] if COLD_SPLIT in ds.splits and len(ds.splits[COLD_SPLIT]) else [])
+    ds = _subsampled(ds, splits, max_examples)
     batches = {s: split_batches(ds, builder, s, batch_size) for s in splits}
     labels = {s: torch.from_numpy(ds.splits[s].label) for s in splits}
     base = {s: split_metrics(fwd, batches[s], labels[s])["auc"] for s in splits}
@@ -357,10 +371,12 @@ def plan_budget(
     row_alignment: int = Q.ROW_ALIGNMENT,
     batch_size: int = 4096,
     kernel: str = Q.KERNEL_CPU,
+    max_examples: int = 0,
 ) -> Plan:
     """Choose keep ratio, fill and dtype per table for ``budget_mb`` MB (see the module doc);
     :func:`sensitivity` then :meth:`Sensitivity.plan`. Infeasible budgets raise
     :class:`BudgetError` before anything is evaluated."""
     sens = sensitivity(model, ds, builder, importances, settings, (remap,), text, keep_ratios, dtypes, fills,
-                       cluster_ratios, cold_weight, row_alignment, batch_size, kernel, budget_mb=budget_mb)
+                       cluster_ratios, cold_weight, row_alignment, batch_size, kernel, budget_mb=budget_mb,
+                       max_examples=max_examples)
     return sens.plan(budget_mb, remap)

@@ -221,7 +221,7 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
     if cfg.budget_mb > 0:
         plan = plan_budget(model, ds, builder, imps, settings, cfg.budget_mb, cfg.remap, inp.text,
                            cold_weight=cfg.cold_weight, row_alignment=cfg.row_alignment,
-                           kernel=Q.kernel_for(cfg.serve_device))
+                           kernel=Q.kernel_for(cfg.serve_device), max_examples=cfg.planner_max_examples)
         settings = plan.settings()
     comp = compress_model(model, ds, settings, cfg.importance, cfg.remap, inp.text, imps, dense_int8, cfg.row_alignment,
                           cfg.serve_device)

@@ -152,3 +152,21 @@ def ds_without_cold(ds):
     from sparse_kd.data.schema import Interactions
 
     return dataclasses.replace(ds, splits={**ds.splits, "valid_cold": Interactions.empty()})
+
+
+def test_max_examples_measures_a_fixed_seeded_subset(tiny):
+    from sparse_kd.compress.planner import _subsampled
+
+    ds, text, model, builder = tiny
+    ds = _with_valid_cold(ds)
+    cut = _subsampled(ds, ["valid", "valid_cold"], 40)
+    assert len(cut.splits["valid"]) == 40 and len(cut.splits["valid_cold"]) == min(40, len(ds.splits["valid_cold"]))
+    again = _subsampled(ds, ["valid", "valid_cold"], 40)
+    assert np.array_equal(cut.splits["valid"].user, again.splits["valid"].user)
+    assert cut.splits["test"] is ds.splits["test"] and _subsampled(ds, ["valid"], 0) is ds
+    imps = table_importance("frequency", model_weights(model), ds, text)
+    sens = sensitivity(model, ds, builder, imps, _settings(imps), ("array",), text, keep_ratios=(1.0,), dtypes=("int8",),
+                       max_examples=40)
+    want = evaluate(fp32_forward(model), cut, builder, splits=("valid", "valid_cold"))
+    assert sens.base_valid_auc == pytest.approx(want["valid"]["auc"]) and \
+        sens.base_valid_cold_auc == pytest.approx(want["valid_cold"]["auc"])
