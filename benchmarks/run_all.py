@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_lookup.py", "bench_train.py", "bench_teacher.py", "bench_scale.py", "bench_serve.py"]
+BENCHES = ["bench_lookup.py", "bench_train.py", "bench_teacher.py", "bench_scale.py", "bench_serve.py", "bench_data.py"]
 
 
 def main() -> int:

@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 QUANT_DTYPES = ("fp32", "fp16", "int8", "int4", "int2")
+FILLS = ("zero", "mean", "text", "cluster", "text_cluster")  # compress.pruned_fill (sparse_kd/compress/prune.py)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class TeacherConfig:
 
     model: str = "default"
     batch_size: int = 128
+    cuda_batch_size: int = 1024  # texts per forward pass when encoding on a GPU (large batches keep it busy)
     max_length: int = 64
     cache_dir: str = ".cache/teacher"
     sort_by_length: bool = True
@@ -247,9 +249,10 @@ class TrainConfig:
 class CompressConfig:
     """Row pruning + quantization of the student's embedding tables.
 
-    keep_ratio / dtype / importance / pruned_fill map a feature name to a value; ``default_*``
-    applies to the rest. ``budget_mb`` > 0 asks the planner to choose keep ratio and dtype per
-    table to fit that many MB of embedding storage.
+    keep_ratio / dtype / pruned_fill / cluster_ratio map a feature name to a value; ``default_*``
+    applies to the rest. ``budget_mb`` > 0 asks the planner to choose keep ratio, dtype and fill
+    per table to fit that many MB of embedding storage, scoring each choice by its loss of
+    ``valid`` AUC plus ``cold_weight`` times its loss of ``valid_cold`` AUC.
     """
 
     default_dtype: Literal["fp32", "fp16", "int8", "int4", "int2"] = "int8"
@@ -257,10 +260,19 @@ class CompressConfig:
     default_keep_ratio: float = 1.0
     keep_ratio: dict[str, float] = field(default_factory=dict)
     importance: Literal["frequency", "l2", "distill"] = "frequency"
-    default_pruned_fill: Literal["zero", "mean", "text"] = "zero"
+    default_pruned_fill: Literal["zero", "mean", "text", "cluster", "text_cluster"] = "zero"
     pruned_fill: dict[str, str] = field(default_factory=dict)
+    # cluster fills: ceil(ratio * rows) shared rows for a table's pruned ids (sparse_kd/compress/prune.py)
+    default_cluster_ratio: float = 0.05
+    cluster_ratio: dict[str, float] = field(default_factory=dict)
     budget_mb: float = 0.0
-    remap: Literal["array", "hash"] = "array"  # hash: TBE only (serve_device cuda)
+    # planner objective: valid AUC loss + cold_weight * valid_cold AUC loss (0: warm items only)
+    cold_weight: float = 0.5
+    # planner: measure each option on at most this many interactions per split (seeded subset; 0: all)
+    planner_max_examples: int = 200000
+    # hash: TBE only (serve_device cuda); fold: the remap is composed into the entity -> id bags
+    # the server holds anyway (mappings.json), so the model holds none (sparse_kd/compress/prune.py)
+    remap: Literal["array", "hash", "fold"] = "array"
     # where the artifact is served: cpu -> PyTorch's quantized EmbeddingBag ops (FBGEMM CPU kernels),
     # cuda -> FBGEMM's TBE on the GPU (see sparse_kd/compress/quantize.py)
     serve_device: Literal["cpu", "cuda"] = "cpu"
@@ -284,6 +296,10 @@ class StudyConfig:
     # ``key=value`` overrides applied on top of the config's ``distill`` section (``[]``: the
     # config as it is); per seed, the candidate with the best valid AUC is chosen
     search: tuple[tuple[str, ...], ...] = ()
+    # planner points of the compression study: embedding storage = fp32 bytes / ratio, one plan per
+    # ratio x remap kind (chosen on valid + valid_cold, then evaluated like every grid point)
+    compress_budgets: tuple[float, ...] = ()
+    compress_remaps: tuple[str, ...] = ("array",)
 
 
 @dataclass(frozen=True)
@@ -404,6 +420,7 @@ def _validate(cfg: ExperimentConfig) -> None:
         need(getattr(syn, k) >= 2, f"data.synthetic.{k}", "must be >= 2")
     need(0.0 <= syn.label_noise < 0.5, "data.synthetic.label_noise", "must be in [0, 0.5)")
     need(cfg.teacher.batch_size >= 1, "teacher.batch_size", "must be >= 1")
+    need(cfg.teacher.cuda_batch_size >= 1, "teacher.cuda_batch_size", "must be >= 1")
     need(8 <= cfg.teacher.max_length <= 512, "teacher.max_length", "must be in [8, 512] (BERT positions)")
     need(s.embedding_dim >= 4 and s.embedding_dim % 4 == 0, "student.embedding_dim",
          "must be a multiple of 4 (FBGEMM quantized rows), >= 4")
@@ -454,11 +471,16 @@ def _validate(cfg: ExperimentConfig) -> None:
     for feat, r in c.keep_ratio.items():
         need(0.0 < r <= 1.0, f"compress.keep_ratio.{feat}", "must be in (0, 1]")
     for feat, fill in c.pruned_fill.items():
-        need(fill in ("zero", "mean", "text"), f"compress.pruned_fill.{feat}", f"{fill!r} is not valid; expected zero, mean or text")
+        need(fill in FILLS, f"compress.pruned_fill.{feat}", f"{fill!r} is not valid; expected one of {', '.join(FILLS)}")
+    need(0.0 < c.default_cluster_ratio <= 1.0, "compress.default_cluster_ratio", "must be in (0, 1]")
+    for feat, r in c.cluster_ratio.items():
+        need(0.0 < r <= 1.0, f"compress.cluster_ratio.{feat}", "must be in (0, 1]")
+    need(c.cold_weight >= 0, "compress.cold_weight", "must be >= 0")
+    need(c.planner_max_examples >= 0, "compress.planner_max_examples", "must be >= 0 (0: every interaction)")
     need(c.budget_mb >= 0, "compress.budget_mb", "must be >= 0 (0: no budget)")
     need(c.row_alignment in (1, 2, 4, 8, 16), "compress.row_alignment", f"{c.row_alignment} is not valid; expected 1, 2, 4, 8 or 16")
-    need(c.remap == "array" or c.serve_device == "cuda", "compress.remap",
-         "'hash' needs compress.serve_device: cuda (FBGEMM's TBE); the CPU kernels take an array remap")
+    need(c.remap != "hash" or c.serve_device == "cuda", "compress.remap",
+         "'hash' needs compress.serve_device: cuda (FBGEMM's TBE); the CPU kernels take an array remap (or fold)")
     need(c.row_alignment == 16 or c.serve_device == "cpu", "compress.row_alignment",
          f"{c.row_alignment} is not valid with compress.serve_device: cuda; FBGEMM's GPU kernels need 16")
     for k in cfg.study.keep_ratios:
@@ -477,7 +499,11 @@ def _validate(cfg: ExperimentConfig) -> None:
         except ConfigError as e:
             raise ConfigError(f"study.search[{i}] {list(cand)}: {e}") from None
     for fill in cfg.study.compress_fills:
-        need(fill in ("zero", "mean", "text"), "study.compress_fills", f"{fill!r} is not valid; expected zero, mean or text")
+        need(fill in FILLS, "study.compress_fills", f"{fill!r} is not valid; expected one of {', '.join(FILLS)}")
+    for r in cfg.study.compress_budgets:
+        need(r > 1.0, "study.compress_budgets", f"{r} is not valid; give compression ratios > 1 (e.g. [10, 30])")
+    for rk in cfg.study.compress_remaps:
+        need(rk in ("array", "fold"), "study.compress_remaps", f"{rk!r} is not valid; expected array or fold")
 
 
 def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:

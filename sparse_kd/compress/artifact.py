@@ -267,7 +267,9 @@ def add_entities(
     w, sb = Q.quantize_rows(new_rows, qt.dtype)
     r0, k = qt.num_rows, len(ids)
     vocab_n = len(mappings["features"][feat]["vocab"])
-    n_orig = qt.remap.numel() if qt.remap is not None else r0
+    # a folded table (remap: fold) has no remap: its ids arrive as stored rows from mappings.json
+    folded = manifest["tables"][tname].get("remap") == "folded"
+    n_orig = vocab_n if folded else (qt.remap.numel() if qt.remap is not None else r0)
     if n_orig != vocab_n:
         raise ArtifactError(f"remaps.pt / model.pt: {feat} maps {n_orig} ids but mappings.json has {vocab_n}")
     qt.weight = torch.cat([qt.weight, w])
@@ -282,7 +284,8 @@ def add_entities(
         last = fm["offsets"][-1]
         if fname == feat:
             fm["vocab"] = list(fm["vocab"]) + ids
-            fm["values"] = list(fm["values"]) + list(range(vocab_n, vocab_n + k))
+            first = r0 if folded else vocab_n  # the new rows, as the bags address them
+            fm["values"] = list(fm["values"]) + list(range(first, first + k))
             fm["offsets"] = list(fm["offsets"]) + [last + j + 1 for j in range(k)]
         else:
             fm["offsets"] = list(fm["offsets"]) + [last] * k

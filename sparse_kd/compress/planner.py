@@ -1,29 +1,35 @@
-"""Budget planner: per-table keep ratio and dtype that fit N MB of embedding storage with the least
-loss of validation AUC.
+"""Budget planner: per-table keep ratio, dtype and fill that fit N MB of embedding storage with
+the least loss of validation AUC, warm and cold.
 
-Notation: F tables, O options per table (keep ratio x dtype), MB = 10^6 bytes.
+Notation: F tables, O options per table (keep ratio x fill x dtype), MB = 10^6 bytes.
 
-1. Bytes of every option (table, keep ratio, dtype) are read from a real one-table module of
-   the serving kernel built for it (rows incl. scale/bias and padding, and the remap):
-   :func:`option_bytes`. Embedding storage = sum over tables.
-   If even the smallest option of every table does not fit, :class:`BudgetError` names
-   ``compress.budget_mb`` and the smallest feasible size, before anything is evaluated.
-2. Sensitivity: each option is applied to ONE table while every other table stays fp32, and the
-   validation AUC is measured. The table's rows are pruned (importance from the config) and
-   quantized + dequantized with FBGEMM's own row-wise ops, then looked up by the fp32 model:
-   FBGEMM's quantized lookup equals the sum of the dequantized rows exactly (tested), so this is
+1. Options of a table: every keep ratio (rows by importance), and for a pruned table every
+   candidate fill (``zero``; ``cluster`` at every cluster ratio; the fill the config names),
+   each at every dtype. Bytes of every option are read from a real one-table module of the
+   serving kernel built for it (rows incl. scale/bias and padding, and the remap; none when the
+   remap is folded into the entity bags, :func:`sparse_kd.compress.prune.fold_remaps`):
+   :func:`option_bytes`. Embedding storage = sum over tables. If even the smallest option of
+   every table does not fit, :class:`BudgetError` names ``compress.budget_mb`` and the smallest
+   feasible size, before anything is evaluated.
+2. Sensitivity: each option is applied to ONE table while every other table stays fp32, and
+   AUC is measured on ``valid`` and on ``valid_cold`` (interactions of items never seen in
+   training; the planner never reads ``test`` or ``test_cold``). The table's rows are pruned
+   and filled, quantized + dequantized with FBGEMM's own row-wise ops, then looked up by the
+   fp32 model: the quantized lookup equals the sum of the dequantized rows (tested), so this is
    the quantized model's AUC without building F x O quantized models.
-3. Choice: loss(table, option) = valid AUC of the fp32 model - valid AUC with that option.
-   Assuming losses add up across tables, the plan minimising the summed loss under the budget
-   is found exactly (multiple-choice knapsack, by merging per-table Pareto fronts of
-   (bytes, loss)); ties go to fewer bytes.
+3. Choice: loss(table, option) = (valid AUC of the fp32 model - valid AUC with that option)
+   + ``cold_weight`` x (the same on valid_cold; left out when the dataset has no valid_cold
+   interactions). Assuming losses add up across tables, the plan minimising the summed loss
+   under the budget is found exactly (multiple-choice knapsack, by merging per-table Pareto
+   fronts of (bytes, loss)); ties go to fewer bytes.
 4. The caller (:func:`sparse_kd.compress.stage.compress_run`) builds the chosen plan for real,
-   checks its bytes against the budget and measures its joint validation AUC.
+   checks its bytes against the budget and measures its joint AUC on every split.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -34,8 +40,8 @@ import numpy as np
 import torch
 
 from sparse_kd.compress import quantize as Q
-from sparse_kd.compress.importance import RowImportance
-from sparse_kd.compress.prune import PrunedTable, prune_table, select_rows
+from sparse_kd.compress.importance import TEXT_FEATURES, RowImportance
+from sparse_kd.compress.prune import CLUSTER_FILLS, PrunedTable, effective_fill, num_clusters, prune_table, select_rows
 from sparse_kd.config import QUANT_DTYPES, ConfigError
 from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
@@ -44,8 +50,11 @@ from sparse_kd.report import markdown_table
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
+DEFAULT_KEEP_RATIOS = (1.0, 0.75, 0.5, 0.3, 0.2, 0.1, 0.05)
+DEFAULT_FILLS = ("zero", "cluster")
+DEFAULT_CLUSTER_RATIOS = (0.02, 0.05, 0.1)
 MB = 1e6
+COLD_SPLIT = "valid_cold"
 
 
 class BudgetError(ConfigError):
@@ -53,7 +62,7 @@ class BudgetError(ConfigError):
 
 
 # ------------------------------------------------------------------------------------------
-# Bytes of one option, from a real TBE
+# Bytes of one option, from a real one-table module
 
 
 _BYTES_CACHE: dict[tuple, dict] = {}
@@ -63,7 +72,10 @@ def option_bytes(num_original: int, num_rows: int, dim: int, dtype: str, num_map
                  row_alignment: int = Q.ROW_ALIGNMENT, kernel: str = Q.KERNEL_CPU) -> dict:
     """Real bytes of a table with ``num_rows`` stored rows, read from a one-table module of the
     serving kernel (:func:`~.quantize.option_bytes`): {"weights", "padding", "remap", "total"}.
-    num_mapped: ids (of ``num_original``) that have a row, None when the table is not pruned (no remap)."""
+    num_mapped: ids (of ``num_original``) that have a row, None when the table is not pruned (no
+    remap). ``remap="fold"``: the remap lives in the entity bags, the module holds none."""
+    if remap == "fold":
+        num_original, num_mapped, remap = num_rows, None, "array"
     key = (num_original, num_rows, dim, dtype, num_mapped, remap, row_alignment, kernel)
     if key not in _BYTES_CACHE:
         b = Q.option_bytes(num_original, num_rows, dim, dtype, num_mapped, remap, row_alignment, kernel)
@@ -71,17 +83,12 @@ def option_bytes(num_original: int, num_rows: int, dim: int, dtype: str, num_map
     return dict(_BYTES_CACHE[key])
 
 
-def _stored_rows(n: int, kept: int, fill: str) -> int:
-    if kept >= n:
-        return n
-    return {"zero": kept, "mean": kept + 1, "text": n}[fill]
-
-
-def _mapped(n: int, kept: int, fill: str) -> Optional[int]:
-    """Ids with a row in the remap, None when there is no remap (nothing pruned, or text fill in place)."""
-    if kept >= n or fill == "text":
-        return None
-    return kept if fill == "zero" else n
+def pruned_bytes(pt: PrunedTable, dtype: str, remap: str, row_alignment: int = Q.ROW_ALIGNMENT,
+                 kernel: str = Q.KERNEL_CPU) -> dict:
+    """:func:`option_bytes` of a pruned table served with ``remap`` (array, hash or fold)."""
+    r = pt.remap if pt.remap is not None else pt.folded
+    mapped = None if r is None else int((r >= 0).sum())
+    return option_bytes(pt.num_original, pt.num_rows, int(pt.weight.shape[1]), dtype, mapped, remap, row_alignment, kernel)
 
 
 # ------------------------------------------------------------------------------------------
@@ -98,17 +105,24 @@ class Option:
     fp32_bytes: int = 0
     valid_auc: float = float("nan")
     loss: float = float("nan")
+    fill: str = "zero"
+    cluster_ratio: float = 0.0
+    clusters: int = 0
+    valid_cold_auc: float = float("nan")
 
 
 @dataclass
 class Plan:
-    """choices: feature -> Option; bytes: total embedding bytes (predicted from per-option TBEs)."""
+    """choices: feature -> Option; bytes: total embedding bytes (predicted from per-option modules)."""
 
     choices: dict[str, Option]
     budget_bytes: int
     base_valid_auc: float
     options: list[Option] = field(default_factory=list)
     seconds: float = 0.0
+    base_valid_cold_auc: float = float("nan")
+    cold_weight: float = 0.0
+    remap: str = "array"
 
     @property
     def bytes(self) -> int:
@@ -124,20 +138,30 @@ class Plan:
     def dtypes(self) -> dict[str, str]:
         return {f: o.dtype for f, o in self.choices.items()}
 
+    def settings(self) -> dict[str, dict]:
+        """feature -> {"keep_ratio", "dtype", "fill", "cluster_ratio"}, as :func:`~.prune.table_settings`."""
+        return {f: {"keep_ratio": o.keep_ratio, "dtype": o.dtype, "fill": o.fill,
+                    "cluster_ratio": o.cluster_ratio or DEFAULT_CLUSTER_RATIOS[0]} for f, o in self.choices.items()}
+
     def table(self) -> str:
-        rows = [[f, o.keep_ratio, o.dtype, o.rows, o.fp32_bytes, o.bytes, o.valid_auc, o.loss]
-                for f, o in self.choices.items()]
-        head = (f"budget {self.budget_bytes / MB:.6f} MB, plan {self.bytes / MB:.6f} MB, fp32 valid AUC "
-                f"{self.base_valid_auc:.4f}, predicted AUC loss {self.predicted_loss:.4f} (sum of per-table losses; "
-                "valid AUC per row = that table alone compressed)")
+        rows = [[f, o.keep_ratio, o.fill, o.clusters, o.dtype, o.rows, o.fp32_bytes, o.bytes, o.valid_auc,
+                 o.valid_cold_auc, o.loss] for f, o in self.choices.items()]
+        head = (f"budget {self.budget_bytes / MB:.6f} MB, plan {self.bytes / MB:.6f} MB (remap {self.remap}), fp32 valid "
+                f"AUC {self.base_valid_auc:.4f}, valid_cold AUC {self.base_valid_cold_auc:.4f}, predicted loss "
+                f"{self.predicted_loss:.4f} (sum over tables of valid AUC loss + {self.cold_weight:g} x valid_cold AUC "
+                "loss, each table alone compressed)")
         return head + "\n" + markdown_table(
-            ["feature", "keep", "dtype", "rows", "bytes fp32", "bytes", "valid AUC", "valid AUC loss"], rows)
+            ["feature", "keep", "fill", "clusters", "dtype", "rows", "bytes fp32", "bytes", "valid AUC", "valid_cold AUC",
+             "loss"], rows)
 
     def to_dict(self) -> dict:
         return {
             "budget_bytes": self.budget_bytes,
             "plan_bytes": self.bytes,
+            "remap": self.remap,
             "base_valid_auc": self.base_valid_auc,
+            "base_valid_cold_auc": self.base_valid_cold_auc,
+            "cold_weight": self.cold_weight,
             "predicted_auc_loss": self.predicted_loss,
             "choices": {f: vars(o) for f, o in self.choices.items()},
             "sensitivity": [vars(o) for o in self.options],
@@ -189,12 +213,145 @@ def simulated_rows(pt: PrunedTable, dtype: str) -> torch.Tensor:
     """(N, D): what each original id's lookup returns after pruning + quantization (dequantized)."""
     w, sb = Q.quantize_rows(pt.weight, dtype)
     deq = Q.dequantize_rows(w, sb, dtype)
-    if pt.remap is None:
+    remap = pt.remap if pt.remap is not None else pt.folded
+    if remap is None:
         return deq
     out = torch.zeros(pt.num_original, deq.shape[1])
-    ok = pt.remap >= 0
-    out[ok] = deq[pt.remap[ok].long()]
+    ok = remap >= 0
+    out[ok] = deq[remap[ok].long()]
     return out
+
+
+def _candidates(fill: str, cluster_ratio: float, fills: Sequence[str], cluster_ratios: Sequence[float]) -> list[tuple[str, float]]:
+    """(fill, cluster ratio) pairs a pruned table may take: the planner's fills plus the configured one."""
+    out: list[tuple[str, float]] = []
+    for fl in dict.fromkeys([*fills, fill]):
+        ratios = dict.fromkeys([*cluster_ratios, cluster_ratio]) if fl in CLUSTER_FILLS else [0.0]
+        out.extend((fl, float(r)) for r in ratios)
+    return out
+
+
+@dataclass
+class Sensitivity:
+    """Every option of every table with its measured AUCs and loss (step 2), and its bytes under
+    each remap kind measured (step 1); budgets and remap kinds are then chosen by :meth:`plan`
+    without evaluating again (the lookups, hence the losses, do not depend on either)."""
+
+    options: dict[str, list[Option]]
+    bytes_by_remap: dict[int, dict[str, int]]  # id(option) -> remap kind -> bytes
+    base_valid_auc: float
+    base_valid_cold_auc: float
+    cold_weight: float
+    seconds: float
+
+    def plan(self, budget_mb: float, remap: str = "array") -> Plan:
+        """The exact best plan for ``budget_mb`` MB with ``remap`` (step 3)."""
+        t0 = time.perf_counter()
+        budget = int(math.floor(budget_mb * MB + 1e-6))  # MB = 10^6 bytes; tolerate float noise
+        opts = {f: [dataclasses.replace(o, bytes=self.bytes_by_remap[id(o)][remap]) for o in os_]
+                for f, os_ in self.options.items()}
+        choices = choose(opts, budget)
+        plan = Plan(choices, budget, self.base_valid_auc, [o for os_ in opts.values() for o in os_],
+                    self.seconds + time.perf_counter() - t0, self.base_valid_cold_auc, self.cold_weight, remap)
+        log.info("budget plan (%d options evaluated in %.1fs):\n%s", len(plan.options), plan.seconds, plan.table())
+        return plan
+
+
+def _subsampled(ds: RecDataset, splits: Sequence[str], max_examples: int) -> RecDataset:
+    """``ds`` with each of ``splits`` cut to a seeded random ``max_examples`` of its rows (0: all)."""
+    if max_examples <= 0 or all(len(ds.splits[s]) <= max_examples for s in splits):
+        return ds
+    rng = np.random.default_rng(0)
+    cut = {s: ds.splits[s].subset(np.sort(rng.choice(len(ds.splits[s]), max_examples, replace=False)))
+           for s in splits if len(ds.splits[s]) > max_examples}
+    log.info("planner: measuring on %s", ", ".join(f"{max_examples} of {len(ds.splits[s])} {s}" for s in cut))
+    return dataclasses.replace(ds, splits={**ds.splits, **cut})
+
+
+def sensitivity(
+    model,
+    ds: RecDataset,
+    builder: BatchBuilder,
+    importances: Mapping[str, RowImportance],
+    settings: Mapping[str, dict],
+    remaps: Sequence[str] = ("array",),
+    text: Optional[Mapping[str, torch.Tensor]] = None,
+    keep_ratios: Iterable[float] = DEFAULT_KEEP_RATIOS,
+    dtypes: Iterable[str] = QUANT_DTYPES,
+    fills: Sequence[str] = DEFAULT_FILLS,
+    cluster_ratios: Sequence[float] = DEFAULT_CLUSTER_RATIOS,
+    cold_weight: float = 0.5,
+    row_alignment: int = Q.ROW_ALIGNMENT,
+    batch_size: int = 4096,
+    kernel: str = Q.KERNEL_CPU,
+    budget_mb: Optional[float] = None,
+    max_examples: int = 0,
+) -> Sensitivity:
+    """Steps 1 and 2 of the module doc: every option's bytes (for each of ``remaps``) and loss.
+
+    settings: feature -> {"fill", "cluster_ratio", ...} from the config (:func:`~.prune.table_settings`):
+    the configured fill and cluster ratio are candidates next to ``fills`` / ``cluster_ratios``.
+    budget_mb: when given, a budget no plan fits (with ``remaps[0]``) raises :class:`BudgetError`
+    before anything is evaluated. max_examples: > 0 measures each split on at most that many of
+    its interactions (a seeded random subset, the same for every option), for large datasets.
+    """
+    t0 = time.perf_counter()
+    model = copy.deepcopy(model).eval()  # sensitivity swaps table rows in and out: never touch the caller's model
+    ebc = model.sparse_arch.embedding_bag_collection
+    weights = {f: ebc.embedding_bags[Q.table_name(f)].weight.detach() for c in ebc.embedding_bag_configs() for f in c.feature_names}
+    keep_ratios, dtypes = sorted(set(keep_ratios), reverse=True), list(dtypes)
+    options: dict[str, list[Option]] = {}
+    table_of: dict[int, PrunedTable] = {}  # id(option) -> its pruned table
+    nbytes: dict[int, dict[str, int]] = {}
+    for f, w in weights.items():
+        n = w.shape[0]
+        t = text[TEXT_FEATURES[f]] if (text is not None and f in TEXT_FEATURES) else None
+        opts: list[Option] = []
+        seen: set[tuple] = set()
+        for r in keep_ratios:
+            kept = select_rows(importances[f], keep_ratio=r)
+            pairs = [("zero", 0.0)] if len(kept) == n else _candidates(
+                settings[f]["fill"], settings[f]["cluster_ratio"], fills, cluster_ratios)
+            for fl, cr in pairs:
+                fl = effective_fill(f, fl, t is not None)[0]
+                c = num_clusters(n, len(kept), cr) if fl in CLUSTER_FILLS else 0
+                key = (len(kept), fl, c)
+                if key in seen:
+                    continue  # the same table as another ratio (tiny tables, or clusters capped)
+                seen.add(key)
+                pt = prune_table(f, w, kept, fl, t, fit_mask=importances[f].freq > 0, clusters=c,
+                                 reads=importances[f].freq)
+                for dt in dtypes:
+                    b = {rk: pruned_bytes(pt, dt, rk, row_alignment, kernel)["total"] for rk in remaps}
+                    o = Option(f, r, dt, pt.num_rows, b[remaps[0]], fp32_bytes=int(w.numel() * w.element_size()),
+                               fill=fl, cluster_ratio=cr if c else 0.0, clusters=c)
+                    opts.append(o)
+                    table_of[id(o)], nbytes[id(o)] = pt, b
+        options[f] = opts
+    if budget_mb is not None:
+        budget = int(math.floor(budget_mb * MB + 1e-6))
+        if sum(min(o.bytes for o in opts) for opts in options.values()) > budget:
+            choose(options, budget)  # raises the BudgetError
+    fwd = fp32_forward(model)
+    splits = ["valid"] + ([COLD_SPLIT] if COLD_SPLIT in ds.splits and len(ds.splits[COLD_SPLIT]) else [])
+    ds = _subsampled(ds, splits, max_examples)
+    batches = {s: split_batches(ds, builder, s, batch_size) for s in splits}
+    labels = {s: torch.from_numpy(ds.splits[s].label) for s in splits}
+    base = {s: split_metrics(fwd, batches[s], labels[s])["auc"] for s in splits}
+    cold = COLD_SPLIT in base and not math.isnan(base[COLD_SPLIT])
+    if not cold:
+        log.info("planner: no %s interactions; choosing on valid AUC alone", COLD_SPLIT)
+    for f, opts in options.items():
+        for o in opts:
+            with _with_rows(model, f, simulated_rows(table_of[id(o)], o.dtype)):
+                got = {s: split_metrics(fwd, batches[s], labels[s])["auc"] for s in splits}
+            o.valid_auc = got["valid"]
+            o.loss = base["valid"] - o.valid_auc
+            if cold:
+                o.valid_cold_auc = got[COLD_SPLIT]
+                o.loss += cold_weight * (base[COLD_SPLIT] - o.valid_cold_auc)
+    return Sensitivity(options, nbytes, base["valid"], base.get(COLD_SPLIT, float("nan")), cold_weight if cold else 0.0,
+                       time.perf_counter() - t0)
 
 
 def plan_budget(
@@ -202,68 +359,24 @@ def plan_budget(
     ds: RecDataset,
     builder: BatchBuilder,
     importances: Mapping[str, RowImportance],
-    fills: Mapping[str, str],
+    settings: Mapping[str, dict],
     budget_mb: float,
     remap: str = "array",
     text: Optional[Mapping[str, torch.Tensor]] = None,
     keep_ratios: Iterable[float] = DEFAULT_KEEP_RATIOS,
     dtypes: Iterable[str] = QUANT_DTYPES,
+    fills: Sequence[str] = DEFAULT_FILLS,
+    cluster_ratios: Sequence[float] = DEFAULT_CLUSTER_RATIOS,
+    cold_weight: float = 0.5,
     row_alignment: int = Q.ROW_ALIGNMENT,
     batch_size: int = 4096,
     kernel: str = Q.KERNEL_CPU,
+    max_examples: int = 0,
 ) -> Plan:
-    """Choose keep ratio and dtype per table for ``budget_mb`` MB (see the module doc)."""
-    from sparse_kd.compress.importance import TEXT_FEATURES
-
-    t0 = time.perf_counter()
-    budget = int(math.floor(budget_mb * MB + 1e-6))  # MB = 10^6 bytes; tolerate float noise
-    model = copy.deepcopy(model).eval()  # sensitivity swaps table rows in and out: never touch the caller's model
-    ebc = model.sparse_arch.embedding_bag_collection
-    weights = {f: ebc.embedding_bags[Q.table_name(f)].weight.detach() for c in ebc.embedding_bag_configs() for f in c.feature_names}
-    dim = next(iter(weights.values())).shape[1]
-    keep_ratios, dtypes = sorted(set(keep_ratios), reverse=True), list(dtypes)
-    # 1. bytes of every option, and feasibility, before any evaluation
-    options: dict[str, list[Option]] = {}
-    kept_sets: dict[tuple[str, float], np.ndarray] = {}
-    for f, w in weights.items():
-        n = w.shape[0]
-        fill = fills.get(f, "zero")
-        if fill == "text" and (text is None or f not in TEXT_FEATURES):
-            fill = "mean"
-        opts = []
-        for r in keep_ratios:
-            kept = select_rows(importances[f], keep_ratio=r)
-            if any(len(kept_sets[(f, r2)]) == len(kept) for r2 in keep_ratios if (f, r2) in kept_sets):
-                continue  # same rows as a larger ratio (tiny tables)
-            kept_sets[(f, r)] = kept
-            rows = _stored_rows(n, len(kept), fill)
-            for dt in dtypes:
-                b = option_bytes(n, rows, dim, dt, _mapped(n, len(kept), fill), remap, row_alignment, kernel)
-                opts.append(Option(f, r, dt, rows, b["total"], fp32_bytes=int(w.numel() * w.element_size())))
-        options[f] = opts
-    smallest = sum(min(o.bytes for o in opts) for opts in options.values())
-    if smallest > budget:
-        choose(options, budget)  # raises the BudgetError
-    # 2. sensitivity, one table at a time
-    valid = split_batches(ds, builder, "valid", batch_size)
-    labels = torch.from_numpy(ds.splits["valid"].label)
-    fwd = fp32_forward(model)
-    base = split_metrics(fwd, valid, labels)["auc"]
-    for f, opts in options.items():
-        fill = fills.get(f, "zero")
-        t = text[TEXT_FEATURES[f]] if (text is not None and f in TEXT_FEATURES) else None
-        if fill == "text" and t is None:
-            fill = "mean"
-        pruned_cache: dict[float, PrunedTable] = {}
-        for o in opts:
-            if o.keep_ratio not in pruned_cache:
-                pruned_cache[o.keep_ratio] = prune_table(f, weights[f], kept_sets[(f, o.keep_ratio)], fill, t,
-                                                         fit_mask=importances[f].freq > 0)
-            with _with_rows(model, f, simulated_rows(pruned_cache[o.keep_ratio], o.dtype)):
-                o.valid_auc = split_metrics(fwd, valid, labels)["auc"]
-            o.loss = base - o.valid_auc
-    # 3. choice
-    choices = choose(options, budget)
-    plan = Plan(choices, budget, base, [o for opts in options.values() for o in opts], time.perf_counter() - t0)
-    log.info("budget plan (%d options evaluated in %.1fs):\n%s", len(plan.options), plan.seconds, plan.table())
-    return plan
+    """Choose keep ratio, fill and dtype per table for ``budget_mb`` MB (see the module doc);
+    :func:`sensitivity` then :meth:`Sensitivity.plan`. Infeasible budgets raise
+    :class:`BudgetError` before anything is evaluated."""
+    sens = sensitivity(model, ds, builder, importances, settings, (remap,), text, keep_ratios, dtypes, fills,
+                       cluster_ratios, cold_weight, row_alignment, batch_size, kernel, budget_mb=budget_mb,
+                       max_examples=max_examples)
+    return sens.plan(budget_mb, remap)

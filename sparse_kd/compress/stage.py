@@ -1,10 +1,15 @@
 """The compression stage: a trained variant of a run folder -> pruned, quantized serving artifact.
 
 ``compress_run(run_dir, variant, cfg, out_dir)`` loads the trained DLRM (unsharded, fp32) and
-re-creates the dataset, scores row importance, prunes and quantizes per
+re-creates the dataset, scores row importance, prunes, fills and quantizes per
 :class:`~sparse_kd.config.CompressConfig` (or per the budget planner when ``budget_mb > 0``),
-evaluates AUC / log loss on valid, test and test_cold before and after, writes the artifact
-and returns (and prints) a report.
+evaluates AUC / log loss on every evaluation split (valid, valid_cold, test, test_cold) before
+and after, writes the artifact and returns (and prints) a report.
+
+With ``remap: fold`` the pruned tables' remaps are composed into the entity bags
+(:func:`~sparse_kd.compress.prune.fold_remaps`): the artifact's ``mappings.json`` then holds
+stored row ids, and the compressed model is evaluated on the folded dataset
+(:func:`serving_dataset`), exactly as the predictor will feed it.
 
 Compression is a stage over a trained model: nothing here changes the model it is given.
 """
@@ -23,7 +28,7 @@ from sparse_kd.compress import quantize as Q
 from sparse_kd.compress.artifact import Compressed, check_out_dir, save_artifact
 from sparse_kd.compress.importance import RowImportance, table_importance
 from sparse_kd.compress.planner import MB, Plan, plan_budget
-from sparse_kd.compress.prune import prune_tables, table_settings
+from sparse_kd.compress.prune import DEFAULT_CLUSTER_RATIO, fold_dataset, fold_remaps, prune_tables, table_settings
 from sparse_kd.config import CompressConfig, ConfigError, ExperimentConfig, load_config, to_dict
 from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
@@ -98,8 +103,9 @@ def compress_model(
 ) -> Compressed:
     """Prune + quantize every table of a trained fp32 DLRM (not modified).
 
-    settings: feature -> {"keep_ratio", "dtype", "fill"} (see :func:`~.prune.table_settings`).
-    serve_device / kernel: see :func:`~.quantize.quantize_dlrm`.
+    settings: feature -> {"keep_ratio", "dtype", "fill"[, "cluster_ratio"]} (see
+    :func:`~.prune.table_settings`). remap: array, hash or fold (then evaluate the result on
+    :func:`serving_dataset`). serve_device / kernel: see :func:`~.quantize.quantize_dlrm`.
     """
     weights = model_weights(model)
     keys = list(weights)
@@ -107,10 +113,15 @@ def compress_model(
         raise ValueError(f"settings for {sorted(settings)} but the model has tables for {sorted(keys)}")
     imps = importances if importances is not None else table_importance(importance, weights, ds, text)
     pruned = prune_tables(weights, imps, {f: s["keep_ratio"] for f, s in settings.items()},
-                          {f: s["fill"] for f, s in settings.items()}, text)
+                          {f: s["fill"] for f, s in settings.items()}, text,
+                          {f: s.get("cluster_ratio", DEFAULT_CLUSTER_RATIO) for f, s in settings.items()})
+    model_remap = remap
+    if remap == "fold":
+        _, pruned = fold_remaps(ds, pruned)
+        model_remap = "array"  # nothing left to install: no pruned table keeps a remap
     kernel = Q.kernel_for(serve_device, kernel)
-    serving = Q.quantize_dlrm(model, pruned, {f: s["dtype"] for f, s in settings.items()}, remap, dense_int8, row_alignment,
-                              serve_device, kernel)
+    serving = Q.quantize_dlrm(model, pruned, {f: s["dtype"] for f, s in settings.items()}, model_remap, dense_int8,
+                              row_alignment, serve_device, kernel)
     tb = Q.table_bytes(serving)
     fp = Q.float_table_bytes(model)
     owners = {f.name: f.owner for f in ds.features}
@@ -123,9 +134,12 @@ def compress_model(
         tables[t] = {
             "feature": f, "owner": owners[f], "dtype": settings[f]["dtype"], "keep_ratio": settings[f]["keep_ratio"],
             "rows_original": pt.num_original, "rows_kept": pt.num_kept, "rows_stored": pt.num_rows, "fill": pt.fill,
-            "importance": imps[f].kind, "bytes": tb[t], "fp32_bytes": fp[t]["total"],
+            "importance": imps[f].kind, "bytes": tb[t], "fp32_bytes": fp[t]["total"], "clusters": pt.clusters,
+            "remap": "folded" if pt.folded is not None else (remap if pt.remap is not None else "none"),
         }
-    remaps = {Q.table_name(f): pruned[f].remap for f in keys if pruned[f].remap is not None}
+    # the remaps as they are served; folded ones are a record (the entity bags hold them)
+    remaps = {Q.table_name(f): (pruned[f].remap if pruned[f].remap is not None else pruned[f].folded)
+              for f in keys if pruned[f].remap is not None or pruned[f].folded is not None}
     text_maps = {f: pruned[f].text_map for f in keys if pruned[f].text_map is not None}
     dense_fp32 = {k: v.detach().clone() for k, v in model.state_dict().items() if "embedding_bag" not in k}
     dense_in = model.dense_arch.model._mlp[0]._linear.in_features
@@ -133,10 +147,24 @@ def compress_model(
         "keys": keys, "owners": [owners[f] for f in keys], "dense_in_features": int(dense_in),
         "embedding_dim": int(next(iter(weights.values())).shape[1]),
         "dense_arch": [int(m._linear.out_features) for m in model.dense_arch.model._mlp],
-        "over_arch": _over_arch_sizes(model), "dense_int8": bool(dense_int8), "remap": remap,
+        "over_arch": _over_arch_sizes(model), "dense_int8": bool(dense_int8), "remap": model_remap,
+        "folded": [f for f in keys if pruned[f].folded is not None],
         "row_alignment": int(row_alignment), "kernel": kernel, "device": serve_device,
     }
     return Compressed(serving, tables, remaps, text_maps, dense_fp32, info, notes)
+
+
+def serving_dataset(ds: RecDataset, comp: Compressed) -> RecDataset:
+    """The dataset whose entity bags a compressed model reads: ``ds`` itself, or with the folded
+    remaps of ``comp`` composed into its CSR (``remap: fold``)."""
+    folded = {t["feature"]: comp.remaps[name] for name, t in comp.tables.items() if t.get("remap") == "folded"}
+    return fold_dataset(ds, folded) if folded else ds
+
+
+def serving_builder(ds: RecDataset, comp: Compressed, builder: BatchBuilder) -> BatchBuilder:
+    """A batch builder over :func:`serving_dataset` with ``builder``'s dense features."""
+    sds = serving_dataset(ds, comp)
+    return builder if sds is ds else BatchBuilder(sds, builder.user_dense, builder.item_dense)
 
 
 def _over_arch_sizes(model) -> list[int]:
@@ -152,13 +180,14 @@ def report_table(report: dict) -> str:
     """Readable tables of a stage report: bytes per table, then metrics before / after."""
     rows = []
     for t, v in report["tables"].items():
-        rows.append([t, v["dtype"], f"{v['rows_kept']}/{v['rows_original']}", v["fill"], v["rows_stored"],
-                     v["fp32_bytes"], v["bytes"]["weights"] + v["bytes"]["padding"], v["bytes"]["remap"], v["bytes"]["total"],
-                     f"{v['fp32_bytes'] / max(1, v['bytes']['total']):.2f}x"])
+        fill = v["fill"] + (f" ({v['clusters']})" if v.get("clusters") else "")
+        rows.append([t, v["dtype"], f"{v['rows_kept']}/{v['rows_original']}", fill, v["rows_stored"],
+                     v["fp32_bytes"], v["bytes"]["weights"] + v["bytes"]["padding"], v.get("remap", ""), v["bytes"]["remap"],
+                     v["bytes"]["total"], f"{v['fp32_bytes'] / max(1, v['bytes']['total']):.2f}x"])
     b = report["bytes"]
-    rows.append(["TOTAL", "", "", "", "", b["fp32_total"], "", "", b["total"], f"{b['ratio']:.2f}x"])
-    t1 = markdown_table(["table", "dtype", "kept", "fill", "rows stored", "fp32 bytes", "weight bytes", "remap bytes",
-                         "total bytes", "ratio"], rows)
+    rows.append(["TOTAL", "", "", "", "", b["fp32_total"], "", "", "", b["total"], f"{b['ratio']:.2f}x"])
+    t1 = markdown_table(["table", "dtype", "kept", "fill (clusters)", "rows stored", "fp32 bytes", "weight bytes", "remap",
+                         "remap bytes", "total bytes", "ratio"], rows)
     mrows = []
     for s in report["metrics"]["before"]:
         be, af = report["metrics"]["before"][s], report["metrics"]["after"][s]
@@ -190,15 +219,16 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
     before = evaluate(fp32_forward(model), ds, builder)
     plan: Optional[Plan] = None
     if cfg.budget_mb > 0:
-        plan = plan_budget(model, ds, builder, imps, {f: s["fill"] for f, s in settings.items()}, cfg.budget_mb,
-                           cfg.remap, inp.text, row_alignment=cfg.row_alignment, kernel=Q.kernel_for(cfg.serve_device))
-        for f, o in plan.choices.items():
-            settings[f]["keep_ratio"], settings[f]["dtype"] = o.keep_ratio, o.dtype
+        plan = plan_budget(model, ds, builder, imps, settings, cfg.budget_mb, cfg.remap, inp.text,
+                           cold_weight=cfg.cold_weight, row_alignment=cfg.row_alignment,
+                           kernel=Q.kernel_for(cfg.serve_device), max_examples=cfg.planner_max_examples)
+        settings = plan.settings()
     comp = compress_model(model, ds, settings, cfg.importance, cfg.remap, inp.text, imps, dense_int8, cfg.row_alignment,
                           cfg.serve_device)
     if plan is not None and comp.embedding_bytes > plan.budget_bytes:  # the per-option bytes are exact; guard anyway
         raise RuntimeError(f"plan bytes {comp.embedding_bytes} exceed compress.budget_mb ({plan.budget_bytes} bytes)")
-    after = evaluate(serving_forward(comp.serving), ds, builder)
+    serve_ds = serving_dataset(ds, comp)
+    after = evaluate(serving_forward(comp.serving), serve_ds, serving_builder(ds, comp, builder))
     fp32_total, total = comp.fp32_bytes, comp.embedding_bytes
     report = {
         "variant": variant,
@@ -210,7 +240,7 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
         "plan": plan.to_dict() if plan is not None else None,
         "notes": comp.notes,
     }
-    mappings = _mappings(ds)
+    mappings = _mappings(serve_ds)
     config = {"compress": to_dict(cfg), "dense_int8": dense_int8, "source": {"run_dir": str(run_dir), "variant": variant},
               "plan": report["plan"], "settings": settings, "metrics": report["metrics"]}
     save_artifact(out_dir, comp, mappings, inp.entity_dense, config)

@@ -176,7 +176,7 @@ class RecDataset:
             "users": self.num_users,
             "items": self.num_items,
             "features": {f.name: f.num_embeddings for f in self.features},
-            "splits": {s: {"n": len(sp), "positives": round(float(sp.label.mean()), 4) if len(sp) else 0.0}
+            "splits": {s: {"n": len(sp), "positives": round(int(np.count_nonzero(sp.label > 0)) / len(sp), 4) if len(sp) else 0.0}
                        for s, sp in self.splits.items()},
         }
         if self.implicit:

@@ -171,7 +171,7 @@ class TrainStream:
                 step += 1
                 if step >= steps:
                     return
-            rest = allrows.take(slice(n_full * global_batch, have))
+            rest = allrows.take(np.arange(n_full * global_batch, have))  # a copy: lets the window go
             buf, have = [rest], len(rest)
 
 

@@ -1,21 +1,35 @@
-"""Compression study: test AUC vs embedding storage, keep ratio x dtype, for each trained variant.
+"""Compression study: AUC (valid, valid_cold, test, test_cold) against embedding storage, per
+trained variant, over seeds whose data split differs.
 
-For every variant (e.g. ``baseline`` and ``distilled``) of a run folder and every
-(keep ratio, dtype) in ``StudyConfig.keep_ratios x StudyConfig.dtypes``, the variant is compressed
-in memory and evaluated on valid, test and test_cold:
+Points of one run (:func:`run_compress_study`), every one compressed for real on the serving
+kernel and evaluated on every split:
 
-* dtype: every table (``default_dtype``); keep ratio: the tables in ``prune_features`` (default
-  ``user_id`` and ``item_id``, the only large ones; pruning a table of a few rows saves at most
-  a 128-byte cache line and costs accuracy; ``None`` prunes every table);
-* importance, remap kind and fill come from the run's ``compress`` section (or ``base``);
-  ``fills`` sweeps several fills (one series per variant and fill).
+* grid: every (fill, keep ratio, dtype) of ``StudyConfig.compress_fills x keep_ratios x dtypes``,
+  dtype on every table, keep ratio and fill on ``prune_features`` (default ``user_id`` and
+  ``item_id``, the only large tables); a keep ratio of 1 is the same model for every fill and is
+  built once. Importance, cluster ratio and remap kind come from the run's ``compress`` section.
+* plan: for the last variant (the distilled student), one budget plan per ratio of
+  ``StudyConfig.compress_budgets`` (embedding storage = fp32 bytes / ratio) and remap kind of
+  ``StudyConfig.compress_remaps``, chosen by :mod:`sparse_kd.compress.planner` on valid and
+  valid_cold only, among the study's dtypes and the planner's keep ratios, fills and cluster
+  ratios; its sensitivity is measured once per run and shared by every budget.
 
-Embedding bytes are read from the compressed model's FBGEMM buffers (MB = 10^6 bytes).
+Bytes are read from the compressed model's buffers (MB = 10^6 bytes). Every row carries its bytes
+both ways, with an int32 array remap per pruned table (``bytes_array``) and with the remaps
+folded into the entity bags (``bytes_fold``): the lookups, hence the AUCs, are the same.
+Every AUC is also given as a change against the same run's uncompressed model of that variant
+(``d_<split>``): compressed - uncompressed, negative = a loss.
 
-Writes to ``out_dir``: ``compress_study.csv`` and ``.json`` (one row per variant x fill x point),
-``compress_study.md`` (readable table) and ``compress_study.png``: test AUC vs embedding MB, one
-series per variant (and fill), the Pareto front (no other point of the series is both smaller
-and better) drawn as a step line and its points circled.
+Over seeds (:func:`run_compress_study_seeds`): each seed is a run folder ``output_dir/seed_<s>``
+whose ``data.seed`` must be ``s`` (the cold items and the split change with the seed, not only
+the training seed); rows are averaged over seeds (``*_std``: spread of the per-seed changes).
+The targets table chooses, among the points that are small enough, the one with the best mean
+validation objective (d_valid + ``compress.cold_weight`` x d_valid_cold) and reports its test
+and test_cold changes: test data never chooses anything.
+
+Writes ``<stem>.csv`` / ``.json`` (one row per point), ``<stem>.md`` (readable table plus the
+targets) and ``<stem>.png``: test AUC and test_cold AUC against embedding MB side by side,
+one series per variant and fill, the plans as stars, the uncompressed students as lines.
 """
 
 from __future__ import annotations
@@ -24,18 +38,25 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sparse_kd.config import CompressConfig, StudyConfig
-from sparse_kd.metrics import EVAL_SPLITS as SPLITS
+import numpy as np
+
+from sparse_kd.config import CompressConfig, ConfigError, StudyConfig
+from sparse_kd.metrics import EVAL_SPLITS
 from sparse_kd.report import markdown_table
 
 log = logging.getLogger(__name__)
-FIELDS = ["variant", "fill", "keep_ratio", "dtype", "embedding_bytes", "embedding_mb", "ratio", "pareto"] + [
-    f"{s}_{m}" for s in SPLITS for m in ("auc", "logloss")
-] + ["fp32_test_auc", "seconds"]
+
+SPLITS = ("valid", "valid_cold", "test", "test_cold")
+assert set(SPLITS) == set(EVAL_SPLITS)
+FIELDS = (["variant", "kind", "fill", "keep_ratio", "dtype", "budget_ratio", "remap", "plan", "embedding_bytes",
+           "embedding_mb", "ratio", "bytes_array", "bytes_fold", "ratio_array", "ratio_fold", "pareto"]
+          + [f"{s}_{m}" for s in SPLITS for m in ("auc", "logloss")] + [f"d_{s}" for s in SPLITS]
+          + ["fp32_test_auc", "seconds"])
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -49,6 +70,51 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     return out
 
 
+def _row(variant: str, kind: str, fill: str, keep, dtype: str, comp, metrics: dict, fp32: dict, t0: float,
+         bytes_array: int, bytes_fold: int, budget_ratio: float = 0.0, remap: str = "", plan: str = "") -> dict:
+    fp = comp.fp32_bytes
+    return {
+        "variant": variant, "kind": kind, "fill": fill, "keep_ratio": keep, "dtype": dtype,
+        "budget_ratio": float(budget_ratio), "remap": remap, "plan": plan,
+        "embedding_bytes": comp.embedding_bytes, "embedding_mb": comp.embedding_bytes / 1e6,
+        "ratio": fp / max(1, comp.embedding_bytes), "bytes_array": int(bytes_array), "bytes_fold": int(bytes_fold),
+        "ratio_array": fp / max(1, bytes_array), "ratio_fold": fp / max(1, bytes_fold), "pareto": False,
+        **{f"{s}_{k}": metrics[s][k] for s in SPLITS for k in ("auc", "logloss")},
+        **{f"d_{s}": metrics[s]["auc"] - fp32[s]["auc"] for s in SPLITS},
+        "fp32_test_auc": fp32["test"]["auc"], "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _both_bytes(comp, remap: str, row_alignment: int, kernel: str) -> tuple[int, int]:
+    """(embedding bytes with array remaps, with folded remaps) of a compressed model."""
+    from sparse_kd.compress.planner import option_bytes
+
+    out = []
+    for rk in ("array", "fold"):
+        total = 0
+        for name, t in comp.tables.items():
+            r = comp.remaps.get(name)
+            mapped = None if r is None else int((r >= 0).sum())
+            total += option_bytes(t["rows_original"], t["rows_stored"], comp.model_info["embedding_dim"], t["dtype"],
+                                  mapped, rk, row_alignment, kernel)["total"]
+        out.append(total)
+    if remap in ("array", "fold"):
+        assert out[0 if remap == "array" else 1] == comp.embedding_bytes, (out, comp.embedding_bytes)
+    return out[0], out[1]
+
+
+def _plan_summary(settings: dict, comp) -> str:
+    """One line per plan: feature keep/fill(clusters)/dtype, e.g. ``item_id 0.05+cluster(84) int2``."""
+    parts = []
+    for name, t in comp.tables.items():
+        s = settings[t["feature"]]
+        keep = f"{s['keep_ratio']:g}"
+        if t["rows_kept"] < t["rows_original"]:
+            keep += f"+{t['fill']}" + (f"({t['clusters']})" if t.get("clusters") else "")
+        parts.append(f"{t['feature']} {keep} {t['dtype']}")
+    return "; ".join(parts)
+
+
 def run_compress_study(
     run_dir: Path,
     variants: Sequence[str],
@@ -58,10 +124,13 @@ def run_compress_study(
     prune_features: Optional[Sequence[str]] = ("user_id", "item_id"),
     fills: Optional[Sequence[str]] = None,
 ) -> list[dict]:
-    """Sweep keep ratio x dtype (x fill) for each variant; write CSV / JSON / MD / PNG; return the rows."""
+    """Grid (and plan) points of one run folder for each variant; write CSV / JSON / MD / PNG;
+    return the rows (see the module doc)."""
+    from sparse_kd.compress import quantize as Q
     from sparse_kd.compress.importance import table_importance
+    from sparse_kd.compress.planner import sensitivity
     from sparse_kd.compress.prune import table_settings
-    from sparse_kd.compress.stage import compress_model, load_run, model_weights
+    from sparse_kd.compress.stage import compress_model, load_run, model_weights, serving_builder, serving_dataset
     from sparse_kd.metrics import evaluate, fp32_forward, serving_forward
     from sparse_kd.student.export import load_dlrm
 
@@ -69,42 +138,63 @@ def run_compress_study(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     inp = None
-    for variant in variants:
+    pruned_here: list[str] = []
+    for vi, variant in enumerate(variants):
         if inp is None:
             inp = load_run(run_dir, variant)
             model = inp.model
         else:
             model = load_dlrm(run_dir / variant)
-        base_cfg = base if base is not None else inp.cfg.compress
-        if base_cfg.importance == "distill" and inp.text is None:
-            base_cfg = dataclasses.replace(base_cfg, importance="frequency")
+        cfg0 = base if base is not None else inp.cfg.compress
+        if cfg0.importance == "distill" and inp.text is None:
+            cfg0 = dataclasses.replace(cfg0, importance="frequency")
+        kernel = Q.kernel_for(cfg0.serve_device)
         weights = model_weights(model)
         pruned_here = list(weights) if prune_features is None else [f for f in prune_features if f in weights]
-        imps = table_importance(base_cfg.importance, weights, inp.ds, inp.text)
+        imps = table_importance(cfg0.importance, weights, inp.ds, inp.text)
         fp32 = evaluate(fp32_forward(model), inp.ds, inp.builder)
-        log.info("[%s] fp32 test AUC %.4f", variant, fp32["test"]["auc"])
-        for fill in (fills or [base_cfg.default_pruned_fill]):
+        log.info("[%s] fp32 test AUC %.4f, test_cold AUC %.4f", variant, fp32["test"]["auc"], fp32["test_cold"]["auc"])
+
+        def measure(settings: dict, remap: str):
+            comp = compress_model(model, inp.ds, settings, cfg0.importance, remap, inp.text, imps, cfg0.dense_int8,
+                                  cfg0.row_alignment, cfg0.serve_device)
+            m = evaluate(serving_forward(comp.serving), serving_dataset(inp.ds, comp),
+                         serving_builder(inp.ds, comp, inp.builder))
+            return comp, m, _both_bytes(comp, remap, cfg0.row_alignment, kernel)
+
+        for fi, fill in enumerate(fills or [cfg0.default_pruned_fill]):
             for r in study_cfg.keep_ratios:
+                if r >= 1.0 and fi > 0:
+                    continue  # nothing pruned: the same model as the first fill's
                 for dt in study_cfg.dtypes:
                     t0 = time.perf_counter()
-                    cfg = dataclasses.replace(base_cfg, default_dtype=dt, default_pruned_fill=fill, budget_mb=0.0)
+                    cfg = dataclasses.replace(cfg0, default_dtype=dt, default_pruned_fill=fill, budget_mb=0.0)
                     settings = table_settings(cfg, list(weights))
                     for f in pruned_here:
                         settings[f]["keep_ratio"] = float(r)
-                    comp = compress_model(model, inp.ds, settings, cfg.importance, cfg.remap, inp.text, imps,
-                                          cfg.dense_int8, cfg.row_alignment, cfg.serve_device)
-                    m = evaluate(serving_forward(comp.serving), inp.ds, inp.builder)
-                    row = {
-                        "variant": variant, "fill": fill, "keep_ratio": float(r), "dtype": dt,
-                        "embedding_bytes": comp.embedding_bytes, "embedding_mb": comp.embedding_bytes / 1e6,
-                        "ratio": comp.fp32_bytes / max(1, comp.embedding_bytes), "pareto": False,
-                        **{f"{s}_{k}": m[s][k] for s in SPLITS for k in ("auc", "logloss")},
-                        "fp32_test_auc": fp32["test"]["auc"], "seconds": round(time.perf_counter() - t0, 2),
-                    }
-                    rows.append(row)
-                    log.info("[%s/%s] keep %.2f %s: %.4f MB, test AUC %.4f", variant, fill, r, dt, row["embedding_mb"],
-                             row["test_auc"])
-                    del comp
+                    comp, m, (ba, bf) = measure(settings, cfg0.remap)
+                    rows.append(_row(variant, "grid", fill, float(r), dt, comp, m, fp32, t0, ba, bf, remap=cfg0.remap))
+                    log.info("[%s/%s] keep %.2f %s: %.2fx, test %+.4f, test_cold %+.4f", variant, fill, r, dt,
+                             rows[-1]["ratio"], rows[-1]["d_test"], rows[-1]["d_test_cold"])
+        if vi == len(variants) - 1 and study_cfg.compress_budgets:
+            t0 = time.perf_counter()
+            sens = sensitivity(model, inp.ds, inp.builder, imps, table_settings(cfg0, list(weights)),
+                               tuple(study_cfg.compress_remaps), inp.text, dtypes=study_cfg.dtypes,
+                               cold_weight=cfg0.cold_weight, row_alignment=cfg0.row_alignment, kernel=kernel,
+                               max_examples=cfg0.planner_max_examples)
+            log.info("[%s] planner sensitivity: %d options in %.0fs", variant,
+                     sum(len(o) for o in sens.options.values()), time.perf_counter() - t0)
+            fp32_bytes = sum(int(w.numel() * w.element_size()) for w in weights.values())
+            for ratio in study_cfg.compress_budgets:
+                for remap in study_cfg.compress_remaps:
+                    t0 = time.perf_counter()
+                    plan = sens.plan(fp32_bytes / ratio / 1e6, remap)
+                    settings = plan.settings()
+                    comp, m, (ba, bf) = measure(settings, remap)
+                    rows.append(_row(variant, "plan", "plan", "plan", "plan", comp, m, fp32, t0, ba, bf, ratio, remap,
+                                     _plan_summary(settings, comp)))
+                    log.info("[%s] plan %gx %s: %.2fx, test %+.4f, test_cold %+.4f (%s)", variant, ratio, remap,
+                             rows[-1]["ratio"], rows[-1]["d_test"], rows[-1]["d_test_cold"], rows[-1]["plan"])
     _mark_pareto(rows)
     _write(rows, out_dir, run_dir, variants, study_cfg, base, pruned_here)
     return rows
@@ -119,32 +209,63 @@ def _mark_pareto(rows: list[dict]) -> None:
 
 
 def _series(row: dict, rows: list[dict]) -> str:
-    """Series name: the variant, plus the fill when several fills were swept."""
-    several = len({r["fill"] for r in rows}) > 1
+    """Series name: the variant, plus the fill when several fills were swept (plans: their own)."""
+    if row["kind"] == "plan":
+        return f"{row['variant']}/plan"
+    several = len({r["fill"] for r in rows if r["kind"] == "grid"}) > 1
     return f"{row['variant']}/{row['fill']}" if several else row["variant"]
 
 
+def _fmt_keep(r: dict) -> str:
+    return r["keep_ratio"] if isinstance(r["keep_ratio"], str) else f"{r['keep_ratio']:g}"
+
+
+def _table(rows: list[dict], seeds: bool = False) -> str:
+    headers = ["variant", "fill", "keep", "dtype", "emb MB", "ratio", "ratio array", "ratio fold"] + \
+        [f"{s} AUC" for s in SPLITS] + ["Δ valid", "Δ valid_cold", "Δ test", "Δ test_cold", "Pareto"]
+    body = []
+    for r in rows:
+        fill = f"plan {r['budget_ratio']:g}x {r['remap']}" if r["kind"] == "plan" else r["fill"]
+        body.append([r["variant"], fill, _fmt_keep(r), r["dtype"], f"{r['embedding_mb']:.5f}", f"{r['ratio']:.2f}x",
+                     f"{r['ratio_array']:.2f}x", f"{r['ratio_fold']:.2f}x"] + [r[f"{s}_auc"] for s in SPLITS]
+                    + [f"{r[f'd_{s}']:+.4f}" + (f" ± {r[f'd_{s}_std']:.4f}" if seeds and f"d_{s}_std" in r else "")
+                       for s in SPLITS] + ["*" if r["pareto"] else ""])
+    return markdown_table(headers, body)
+
+
+def _plans_table(rows: list[dict]) -> str:
+    plans = [r for r in rows if r["kind"] == "plan"]
+    if not plans:
+        return ""
+    return markdown_table(["variant", "budget", "remap", "ratio", "plan (seed of the first run)"],
+                          [[r["variant"], f"{r['budget_ratio']:g}x", r["remap"], f"{r['ratio']:.2f}x", r["plan"]] for r in plans])
+
+
 def _write(rows: list[dict], out_dir: Path, run_dir: Path, variants, study_cfg: StudyConfig, base, pruned,
-           stem: str = "compress_study", command: str = "") -> None:
+           stem: str = "compress_study", command: str = "", extra_md: str = "", n_runs: int = 1) -> None:
     with open(out_dir / f"{stem}.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for r in rows:
             w.writerow({k: r[k] for k in FIELDS})
     doc = {"run_dir": str(run_dir), "variants": list(variants), "keep_ratios": list(study_cfg.keep_ratios),
-           "dtypes": list(study_cfg.dtypes), "pruned_features": pruned,
+           "dtypes": list(study_cfg.dtypes), "budgets": list(study_cfg.compress_budgets),
+           "remaps": list(study_cfg.compress_remaps), "pruned_features": pruned, "runs": n_runs,
            "base_compress": dataclasses.asdict(base) if base else None, "rows": rows}
     (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1))
-    table = markdown_table(
-        ["variant", "fill", "keep", "dtype", "emb MB", "ratio", "valid AUC", "test AUC", "test_cold AUC", "Pareto"],
-        [[r["variant"], r["fill"], r["keep_ratio"], r["dtype"], f"{r['embedding_mb']:.5f}", f"{r['ratio']:.2f}x", r["valid_auc"],
-          r["test_auc"], r["test_cold_auc"], "*" if r["pareto"] else ""] for r in rows],
-    )
+    table = _table(rows, seeds=n_runs > 1)
+    plans = _plans_table(rows)
     (out_dir / f"{stem}.md").write_text(
-        "# Compression study: test AUC vs embedding storage\n\n"
+        "# Compression study: AUC vs embedding storage\n\n"
         + (f"Produced by `{command}`. " if command else "")
-        + f"Run `{run_dir}`; dtype applied to every table, keep ratio to {', '.join(pruned)}; bytes read from FBGEMM "
-        "buffers (MB = 10^6 bytes); * = on the series' Pareto front.\n\n" + table + "\n"
+        + f"Run `{run_dir}` ({n_runs} run(s); numbers are means over runs). Grid points: dtype on every table, keep "
+        f"ratio and fill on {', '.join(pruned)}; plan points: the budget planner, chosen on valid + valid_cold. Bytes "
+        "read from the serving model's buffers (MB = 10^6 bytes); `ratio` as built, `ratio array` with an int32 remap "
+        "per pruned table, `ratio fold` with the remaps folded into the entity bags (same lookups, same AUCs). "
+        "Δ = compressed - uncompressed of the same variant and run (± spread over runs); * = on the series' Pareto "
+        "front of (bytes, test AUC).\n\n"
+        + (extra_md + "\n\n" if extra_md else "") + table + "\n"
+        + ("\n## Plans\n\n" + plans + "\n" if plans else "")
     )
     print("\n" + table + "\n", flush=True)
     _plot(rows, out_dir / f"{stem}.png")
@@ -156,105 +277,167 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharex=True)
     names = list(dict.fromkeys(_series(r, rows) for r in rows))
-    for k, variant in enumerate(names):
-        mine = [r for r in rows if _series(r, rows) == variant]
-        color = f"C{k}"
-        ax.scatter([r["embedding_mb"] for r in mine], [r["test_auc"] for r in mine], color=color, s=22, alpha=0.6,
-                   label=f"{variant}")
-        front = sorted((r for r in mine if r["pareto"]), key=lambda r: r["embedding_mb"])
-        ax.plot([r["embedding_mb"] for r in front], [r["test_auc"] for r in front], color=color, lw=1.5,
-                drawstyle="steps-post", label=f"{variant} Pareto front")
-        ax.scatter([r["embedding_mb"] for r in front], [r["test_auc"] for r in front], facecolors="none",
-                   edgecolors=color, s=90, lw=1.5)
-        for r in front:
-            ax.annotate(f"{r['keep_ratio']:g}/{r['dtype']}", (r["embedding_mb"], r["test_auc"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("embedding storage (MB, real FBGEMM bytes incl. remaps)")
-    ax.set_ylabel("test AUC")
-    ax.set_title("Compression: test AUC vs embedding MB (keep ratio / dtype)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    for ax, split in zip(axes, ("test", "test_cold")):
+        for k, name in enumerate(names):
+            mine = [r for r in rows if _series(r, rows) == name]
+            color = f"C{k}"
+            if mine[0]["kind"] == "plan":
+                ax.scatter([r["embedding_mb"] for r in mine], [r[f"{split}_auc"] for r in mine], marker="*", s=160,
+                           color=color, edgecolors="black", lw=0.6, zorder=5, label=name)
+                for r in mine:
+                    ax.annotate(f"{r['budget_ratio']:g}x {r['remap']}", (r["embedding_mb"], r[f"{split}_auc"]),
+                                fontsize=7, xytext=(4, -9), textcoords="offset points")
+                continue
+            ax.scatter([r["embedding_mb"] for r in mine], [r[f"{split}_auc"] for r in mine], color=color, s=18,
+                       alpha=0.55, label=name)
+            front = sorted((r for r in mine if r["pareto"]), key=lambda r: r["embedding_mb"])
+            ax.plot([r["embedding_mb"] for r in front], [r[f"{split}_auc"] for r in front], color=color, lw=1.2,
+                    drawstyle="steps-post")
+        for j, v in enumerate(variants):
+            ref = [r for r in rows if r["variant"] == v and r["kind"] == "grid" and r["keep_ratio"] == 1.0
+                   and r["dtype"] == "fp32"]
+            if ref:
+                ax.axhline(ref[0][f"{split}_auc"], color="gray", ls=["--", ":", "-."][j % 3], lw=1,
+                           label=f"{v} uncompressed")
+        ax.set_xscale("log")
+        ax.set_xlabel("embedding storage (MB, serving buffers incl. remaps)")
+        ax.set_ylabel(f"{split} AUC")
+        ax.set_title(f"{split} AUC vs embedding MB")
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def run_compress_study_seeds(cfg, docs: Path) -> list[dict]:
-    """The compression study over every seed of a distillation study (``output_dir/seed_<s>``), or
-    over ``output_dir`` itself for a single run; rows are averaged over seeds (``*_std`` added).
+# ------------------------------------------------------------------------------------------
+# Over seeds
 
-    Also writes ``compress_targets.md``: each target of the compression issue against the mean
-    uncompressed student of the last variant (the distilled one) and the uncompressed baseline.
-    """
-    import numpy as np
 
+def check_seed_runs(cfg) -> list[tuple[int, Path]]:
+    """(seed, run folder) of every seed of ``study.seeds`` that has a folder; each must have been
+    trained with ``data.seed`` = its seed (else its cold items and split are those of another
+    seed, and seeds would not vary the data)."""
+    from sparse_kd.config import load_config
     from sparse_kd.studies.distill_study import seed_dir
 
+    out = []
+    for s in cfg.study.seeds:
+        d = seed_dir(cfg, s)
+        if not d.is_dir():
+            continue
+        got = load_config(d / "config.yaml").data.seed
+        if got != s:
+            raise ConfigError(
+                f"{d / 'config.yaml'}: data.seed is {got} but this folder is seed {s}: the study's seeds must vary the "
+                f"data split too. Retrain it with data.seed={s} (`sparse-kd study distill CONFIG data.seed={s} "
+                f"--seed {s}`), or leave seed {s} out of study.seeds.")
+        out.append((s, d))
+    return out
+
+
+def _key(r: dict) -> tuple:
+    return (r["variant"], r["kind"], r["fill"], str(r["keep_ratio"]), r["dtype"], r["budget_ratio"], r["remap"])
+
+
+def average_runs(per_run: list[list[dict]]) -> list[dict]:
+    """One row per point: means over runs of bytes, ratios and metrics; ``*_std`` the spread of
+    AUCs and of their changes (ddof 1; 0 for one run)."""
+    rows = []
+    for first in per_run[0]:
+        same = [next(r for r in rr if _key(r) == _key(first)) for rr in per_run]
+        row = dict(first)
+        num = ["embedding_bytes", "embedding_mb", "ratio", "bytes_array", "bytes_fold", "ratio_array", "ratio_fold",
+               "fp32_test_auc"] + [f"{s}_{m}" for s in SPLITS for m in ("auc", "logloss")] + [f"d_{s}" for s in SPLITS]
+        for k in num:
+            vals = np.array([r[k] for r in same], dtype=float)
+            row[k] = float(vals.mean())
+            if k.endswith("auc") or k.startswith("d_"):
+                row[f"{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        row["seeds"] = len(same)
+        if first["kind"] == "plan":
+            row["plans"] = [r["plan"] for r in same]
+        rows.append(row)
+    return rows
+
+
+def run_compress_study_seeds(cfg, docs: Path) -> list[dict]:
+    """The compression study over every seed of a distillation study (``output_dir/seed_<s>``), or
+    over ``output_dir`` itself for a single run; writes ``compress_study_<name>.*`` into ``docs``
+    with the targets table (:func:`targets`)."""
+    import sys
+
     out = Path(cfg.output_dir)
-    runs = [seed_dir(cfg, s) for s in cfg.study.seeds if seed_dir(cfg, s).is_dir()] or [out]
+    runs = [d for _, d in check_seed_runs(cfg)] or [out]
     per_run = []
     for run in runs:
         sub = run / "compress_study"
         sub.mkdir(parents=True, exist_ok=True)
         per_run.append(run_compress_study(run, cfg.study.compress_variants, cfg.study, sub, base=cfg.compress,
                                           fills=list(cfg.study.compress_fills)))
-    keyf = lambda r: (r["variant"], r["fill"], r["keep_ratio"], r["dtype"])  # noqa: E731
-    rows = []
-    for base_row in per_run[0]:
-        same = [next(r for r in rows_ if keyf(r) == keyf(base_row)) for rows_ in per_run]
-        row = dict(base_row)
-        for k in ["embedding_bytes", "embedding_mb", "ratio", "fp32_test_auc"] + [f"{s}_{m}" for s in SPLITS for m in ("auc", "logloss")]:
-            vals = np.array([r[k] for r in same], dtype=float)
-            row[k] = float(vals.mean())
-            if k.endswith("auc"):
-                row[f"{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-        row["seeds"] = len(same)
-        rows.append(row)
+    rows = average_runs(per_run)
     _mark_pareto(rows)
     docs.mkdir(parents=True, exist_ok=True)
-    import sys
-
     command = "sparse-kd " + " ".join(sys.argv[1:])
-    stem = f"compress_study_{cfg.name}"
-    _write(rows, docs, out, cfg.study.compress_variants, cfg.study, cfg.compress, ["user_id", "item_id"], stem, command)
-    _targets(rows, per_run, cfg, docs, len(runs), f"compress_targets_{cfg.name}", command)
+    tmd = targets(rows, cfg.study.compress_variants[-1], cfg.compress.cold_weight, len(runs))
+    _write(rows, docs, out, cfg.study.compress_variants, cfg.study, cfg.compress, ["user_id", "item_id"],
+           f"compress_study_{cfg.name}", command, tmd, len(runs))
+    print("\n" + tmd + "\n", flush=True)
     return rows
 
 
-def _targets(rows: list[dict], per_run: list[list[dict]], cfg, docs: Path, n_runs: int, stem: str, command: str) -> None:
-    """compress_targets.md: int8 / int4 drops and the >= 10x point, against the fp32 students."""
-    import numpy as np
+TARGETS = (  # (name, minimum ratio, test drop limit, test_cold drop limit or None)
+    (">= 10x smaller", 10.0, 0.001, 0.005),
+    (">= 30x smaller", 30.0, 0.003, None),
+)
 
-    distilled, baseline = cfg.study.compress_variants[-1], cfg.study.compress_variants[0]
-    fp32 = lambda v, split: float(np.mean([next(r for r in rr if r["variant"] == v and r["dtype"] == "fp32"  # noqa: E731
-                                                  and r["keep_ratio"] == 1.0)[f"{split}_auc"] for rr in per_run]))
-    ref_test, base_cold = fp32(distilled, "test"), fp32(baseline, "test_cold")
-    mine = [r for r in rows if r["variant"] == distilled]
-    get = lambda dt: next((r for r in mine if r["dtype"] == dt and r["keep_ratio"] == 1.0), None)  # noqa: E731
+
+def _objective(r: dict, cold_weight: float) -> float:
+    cold = r["d_valid_cold"] if not math.isnan(r["d_valid_cold"]) else 0.0
+    return r["d_valid"] + cold_weight * cold
+
+
+def targets(rows: list[dict], variant: str, cold_weight: float, n_runs: int) -> str:
+    """The issue's targets against the uncompressed ``variant`` of the same run (mean changes).
+
+    int8 / int4 everywhere: the grid point at keep 1. ``>= Nx``: among every (point, remap
+    accounting) whose mean ratio is at least N (grid points count under both accountings, plans
+    under their own), the one with the best validation objective; its test / test_cold changes
+    decide. One line per accounting (array remaps, folded remaps)."""
+    mine = [r for r in rows if r["variant"] == variant]
     lines = []
-    for dt, limit in (("int8", 0.0005), ("int4", 0.001)):
-        r = get(dt)
-        if r:
-            drop = ref_test - r["test_auc"]
-            lines.append([f"{dt} everywhere: test AUC drop <= {limit}", f"{drop:+.4f} ({r['ratio']:.2f}x smaller)",
-                          "met" if drop <= limit else "missed"])
-    ok10 = [r for r in mine if r["ratio"] >= 10.0]
-    best = max(ok10, key=lambda r: r["test_auc"]) if ok10 else None
-    if best:
-        drop = ref_test - best["test_auc"]
-        cold_ok = best["test_cold_auc"] >= base_cold
-        lines.append([">= 10x smaller: test AUC drop <= 0.002", f"{drop:+.4f} at keep {best['keep_ratio']:g} {best['dtype']} "
-                      f"({best['ratio']:.1f}x, fill {best['fill']})", "met" if drop <= 0.002 else "missed"])
-        lines.append([">= 10x smaller: test_cold AUC >= uncompressed baseline", f"{best['test_cold_auc']:.4f} vs {base_cold:.4f}",
-                      "met" if cold_ok else "missed"])
-    else:
-        lines.append([">= 10x smaller", "no swept point reaches 10x", "missed"])
-    table = markdown_table(["target (mean over runs)", "measured", "status"], lines)
-    (docs / f"{stem}.md").write_text(
-        f"# Compression targets\n\nProduced by `{command}`. {n_runs} run(s); reference: uncompressed {distilled}, test AUC {ref_test:.4f}; "
-        f"uncompressed {baseline} test_cold AUC {base_cold:.4f}.\n\n{table}\n"
-    )
-    print("\n" + table + "\n", flush=True)
+
+    def fmt(r: dict) -> str:
+        return f"test {r['d_test']:+.4f} ± {r.get('d_test_std', 0.0):.4f}, test_cold {r['d_test_cold']:+.4f} ± {r.get('d_test_cold_std', 0.0):.4f}"
+
+    for dt in ("int8", "int4"):
+        r = next((r for r in mine if r["kind"] == "grid" and r["keep_ratio"] == 1.0 and r["dtype"] == dt), None)
+        if r is None:
+            continue
+        ok = r["d_test"] >= -0.001
+        lines.append([f"{dt} everywhere: test AUC drop <= 0.001", f"{r['ratio']:.2f}x", fmt(r), "met" if ok else "missed"])
+    for name, min_ratio, test_lim, cold_lim in TARGETS:
+        for acc in ("array", "fold"):
+            cands = []
+            for r in mine:
+                if r["kind"] == "plan" and r["remap"] != acc:
+                    continue
+                ratio = r["ratio"] if r["kind"] == "plan" else r[f"ratio_{acc}"]
+                if ratio >= min_ratio:
+                    cands.append((r, ratio))
+            goal = f"{name} ({acc} remaps): test drop <= {test_lim}" + (f", test_cold drop <= {cold_lim}" if cold_lim else "")
+            if not cands:
+                lines.append([goal, "-", f"no point reaches {min_ratio:g}x", "missed"])
+                continue
+            r, ratio = max(cands, key=lambda c: (_objective(c[0], cold_weight), c[1]))
+            ok = r["d_test"] >= -test_lim and (cold_lim is None or r["d_test_cold"] >= -cold_lim)
+            what = (f"plan {r['budget_ratio']:g}x" if r["kind"] == "plan" else
+                    f"{r['fill']} keep {r['keep_ratio']:g} {r['dtype']}")
+            lines.append([goal, f"{ratio:.2f}x ({what})", fmt(r), "met" if ok else "missed"])
+    head = (f"## Targets\n\nMeans over {n_runs} run(s) of each point's change against the uncompressed `{variant}` "
+            f"of the same run. Points at a size are chosen by the validation objective Δvalid + {cold_weight:g} x "
+            "Δvalid_cold (never by test).\n\n")
+    return head + markdown_table(["target", "chosen point", "Δ AUC (mean ± std over runs)", "status"], lines)

@@ -195,6 +195,7 @@ class TextEncoder:
     Args:
         model: ``"default"`` (the packaged all-MiniLM-L6-v2) or a local model folder.
         batch_size: texts per forward pass.
+        cuda_batch_size: texts per forward pass on a CUDA device (None: ``batch_size``).
         max_length: tokens kept per text (``[CLS]`` and ``[SEP]`` included); longer texts are truncated.
         sort_by_length: batch texts of similar token count together (output order is unchanged).
         precision: ``auto`` (bf16 where native, else fp32), ``fp32`` or ``bf16``.
@@ -215,6 +216,7 @@ class TextEncoder:
         model: str = "default",
         *,
         batch_size: int = 128,
+        cuda_batch_size: int | None = None,
         max_length: int = 64,
         sort_by_length: bool = True,
         precision: Precision = "auto",
@@ -239,6 +241,8 @@ class TextEncoder:
         self.sort_by_length = sort_by_length
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.precision = resolve_precision(precision, self.device)
+        if self.device.type == "cuda" and cuda_batch_size:
+            self.batch_size = cuda_batch_size
         self.normalize = normalize
         self.num_threads = num_threads
         self.show_progress = show_progress
@@ -252,7 +256,7 @@ class TextEncoder:
         """Build from a :class:`sparse_kd.config.TeacherConfig`; ``overrides`` win over its fields."""
         kwargs = dict(model=cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
                       sort_by_length=cfg.sort_by_length, num_threads=cfg.num_threads)
-        for name in ("precision", "normalize", "device", "allow_pickle_weights"):  # fields a TeacherConfig may lack
+        for name in ("precision", "normalize", "device", "allow_pickle_weights", "cuda_batch_size"):  # fields a TeacherConfig may lack
             if hasattr(cfg, name):
                 kwargs[name] = getattr(cfg, name)
         kwargs.update(overrides)
@@ -362,7 +366,8 @@ class TextEncoder:
                   return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         order = sorted(range(len(texts)), key=lambda i: len(ids[i])) if self.sort_by_length else list(range(len(texts)))
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        out = torch.empty(len(texts), self.dim, dtype=torch.float32)  # (N, H)
+        # (N, H) on the model's device: rows land there batch by batch, one copy to the host at the end
+        out = torch.empty(len(texts), self.dim, dtype=torch.float32, device=self.device)
         with torch.inference_mode(), tqdm(total=len(texts), unit="text", desc="teacher", disable=not self.show_progress,
                                           leave=False) as bar:
             for start in range(0, len(order), self.batch_size):
@@ -378,9 +383,9 @@ class TextEncoder:
                 emb = mean_pool(hidden, mask.to(self.device))  # (B, H) fp32
                 if self.normalize:
                     emb = F.normalize(emb, dim=-1)
-                out[torch.as_tensor(idx)] = emb.cpu()
+                out[torch.as_tensor(idx, device=self.device)] = emb
                 bar.update(len(idx))
-        return out
+        return out.cpu()
 
     def __repr__(self) -> str:
         return (f"TextEncoder(model={self.model_name!r}, batch_size={self.batch_size}, max_length={self.max_length}, "

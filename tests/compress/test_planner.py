@@ -1,15 +1,44 @@
-"""The budget planner: exact choice, budget respected by the real model, clear infeasibility error."""
+"""The budget planner: exact choice, budget respected by the real model, clear infeasibility error,
+cluster fills and folded remaps among the options, valid_cold in the objective and never test."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
+import numpy as np
 import pytest
+import torch
 
 from sparse_kd.compress.importance import table_importance
-from sparse_kd.compress.planner import MB, BudgetError, Option, choose, plan_budget
-from sparse_kd.compress.stage import compress_model, model_weights
+from sparse_kd.compress.planner import MB, BudgetError, Option, choose, plan_budget, sensitivity
+from sparse_kd.compress.prune import table_settings
+from sparse_kd.compress.stage import compress_model, model_weights, serving_builder, serving_dataset
+from sparse_kd.config import CompressConfig
+from sparse_kd.metrics import evaluate, fp32_forward, serving_forward
+
+
+def _settings(imps) -> dict:
+    return table_settings(CompressConfig(), list(imps))
+
+
+class _NoTest(dict):
+    """Splits that refuse to hand out test and test_cold (the planner must never read them)."""
+
+    def __getitem__(self, k):
+        if k in ("test", "test_cold"):
+            raise AssertionError(f"the planner read {k}")
+        return super().__getitem__(k)
+
+
+def _with_valid_cold(ds):
+    """The tiny dataset with half of its cold items' interactions moved to valid_cold."""
+    tc = ds.splits["test_cold"]
+    items = np.unique(tc.item)
+    vc = np.isin(tc.item, items[::2])
+    splits = {**ds.splits, "valid_cold": tc.subset(np.flatnonzero(vc)), "test_cold": tc.subset(np.flatnonzero(~vc))}
+    return dataclasses.replace(ds, splits=splits)
 
 
 def test_choose_is_exact_against_brute_force():
@@ -33,28 +62,111 @@ def test_choose_is_exact_against_brute_force():
 def test_plan_fits_budget_and_real_model_agrees(tiny):
     ds, text, model, builder = tiny
     imps = table_importance("frequency", model_weights(model), ds, text)
-    fills = {f: "zero" for f in imps}
     full = compress_model(model, ds, {f: {"keep_ratio": 1.0, "dtype": "fp32", "fill": "zero"} for f in imps})
-    budgets = [full.embedding_bytes * 0.6 / MB, full.embedding_bytes * 0.4 / MB]
+    budgets = [full.embedding_bytes * 0.5 / MB, full.embedding_bytes * 0.2 / MB]
     sizes = []
+    sens = sensitivity(model, ds, builder, imps, _settings(imps), ("array", "fold"), text, keep_ratios=(1.0, 0.5, 0.25),
+                       dtypes=("fp32", "int8", "int4"), cluster_ratios=(0.1,))
     for b in budgets:
-        plan = plan_budget(model, ds, builder, imps, fills, b, "array", text, keep_ratios=(1.0, 0.5, 0.25),
-                           dtypes=("fp32", "fp16", "int8", "int4"))
-        assert plan.bytes <= b * MB
-        settings = {f: {"keep_ratio": o.keep_ratio, "dtype": o.dtype, "fill": "zero"} for f, o in plan.choices.items()}
-        comp = compress_model(model, ds, settings, importances=imps)
-        assert comp.embedding_bytes == plan.bytes <= b * MB  # the real FBGEMM buffers, not a formula
-        assert "budget" in plan.table() and set(plan.choices) == set(imps)
-        sizes.append(plan.bytes)
+        for remap in ("array", "fold"):
+            plan = sens.plan(b, remap)
+            assert plan.bytes <= b * MB
+            comp = compress_model(model, ds, plan.settings(), importances=imps, remap=remap, text=text)
+            assert comp.embedding_bytes == plan.bytes <= b * MB  # the real kernel buffers, not a formula
+            assert "budget" in plan.table() and set(plan.choices) == set(imps)
+            if remap == "array":
+                sizes.append(plan.bytes)
     assert sizes[1] < sizes[0]
 
 
 def test_infeasible_budget_names_the_key_and_the_smallest_size(tiny):
     ds, text, model, builder = tiny
     imps = table_importance("frequency", model_weights(model), ds, text)
-    fills = {f: "zero" for f in imps}
+    small = dict(keep_ratios=(1.0, 0.5), dtypes=("int8", "int2"), cluster_ratios=(0.1,))
     with pytest.raises(BudgetError, match=r"compress\.budget_mb=1e-05.*smallest feasible.*MB") as e:
-        plan_budget(model, ds, builder, imps, fills, 1e-5, "array", text)
+        plan_budget(model, ds, builder, imps, _settings(imps), 1e-5, "array", text, **small)
     smallest = float(str(e.value).split("storage is ")[1].split(" MB")[0])
-    plan = plan_budget(model, ds, builder, imps, fills, smallest, "array", text)  # exactly the minimum fits
+    plan = plan_budget(model, ds, builder, imps, _settings(imps), smallest, "array", text, **small)  # the minimum fits
     assert plan.bytes == round(smallest * MB)
+
+
+def test_options_span_cluster_fills_and_fold_saves_exactly_the_remap(tiny):
+    ds, text, model, builder = tiny
+    imps = table_importance("frequency", model_weights(model), ds, text)
+    sens = sensitivity(model, ds, builder, imps, _settings(imps), ("array", "fold"), text, keep_ratios=(1.0, 0.5),
+                       dtypes=("int8",), fills=("zero", "cluster"), cluster_ratios=(0.1, 0.2))
+    plans = {remap: sens.plan(1.0, remap) for remap in ("array", "fold")}
+    # the loss of an option does not depend on the remap: one plan_budget call agrees with the shared sensitivity
+    one = plan_budget(model, ds, builder, imps, _settings(imps), 1.0, "fold", text, keep_ratios=(1.0, 0.5),
+                      dtypes=("int8",), fills=("zero", "cluster"), cluster_ratios=(0.1, 0.2))
+    assert [(o.feature, o.keep_ratio, o.fill, o.clusters, o.bytes, o.loss) for o in one.options] == \
+        [(o.feature, o.keep_ratio, o.fill, o.clusters, o.bytes, o.loss) for o in plans["fold"].options]
+    opts = {remap: {(o.feature, o.keep_ratio, o.fill, o.clusters): o for o in p.options} for remap, p in plans.items()}
+    n = ds.num_items
+    got = {(k[2], k[3]) for k in opts["array"] if k[0] == "item_id" and k[1] == 0.5}
+    configured = CompressConfig().default_cluster_ratio  # the config's ratio is a candidate too
+    assert got == {("zero", 0)} | {("cluster", int(np.ceil(r * n))) for r in (0.1, 0.2, configured)}
+    for key, o in opts["array"].items():
+        f = opts["fold"][key]
+        pruned = key[1] < 1.0 and o.rows < model_weights(model)[key[0]].shape[0] or key[2] == "cluster"
+        # same lookups either way; the array remap costs 4 bytes per original id of a pruned table
+        assert (o.valid_auc, o.loss) == (f.valid_auc, f.loss)
+        n_ids = model_weights(model)[key[0]].shape[0]
+        assert o.bytes - f.bytes == (4 * n_ids if pruned and o.rows != n_ids or key[2] == "cluster" else 0), key
+
+
+def test_loss_is_valid_plus_weighted_valid_cold_and_test_is_never_read(tiny):
+    ds, text, model, builder = tiny
+    ds = _with_valid_cold(ds)
+    imps = table_importance("frequency", model_weights(model), ds, text)
+    guarded = dataclasses.replace(ds, splits=_NoTest(ds.splits))
+    w = 0.7
+    plan = plan_budget(model, guarded, builder, imps, _settings(imps), 1.0, "fold", text, keep_ratios=(1.0, 0.3),
+                       dtypes=("int4",), fills=("zero", "cluster"), cluster_ratios=(0.1,), cold_weight=w)
+    base = evaluate(fp32_forward(model), ds, builder, splits=("valid", "valid_cold"))
+    assert plan.base_valid_auc == pytest.approx(base["valid"]["auc"]) and plan.cold_weight == w
+    assert plan.base_valid_cold_auc == pytest.approx(base["valid_cold"]["auc"])
+    checked = 0
+    for o in plan.options:
+        if o.feature != "item_id" or o.keep_ratio == 1.0:
+            continue
+        # the same option built for real (others fp32), served from its folded bags
+        settings = {f: {"keep_ratio": 1.0, "dtype": "fp32", "fill": "zero"} for f in imps}
+        settings[o.feature] = {"keep_ratio": o.keep_ratio, "dtype": o.dtype, "fill": o.fill, "cluster_ratio": o.cluster_ratio or 0.1}
+        comp = compress_model(model, ds, settings, importances=imps, remap="fold", text=text)
+        m = evaluate(serving_forward(comp.serving), serving_dataset(ds, comp), serving_builder(ds, comp, builder),
+                     splits=("valid", "valid_cold"))
+        assert o.valid_auc == pytest.approx(m["valid"]["auc"], abs=1e-6)
+        assert o.valid_cold_auc == pytest.approx(m["valid_cold"]["auc"], abs=1e-6)
+        expect = (base["valid"]["auc"] - m["valid"]["auc"]) + w * (base["valid_cold"]["auc"] - m["valid_cold"]["auc"])
+        assert o.loss == pytest.approx(expect, abs=1e-6)
+        checked += 1
+    assert checked == 3  # zero, and cluster at 0.1 and at the configured ratio
+    # a dataset without valid_cold interactions: valid alone
+    plain = plan_budget(model, ds_without_cold(ds), builder, imps, _settings(imps), 1.0, "array", text,
+                        keep_ratios=(1.0,), dtypes=("int4",), cold_weight=w)
+    assert plain.cold_weight == 0.0 and all(o.loss == pytest.approx(plain.base_valid_auc - o.valid_auc) for o in plain.options)
+
+
+def ds_without_cold(ds):
+    from sparse_kd.data.schema import Interactions
+
+    return dataclasses.replace(ds, splits={**ds.splits, "valid_cold": Interactions.empty()})
+
+
+def test_max_examples_measures_a_fixed_seeded_subset(tiny):
+    from sparse_kd.compress.planner import _subsampled
+
+    ds, text, model, builder = tiny
+    ds = _with_valid_cold(ds)
+    cut = _subsampled(ds, ["valid", "valid_cold"], 40)
+    assert len(cut.splits["valid"]) == 40 and len(cut.splits["valid_cold"]) == min(40, len(ds.splits["valid_cold"]))
+    again = _subsampled(ds, ["valid", "valid_cold"], 40)
+    assert np.array_equal(cut.splits["valid"].user, again.splits["valid"].user)
+    assert cut.splits["test"] is ds.splits["test"] and _subsampled(ds, ["valid"], 0) is ds
+    imps = table_importance("frequency", model_weights(model), ds, text)
+    sens = sensitivity(model, ds, builder, imps, _settings(imps), ("array",), text, keep_ratios=(1.0,), dtypes=("int8",),
+                       max_examples=40)
+    want = evaluate(fp32_forward(model), cut, builder, splits=("valid", "valid_cold"))
+    assert sens.base_valid_auc == pytest.approx(want["valid"]["auc"]) and \
+        sens.base_valid_cold_auc == pytest.approx(want["valid_cold"]["auc"])

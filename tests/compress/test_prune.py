@@ -1,4 +1,4 @@
-"""Row importance, row selection, FBGEMM-built remaps and the three pruned-id fills."""
+"""Row importance, row selection, FBGEMM-built remaps, the pruned-id fills and folded remaps."""
 
 from __future__ import annotations
 
@@ -6,13 +6,25 @@ import numpy as np
 import pytest
 import torch
 
+from sparse_kd.data.batching import BatchBuilder
+
 from sparse_kd.compress.importance import (
     access_counts,
     ranking,
     row_importance,
     table_importance,
 )
-from sparse_kd.compress.prune import prune_table, select_rows, table_settings, text_rows
+from sparse_kd.compress.prune import (
+    CLUSTER_PRIOR,
+    fold_dataset,
+    fold_remaps,
+    num_clusters,
+    prune_table,
+    prune_tables,
+    select_rows,
+    table_settings,
+    text_rows,
+)
 from sparse_kd.compress.stage import model_weights
 from sparse_kd.config import CompressConfig, ConfigError
 
@@ -99,3 +111,98 @@ def test_table_settings_reject_unknown_features():
         table_settings(cfg, ["user_id", "item_id"])
     s = table_settings(CompressConfig(default_dtype="int4", dtype={"item_id": "fp16"}), ["user_id", "item_id"])
     assert s["user_id"]["dtype"] == "int4" and s["item_id"]["dtype"] == "fp16"
+
+
+def _two_groups(n: int = 40, d: int = 6, seed: int = 0):
+    """Rows of two far-apart groups (even ids near +5, odd near -5) and random texts."""
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.where(torch.arange(n) % 2 == 0, 5.0, -5.0)
+    return sign[:, None] * torch.ones(n, d) + 0.1 * torch.randn(n, d, generator=g)
+
+
+def test_cluster_fill_shares_weighted_mean_rows_among_pruned_ids():
+    w = _two_groups()
+    kept = np.arange(10)
+    reads = np.arange(40, dtype=np.int64) % 7
+    pt = prune_table("item_id", w, kept, "cluster", clusters=2, reads=reads)
+    assert (pt.num_rows, pt.num_kept, pt.clusters, pt.fill) == (12, 10, 2, "cluster")
+    assert torch.equal(pt.weight[:10], w[kept]) and torch.equal(pt.remap[kept], torch.arange(10, dtype=torch.int32))
+    pr = np.arange(10, 40)
+    rows = pt.remap[pr]
+    assert bool(((rows >= 10) & (rows < 12)).all())
+    # one shared row per group, and it is the (reads + prior)-weighted mean of the group's trained rows
+    for parity in (0, 1):
+        members = pr[pr % 2 == parity]
+        assert len(set(pt.remap[members].tolist())) == 1
+        wt = torch.from_numpy(reads[members] + CLUSTER_PRIOR).double()
+        expect = (w[members].double() * wt[:, None]).sum(0) / wt.sum()
+        assert torch.allclose(pt.weight[int(pt.remap[members[0]])].double(), expect, atol=1e-5)
+    assert len(set(pt.remap[pr].tolist())) == 2
+    # lookups: every pruned id gets its group's row (close to its own), never zero
+    err = (pt.lookup_rows()[pr] - w[pr]).norm(dim=1) / w[pr].norm(dim=1)
+    assert float(err.max()) < 0.1
+    with pytest.raises(ValueError, match="clusters >= 1"):
+        prune_table("item_id", w, kept, "cluster", clusters=0)
+
+
+def test_text_cluster_groups_by_text_not_by_row():
+    w = _two_groups()
+    g = torch.Generator().manual_seed(1)
+    # text groups cut across the row groups: ids < 25 talk about one thing, the rest another
+    topic = torch.where(torch.arange(40) < 25, 1.0, -1.0)
+    text = topic[:, None] * torch.ones(40, 8) + 0.05 * torch.randn(40, 8, generator=g)
+    pt = prune_table("item_id", w, np.arange(10), "text_cluster", text, clusters=2)
+    pr = np.arange(10, 40)
+    assert len(set(pt.remap[pr[pr < 25]].tolist())) == 1 and len(set(pt.remap[pr[pr >= 25]].tolist())) == 1
+    assert len(set(pt.remap[pr].tolist())) == 2
+    with pytest.raises(ValueError, match="text"):
+        prune_table("item_id", w, np.arange(10), "text_cluster", clusters=2)
+
+
+def test_num_clusters_bounds():
+    assert num_clusters(100, 50, 0.05) == 5
+    assert num_clusters(100, 98, 0.05) == 2  # never more than the pruned ids
+    assert num_clusters(100, 100, 0.05) == 0  # nothing pruned
+    assert num_clusters(10, 0, 0.01) == 1
+    with pytest.raises(ValueError, match="cluster ratio"):
+        num_clusters(10, 5, 0.0)
+
+
+def test_prune_tables_text_cluster_without_text_falls_back_with_a_note(tiny):
+    ds, text, model, _ = tiny
+    weights = model_weights(model)
+    imps = table_importance("frequency", weights, ds, text)
+    fills = {f: "text_cluster" for f in weights}
+    pts = prune_tables(weights, imps, {f: 0.5 for f in weights}, fills, text, {f: 0.2 for f in weights})
+    assert pts["item_id"].fill == "text_cluster" and pts["tags"].fill == "cluster"
+    assert any("tags" in n and "used cluster" in n for n in pts["tags"].notes)
+    n = weights["item_id"].shape[0]
+    assert pts["item_id"].clusters == num_clusters(n, pts["item_id"].num_kept, 0.2)
+
+
+def test_fold_dataset_serves_the_remapped_lookups(tiny):
+    ds, text, model, _ = tiny
+    weights = model_weights(model)
+    imps = table_importance("frequency", weights, ds, text)
+    fills = {"user_id": "zero", "item_id": "cluster", "age": "zero", "tags": "zero"}
+    keep = {"user_id": 0.5, "item_id": 0.4, "age": 1.0, "tags": 0.6}
+    pts = prune_tables(weights, imps, keep, fills, text, {f: 0.1 for f in weights})
+    folded_ds, folded = fold_remaps(ds, pts)
+    assert all(folded[f].remap is None for f in folded)
+    assert torch.equal(folded["item_id"].folded, pts["item_id"].remap) and folded["age"].folded is None
+    ub, ib = torch.zeros(ds.num_users, 1), torch.zeros(ds.num_items, 1)
+    orig, fold = BatchBuilder(ds, ub, ib), BatchBuilder(folded_ds, ub, ib)
+    sp = ds.splits["train"]
+    u, i, y = (torch.from_numpy(a[:300]) for a in (sp.user, sp.item, sp.label))
+    a, b = orig.build(u, i, y).sparse_features.to_dict(), fold.build(u, i, y).sparse_features.to_dict()
+    for f in weights:
+        # pooled rows: stored rows through the folded bags == each id's row after pruning through the original bags
+        want = torch.nn.functional.embedding_bag(a[f].values(), pts[f].lookup_rows(), a[f].offsets(), mode="sum")
+        got = torch.nn.functional.embedding_bag(b[f].values(), folded[f].weight, b[f].offsets(), mode="sum")
+        assert torch.allclose(got, want, atol=1e-6), f
+    # zero fill: pruned ids leave their bag; other features keep their CSR object
+    uf = folded_ds.feature("user_id")
+    assert int(np.diff(uf.offsets).sum()) == pts["user_id"].num_kept
+    assert folded_ds.feature("age") is ds.feature("age") and folded_ds.splits is ds.splits
+    with pytest.raises(ValueError, match="entries"):
+        fold_dataset(ds, {"age": torch.zeros(2, dtype=torch.int32)})

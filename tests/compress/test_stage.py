@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +24,7 @@ def test_compress_run_report_and_artifact(run_folder, tmp_path, capsys):
     rep = compress_run(run, "baseline", cfg, tmp_path / "art")
     printed = capsys.readouterr().out
     assert "embedding storage" in printed and "t_item_id" in printed and "delta AUC" in printed
-    assert set(rep["metrics"]["before"]) == set(rep["metrics"]["after"]) == {"valid", "test", "test_cold"}
+    assert set(rep["metrics"]["before"]) == set(rep["metrics"]["after"]) == {"valid", "test", "valid_cold", "test_cold"}
     t = rep["tables"]["t_item_id"]
     assert t["rows_kept"] == 15 and t["dtype"] == "int8" and rep["tables"]["t_user_id"]["dtype"] == "int4"
     assert rep["bytes"]["total"] == sum(v["bytes"]["total"] for v in rep["tables"].values())
@@ -47,6 +48,51 @@ def test_compress_run_with_budget(run_folder, tmp_path):
     with pytest.raises(BudgetError, match=r"compress\.budget_mb"):
         compress_run(run, "baseline", CompressConfig(budget_mb=1e-6), tmp_path / "art2")
     assert not (tmp_path / "art2").exists()
+
+
+def test_folded_remap_serves_the_same_scores_without_remap_bytes(run_folder, tmp_path):
+    from sparse_kd.compress import artifact as A
+    from sparse_kd.compress.stage import serving_builder, serving_dataset
+
+    run, ds, _ = run_folder
+    inp = load_run(run, "distilled")
+    settings = table_settings(CompressConfig(default_dtype="int4", default_pruned_fill="cluster",
+                                             default_cluster_ratio=0.1), list(model_weights(inp.model)))
+    settings["user_id"].update(keep_ratio=0.5, fill="zero")
+    settings["item_id"]["keep_ratio"] = 0.3
+    comp = {r: compress_model(inp.model, inp.ds, settings, remap=r, text=inp.text) for r in ("array", "fold")}
+    m = {r: evaluate(serving_forward(c.serving), serving_dataset(inp.ds, c), serving_builder(inp.ds, c, inp.builder))
+         for r, c in comp.items()}
+    for split in m["array"]:
+        assert m["fold"][split]["auc"] == pytest.approx(m["array"][split]["auc"], abs=1e-9), split
+    # the array remaps (4 bytes per original id of a pruned table) are all the difference
+    ids = sum(t["rows_original"] for t in comp["array"].tables.values() if t["bytes"]["remap"])
+    assert ids == ds.num_users + ds.num_items
+    assert comp["array"].embedding_bytes - comp["fold"].embedding_bytes == 4 * ids
+    assert all(t["bytes"]["remap"] == 0 for t in comp["fold"].tables.values())
+    assert comp["fold"].tables["t_item_id"]["remap"] == "folded" and comp["fold"].tables["t_item_id"]["clusters"] > 0
+    # the artifact: its mappings hold stored rows, the predictor scores what the stage measured
+    cfg = CompressConfig(default_dtype="int4", default_pruned_fill="cluster", default_cluster_ratio=0.1,
+                         keep_ratio={"user_id": 0.5, "item_id": 0.3}, pruned_fill={"user_id": "zero"}, remap="fold")
+    rep = compress_run(run, "distilled", cfg, tmp_path / "art")
+    assert rep["bytes"]["total"] == comp["fold"].embedding_bytes
+    p = Predictor.load(tmp_path / "art")
+    for split in ("test", "valid_cold"):
+        sp = ds.splits[split]
+        logits = p.score_logits([ds.user_ids[u] for u in sp.user], [ds.item_ids[i] for i in sp.item])
+        assert binary_metrics(torch.from_numpy(logits), torch.from_numpy(sp.label))["auc"] == \
+            pytest.approx(rep["metrics"]["after"][split]["auc"], abs=1e-9)
+    # a new text-only item joins a folded table: its bag points at its new row
+    before = p.score(ds.user_ids[:3], ds.item_ids[:3])
+    text = inp.text["item"][:1] * 0.9
+    A.add_items(tmp_path / "art", ["brand-new"], text)
+    p2 = Predictor.load(tmp_path / "art")
+    np.testing.assert_array_equal(p2.score(ds.user_ids[:3], ds.item_ids[:3]), before)
+    _, st = p2.score(ds.user_ids[:2], ["brand-new", "brand-new"], return_stats=True)
+    assert st["unknown_items"] == 0
+    fm = json.loads((tmp_path / "art" / "mappings.json").read_text())["features"]["item_id"]
+    rows = p2.manifest["tables"]["t_item_id"]["rows_stored"]
+    assert fm["values"][-1] == rows - 1 and len(fm["vocab"]) == ds.num_items + 1
 
 
 def test_pareto_front():
@@ -106,17 +152,17 @@ def test_compress_study_fill_series(run_folder, tmp_path):
     run, _, _ = run_folder
     rows = run_compress_study(run, ["distilled"], StudyConfig(keep_ratios=(1.0, 0.5), dtypes=("int8",)), tmp_path,
                               fills=("zero", "text"))
-    assert [(r["fill"], r["keep_ratio"]) for r in rows] == [("zero", 1.0), ("zero", 0.5), ("text", 1.0), ("text", 0.5)]
+    # nothing pruned at keep 1.0: the same model for every fill, built once (under the first fill)
+    assert [(r["fill"], r["keep_ratio"]) for r in rows] == [("zero", 1.0), ("zero", 0.5), ("text", 0.5)]
     z = {r["keep_ratio"]: r for r in rows if r["fill"] == "zero"}
     t = {r["keep_ratio"]: r for r in rows if r["fill"] == "text"}
-    # nothing pruned at keep 1.0: both fills are the same model
-    assert (z[1.0]["embedding_bytes"], z[1.0]["test_auc"]) == (t[1.0]["embedding_bytes"], t[1.0]["test_auc"])
     # pruned: text keeps a row per id (the unpruned bytes, other rows); zero drops rows
-    assert t[0.5]["embedding_bytes"] == t[1.0]["embedding_bytes"] > z[0.5]["embedding_bytes"]
-    assert t[0.5]["test_auc"] != t[1.0]["test_auc"]
+    assert t[0.5]["embedding_bytes"] == z[1.0]["embedding_bytes"] > z[0.5]["embedding_bytes"]
+    assert t[0.5]["test_auc"] != z[1.0]["test_auc"]
     # one Pareto front per fill series
     for fill in ("zero", "text"):
         mine = [r for r in rows if r["fill"] == fill]
+        assert mine
         assert [r["pareto"] for r in mine] == pareto_front([(r["embedding_bytes"], r["test_auc"]) for r in mine])
     assert [(c[1], float(c[2])) for c in _md_rows(tmp_path / "compress_study.md", "distilled")] == \
         [(r["fill"], r["keep_ratio"]) for r in rows]

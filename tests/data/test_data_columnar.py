@@ -184,3 +184,21 @@ def test_streaming_memory_does_not_grow_with_data(tmp_path):
         tracemalloc.stop()
         assert n == (len(ds.splits["train"]) // 100) * 100
     assert peaks[1] < 1.5 * peaks[0], peaks
+
+
+def test_cli_data_convert_then_summary(tmp_path, capsys):
+    from sparse_kd.cli import main
+
+    src = write_explicit(src_dir(tmp_path))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  source: csv\n  path: {src}\n")
+    assert main(["data", "convert", str(cfg), "data.seed=2"]) == 2 and "--out" in capsys.readouterr().err
+    assert main(["data", "convert", str(cfg), "data.seed=2", "--out", str(tmp_path / "pq")]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["splits"]["train"] > 0 and "data.source=parquet" in done["train with"]
+    assert main(["data", str(cfg), "data.seed=2", "data.source=parquet", f"data.path={tmp_path / 'pq'}"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["summary"]["splits"]["train"]["n"] == done["splits"]["train"] and shown["summary"]["format"].startswith("parquet")
+    # a mismatched setting is a clean CLI error naming the key
+    assert main(["data", str(cfg), "data.source=parquet", f"data.path={tmp_path / 'pq'}"]) == 2
+    assert "data.seed=0 (converted with 2)" in capsys.readouterr().err

@@ -174,3 +174,12 @@ def test_pickled_weights_load_only_when_the_user_opts_in(tmp_path: Path, tiny_be
                  "data.synthetic.num_users=20", "data.synthetic.num_items=20", "data.synthetic.interactions_per_user=5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: teacher.model: ") and "allow_pickle_weights=true" in err and "Traceback" not in err, err
+
+
+def test_cuda_batch_size_applies_only_on_a_gpu():
+    from sparse_kd.config import TeacherConfig
+    from sparse_kd.teacher.encoder import TextEncoder
+
+    enc = TextEncoder.from_config(TeacherConfig(batch_size=16, cuda_batch_size=1024), device="cpu")
+    assert enc.batch_size == 16  # CPU: the CPU batch
+    assert TextEncoder("default", batch_size=16, cuda_batch_size=512, device="cpu").batch_size == 16
