@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -37,3 +38,16 @@ def write_text(path: str | Path, text: str) -> None:
     """``Path.write_text`` (UTF-8), atomically."""
     with replacing(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def swap_in_dir(tmp: str | Path, out: str | Path, old: str | Path) -> None:
+    """Put the complete folder ``tmp`` at ``out``. An existing ``out`` is first renamed to ``old``
+    and deleted after: a kill between the two renames leaves ``old`` (readers that know the
+    naming scheme move it back), never a half-written ``out``."""
+    tmp, out, old = Path(tmp), Path(out), Path(old)
+    if out.exists():
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -38,6 +38,7 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
+from sparse_kd import atomic
 from sparse_kd.compress import quantize as Q
 from sparse_kd.compress.prune import text_rows
 from sparse_kd.integrity import sha256_file
@@ -179,13 +180,7 @@ def save_artifact(
             "notes": comp.notes,
         }
         _write_json(tmp / MANIFEST, manifest)
-        if out.exists():
-            old = old_sibling(out, uuid.uuid4().hex[:8])
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        atomic.swap_in_dir(tmp, out, old_sibling(out, uuid.uuid4().hex[:8]))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

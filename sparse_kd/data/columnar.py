@@ -52,9 +52,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sparse_kd import atomic
 from sparse_kd.config import DataConfig, to_dict
 from sparse_kd.data.negatives import NegativeSampler, Pool, add_negatives, eval_key, feedback_report
-from sparse_kd.data.schema import SPLITS, DataError, Interactions, RecDataset, SparseFeature
+from sparse_kd.data.schema import SPLITS, DataError, Interactions, RecDataset, SparseFeature, feedback_summary
 from sparse_kd.data.split import (TRAIN, SplitAssigner, item_codes, positives, size_report, split_keys, split_mode,
                                   split_report)
 from sparse_kd.data.stream import Rows, TrainSource, TrainStream
@@ -209,13 +210,7 @@ def convert(cfg: DataConfig, out: str | Path, chunk_rows: int = 1 << 20, unknown
         manifest["conversion"] = {"seconds": round(time.perf_counter() - t0, 3), "chunk_rows": chunk_rows,
                                   "source": {"source": cfg.source, "path": cfg.path}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        atomic.swap_in_dir(tmp, out, out.parent / f".{out.name}.old-{os.getpid()}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -438,10 +433,7 @@ class ColumnarDataset(RecDataset):
             "format": f"parquet (streamed): {self.root}",
         }
         if self.implicit:
-            fb = self.report.get("feedback", {})
-            out["feedback"] = (f"implicit: {self.negatives} sampled negatives per positive; training negatives "
-                               f"{fb.get('train_negatives', '?')}; evaluation negatives {fb.get('eval_negatives', '?')} "
-                               f"(report.feedback)")
+            out["feedback"] = feedback_summary(self.report, self.negatives)
         return out
 
     def train_stream(self, data_cfg: DataConfig) -> TrainSource:

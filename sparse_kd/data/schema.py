@@ -180,8 +180,12 @@ class RecDataset:
                        for s, sp in self.splits.items()},
         }
         if self.implicit:
-            fb = self.report.get("feedback", {})
-            out["feedback"] = (f"implicit: {self.negatives} sampled negatives per positive; training negatives "
-                               f"{fb.get('train_negatives', '?')}; evaluation negatives {fb.get('eval_negatives', '?')} "
-                               f"(report.feedback)")
+            out["feedback"] = feedback_summary(self.report, self.negatives)
         return out
+
+
+def feedback_summary(report: dict, negatives: int) -> str:
+    """The summary line of an implicit-feedback dataset (in-memory or converted)."""
+    fb = report.get("feedback", {})
+    return (f"implicit: {negatives} sampled negatives per positive; training negatives "
+            f"{fb.get('train_negatives', '?')}; evaluation negatives {fb.get('eval_negatives', '?')} (report.feedback)")
