@@ -159,7 +159,7 @@ def test_skipped_and_truncated_rows_are_logged_and_written_to_metrics_json(tmp_p
         ("train.keep_checkpoints=0", "train.keep_checkpoints: must be >= 1"),
         ("compress.default_dtype=int3", "compress.default_dtype: 'int3' is not valid"),
         ("compress.keep_ratio.item_id=0", "compress.keep_ratio.item_id: must be in (0, 1]"),
-        ("compress.pruned_fill.item_id=random", "compress.pruned_fill.item_id: 'random' is not valid; expected zero, mean or text"),
+        ("compress.pruned_fill.item_id=random", "compress.pruned_fill.item_id: 'random' is not valid; expected one of zero, mean, text, cluster, text_cluster"),
         ("compress.row_alignment=3", "compress.row_alignment: 3 is not valid; expected 1, 2, 4, 8 or 16"),
         ("study.dtypes=[int3]", "study.dtypes: 'int3' is not valid"),
         ("study.seeds=[]", "study.seeds: needs at least one seed"),
