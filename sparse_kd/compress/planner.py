@@ -45,7 +45,15 @@ import torch
 
 from sparse_kd.compress import quantize as Q
 from sparse_kd.compress.importance import TEXT_FEATURES, RowImportance
-from sparse_kd.compress.prune import CLUSTER_FILLS, PrunedTable, effective_fill, num_clusters, prune_table, select_rows
+from sparse_kd.compress.prune import (
+    CLUSTER_FILLS,
+    DEFAULT_CLUSTER_RATIO,
+    PrunedTable,
+    effective_fill,
+    num_clusters,
+    prune_table,
+    select_rows,
+)
 from sparse_kd.config import QUANT_DTYPES, ConfigError
 from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
@@ -320,7 +328,8 @@ def sensitivity(
         for r in keep_ratios:
             kept = select_rows(importances[f], keep_ratio=r)
             pairs = [("zero", 0.0)] if len(kept) == n else _candidates(
-                settings[f]["fill"], settings[f]["cluster_ratio"], fills, cluster_ratios)
+                settings[f].get("fill", "zero"), settings[f].get("cluster_ratio", DEFAULT_CLUSTER_RATIO), fills,
+                cluster_ratios)
             for fl, cr in pairs:
                 fl = effective_fill(f, fl, t is not None)[0]
                 c = num_clusters(n, len(kept), cr) if fl in CLUSTER_FILLS else 0
