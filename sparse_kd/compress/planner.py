@@ -19,9 +19,13 @@ Notation: F tables, O options per table (keep ratio x fill x dtype), MB = 10^6 b
    the quantized model's AUC without building F x O quantized models.
 3. Choice: loss(table, option) = (valid AUC of the fp32 model - valid AUC with that option)
    + ``cold_weight`` x (the same on valid_cold; left out when the dataset has no valid_cold
-   interactions). Assuming losses add up across tables, the plan minimising the summed loss
-   under the budget is found exactly (multiple-choice knapsack, by merging per-table Pareto
-   fronts of (bytes, loss)); ties go to fewer bytes.
+   interactions). A negative loss (the option measured better than fp32) counts as 0: among
+   hundreds of options some gain on validation by chance, and summing such gains over tables
+   drives a plan to compress far past its budget on noise (``Option.measured_loss`` keeps the
+   measured value). Assuming losses add up across tables, the plan minimising the summed loss
+   under the budget is found exactly (multiple-choice knapsack over per-table Pareto fronts of
+   (bytes, loss)); among plans of equal loss the largest is taken, i.e. a plan compresses
+   beyond its budget only where that is measured to cost nothing more.
 4. The caller (:func:`sparse_kd.compress.stage.compress_run`) builds the chosen plan for real,
    checks its bytes against the budget and measures its joint AUC on every split.
 """
@@ -41,7 +45,15 @@ import torch
 
 from sparse_kd.compress import quantize as Q
 from sparse_kd.compress.importance import TEXT_FEATURES, RowImportance
-from sparse_kd.compress.prune import CLUSTER_FILLS, PrunedTable, effective_fill, num_clusters, prune_table, select_rows
+from sparse_kd.compress.prune import (
+    CLUSTER_FILLS,
+    DEFAULT_CLUSTER_RATIO,
+    PrunedTable,
+    effective_fill,
+    num_clusters,
+    prune_table,
+    select_rows,
+)
 from sparse_kd.config import QUANT_DTYPES, ConfigError
 from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
@@ -109,6 +121,7 @@ class Option:
     cluster_ratio: float = 0.0
     clusters: int = 0
     valid_cold_auc: float = float("nan")
+    measured_loss: float = float("nan")  # before clipping at 0 (``loss`` = max(measured_loss, 0))
 
 
 @dataclass
@@ -145,14 +158,14 @@ class Plan:
 
     def table(self) -> str:
         rows = [[f, o.keep_ratio, o.fill, o.clusters, o.dtype, o.rows, o.fp32_bytes, o.bytes, o.valid_auc,
-                 o.valid_cold_auc, o.loss] for f, o in self.choices.items()]
+                 o.valid_cold_auc, o.measured_loss, o.loss] for f, o in self.choices.items()]
         head = (f"budget {self.budget_bytes / MB:.6f} MB, plan {self.bytes / MB:.6f} MB (remap {self.remap}), fp32 valid "
                 f"AUC {self.base_valid_auc:.4f}, valid_cold AUC {self.base_valid_cold_auc:.4f}, predicted loss "
                 f"{self.predicted_loss:.4f} (sum over tables of valid AUC loss + {self.cold_weight:g} x valid_cold AUC "
-                "loss, each table alone compressed)")
+                "loss, each table alone compressed, gains counted as 0)")
         return head + "\n" + markdown_table(
             ["feature", "keep", "fill", "clusters", "dtype", "rows", "bytes fp32", "bytes", "valid AUC", "valid_cold AUC",
-             "loss"], rows)
+             "measured loss", "loss"], rows)
 
     def to_dict(self) -> dict:
         return {
@@ -169,9 +182,10 @@ class Plan:
         }
 
 
-def choose(options: Mapping[str, Sequence[Option]], budget_bytes: int) -> dict[str, Option]:
+def choose(options: Mapping[str, Sequence[Option]], budget_bytes: int, prefer_larger: bool = False) -> dict[str, Option]:
     """Exact multiple-choice knapsack: one option per table, total bytes <= budget, least summed
-    loss (ties: fewer bytes). Raises BudgetError when nothing fits."""
+    loss; ties go to fewer bytes, or to more with ``prefer_larger``. Raises BudgetError when
+    nothing fits."""
     smallest = sum(min(o.bytes for o in opts) for opts in options.values())
     if smallest > budget_bytes:
         raise BudgetError(
@@ -184,11 +198,14 @@ def choose(options: Mapping[str, Sequence[Option]], budget_bytes: int) -> dict[s
         merged = [(b + o.bytes, l + o.loss, c + (o,)) for b, l, c in states for o in opts if b + o.bytes <= budget_bytes]
         merged.sort(key=lambda s: (s[0], s[1]))
         front: list[tuple[int, float, tuple]] = []
-        for s in merged:  # keep the Pareto front: bytes up, loss strictly down
-            if not front or s[1] < front[-1][1] - 1e-12:
+        for s in merged:  # the Pareto front: bytes up, loss down (strictly; with prefer_larger, or equal)
+            if not front or s[1] < front[-1][1] - 1e-12 or (
+                    prefer_larger and s[1] <= front[-1][1] + 1e-12 and s[0] > front[-1][0]):
                 front.append(s)
         states = front
-    best = min(states, key=lambda s: (s[1], s[0]))
+    least = min(s[1] for s in states)
+    tied = [s for s in states if s[1] <= least + 1e-12]
+    best = max(tied, key=lambda s: s[0]) if prefer_larger else min(tied, key=lambda s: s[0])
     return {o.feature: o for o in best[2]}
 
 
@@ -250,7 +267,7 @@ class Sensitivity:
         budget = int(math.floor(budget_mb * MB + 1e-6))  # MB = 10^6 bytes; tolerate float noise
         opts = {f: [dataclasses.replace(o, bytes=self.bytes_by_remap[id(o)][remap]) for o in os_]
                 for f, os_ in self.options.items()}
-        choices = choose(opts, budget)
+        choices = choose(opts, budget, prefer_larger=True)
         plan = Plan(choices, budget, self.base_valid_auc, [o for os_ in opts.values() for o in os_],
                     self.seconds + time.perf_counter() - t0, self.base_valid_cold_auc, self.cold_weight, remap)
         log.info("budget plan (%d options evaluated in %.1fs):\n%s", len(plan.options), plan.seconds, plan.table())
@@ -311,7 +328,8 @@ def sensitivity(
         for r in keep_ratios:
             kept = select_rows(importances[f], keep_ratio=r)
             pairs = [("zero", 0.0)] if len(kept) == n else _candidates(
-                settings[f]["fill"], settings[f]["cluster_ratio"], fills, cluster_ratios)
+                settings[f].get("fill", "zero"), settings[f].get("cluster_ratio", DEFAULT_CLUSTER_RATIO), fills,
+                cluster_ratios)
             for fl, cr in pairs:
                 fl = effective_fill(f, fl, t is not None)[0]
                 c = num_clusters(n, len(kept), cr) if fl in CLUSTER_FILLS else 0
@@ -346,10 +364,11 @@ def sensitivity(
             with _with_rows(model, f, simulated_rows(table_of[id(o)], o.dtype)):
                 got = {s: split_metrics(fwd, batches[s], labels[s])["auc"] for s in splits}
             o.valid_auc = got["valid"]
-            o.loss = base["valid"] - o.valid_auc
+            o.measured_loss = base["valid"] - o.valid_auc
             if cold:
                 o.valid_cold_auc = got[COLD_SPLIT]
-                o.loss += cold_weight * (base[COLD_SPLIT] - o.valid_cold_auc)
+                o.measured_loss += cold_weight * (base[COLD_SPLIT] - o.valid_cold_auc)
+            o.loss = max(o.measured_loss, 0.0)
     return Sensitivity(options, nbytes, base["valid"], base.get(COLD_SPLIT, float("nan")), cold_weight if cold else 0.0,
                        time.perf_counter() - t0)
 

@@ -10,7 +10,8 @@ An artifact is one folder::
     model.pt           TorchScript: forward(dense (B, Dd) f32, values (nnz,) int, lengths (F*B,) int)
                        -> logits (B,)
     mappings.json      raw user / item ids and, per sparse feature, its owner, vocabulary and CSR
-                       (offsets, values) over the owner's entities
+                       (offsets, values) over the owner's entities; values are the table's rows
+                       (stored rows when the table's remap is folded, tables.<t>.remap "folded")
     entity_dense.pt    {"user": (U, Du), "item": (I, Di)} float32 dense features per entity
     remaps.pt          {table: (N,) int32} original id -> stored row (-1 pruned), pruned tables only
     text_maps.pt       {feature: (H + 1, D)} ridge maps text -> row (for adding entities later)
@@ -22,10 +23,11 @@ Manifest (version 2)::
     format_version  2
     serving         {"kernel": "torch_quantized" | "fbgemm_tbe", "device": "cpu" | "cuda"}
     model           keys, owners, dense_in_features, embedding_dim, dense_arch, over_arch,
-                    dense_int8, remap, row_alignment, kernel, device, file, output
+                    dense_int8, remap, folded, row_alignment, kernel, device, file, output
     tables          {table: {feature, owner, dtype, keep_ratio, rows_original, rows_kept,
-                    rows_stored, fill, importance, fp32_bytes, bytes: {dtype, rows, row_bytes,
-                    weights, padding, remap, total}}}; bytes are the loaded model's real buffers
+                    rows_stored, fill, clusters, remap, importance, fp32_bytes, bytes: {dtype,
+                    rows, row_bytes, weights, padding, remap, total}}}; bytes are the loaded
+                    model's real buffers
     bytes           embedding storage totals; files_total
     files           {name: {"sha256": hex, "bytes": int}} for every file but the manifest; names
                     are plain file names inside the folder (no "/", "\\", "..", leading ".")

@@ -234,11 +234,17 @@ def _table(rows: list[dict], seeds: bool = False) -> str:
 
 
 def _plans_table(rows: list[dict]) -> str:
-    plans = [r for r in rows if r["kind"] == "plan"]
-    if not plans:
+    """Each plan of each run: what it chose and its changes on every split."""
+    body = []
+    for r in rows:
+        if r["kind"] != "plan":
+            continue
+        for j, plan in enumerate(r.get("plans", [r["plan"]])):
+            d = [r.get(f"d_{s}_runs", [r[f"d_{s}"]])[j] for s in SPLITS]
+            body.append([f"{r['budget_ratio']:g}x {r['remap']}", j, *(f"{x:+.4f}" for x in d), plan])
+    if not body:
         return ""
-    return markdown_table(["variant", "budget", "remap", "ratio", "plan (seed of the first run)"],
-                          [[r["variant"], f"{r['budget_ratio']:g}x", r["remap"], f"{r['ratio']:.2f}x", r["plan"]] for r in plans])
+    return markdown_table(["plan", "run", *(f"Δ {s}" for s in SPLITS), "choice per table (keep+fill(clusters) dtype)"], body)
 
 
 def _write(rows: list[dict], out_dir: Path, run_dir: Path, variants, study_cfg: StudyConfig, base, pruned,
@@ -276,6 +282,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharex=True)
     names = list(dict.fromkeys(_series(r, rows) for r in rows))
@@ -287,13 +294,14 @@ def _plot(rows: list[dict], path: Path) -> None:
             if mine[0]["kind"] == "plan":
                 ax.scatter([r["embedding_mb"] for r in mine], [r[f"{split}_auc"] for r in mine], marker="*", s=160,
                            color=color, edgecolors="black", lw=0.6, zorder=5, label=name)
-                for r in mine:
+                for j, r in enumerate(mine):
                     ax.annotate(f"{r['budget_ratio']:g}x {r['remap']}", (r["embedding_mb"], r[f"{split}_auc"]),
-                                fontsize=7, xytext=(4, -9), textcoords="offset points")
+                                fontsize=7, xytext=(5, 4 - 9 * (j % 2)), textcoords="offset points")
                 continue
             ax.scatter([r["embedding_mb"] for r in mine], [r[f"{split}_auc"] for r in mine], color=color, s=18,
                        alpha=0.55, label=name)
-            front = sorted((r for r in mine if r["pareto"]), key=lambda r: r["embedding_mb"])
+            on = pareto_front([(r["embedding_bytes"], r[f"{split}_auc"]) for r in mine])  # this panel's front
+            front = sorted((r for r, o in zip(mine, on) if o), key=lambda r: r["embedding_mb"])
             ax.plot([r["embedding_mb"] for r in front], [r[f"{split}_auc"] for r in front], color=color, lw=1.2,
                     drawstyle="steps-post")
         for j, v in enumerate(variants):
@@ -303,9 +311,12 @@ def _plot(rows: list[dict], path: Path) -> None:
                 ax.axhline(ref[0][f"{split}_auc"], color="gray", ls=["--", ":", "-."][j % 3], lw=1,
                            label=f"{v} uncompressed")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("embedding storage (MB, serving buffers incl. remaps)")
         ax.set_ylabel(f"{split} AUC")
-        ax.set_title(f"{split} AUC vs embedding MB")
+        ax.set_title(f"{split} AUC vs embedding MB (lines: each series' front on {split})")
         ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -357,6 +368,8 @@ def average_runs(per_run: list[list[dict]]) -> list[dict]:
             row[k] = float(vals.mean())
             if k.endswith("auc") or k.startswith("d_"):
                 row[f"{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+            if k.startswith("d_"):
+                row[f"{k}_runs"] = vals.tolist()
         row["seeds"] = len(same)
         if first["kind"] == "plan":
             row["plans"] = [r["plan"] for r in same]
@@ -370,8 +383,14 @@ def run_compress_study_seeds(cfg, docs: Path) -> list[dict]:
     with the targets table (:func:`targets`)."""
     import sys
 
+    from sparse_kd.config import load_config
+
     out = Path(cfg.output_dir)
     runs = [d for _, d in check_seed_runs(cfg)] or [out]
+    made = []
+    for run in runs:
+        rc = load_config(run / "config.yaml")
+        made.append(f"`{run}` (data.seed {rc.data.seed}, train.seed {rc.train.seed}, {rc.nproc} process(es))")
     per_run = []
     for run in runs:
         sub = run / "compress_study"
@@ -382,7 +401,8 @@ def run_compress_study_seeds(cfg, docs: Path) -> list[dict]:
     _mark_pareto(rows)
     docs.mkdir(parents=True, exist_ok=True)
     command = "sparse-kd " + " ".join(sys.argv[1:])
-    tmd = targets(rows, cfg.study.compress_variants[-1], cfg.compress.cold_weight, len(runs))
+    tmd = "Trained runs: " + ", ".join(made) + ".\n\n" + targets(rows, cfg.study.compress_variants[-1],
+                                                                  cfg.compress.cold_weight, len(runs))
     _write(rows, docs, out, cfg.study.compress_variants, cfg.study, cfg.compress, ["user_id", "item_id"],
            f"compress_study_{cfg.name}", command, tmd, len(runs))
     print("\n" + tmd + "\n", flush=True)

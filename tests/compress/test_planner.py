@@ -9,7 +9,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from sparse_kd.compress.importance import table_importance
 from sparse_kd.compress.planner import MB, BudgetError, Option, choose, plan_budget, sensitivity
@@ -57,6 +56,36 @@ def test_choose_is_exact_against_brute_force():
         got = choose(options, budget)
         assert sum(o.bytes for o in got.values()) <= budget
         assert sum(o.loss for o in got.values()) == pytest.approx(best)
+
+
+def test_prefer_larger_among_equal_losses_is_exact_too():
+    rnd = random.Random(1)
+    options = {f: [Option(f, 1.0, str(k), 0, rnd.randint(10, 100), loss=rnd.choice([0.0, 0.0, 0.01, 0.02])) for k in range(4)]
+               for f in ("a", "b", "c")}
+    for budget in (60, 120, 200, 300):
+        combos = [c for c in itertools.product(*options.values()) if sum(o.bytes for o in c) <= budget]
+        if not combos:
+            continue
+        least = min(sum(o.loss for o in c) for c in combos)
+        largest = max(sum(o.bytes for o in c) for c in combos if sum(o.loss for o in c) <= least + 1e-12)
+        smallest = min(sum(o.bytes for o in c) for c in combos if sum(o.loss for o in c) <= least + 1e-12)
+        big, small = choose(options, budget, prefer_larger=True), choose(options, budget)
+        assert sum(o.loss for o in big.values()) == pytest.approx(least) == sum(o.loss for o in small.values())
+        assert (sum(o.bytes for o in big.values()), sum(o.bytes for o in small.values())) == (largest, smallest)
+
+
+def test_gains_count_as_zero_and_the_plan_uses_its_budget():
+    from sparse_kd.compress.planner import Sensitivity
+
+    # table t: a small option that measured better than fp32 (noise) and a large one that cost nothing
+    small = Option("t", 0.1, "int2", 10, 100, measured_loss=-0.004, loss=0.0)
+    large = Option("t", 1.0, "int8", 50, 400, measured_loss=0.0, loss=0.0)
+    worse = Option("t", 1.0, "int4", 50, 200, measured_loss=0.001, loss=0.001)
+    sens = Sensitivity({"t": [small, large, worse]}, {id(o): {"array": o.bytes} for o in (small, large, worse)},
+                       0.7, float("nan"), 0.0, 0.0)
+    assert sens.plan(500 / MB).choices["t"].dtype == "int8"  # both free: the one that uses the budget
+    assert sens.plan(300 / MB).choices["t"].dtype == "int2"  # int8 does not fit; int4 costs more than int2
+    assert "measured loss" in sens.plan(500 / MB).table()
 
 
 def test_plan_fits_budget_and_real_model_agrees(tiny):
@@ -108,11 +137,10 @@ def test_options_span_cluster_fills_and_fold_saves_exactly_the_remap(tiny):
     assert got == {("zero", 0)} | {("cluster", int(np.ceil(r * n))) for r in (0.1, 0.2, configured)}
     for key, o in opts["array"].items():
         f = opts["fold"][key]
-        pruned = key[1] < 1.0 and o.rows < model_weights(model)[key[0]].shape[0] or key[2] == "cluster"
-        # same lookups either way; the array remap costs 4 bytes per original id of a pruned table
+        # same lookups either way; an int8 table's array remap costs 4 bytes per original id when pruned
         assert (o.valid_auc, o.loss) == (f.valid_auc, f.loss)
         n_ids = model_weights(model)[key[0]].shape[0]
-        assert o.bytes - f.bytes == (4 * n_ids if pruned and o.rows != n_ids or key[2] == "cluster" else 0), key
+        assert o.bytes - f.bytes == (4 * n_ids if key[1] < 1.0 else 0), key
 
 
 def test_loss_is_valid_plus_weighted_valid_cold_and_test_is_never_read(tiny):
@@ -139,13 +167,14 @@ def test_loss_is_valid_plus_weighted_valid_cold_and_test_is_never_read(tiny):
         assert o.valid_auc == pytest.approx(m["valid"]["auc"], abs=1e-6)
         assert o.valid_cold_auc == pytest.approx(m["valid_cold"]["auc"], abs=1e-6)
         expect = (base["valid"]["auc"] - m["valid"]["auc"]) + w * (base["valid_cold"]["auc"] - m["valid_cold"]["auc"])
-        assert o.loss == pytest.approx(expect, abs=1e-6)
+        assert o.measured_loss == pytest.approx(expect, abs=1e-6) and o.loss == pytest.approx(max(expect, 0.0), abs=1e-6)
         checked += 1
     assert checked == 3  # zero, and cluster at 0.1 and at the configured ratio
     # a dataset without valid_cold interactions: valid alone
     plain = plan_budget(model, ds_without_cold(ds), builder, imps, _settings(imps), 1.0, "array", text,
                         keep_ratios=(1.0,), dtypes=("int4",), cold_weight=w)
-    assert plain.cold_weight == 0.0 and all(o.loss == pytest.approx(plain.base_valid_auc - o.valid_auc) for o in plain.options)
+    assert plain.cold_weight == 0.0
+    assert all(o.measured_loss == pytest.approx(plain.base_valid_auc - o.valid_auc) for o in plain.options)
 
 
 def ds_without_cold(ds):
