@@ -9,16 +9,18 @@ jobs hits every variant alike):
                        casts ids to int32 inside its timed call);
 * ``{dt}``             the CPU serving lookup of compressed artifacts,
                        :class:`sparse_kd.compress.quantize.QuantizedLookup`, ``torch.jit.script``-ed,
-                       ``num_workers`` = threads: PyTorch's quantized EmbeddingBag operators
+                       ``num_workers`` = threads (forked runs of samples, intra-op threads 1, as
+                       ``sparse-kd serve`` runs it): PyTorch's quantized EmbeddingBag operators
                        (FBGEMM's JIT CPU kernels; fp16 through ``embedding_bag``), dt in
                        fp16/int8/int4/int2, rows quantized exactly as ``sparse-kd compress`` does;
-* ``{dt}+prune``       the same built from the kept rows only (``embedding_bag_rowwise_prune``)
-                       with the id remap as the operators' ``compressed_indices_mapping``;
+* ``{dt}+prune``       the same built from the kept rows only (``embedding_bag_rowwise_prune``,
+                       ``--keep`` of each table, the ones Zipf ids hit most); ids go through the
+                       remap (to their row, or to one all-zero row) into the same operators;
 * with ``--tbe``: ``ebc_fp32`` (torchrec ``EmbeddingBagCollection``) and ``{dt}_tbe`` /
   ``{dt}_tbe+prune``, torchrec's quantized EBC on FBGEMM's ``IntNBitTableBatchedEmbeddingBagsCodegen``
   (the kernel artifacts served on CPU before format version 2; now the GPU path);
 
-at each thread count (``torch.set_num_threads``), plus the machine's copy bandwidth
+at each thread count (``torch.set_num_threads`` for the floors, workers for the serving lookup), plus the machine's copy bandwidth
 (``dst.copy_(src)``, read + write bytes). Variants are built one dtype at a time and measured in
 rounds together with the fp32 floors, so each ratio to the floor is paired.
 
@@ -247,8 +249,19 @@ class Variant:
         self.per_cpu: Dict[int, List[float]] = {}  # ids per CPU-second of this process
 
     def run(self, batches: List[Batch], threads: int, target_s: float) -> float:
-        if self.set_workers is not None:
-            self.set_workers(threads)
+        if self.set_workers is None:
+            return self._run(batches, threads, target_s)
+        # the serving lookup spreads a batch over `threads` forked workers and runs each operator
+        # on one thread: torch's intra-op threads at 1, as `sparse-kd serve` runs it
+        self.set_workers(threads)
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._run(batches, threads, target_s)
+        finally:
+            torch.set_num_threads(prev)
+
+    def _run(self, batches: List[Batch], threads: int, target_s: float) -> float:
         if threads not in self.iters:  # calibrate: warm up, then size a sample to ~target_s
             for _ in range(2):
                 self.call(batches[self.cursor % len(batches)])
@@ -591,7 +604,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             "row_gb_per_s counts ids that hit a stored row x padded row bytes (pruned ids read no row; the "
             "4-byte remap entry read per id is not counted)",
             "{dt}, {dt}+prune: sparse_kd.compress.quantize.QuantizedLookup (the CPU serving lookup), "
-            "torch.jit.script-ed, workers = threads; its timed call includes the int64 -> int32 id cast, the offsets "
+            "torch.jit.script-ed, workers = threads, torch intra-op threads 1 during its samples (an OpenMP team "
+            "spinning between the caller's parallel ops slows the forked workers); its timed call includes the "
+            "int64 -> int32 id cast, the offsets "
             "and writing the (B, F, D) output; the floors return one (B, D) tensor per table",
             "embbag_fp32 gets the batch's int64 ids; embbag_fp32_i32 int32 ids and offsets (reference only)",
             "{dt}_tbe (--tbe): torchrec quantized EBC on FBGEMM's TBE, the CPU serving path before artifact format 2",

@@ -196,7 +196,8 @@ def _serve_http(args) -> int:
             raise ValueError(f"--torch-threads must be >= 0, got {args.torch_threads}")
         # unknown ids are counted in /metrics and flagged in every answer: no log line per request
         logging.getLogger("sparse_kd.serve.predictor").setLevel(logging.WARNING)
-        service = Service(args.artifact, limits, workers=args.workers, watch_interval=args.watch,
+        workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
+        service = Service(args.artifact, limits, workers=workers, watch_interval=args.watch,
                           admin_token=args.admin_token)
     except (ValueError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -207,7 +208,7 @@ def _serve_http(args) -> int:
     uv.handlers[:] = logging.getLogger("sparse_kd").handlers
     uv.setLevel(logging.INFO if args.access_log else logging.WARNING)
     uv.propagate = False
-    log.info("torch intra-op threads %d, scoring workers %d", torch.get_num_threads(), args.workers)
+    log.info("torch intra-op threads %d, scoring workers %d", torch.get_num_threads(), workers)
     try:
         run_server(service, args.host, args.port, access_log=args.access_log)
     except OSError as e:
@@ -393,8 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body; more is a 413 (default %(default)s)")
     g.add_argument("--max-pending", type=int, default=SERVE_LIMITS["max_pending"],
                    help="scoring jobs allowed to wait; beyond, requests get 503 + Retry-After (default %(default)s)")
-    g.add_argument("--workers", type=int, default=1,
-                   help="scoring threads (default %(default)s; torch releases the GIL inside the model)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="scoring threads: requests scored at once (default: the usable CPU cores; torch "
+                        "releases the GIL inside the model; 0 scores on the event loop)")
     g.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads (default %(default)s: a 1 x 500 ranking is too small to split; "
                         "0 keeps torch's default)")

@@ -16,19 +16,17 @@ these rows (``kernel``, recorded in the artifact; see :mod:`sparse_kd.serve.form
     Row layouts (:class:`PackedTable`): int8 ``[D codes | fp32 scale | fp32 bias]`` (the byte
     operator reads fp32 scale/bias; the fp16 ones are widened exactly, so the dequantized values
     equal the TBE's), int4 / int2 ``[D*bits/8 codes | fp16 scale | fp16 bias]`` (FBGEMM's fused
-    layout as is), fp16 / fp32 plain rows. No row padding. A pruned table's remap is the
-    operators' ``compressed_indices_mapping`` (int32, N entries, -1: the id adds nothing); an
-    fp16/fp32 table has no such argument, so its ids go through the remap first and -1 points
-    at one extra all-zero row (counted as the table's ``padding``). The fp16 operator returns
-    its pooled sums rounded to fp16 (they are accumulated in fp32); every other dtype returns
-    fp32 sums.
-    Threads (:class:`QuantizedLookup`): the byte operator (unpruned) and ``embedding_bag`` split
-    bags across intra-op threads themselves; the 4-bit and 2-bit operators and the pruned byte
-    operator run on one thread, so their tables are cut into ``num_workers`` contiguous runs of
-    samples dispatched with ``torch.jit.fork`` (TorchScript's inter-op pool). Each bag is summed
-    by the same kernel over the same rows in the same order either way: results are
-    bit-identical for any number of workers. Ids are cast to int32 once per call (the kernels
-    read half the index bytes).
+    layout as is), fp16 / fp32 plain rows, no alignment padding. A pruned table's remap (int32, N
+    entries) sends each id to its stored row; ids with no row (-1) go to one extra all-zero row
+    (counted as the table's ``padding``), and the remapped ids go to the same dense operators
+    (faster than the operators' ``compressed_indices_mapping``, see :class:`PackedTable`). The
+    fp16 operator returns its pooled sums rounded to fp16 (they are accumulated in fp32); every
+    other dtype returns fp32 sums.
+    Threads (:class:`QuantizedLookup`): a batch is cut into ``num_workers`` contiguous runs of
+    samples dispatched with ``torch.jit.fork`` (TorchScript's inter-op pool), each operator on
+    one thread (torch's intra-op threads at 1). Each bag is summed by the same kernel over the
+    same rows in the same order either way: results are bit-identical for any number of
+    workers. Ids are cast to int32 per run (the kernels read half the index bytes).
     ``remap: hash`` is not available here (the operators take an array).
 
 ``fbgemm_tbe`` (GPU serving, ``compress.serve_device: cuda``)
@@ -187,11 +185,13 @@ def qtables_of(pruned: Mapping[str, PrunedTable], dtypes: Mapping[str, str], key
 class PackedTable(nn.Module):
     """One table for PyTorch's quantized EmbeddingBag operators (see the module doc).
 
-    ``forward(ids (n,) int32, offsets (b + 1,) int32) -> (b, D) float32``: sum-pooled bags.
-    weight: int8 (R, D + 8) uint8, int4/int2 (R, D * bits / 8 + 4) uint8, fp16/fp32 (R [+ 1], D).
-    mapping: (N,) int32, empty when the table is not pruned; for int8/int4/int2 the operators'
-    ``compressed_indices_mapping`` (-1: skipped), for fp16/fp32 the stored row of each id with
-    -1 replaced by the extra zero row R.
+    ``forward(ids (n,) int32 or int64, offsets (b + 1,) same dtype) -> (b, D) float32``: sum-pooled
+    bags. weight: int8 (R [+ 1], D + 8) uint8, int4/int2 (R [+ 1], D * bits / 8 + 4) uint8,
+    fp16/fp32 (R [+ 1], D). mapping: (N,) int32, empty when the table is not pruned, else the
+    stored row of each id, with -1 (no row) replaced by one extra all-zero row R (``zero_row``).
+    A pruned table's ids go through the mapping (``index_select``) and then the dense operator:
+    measured 1.6x faster than the operators' own ``compressed_indices_mapping`` path
+    (``embedding_bag_*_rowwise_offsets(pruned_weights=True)``), with bit-identical sums.
     """
 
     def __init__(self, feature: str, qtype: str, dim: int, weight: Tensor, mapping: Optional[Tensor],
@@ -202,60 +202,57 @@ class PackedTable(nn.Module):
         self.dim: int = int(dim)
         self.pruned: bool = mapping is not None
         self.zero_row: bool = bool(zero_row)
-        # the byte operator (unpruned) and embedding_bag use intra-op threads; the others do not
-        self.threaded: bool = qtype in ("fp32", "fp16") or (qtype == "int8" and mapping is None)
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("mapping", mapping.to(torch.int32).contiguous() if mapping is not None
                              else torch.empty(0, dtype=torch.int32))
 
     def forward(self, ids: Tensor, offsets: Tensor) -> Tensor:
-        mapping: Optional[Tensor] = None
         if self.pruned:
-            mapping = self.mapping
+            ids = self.mapping.index_select(0, ids).to(offsets.dtype)
         if self.qtype == "int8":
             return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-                self.weight, ids, offsets, False, 0, self.pruned, None, mapping, True)
+                self.weight, ids, offsets, False, 0, False, None, None, True)
         if self.qtype == "int4":
             return torch.ops.quantized.embedding_bag_4bit_rowwise_offsets(
-                self.weight, ids, offsets, False, 0, self.pruned, None, mapping, True)
+                self.weight, ids, offsets, False, 0, False, None, None, True)
         if self.qtype == "int2":
             return torch.ops.quantized.embedding_bag_2bit_rowwise_offsets(
-                self.weight, ids, offsets, False, 0, self.pruned, None, mapping, True)
-        if self.pruned:
-            ids = self.mapping.index_select(0, ids)
+                self.weight, ids, offsets, False, 0, False, None, None, True)
         out = torch.nn.functional.embedding_bag(ids, self.weight, offsets, mode="sum", include_last_offset=True)
         return out.float()
 
 
 def pack_table(q: QTable) -> PackedTable:
-    """A :class:`PackedTable` holding the rows of ``q`` (int8 scale/bias widened to fp32, exactly)."""
+    """A :class:`PackedTable` holding the rows of ``q`` (int8 scale/bias widened to fp32, exactly);
+    a pruned table whose remap sends ids to no row gets one all-zero row after its R rows (zero
+    codes with zero scale and bias for int8/int4/int2: every operator reads it as 0)."""
     if q.dtype in ("fp32", "fp16"):
         w = q.weight.contiguous().view(torch.float32 if q.dtype == "fp32" else torch.float16).clone()
-        mapping = None if q.remap is None else q.remap.to(torch.int32).clone()
-        zero = mapping is not None and bool((mapping < 0).any())
-        if zero:
-            mapping[mapping < 0] = w.shape[0]
-            w = torch.cat([w, torch.zeros(1, w.shape[1], dtype=w.dtype)])
-        return PackedTable(q.feature, q.dtype, q.dim, w, mapping, zero)
-    if q.scale_bias is None:
+    elif q.scale_bias is None:
         raise ValueError(f"table {q.feature}: a {q.dtype} table needs its scale_bias (R, 4) to be packed")
-    if q.dtype == "int8":
+    elif q.dtype == "int8":
         sb = q.scale_bias.contiguous().view(torch.float16).float()  # (R, 2): scale, bias
         w = torch.cat([q.weight, sb.contiguous().view(torch.uint8)], dim=1)
     else:
         w = torch.cat([q.weight, q.scale_bias], dim=1)
-    return PackedTable(q.feature, q.dtype, q.dim, w, q.remap, False)
+    mapping = None if q.remap is None else q.remap.to(torch.int32).clone()
+    zero = mapping is not None and bool((mapping < 0).any())
+    if zero:
+        assert mapping is not None
+        mapping[mapping < 0] = w.shape[0]
+        w = torch.cat([w, torch.zeros(1, w.shape[1], dtype=w.dtype)])
+    return PackedTable(q.feature, q.dtype, q.dim, w, mapping, zero)
 
 
 def unpack_table(m: nn.Module) -> QTable:
     """Inverse of :func:`pack_table` (an eager or a scripted PackedTable)."""
     w, qtype = m.weight.detach().cpu(), str(m.qtype)
     remap = m.mapping.detach().cpu().to(torch.int32).clone() if bool(m.pruned) else None
+    if bool(m.zero_row):
+        w = w[:-1]
+        assert remap is not None
+        remap[remap == w.shape[0]] = -1
     if qtype in ("fp32", "fp16"):
-        if bool(m.zero_row):
-            w = w[:-1]
-            assert remap is not None
-            remap[remap == w.shape[0]] = -1
         return QTable(str(m.feature), qtype, int(m.dim), w.contiguous().view(torch.uint8).clone(), None, remap)
     if qtype == "int8":
         sb = w[:, -8:].contiguous().view(torch.float32).half().view(torch.uint8)
@@ -267,13 +264,22 @@ class QuantizedLookup(nn.Module):
     """Sum-pooled lookups of F tables (:class:`PackedTable`, one per feature, all of dim D).
 
     ``forward(values (nnz,) int ids, lengths (F * B,) int) -> (B, F, D) float32``; ``lengths`` is
-    feature-major (all B bags of the first table, then the next). Tables whose operator runs on
-    one thread are cut into ``num_workers`` runs of samples, forked on the inter-op pool (the
-    calling thread takes the first run) when there are at least ``min_ids_per_worker`` ids per
-    worker; then the other tables run on the whole batch with their own intra-op threads. Every
-    result is written straight into its slice of the output. ``num_workers`` is fixed per module
-    (TorchScript cannot read ``torch.get_num_threads()``): :meth:`set_num_workers`, also on the
-    scripted module.
+    feature-major (all B bags of the first table, then the next). With ``num_workers`` > 1 and at
+    least ``min_ids_per_worker`` ids per worker, the batch is cut into ``num_workers`` contiguous
+    runs of samples; every run but the first is forked onto TorchScript's inter-op pool and the
+    calling thread takes the first. Each run looks up all tables (ids cast to int32 per run: the
+    kernels read half the index bytes) and writes straight into its rows of the output. Each bag
+    is summed by the same kernel over the same rows in the same order whatever the split: results
+    are bit-identical for any number of workers.
+
+    Threads: call it with torch's intra-op threads at 1 when ``num_workers`` > 1 (``sparse-kd
+    serve`` does). Measured on 2 cores (``benchmarks/bench_lookup_paths.py``): forked int4 runs
+    slow down by half when the caller has 2 intra-op threads (an OpenMP team spinning between
+    parallel ops takes the core a forked run needs). The int8 operator can split bags across
+    intra-op threads itself, but a lookup of mixed dtypes (what the budget planner builds) cannot
+    use both settings at once, and forked runs measured the better ratio to fp32 for pruned
+    int8. ``num_workers`` is fixed per module (TorchScript cannot read
+    ``torch.get_num_threads()``): :meth:`set_num_workers`, also on the scripted module.
     """
 
     def __init__(self, tables: List[PackedTable], num_workers: int = 1,
@@ -287,27 +293,24 @@ class QuantizedLookup(nn.Module):
         self.tables = nn.ModuleList(tables)
         self.num_tables: int = len(tables)
         self.dim: int = tables[0].dim
-        self.serial: List[bool] = [not t.threaded for t in tables]
-        self.any_serial: bool = any(self.serial)
         self.min_ids_per_worker: int = int(min_ids_per_worker)
         self.num_workers: int = 1
         self.set_num_workers(num_workers)
 
     @torch.jit.export
     def set_num_workers(self, num_workers: int) -> None:
-        """Threads per lookup from now on for the one-thread operators (1: no forks)."""
+        """Threads per lookup from now on (1: no forks)."""
         self.num_workers = max(1, int(num_workers))
 
-    def _lookup(self, ids: Tensor, offsets: Tensor, out: Tensor, batch: int, b0: int, b1: int, which: int) -> int:
-        """Bags b0..b1 of every table (which 2), the one-thread tables (0) or the others (1), into out."""
+    def _lookup(self, ids: Tensor, offsets: Tensor, out: Tensor, batch: int, b0: int, b1: int) -> int:
+        """Bags b0..b1 of every table into out[b0:b1]."""
         if b1 <= b0:
             return 0
         for t, table in enumerate(self.tables):
-            if which == 2 or (which == 0) == self.serial[t]:
-                o = offsets[t * batch + b0: t * batch + b1 + 1]
-                s = int(o[0])
-                e = int(o[-1])
-                out[b0:b1, t].copy_(table(ids[s:e], o - s))
+            o = offsets[t * batch + b0: t * batch + b1 + 1]
+            s = int(o[0])
+            e = int(o[-1])
+            out[b0:b1, t].copy_(table(ids[s:e].to(torch.int32), (o - s).to(torch.int32)))
         return 0
 
     def forward(self, values: Tensor, lengths: Tensor) -> Tensor:
@@ -316,23 +319,21 @@ class QuantizedLookup(nn.Module):
         out = torch.empty(batch, f, self.dim, dtype=torch.float32, device=values.device)
         if batch == 0:
             return out
-        ids = values.to(torch.int32)
-        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=values.device)
-        offsets[1:] = torch.cumsum(lengths.to(torch.int32), 0, dtype=torch.int32)
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=values.device)
+        offsets[1:] = torch.cumsum(lengths.to(torch.int64), 0)
         shards = 1
-        if self.any_serial and self.num_workers > 1:
-            shards = min(self.num_workers, batch, ids.numel() // self.min_ids_per_worker)
+        if self.num_workers > 1:
+            shards = min(self.num_workers, batch, values.numel() // self.min_ids_per_worker)
         if shards <= 1:
-            self._lookup(ids, offsets, out, batch, 0, batch, 2)
+            self._lookup(values, offsets, out, batch, 0, batch)
             return out
         futures: List[torch.jit.Future[int]] = []
         for k in range(1, shards):
-            futures.append(torch.jit.fork(self._lookup, ids, offsets, out, batch, batch * k // shards,
-                                          batch * (k + 1) // shards, 0))
-        self._lookup(ids, offsets, out, batch, 0, batch // shards, 0)
+            futures.append(torch.jit.fork(self._lookup, values, offsets, out, batch, batch * k // shards,
+                                          batch * (k + 1) // shards))
+        self._lookup(values, offsets, out, batch, 0, batch // shards)
         for fut in futures:
             torch.jit.wait(fut)
-        self._lookup(ids, offsets, out, batch, 0, batch, 1)
         return out
 
 

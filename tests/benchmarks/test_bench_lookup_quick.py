@@ -53,3 +53,20 @@ def test_bench_lookup_quick_with_the_tbe(tmp_path: Path) -> None:
     seen = {r["variant"] for r in json.loads(out.read_text())["results"]}
     assert seen == {"embbag_fp32", "embbag_fp32_i32", "ebc_fp32"} | {
         f"{dt}{tbe}{prune}" for dt in ("int4", "int2") for tbe in ("", "_tbe") for prune in ("", "+prune")}
+
+
+def test_bench_lookup_paths_quick(tmp_path: Path) -> None:
+    """`bench_lookup_paths.py --quick` measures every path; it refuses to time a pruned path whose
+    sums differ from the operators' own compressed_indices_mapping (exit != 0)."""
+    out = tmp_path / "paths.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_lookup_paths.py"), "--quick", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    med = json.loads(out.read_text())["m_ids_per_s_median"]
+    for dt in ("int8", "int4"):
+        names = [k for k in med if k.startswith(dt + " ")]
+        assert any("compressed_indices_mapping" in k for k in names) and any("index_select" in k for k in names)
+        assert any("independent threads" in k for k in names) and sum("workers" in k for k in names) >= 1
+    assert all(v > 0 for v in med.values())

@@ -137,10 +137,12 @@ def test_options_span_cluster_fills_and_fold_saves_exactly_the_remap(tiny):
     assert got == {("zero", 0)} | {("cluster", int(np.ceil(r * n))) for r in (0.1, 0.2, configured)}
     for key, o in opts["array"].items():
         f = opts["fold"][key]
-        # same lookups either way; an int8 table's array remap costs 4 bytes per original id when pruned
+        # same lookups either way; an int8 table's array remap costs 4 bytes per original id when
+        # pruned, plus the one all-zero row (D codes + fp32 scale and bias) its -1 ids read
         assert (o.valid_auc, o.loss) == (f.valid_auc, f.loss)
-        n_ids = model_weights(model)[key[0]].shape[0]
-        assert o.bytes - f.bytes == (4 * n_ids if key[1] < 1.0 else 0), key
+        n_ids, dim = model_weights(model)[key[0]].shape
+        zero_row = dim + 8 if key[2] == "zero" else 0
+        assert o.bytes - f.bytes == (4 * n_ids + zero_row if key[1] < 1.0 else 0), key
 
 
 def test_loss_is_valid_plus_weighted_valid_cold_and_test_is_never_read(tiny):

@@ -243,12 +243,11 @@ def _batch(num_tables, batch, seed=1):
 
 @pytest.mark.parametrize("workers", [2, 3, 7])
 def test_forked_lookup_is_bit_identical_to_one_worker(workers):
-    """int4 / int2 / pruned int8 run on forked runs of samples; int8 / fp16 / fp32 on intra-op
-    threads; every bag comes out bit-identical to the one-worker lookup, scripted or not."""
+    """Every table runs on forked runs of samples; every bag comes out bit-identical to the
+    one-worker lookup, scripted or not."""
     dtypes = ["int4", "int8", "int8", "int2", "fp16", "fp32", "int4"]
     pruned = [False, False, True, True, True, False, True]
     lk = _lookup(dtypes, pruned)
-    assert lk.serial == [True, False, True, True, False, False, True]
     values, lengths = _batch(len(dtypes), 53)
     ref = lk(values, lengths)
     assert ref.shape == (53, len(dtypes), 16) and torch.all(ref[:3, 0] == 0)
@@ -278,3 +277,25 @@ def test_lookup_with_no_rows_and_pack_round_trip():
         again = Q.unpack_table(Q.pack_table(q))
         assert torch.equal(q.weight, again.weight) and torch.equal(q.remap, again.remap)
         assert (q.scale_bias is None) == (again.scale_bias is None)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4", "int2"])
+def test_pruned_table_equals_the_operators_own_compressed_indices_path(dtype):
+    """A pruned table remaps ids itself (-1 to one all-zero row) and runs the dense operator: the
+    sums are bit-identical to the operators' ``compressed_indices_mapping`` path on the R rows."""
+    g = torch.Generator().manual_seed(3)
+    n, r, dim = 500, 120, 16
+    remap = torch.full((n,), -1, dtype=torch.int32)
+    remap[torch.randperm(n, generator=g)[:r]] = torch.arange(r, dtype=torch.int32)
+    w, sb = Q.quantize_rows(torch.randn(r, dim, generator=g), dtype)
+    t = Q.pack_table(Q.QTable("f", dtype, dim, w, sb, remap))
+    assert bool(t.zero_row) and t.weight.shape[0] == r + 1 and not bool(t.weight[-1].any())
+    ids = torch.randint(0, n, (900,), generator=g, dtype=torch.int32)
+    offsets = torch.tensor([0, 1, 1, 300, 650, 900], dtype=torch.int32)  # an empty bag too
+    op = {"int8": torch.ops.quantized.embedding_bag_byte_rowwise_offsets,
+          "int4": torch.ops.quantized.embedding_bag_4bit_rowwise_offsets,
+          "int2": torch.ops.quantized.embedding_bag_2bit_rowwise_offsets}[dtype]
+    ref = op(t.weight[:-1].contiguous(), ids, offsets, False, 0, True, None, remap, True)
+    assert torch.equal(t(ids, offsets), ref)
+    back = Q.unpack_table(t)  # the zero row is not part of the table's rows
+    assert torch.equal(back.weight, w) and torch.equal(back.remap, remap)

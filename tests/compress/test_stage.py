@@ -65,10 +65,13 @@ def test_folded_remap_serves_the_same_scores_without_remap_bytes(run_folder, tmp
          for r, c in comp.items()}
     for split in m["array"]:
         assert m["fold"][split]["auc"] == pytest.approx(m["array"][split]["auc"], abs=1e-9), split
-    # the array remaps (4 bytes per original id of a pruned table) are all the difference
+    # the array remaps (4 bytes per original id of a pruned table) and the all-zero row that their
+    # -1 ids read (the table's padding) are all the difference
     ids = sum(t["rows_original"] for t in comp["array"].tables.values() if t["bytes"]["remap"])
     assert ids == ds.num_users + ds.num_items
-    assert comp["array"].embedding_bytes - comp["fold"].embedding_bytes == 4 * ids
+    pad = sum(t["bytes"]["padding"] for t in comp["array"].tables.values())
+    assert all(t["bytes"]["padding"] == 0 for t in comp["fold"].tables.values())
+    assert comp["array"].embedding_bytes - comp["fold"].embedding_bytes == 4 * ids + pad
     assert all(t["bytes"]["remap"] == 0 for t in comp["fold"].tables.values())
     assert comp["fold"].tables["t_item_id"]["remap"] == "folded" and comp["fold"].tables["t_item_id"]["clusters"] > 0
     # the artifact: its mappings hold stored rows, the predictor scores what the stage measured
