@@ -11,7 +11,7 @@ in a fresh process:
   in-memory CSV loader's time and peak RSS at the small size;
 * **throughput**: training examples/s of the project's loop (``build_sharded`` +
   ``TrainPipelineSparseDist`` + the data source ``train_ranker`` asks for its batches) on the
-  ``--subset`` rows, in memory (CSV loaded whole) vs streamed from Parquet (DataLoader workers),
+  ``--subset`` rows, in memory (CSV loaded whole) vs streamed from Parquet (``data.loader_workers``, auto by default),
   ``--nproc`` processes, one epoch after warm-up steps, median of ``--rounds``.
   Target: streamed >= 0.9x in memory;
 * **peak RSS per training process**, streamed, at ``--rss-small`` vs ``--rows`` interactions
@@ -206,7 +206,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--items", type=int, default=100_000)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers per process when streaming")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="data.loader_workers when streaming (default -1: auto, 0 on CPU, 1 on CUDA)")
     p.add_argument("--batch", type=int, default=2048, help="global batch")
     p.add_argument("--block-rows", type=int, default=65536, help="data.shuffle_block_rows")
     p.add_argument("--warmup", type=int, default=20)

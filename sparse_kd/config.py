@@ -74,8 +74,8 @@ class DataConfig:
     # windows of blocks; memory holds one window whatever the data size
     shuffle_block_rows: int = 65536
     shuffle_window_blocks: int = 16
-    # DataLoader worker processes building each rank's batches; -1: 1 for parquet, 0 (in the
-    # training process) for in-memory sources
+    # DataLoader worker processes building each rank's batches; -1 (auto): for parquet 1 when
+    # training on CUDA, 0 (in the training process) on CPU; 0 for in-memory sources
     loader_workers: int = -1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

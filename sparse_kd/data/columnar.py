@@ -441,7 +441,15 @@ class ColumnarDataset(RecDataset):
         blocks = ParquetBlocks(self.root, meta, int(self.manifest["block_rows"]))
         negatives = (self.sampler.pool("train"), self.negatives) if self.sampler is not None else None
         rwn = np.asarray(meta["rows_with_negatives"], dtype=np.int64) if negatives is not None else None
-        workers = 1 if data_cfg.loader_workers < 0 else data_cfg.loader_workers
+        workers = data_cfg.loader_workers
+        if workers < 0:
+            # auto: a worker process beside each rank only pays where the rank leaves cores idle (a GPU
+            # step); on CPU training the cores are the step's, and the worker's decode plus the batch
+            # handoff cost more than building inline (benchmarks/bench_data.py: streamed / in-memory
+            # examples/s 0.58x with 1 worker per rank, 1.02x with 0, 2 ranks on 2 cores)
+            import torch
+
+            workers = 1 if torch.cuda.is_available() else 0
         return TrainSource(TrainStream(blocks, data_cfg.shuffle_window_blocks, negatives, rwn), workers=workers)
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +27,7 @@ def test_bench_data_quick(tmp_path: Path) -> None:
     runs = {r["variant"]: r for r in doc["train"]}
     assert set(runs) == {"in_memory_subset", "streamed_subset", "streamed_small", "streamed_big"}
     assert all(r["examples_per_s"] > 0 and r["peak_rss_mb_per_process"] > 0 for r in runs.values())
-    assert runs["streamed_subset"]["ranks"][0]["loader_workers"] == 1 and runs["in_memory_subset"]["ranks"][0]["loader_workers"] == 0
+    assert runs["streamed_subset"]["ranks"][0]["loader_workers"] == (1 if torch.cuda.is_available() else 0) and runs["in_memory_subset"]["ranks"][0]["loader_workers"] == 0
     # both paths trained on the same examples
     assert runs["streamed_subset"]["ranks"][0]["train_examples"] == runs["in_memory_subset"]["ranks"][0]["train_examples"]
     s = doc["summary"]
