@@ -274,10 +274,13 @@ def cmd_pipeline(args) -> int:
 
 def cmd_study(args) -> int:
     cfg = _load(args)
+    # read once, before any training: a one-process run sets RANK / LOCAL_RANK itself
+    # (sparse_kd.dist.init_distributed), which would later look like a torchrun launch
+    launched = _under_torchrun()
     if args.kind == "distill":
         from sparse_kd.studies import distill_study
 
-        if not _under_torchrun() and args.seed is None and (n := _nproc(cfg)) > 1:
+        if not launched and args.seed is None and (n := _nproc(cfg)) > 1:
             for seed in cfg.study.seeds:  # refuse before torchrun starts
                 distill_study.check_seed(cfg, seed)
             for seed in cfg.study.seeds:
@@ -289,7 +292,7 @@ def cmd_study(args) -> int:
         seeds = [args.seed] if args.seed is not None else list(cfg.study.seeds)
         for seed in seeds:
             distill_study.run_seed(cfg, seed)
-        if not _under_torchrun():
+        if not launched:
             distill_study.summarize(cfg, Path(args.docs))
         return 0
     from sparse_kd.studies.compress_study import run_compress_study_seeds

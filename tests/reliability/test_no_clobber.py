@@ -262,3 +262,15 @@ def test_allowed_rerun_continues_training_in_the_same_folder(trained, tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
     meta = json.loads(sorted((run / "baseline" / "checkpoints").glob("step_*"))[-1].joinpath("meta.json").read_text())
     assert meta["epoch"] == 2
+
+
+def test_one_process_study_writes_its_summary(tmp_path):
+    """`study distill` with nproc=1 trains in this process, which sets RANK / LOCAL_RANK itself: the
+    summary (docs/distill_study_<name>.md, .json) must still be written at the end."""
+    cfg_file = tiny_yaml(tmp_path)
+    proc = cli("study", "distill", str(cfg_file), "nproc=1", f"output_dir={tmp_path / 'study'}",
+               f"teacher.cache_dir={tmp_path / 'cache'}", "study.seeds=[0]", "study.variants=[baseline,combined]",
+               "--docs", str(tmp_path / "docs"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "docs" / "distill_study_tiny.json").read_text())
+    assert (tmp_path / "docs" / "distill_study_tiny.md").is_file() and doc
