@@ -190,8 +190,9 @@ class PackedTable(nn.Module):
     fp16/fp32 (R [+ 1], D). mapping: (N,) int32, empty when the table is not pruned, else the
     stored row of each id, with -1 (no row) replaced by one extra all-zero row R (``zero_row``).
     A pruned table's ids go through the mapping (``index_select``) and then the dense operator:
-    measured 1.6x faster than the operators' own ``compressed_indices_mapping`` path
-    (``embedding_bag_*_rowwise_offsets(pruned_weights=True)``), with bit-identical sums.
+    faster than the operators' own ``compressed_indices_mapping`` path
+    (``embedding_bag_*_rowwise_offsets(pruned_weights=True)``; ``benchmarks/bench_lookup_paths.py``
+    measures both), with bit-identical sums.
     """
 
     def __init__(self, feature: str, qtype: str, dim: int, weight: Tensor, mapping: Optional[Tensor],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparse_kd.data.schema import RecDataset
@@ -35,8 +36,7 @@ def train_clicks(ds: RecDataset) -> tuple[np.ndarray, np.ndarray]:
 
 def unit(x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    x = x.float()
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+    return F.normalize(x.float(), dim=1)
 
 
 def history_sums(ds: RecDataset, item_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

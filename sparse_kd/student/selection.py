@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
+
+from sparse_kd.atomic import swap_in_dir, write_text
 
 FILE = "selection.json"
 BEST_DIR = "best"
@@ -96,9 +97,7 @@ class EpochSelector:
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(checkpoint, tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        swap_in_dir(tmp, final, best_dir / (checkpoint.name + ".old"))
         self.best_checkpoint = str(final.relative_to(self.out_dir))
         return final
 
@@ -127,6 +126,4 @@ class EpochSelector:
             "restored": self.restored,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir / (FILE + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, self.out_dir / FILE)
+        write_text(self.out_dir / FILE, json.dumps(doc, indent=1))

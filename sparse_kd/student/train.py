@@ -35,20 +35,19 @@ from sparse_kd.config import ExperimentConfig
 from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import train_source
-from sparse_kd.dist import DistEnv
+from sparse_kd.dist import DistEnv, barrier
 from sparse_kd.distill.module import RankerTrain
+from sparse_kd.distill.pairs import pool_batch, with_sampled_pairs
 from sparse_kd.distill.refit import refit_rows
 from sparse_kd.student.init import write_tables
 from sparse_kd.student.model import build_dlrm
 from sparse_kd.student.optim import combined_optimizer, sparse_optimizer
 from sparse_kd.student.predict import evaluate_sharded, predict_sharded
 from sparse_kd.student.reshard import check_resume
+from sparse_kd.student.selection import BEST_DIR, EpochSelector
 from sparse_kd.student.sharding import build_plan, describe_plan
 from sparse_kd.student.spec import RankerResult, RankerSpec
 from sparse_kd.student.train_log import TrainLog
-from sparse_kd.dist import barrier
-from sparse_kd.distill.pairs import pool_batch, with_sampled_pairs
-from sparse_kd.student.selection import BEST_DIR, EpochSelector
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from sparse_kd.atomic import write_text
 from sparse_kd.config import DistillConfig, ExperimentConfig, replace, to_dict
 from sparse_kd.metrics import EVAL_SPLITS as SPLITS
 from sparse_kd.report import markdown_table
@@ -147,10 +147,7 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
                      "select_on": [s for s in SELECT_SPLITS if s in out[chosen]]}
     if env.is_main:
         log.info("[seed %d] chosen on validation: %s (scores %s)", seed, chosen, {k: round(v, 4) for k, v in scores.items()})
-        f = Path(cfg.output_dir) / "study_metrics.json"
-        tmp = f.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, f)
+        write_text(Path(cfg.output_dir) / "study_metrics.json", json.dumps(out, indent=1))
     return out
 
 
@@ -264,11 +261,11 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
         )
     docs.mkdir(parents=True, exist_ok=True)
     stem = f"distill_study_{cfg.name}"
-    _write(docs / f"{stem}.json", json.dumps(doc, indent=1))
+    write_text(docs / f"{stem}.json", json.dumps(doc, indent=1))
     import sys
 
     command = "sparse-kd " + " ".join(a for a in sys.argv[1:] if not a.startswith("--seed"))
-    _write(docs / f"{stem}.md",
+    write_text(docs / f"{stem}.md",
            f"# Distillation study: {cfg.name}\n\nProduced by `{command}`. Seeds: {list(per_seed)} (each sets "
            f"train.seed and data.seed); {cfg.nproc} process(es); data: {cfg.data.source}. AUC per split, mean ± std "
            f"over seeds; Δ columns against the baseline's mean. Every choice (best epoch, search candidate) is made "
@@ -276,8 +273,3 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
     print("\n" + "\n\n".join(sections) + "\n")
     return summary
 
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
