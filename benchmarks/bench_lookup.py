@@ -16,6 +16,16 @@ jobs hits every variant alike):
 * ``{dt}+prune``       the same built from the kept rows only (``embedding_bag_rowwise_prune``,
                        ``--keep`` of each table, the ones Zipf ids hit most); ids go through the
                        remap (to their row, or to one all-zero row) into the same operators;
+* ``fp32``             the serving lookup of an uncompressed (fp32) artifact, for reference: what
+                       the serving layout alone gives, with no quantization;
+
+With ``--layout served`` (the default) the serving lookups are laid out as ``sparse-kd compress``
+and ``sparse-kd serve`` lay them out: rows stored hot-first (:mod:`sparse_kd.compress.layout`,
+ordered by read counts of an independent ``--train-ids`` sample of each table's ids, standing
+for the training log; the ids of a table kept whole arrive already permuted, as the artifact's
+entity bags hold them, so the permutation costs nothing in the timed call) and the tables on
+transparent huge pages (:mod:`sparse_kd.serve.memory`). ``--layout plain``: id order, the pages
+``torch.jit.load`` gives. The ``embbag_fp32`` floor is always plain ``nn.EmbeddingBag``.
 * with ``--tbe``: ``ebc_fp32`` (torchrec ``EmbeddingBagCollection``) and ``{dt}_tbe`` /
   ``{dt}_tbe+prune``, torchrec's quantized EBC on FBGEMM's ``IntNBitTableBatchedEmbeddingBagsCodegen``
   (the kernel artifacts served on CPU before format version 2; now the GPU path);
@@ -61,10 +71,14 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC 
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 from sparse_kd.compress import quantize as Q  # noqa: E402
+from sparse_kd.compress.layout import reorder_table  # noqa: E402
+from sparse_kd.compress.prune import PrunedTable  # noqa: E402
+from sparse_kd.serve.memory import place_on_huge_pages, thp_mode  # noqa: E402
 
 from machine import machine_info, read as _read, write_json  # noqa: E402
 
 DTYPES: Dict[str, torch.dtype] = {
+    "fp32": torch.float,
     "fp16": torch.half,
     "int8": torch.qint8,
     "int4": torch.quint4x2,
@@ -111,6 +125,7 @@ class Batch:
             self.per_table.append((values[s:e], (offsets[t * B : (t + 1) * B] - s).contiguous()))
         self.per_table_i32 = [(i.int(), o.int()) for i, o in self.per_table]
         self.ids = int(values.numel())
+        self.served_values = values  # the ids as the serving lookup of whole tables gets them (--layout)
         self.ids_per_table = [int(offsets[(t + 1) * B] - offsets[t * B]) for t in range(T)]
 
 
@@ -185,6 +200,27 @@ def prune_tables(
     for name, w in weights.items():
         small.embedding_bags[name] = nn.EmbeddingBag.from_pretrained(w, freeze=True, mode="sum")
     return small, remaps
+
+
+def hot_first_tables(ebc: EmbeddingBagCollection, remaps: Optional[List[torch.Tensor]], train_ids: List[torch.Tensor]
+                     ) -> tuple[EmbeddingBagCollection, List[Optional[torch.Tensor]]]:
+    """``ebc``'s tables stored hot-first by the reads of ``train_ids`` (per table), exactly as
+    :func:`sparse_kd.compress.layout.reorder_table` lays out an artifact. Returns (the reordered
+    tables, per table: the new remap of a pruned table, or the id permutation of a whole one)."""
+    configs, weights, out = [], {}, []
+    for t, cfg in enumerate(ebc.embedding_bag_configs()):
+        w = ebc.embedding_bags[cfg.name].weight.detach()
+        remap = None if remaps is None else remaps[t]
+        n = int(remap.numel()) if remap is not None else int(w.shape[0])
+        freq = torch.bincount(train_ids[t], minlength=n).numpy()
+        pt, _ = reorder_table(PrunedTable(cfg.feature_names[0], w, remap, n, int(w.shape[0]), "zero"), freq)
+        configs.append(cfg)
+        weights[cfg.name] = pt.weight
+        out.append(pt.remap)
+    hot = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
+    for name, w in weights.items():
+        hot.embedding_bags[name] = nn.EmbeddingBag.from_pretrained(w, freeze=True, mode="sum")
+    return hot, out
 
 
 def tbe_row_bytes(qebc: QuantEBC) -> List[int]:
@@ -376,7 +412,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dist", choices=("zipf", "uniform"), default="zipf")
     p.add_argument("--zipf-a", type=float, default=1.05, help="Zipf exponent of the ids (--dist zipf)")
     p.add_argument("--keep", type=float, default=0.5, help="fraction of rows kept by the pruned variants")
-    p.add_argument("--dtypes", default="fp16,int8,int4,int2")
+    p.add_argument("--dtypes", default="fp32,fp16,int8,int4,int2",
+                   help="serving lookups to measure (fp32: an uncompressed artifact, for reference)")
+    p.add_argument("--layout", choices=("served", "plain"), default="served",
+                   help="served: hot-first rows on huge pages, as sparse-kd compress/serve lay tables out; "
+                        "plain: id order, ordinary pages")
+    p.add_argument("--train-ids", type=int, default=4_000_000,
+                   help="ids per table drawn (independently of the batches) to count reads for the hot-first order")
     p.add_argument("--threads", default="", help="comma list (default: 1 and all usable cores)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; medians are over rounds")
     p.add_argument("--sample-s", type=float, default=0.2, help="seconds of lookups per sample")
@@ -391,7 +433,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.quick:
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
         quick = {"--tables": 4, "--rows": 20_000, "--dim": 32, "--batch": 256, "--bag": 8, "--rounds": 2,
-                 "--sample-s": 0.01, "--num-batches": 4, "--copy-mb": 32}
+                 "--sample-s": 0.01, "--num-batches": 4, "--copy-mb": 32, "--train-ids": 20_000}
         for flag, val in quick.items():
             if flag not in given:
                 setattr(args, flag[2:].replace("-", "_"), val)
@@ -484,6 +526,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                 int((remaps[t][ids] >= 0).sum()) for t, (ids, _off) in enumerate(b.per_table)
             ]
 
+    # the tables the serving lookups are built from (--layout served: hot-first)
+    serve_whole, serve_pruned, serve_remaps = ebc, pruned, remaps
+    if args.layout == "served":
+        t0 = time.time()
+        train = [samplers[t](args.train_ids) for t in range(T)]  # drawn after the batches: independent
+        serve_whole, perms = hot_first_tables(ebc, None, train)
+        for b in batches:  # whole tables: ids arrive permuted, as the artifact's entity bags hold them
+            b.served_values = torch.cat([perms[t][ids].long() if perms[t] is not None else ids
+                                         for t, (ids, _off) in enumerate(b.per_table)])
+        if pruned is not None:
+            serve_pruned, serve_remaps = hot_first_tables(pruned, remaps, train)
+        del train
+        print(f"# served layout: hot-first rows from {args.train_ids} training ids per table, huge pages "
+              f"(THP {thp_mode()}); {time.time() - t0:.1f}s", flush=True)
+
     def read_bytes(rb: List[int], with_remap: bool) -> Callable[[Batch], int]:
         if with_remap:
             return lambda b: sum(k * r for k, r in zip(b.kept_per_table, rb))  # type: ignore[attr-defined]
@@ -494,19 +551,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         group: List[Variant] = []
         for with_remap in ([False, True] if pruned is not None else [False]):
             name = dt + ("+prune" if with_remap else "")
-            lookup = serving_lookup(pruned if with_remap else ebc, dt, list(remaps) if with_remap else None)
+            lookup = serving_lookup(serve_pruned if with_remap else serve_whole, dt,
+                                    list(serve_remaps) if with_remap else None)
             rb = lookup_row_bytes(lookup)
             wbytes = sum(t.weight.numel() * t.weight.element_size() + t.mapping.numel() * 4 for t in lookup.tables)
             sm = torch.jit.script(lookup)
             del lookup
-            group.append(Variant(name, lambda b, m=sm: m(b.values, b.lengths), read_bytes(rb, with_remap), dtype=dt,
-                                 remap=with_remap, parallel=True, row_bytes=rb[0], weight_bytes=wbytes,
-                                 set_workers=sm.set_num_workers, kernel="torch.ops.quantized"))
+            if args.layout == "served":
+                place_on_huge_pages(sm)
+
+            def ids_of(b: Batch, pruned_ids: bool = with_remap) -> torch.Tensor:
+                return b.values if pruned_ids else b.served_values
+
+            group.append(Variant(name, lambda b, m=sm, f=ids_of: m(f(b), b.lengths), read_bytes(rb, with_remap),
+                                 dtype=dt, remap=with_remap, parallel=True, row_bytes=rb[0], weight_bytes=wbytes,
+                                 set_workers=sm.set_num_workers,
+                                 kernel="torch.ops.quantized" if dt not in ("fp32", "fp16") else "embedding_bag"))
             # more workers must not change a bit of the result
             sm.set_num_workers(1)
-            ref = sm(batches[0].values, batches[0].lengths)
+            ref = sm(ids_of(batches[0]), batches[0].lengths)
             sm.set_num_workers(top)
-            got = sm(batches[0].values, batches[0].lengths)
+            got = sm(ids_of(batches[0]), batches[0].lengths)
             if not torch.equal(ref, got):
                 raise SystemExit(f"{name}: {top} workers differ from 1 (max |diff| {(ref - got).abs().max()})")
             if not args.no_profile and dt in ("int8", "int4") and with_remap == (pruned is not None):
@@ -515,8 +580,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 n_prof = 3 if args.quick else 20
                 sm.set_num_workers(1)
                 profiles[f"{name}, 1 worker, {top} intra-op threads"] = profile_lookup(
-                    lambda b, m=sm: m(b.values, b.lengths), batches, top, n_prof, 8)
-            if args.tbe:
+                    lambda b, m=sm, f=ids_of: m(f(b), b.lengths), batches, top, n_prof, 8)
+            if args.tbe and dt != "fp32":
                 qebc = quantize(pruned if with_remap else ebc, DTYPES[dt])
                 if with_remap:
                     for tbe in qebc._emb_modules:
@@ -590,6 +655,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "config": {
             "tables": T, "rows": args.rows, "dim": args.dim, "batch": B, "bag": args.bag, "dist": args.dist,
             "zipf_a": a, "keep": args.keep, "threads": args.thread_list, "rounds": args.rounds,
+            "layout": args.layout, "train_ids": args.train_ids, "thp": thp_mode(),
             "sample_s": args.sample_s, "num_batches": args.num_batches, "quick": args.quick, "seed": args.seed,
             "fp32_gb": T * args.rows * fp32_bytes / 1e9,
         },
@@ -609,6 +675,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             "int64 -> int32 id cast, the offsets "
             "and writing the (B, F, D) output; the floors return one (B, D) tensor per table",
             "embbag_fp32 gets the batch's int64 ids; embbag_fp32_i32 int32 ids and offsets (reference only)",
+            "layout served: the serving lookups' rows are stored hot-first (read counts of an independent sample "
+            "of train_ids ids per table) and their buffers are on transparent huge pages; fp32 is the serving lookup "
+            "of an uncompressed artifact in that layout (what the layout alone gives); the embbag_fp32 floor is "
+            "plain nn.EmbeddingBag in id order on ordinary pages",
             "{dt}_tbe (--tbe): torchrec quantized EBC on FBGEMM's TBE, the CPU serving path before artifact format 2",
             "cpu_per_wall: this process's CPU seconds per wall second during the samples (median); well below "
             "the thread count means other jobs held the cores and the rates are depressed",

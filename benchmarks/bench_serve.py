@@ -69,7 +69,7 @@ def build_artifacts(work: Path, users: int, items: int, dim: int, dtypes: List[s
     import torch
 
     from sparse_kd.compress import artifact as A
-    from sparse_kd.compress.stage import _mappings, compress_model
+    from sparse_kd.compress.stage import artifact_mappings, compress_model
     from sparse_kd.config import DataConfig, StudentConfig, SyntheticConfig
     from sparse_kd.data import load_dataset
     from sparse_kd.data.batching import count_dense
@@ -89,7 +89,7 @@ def build_artifacts(work: Path, users: int, items: int, dim: int, dtypes: List[s
         settings = {f.name: {"keep_ratio": 1.0, "dtype": dt, "fill": "zero"} for f in ds.features}
         comp = compress_model(model, ds, settings)
         a = work / dt / "a"
-        A.save_artifact(a, comp, _mappings(ds), {"user": ub, "item": ib}, {"bench_serve": dt, "copy": "a"})
+        A.save_artifact(a, comp, artifact_mappings(ds, comp), {"user": ub, "item": ib}, {"bench_serve": dt, "copy": "a"})
         b = work / dt / "b"
         shutil.copytree(a, b)
         m = json.loads((b / "manifest.json").read_text())

@@ -155,7 +155,7 @@ def cmd_serve(args) -> int:
     from sparse_kd.serve.predictor import Predictor
 
     try:
-        p = Predictor.load(args.artifact)
+        p = Predictor.load(args.artifact, huge_pages=not args.no_huge_pages)
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -198,7 +198,7 @@ def _serve_http(args) -> int:
         logging.getLogger("sparse_kd.serve.predictor").setLevel(logging.WARNING)
         workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
         service = Service(args.artifact, limits, workers=workers, watch_interval=args.watch,
-                          admin_token=args.admin_token)
+                          admin_token=args.admin_token, huge_pages=not args.no_huge_pages)
     except (ValueError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -400,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=None,
                    help="scoring threads: requests scored at once (default: the usable CPU cores; torch "
                         "releases the GIL inside the model; 0 scores on the event loop)")
+    g.add_argument("--no-huge-pages", action="store_true",
+                   help="keep the tables where torch.jit.load put them (default: on transparent huge pages when "
+                        "the kernel allows it: fewer TLB misses per lookup; sparse_kd/serve/memory.py)")
     g.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads (default %(default)s: a 1 x 500 ranking is too small to split; "
                         "0 keeps torch's default)")

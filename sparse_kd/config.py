@@ -273,6 +273,9 @@ class CompressConfig:
     # hash: TBE only (serve_device cuda); fold: the remap is composed into the entity -> id bags
     # the server holds anyway (mappings.json), so the model holds none (sparse_kd/compress/prune.py)
     remap: Literal["array", "hash", "fold"] = "array"
+    # stored row order: frequency = hot rows first (fewer cache lines and pages per lookup; exact,
+    # scores unchanged; sparse_kd/compress/layout.py), id = the trained order
+    row_order: Literal["frequency", "id"] = "frequency"
     # where the artifact is served: cpu -> PyTorch's quantized EmbeddingBag ops (FBGEMM CPU kernels),
     # cuda -> FBGEMM's TBE on the GPU (see sparse_kd/compress/quantize.py)
     serve_device: Literal["cpu", "cuda"] = "cpu"
@@ -296,6 +299,10 @@ class StudyConfig:
     # ``key=value`` overrides applied on top of the config's ``distill`` section (``[]``: the
     # config as it is); per seed, the candidate with the best valid AUC is chosen
     search: tuple[tuple[str, ...], ...] = ()
+    # validation splits whose mean AUC picks the ``chosen`` candidate per seed (those the dataset
+    # has): valid alone ranks by warm items, as the study's main target (test AUC) does; adding
+    # valid_cold trades warm AUC for cold-start AUC
+    select_on: tuple[str, ...] = ("valid", "valid_cold")
     # planner points of the compression study: embedding storage = fp32 bytes / ratio, one plan per
     # ratio x remap kind (chosen on valid + valid_cold, then evaluated like every grid point)
     compress_budgets: tuple[float, ...] = ()
@@ -488,6 +495,8 @@ def _validate(cfg: ExperimentConfig) -> None:
     for dt in cfg.study.dtypes:
         need(dt in QUANT_DTYPES, "study.dtypes", f"{dt!r} is not valid; expected one of {', '.join(QUANT_DTYPES)}")
     need(len(cfg.study.seeds) >= 1, "study.seeds", "needs at least one seed")
+    need(len(cfg.study.select_on) >= 1 and all(s in ("valid", "valid_cold") for s in cfg.study.select_on),
+         "study.select_on", f"{list(cfg.study.select_on)} is not valid; give one or both of valid, valid_cold")
     for i, cand in enumerate(cfg.study.search):
         for ov in cand:
             need("=" in ov and ov.split("=", 1)[0].strip().startswith("distill."), f"study.search[{i}]",

@@ -55,7 +55,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -321,11 +321,14 @@ def fold_dataset(ds: RecDataset, remaps: Mapping[str, torch.Tensor]) -> RecDatas
     return dataclasses.replace(ds, features=feats)
 
 
-def fold_remaps(ds: RecDataset, pruned: Mapping[str, PrunedTable]) -> tuple[RecDataset, dict[str, PrunedTable]]:
-    """Compose every pruned table's remap into the entity CSR (module doc, "Folded remaps").
+def fold_remaps(ds: RecDataset, pruned: Mapping[str, PrunedTable],
+                features: Optional[Iterable[str]] = None) -> tuple[RecDataset, dict[str, PrunedTable]]:
+    """Compose every pruned table's remap (or only those of ``features``) into the entity CSR
+    (module doc, "Folded remaps").
 
-    Returns (the dataset whose bags hold stored rows, the tables without remaps: same rows,
-    ``remap`` None, the composed remap kept in ``folded``)."""
-    remaps = {f: pt.remap for f, pt in pruned.items() if pt.remap is not None}
+    Returns (the dataset whose bags hold stored rows, the tables: the folded ones have the same
+    rows, ``remap`` None and the composed remap kept in ``folded``)."""
+    only = None if features is None else set(features)
+    remaps = {f: pt.remap for f, pt in pruned.items() if pt.remap is not None and (only is None or f in only)}
     out = {f: (dataclasses.replace(pt, remap=None, folded=pt.remap) if f in remaps else pt) for f, pt in pruned.items()}
     return fold_dataset(ds, remaps), out

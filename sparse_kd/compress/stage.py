@@ -28,6 +28,7 @@ from sparse_kd.compress import quantize as Q
 from sparse_kd.compress.artifact import Compressed, check_out_dir, save_artifact
 from sparse_kd.compress.importance import RowImportance, table_importance
 from sparse_kd.compress.planner import MB, Plan, plan_budget
+from sparse_kd.compress.layout import reorder_tables
 from sparse_kd.compress.prune import DEFAULT_CLUSTER_RATIO, fold_dataset, fold_remaps, prune_tables, table_settings
 from sparse_kd.config import CompressConfig, ConfigError, ExperimentConfig, load_config, to_dict
 from sparse_kd.data.batching import BatchBuilder
@@ -100,12 +101,16 @@ def compress_model(
     row_alignment: int = Q.ROW_ALIGNMENT,
     serve_device: str = "cpu",
     kernel: Optional[str] = None,
+    row_order: str = "frequency",
 ) -> Compressed:
     """Prune + quantize every table of a trained fp32 DLRM (not modified).
 
     settings: feature -> {"keep_ratio", "dtype", "fill"[, "cluster_ratio"]} (see
     :func:`~.prune.table_settings`). remap: array, hash or fold (then evaluate the result on
     :func:`serving_dataset`). serve_device / kernel: see :func:`~.quantize.quantize_dlrm`.
+    row_order: ``frequency`` stores each table's rows hot-first (:mod:`~.layout`; a table kept
+    whole then has its permutation folded into the entity bags), ``id`` keeps them in id order.
+    Either way the artifact's bags must come from :func:`serving_dataset` (:func:`artifact_mappings`).
     """
     weights = model_weights(model)
     keys = list(weights)
@@ -115,10 +120,13 @@ def compress_model(
     pruned = prune_tables(weights, imps, {f: s["keep_ratio"] for f, s in settings.items()},
                           {f: s["fill"] for f, s in settings.items()}, text,
                           {f: s.get("cluster_ratio", DEFAULT_CLUSTER_RATIO) for f, s in settings.items()})
+    pruned, permuted = reorder_tables(pruned, {f: imps[f].freq for f in keys}, row_order)
     model_remap = remap
     if remap == "fold":
         _, pruned = fold_remaps(ds, pruned)
         model_remap = "array"  # nothing left to install: no pruned table keeps a remap
+    elif permuted:  # tables kept whole: their hot-first permutation lives in the entity bags
+        _, pruned = fold_remaps(ds, pruned, permuted)
     kernel = Q.kernel_for(serve_device, kernel)
     serving = Q.quantize_dlrm(model, pruned, {f: s["dtype"] for f, s in settings.items()}, model_remap, dense_int8,
                               row_alignment, serve_device, kernel)
@@ -136,6 +144,9 @@ def compress_model(
             "rows_original": pt.num_original, "rows_kept": pt.num_kept, "rows_stored": pt.num_rows, "fill": pt.fill,
             "importance": imps[f].kind, "bytes": tb[t], "fp32_bytes": fp[t]["total"], "clusters": pt.clusters,
             "remap": "folded" if pt.folded is not None else (remap if pt.remap is not None else "none"),
+            # its folded remap is only the hot-first permutation (nothing pruned away: any remap
+            # kind serves it with no remap in the model)
+            "permutation_only": f in permuted,
         }
     # the remaps as they are served; folded ones are a record (the entity bags hold them)
     remaps = {Q.table_name(f): (pruned[f].remap if pruned[f].remap is not None else pruned[f].folded)
@@ -149,7 +160,7 @@ def compress_model(
         "dense_arch": [int(m._linear.out_features) for m in model.dense_arch.model._mlp],
         "over_arch": _over_arch_sizes(model), "dense_int8": bool(dense_int8), "remap": model_remap,
         "folded": [f for f in keys if pruned[f].folded is not None],
-        "row_alignment": int(row_alignment), "kernel": kernel, "device": serve_device,
+        "row_alignment": int(row_alignment), "kernel": kernel, "device": serve_device, "row_order": row_order,
     }
     return Compressed(serving, tables, remaps, text_maps, dense_fp32, info, notes)
 
@@ -159,6 +170,12 @@ def serving_dataset(ds: RecDataset, comp: Compressed) -> RecDataset:
     remaps of ``comp`` composed into its CSR (``remap: fold``)."""
     folded = {t["feature"]: comp.remaps[name] for name, t in comp.tables.items() if t.get("remap") == "folded"}
     return fold_dataset(ds, folded) if folded else ds
+
+
+def artifact_mappings(ds: RecDataset, comp: Compressed) -> dict:
+    """``mappings.json`` of the artifact of ``comp``: the ids and entity bags of
+    :func:`serving_dataset` (stored rows for folded tables)."""
+    return _mappings(serving_dataset(ds, comp))
 
 
 def serving_builder(ds: RecDataset, comp: Compressed, builder: BatchBuilder) -> BatchBuilder:
@@ -224,7 +241,7 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
                            kernel=Q.kernel_for(cfg.serve_device), max_examples=cfg.planner_max_examples)
         settings = plan.settings()
     comp = compress_model(model, ds, settings, cfg.importance, cfg.remap, inp.text, imps, dense_int8, cfg.row_alignment,
-                          cfg.serve_device)
+                          cfg.serve_device, row_order=cfg.row_order)
     if plan is not None and comp.embedding_bytes > plan.budget_bytes:  # the per-option bytes are exact; guard anyway
         raise RuntimeError(f"plan bytes {comp.embedding_bytes} exceed compress.budget_mb ({plan.budget_bytes} bytes)")
     serve_ds = serving_dataset(ds, comp)

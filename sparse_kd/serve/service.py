@@ -286,18 +286,21 @@ def _dumps(doc: dict) -> bytes:
         raise RuntimeError("the artifact produced a non-finite score (NaN or inf); its weights are broken") from None
 
 
-def load_artifact(path: str | Path, max_batch: Optional[int] = None, attempts: int = 3) -> Loaded:
+def load_artifact(path: str | Path, max_batch: Optional[int] = None, attempts: int = 3,
+                  huge_pages: bool = True) -> Loaded:
     """Verify (checksums, format version) and load an artifact folder for serving.
 
     The manifest is read before and after loading: if the folder was replaced meanwhile (a writer
     renamed a new artifact into place), the load is repeated, so the predictor and the id sets
-    always come from one artifact. max_batch: the predictor's (None: its default). Raises
+    always come from one artifact. max_batch: the predictor's (None: its default). huge_pages: see
+    :meth:`Predictor.load`. Raises
     :class:`ArtifactError` (or whatever loading raised)."""
     d = Path(path).absolute()
     for _ in range(attempts):
         t0 = time.perf_counter()
         _, before, _ = _manifest_state(d)
-        predictor = Predictor.load(d) if max_batch is None else Predictor.load(d, max_batch=max_batch)
+        kw = {"huge_pages": huge_pages} if max_batch is None else {"huge_pages": huge_pages, "max_batch": max_batch}
+        predictor = Predictor.load(d, **kw)
         mappings = json.loads((d / "mappings.json").read_text(encoding="utf-8"))
         signature, after, data = _manifest_state(d)
         if before is not None and before == after:
@@ -426,7 +429,7 @@ class Service:
 
     def __init__(self, artifact: str | Path, limits: Limits = Limits(), workers: int = 1,
                  watch_interval: float = 0.0, max_batch: Optional[int] = None,
-                 admin_token: Optional[str] = None) -> None:
+                 admin_token: Optional[str] = None, huge_pages: bool = True) -> None:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         if watch_interval < 0:
@@ -435,6 +438,7 @@ class Service:
         self.max_batch = max_batch
         self.watch_interval = float(watch_interval)
         self.admin_token = admin_token
+        self.huge_pages = bool(huge_pages)
         self.metrics = Metrics()
         self.current = self._load(artifact)
         log.info("serving %s", _summary(self.current))
@@ -447,7 +451,7 @@ class Service:
         self._closed = threading.Event()
 
     def _load(self, path: str | Path) -> Loaded:
-        return load_artifact(path, self.max_batch)
+        return load_artifact(path, self.max_batch, huge_pages=self.huge_pages)
 
     async def run_scoring(self, fn: Callable[..., tuple[bytes, dict]], *args: Any) -> bytes:
         """Run ``fn(*args)`` on a scoring thread (or inline when ``workers == 0``); 503 when

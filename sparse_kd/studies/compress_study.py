@@ -94,7 +94,9 @@ def _both_bytes(comp, remap: str, row_alignment: int, kernel: str) -> tuple[int,
         total = 0
         for name, t in comp.tables.items():
             r = comp.remaps.get(name)
-            mapped = None if r is None else int((r >= 0).sum())
+            # a table with nothing to remap holds no remap either way (its hot-first permutation, if any, is
+            # folded into the entity bags: sparse_kd/compress/layout.py)
+            mapped = None if r is None or t.get("permutation_only") else int((r >= 0).sum())
             total += option_bytes(t["rows_original"], t["rows_stored"], comp.model_info["embedding_dim"], t["dtype"],
                                   mapped, rk, row_alignment, kernel)["total"]
         out.append(total)
@@ -157,7 +159,7 @@ def run_compress_study(
 
         def measure(settings: dict, remap: str):
             comp = compress_model(model, inp.ds, settings, cfg0.importance, remap, inp.text, imps, cfg0.dense_int8,
-                                  cfg0.row_alignment, cfg0.serve_device)
+                                  cfg0.row_alignment, cfg0.serve_device, row_order=cfg0.row_order)
             m = evaluate(serving_forward(comp.serving), serving_dataset(inp.ds, comp),
                          serving_builder(inp.ds, comp, inp.builder))
             return comp, m, _both_bytes(comp, remap, cfg0.row_alignment, kernel)

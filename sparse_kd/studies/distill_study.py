@@ -14,8 +14,9 @@ Variants: ``baseline`` (no distillation), ``logit`` / ``pairs`` / ``align`` / ``
 method alone, with its settings from the config), ``combined`` (every method enabled in the
 config). ``chosen``: per seed, among ``combined`` and the ``study.search`` candidates (each a
 list of ``distill.*`` overrides on top of the config), the one with the best selection score
-on validation data only: the mean AUC over the validation splits the dataset has
-(:data:`SELECT_SPLITS`). Test splits are never looked at to choose.
+on validation data only: the mean AUC over the validation splits of ``study.select_on``
+(default both of :data:`SELECT_SPLITS`) that the dataset has. Test splits are never looked at
+to choose.
 """
 
 from __future__ import annotations
@@ -70,9 +71,12 @@ def candidates(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, list[
     return out
 
 
-def selection_score(metrics: dict) -> float:
-    """Mean AUC over the validation splits present (non-empty, defined) in ``metrics``."""
-    vals = [metrics[s]["auc"] for s in SELECT_SPLITS if s in metrics and not math.isnan(metrics[s]["auc"])]
+def selection_score(metrics: dict, select_on: tuple[str, ...] = SELECT_SPLITS) -> float:
+    """Mean AUC over the validation splits of ``select_on`` present (non-empty, defined) in ``metrics``."""
+    bad = [s for s in select_on if s not in SELECT_SPLITS]
+    if bad:
+        raise ValueError(f"select_on: {bad} are not validation splits ({', '.join(SELECT_SPLITS)})")
+    vals = [metrics[s]["auc"] for s in select_on if s in metrics and not math.isnan(metrics[s]["auc"])]
     return float(np.mean(vals)) if vals else float("nan")
 
 
@@ -139,12 +143,12 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     for name, (ccfg, _) in cands.items():
         if name not in out:
             out[name] = train(ccfg, name)  # cfg is already this seed's, so each candidate is too
-        scores[name] = selection_score(out[name])
+        scores[name] = selection_score(out[name], cfg.study.select_on)
     chosen = choose(scores)
     out["chosen"] = out[chosen]
     out["data_facts"] = data_facts(ds)
     out["search"] = {"chosen": chosen, "scores": scores, "overrides": {n: ov for n, (_, ov) in cands.items()},
-                     "select_on": [s for s in SELECT_SPLITS if s in out[chosen]]}
+                     "select_on": [s for s in cfg.study.select_on if s in out[chosen]]}
     if env.is_main:
         log.info("[seed %d] chosen on validation: %s (scores %s)", seed, chosen, {k: round(v, 4) for k, v in scores.items()})
         write_text(Path(cfg.output_dir) / "study_metrics.json", json.dumps(out, indent=1))

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 VARIANTS = {"embbag_fp32", "embbag_fp32_i32"} | {
-    f"{dt}{prune}" for dt in ("fp16", "int8", "int4", "int2") for prune in ("", "+prune")
+    f"{dt}{prune}" for dt in ("fp32", "fp16", "int8", "int4", "int2") for prune in ("", "+prune")
 }
 
 
@@ -36,7 +36,9 @@ def test_bench_lookup_quick(tmp_path: Path) -> None:
     rb = {r["variant"]: r["row_bytes"] for r in data["results"]}
     # dim 32: fp32 128 B, fp16 64; int8 32 codes + fp32 scale and bias = 40; int4 16 + fp16 scale
     # and bias = 20; int2 8 + 4 = 12 (the CPU operators' rows: no padding)
-    assert (rb["embbag_fp32"], rb["fp16"], rb["int8"], rb["int4"], rb["int2"]) == (128, 64, 40, 20, 12)
+    assert (rb["embbag_fp32"], rb["fp32"], rb["fp16"], rb["int8"], rb["int4"], rb["int2"]) == (128, 128, 64, 40, 20, 12)
+    # the serving layout by default: hot-first rows on huge pages where the kernel allows them
+    assert data["config"]["layout"] == "served" and data["config"]["thp"]
     assert set(data["targets"]) == {f"{v} / embbag_fp32 @ 2 threads" for v in ("int8", "int4", "int8+prune", "int4+prune")}
     assert data["profiles"]
     assert "embbag_fp32" in proc.stdout

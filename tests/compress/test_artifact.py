@@ -18,7 +18,7 @@ import torch
 from sparse_kd.compress import artifact as A
 from sparse_kd.compress import quantize as Q
 from sparse_kd.compress.prune import text_rows
-from sparse_kd.compress.stage import _mappings, compress_model
+from sparse_kd.compress.stage import artifact_mappings, compress_model, serving_builder, serving_dataset
 from sparse_kd.serve import ArtifactError, Predictor, verify_artifact
 from sparse_kd.serve.format import FORMAT_VERSION, KERNEL_CPU, KERNEL_TBE
 
@@ -39,7 +39,7 @@ def saved(tiny, tmp_path_factory):
     ds, text, model, builder = tiny
     comp = compress_model(model, ds, _settings(), text=text)
     out = tmp_path_factory.mktemp("art") / "artifact"
-    A.save_artifact(out, comp, _mappings(ds), {"user": builder.user_dense, "item": builder.item_dense}, {"test": True})
+    A.save_artifact(out, comp, artifact_mappings(ds, comp), {"user": builder.user_dense, "item": builder.item_dense}, {"test": True})
     return out, comp
 
 
@@ -60,8 +60,11 @@ def test_round_trip_fresh_process_equals_in_process_model(tiny, saved, tmp_path)
     users, items = _pairs(ds)
     users, items = users + ["nobody", "u1"], items + ["i2", "no-such-item"]
     # in-process: the eager compressed model on batches made by the training code's BatchBuilder
+    # (its entity bags as the artifact holds them: tables stored hot-first address their new rows)
     sp = ds.splits["test"]
-    b = builder.build(torch.from_numpy(sp.user), torch.from_numpy(sp.item), torch.from_numpy(sp.label))
+    sds = serving_dataset(ds, comp)
+    b = serving_builder(ds, comp, builder).build(torch.from_numpy(sp.user), torch.from_numpy(sp.item),
+                                                 torch.from_numpy(sp.label))
     with torch.no_grad():
         known = comp.serving(b.dense_features, b.sparse_features.values(), b.sparse_features.lengths())
         # documented unknown-id behaviour: empty bags and zero dense for the unknown side
@@ -69,7 +72,7 @@ def test_round_trip_fresh_process_equals_in_process_model(tiny, saved, tmp_path)
         ub, ib = builder.user_dense, builder.item_dense
         dense = torch.stack([torch.cat([torch.zeros_like(ub[0]), ib[i2]]), torch.cat([ub[u1], torch.zeros_like(ib[0])])])
         vals, lens = [], []
-        for f in ds.features:  # feature-major: bag of pair 0, bag of pair 1
+        for f in sds.features:  # feature-major: bag of pair 0, bag of pair 1
             for k, known_side in enumerate(("item", "user")):
                 e = i2 if known_side == "item" else u1
                 bag = f.values[f.offsets[e]: f.offsets[e + 1]] if f.owner == known_side else []
@@ -132,7 +135,12 @@ def test_manifest_records_tables_bytes_and_files(saved):
     # int8 rows: D codes + fp32 scale and bias; int4: D/2 codes + fp16 scale and bias; no padding
     assert m["tables"]["t_user_id"]["bytes"]["row_bytes"] == 8 + 8 and t["bytes"]["row_bytes"] == 4 + 4
     remaps = torch.load(out / "remaps.pt", weights_only=True)
-    assert set(remaps) == {"t_user_id", "t_item_id"}
+    # the pruned tables' remaps, and the hot-first permutations of tables kept whole (folded into
+    # the entity bags: the model holds no remap for them)
+    assert {"t_user_id", "t_item_id"} <= set(remaps)
+    for name in set(remaps) - {"t_user_id", "t_item_id"}:
+        assert m["tables"][name]["remap"] == "folded" and m["tables"][name]["bytes"]["remap"] == 0
+        assert sorted(remaps[name].tolist()) == list(range(m["tables"][name]["rows_original"]))
 
 
 @pytest.mark.parametrize("damage", ["truncate_model", "flip_dense", "version", "missing_mappings", "bad_manifest"])
@@ -173,12 +181,12 @@ def test_atomic_write_keeps_the_old_artifact_on_failure(tiny, saved, tmp_path, m
 
     monkeypatch.setattr(A.torch, "save", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        A.save_artifact(d, saved[1], _mappings(ds), {"user": builder.user_dense, "item": builder.item_dense}, {})
+        A.save_artifact(d, saved[1], artifact_mappings(ds, saved[1]), {"user": builder.user_dense, "item": builder.item_dense}, {})
     monkeypatch.undo()
     assert verify_artifact(d) == before
     assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no temporary folder left behind
     # a successful save replaces it and cleans up
-    A.save_artifact(d, saved[1], _mappings(ds), {"user": builder.user_dense, "item": builder.item_dense}, {"again": 1})
+    A.save_artifact(d, saved[1], artifact_mappings(ds, saved[1]), {"user": builder.user_dense, "item": builder.item_dense}, {"again": 1})
     assert verify_artifact(d)["config"] == {"again": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["copy"]
 
@@ -277,7 +285,7 @@ def _tree(d: Path) -> dict:
 
 def _write(tiny, saved, out):
     ds, _, _, builder = tiny
-    return A.save_artifact(out, saved[1], _mappings(ds), {"user": builder.user_dense, "item": builder.item_dense},
+    return A.save_artifact(out, saved[1], artifact_mappings(ds, saved[1]), {"user": builder.user_dense, "item": builder.item_dense},
                            {"source": {"run_dir": "runs/demo", "variant": "distilled"}})
 
 
@@ -395,12 +403,13 @@ def test_tbe_artifact_round_trip_and_agrees_with_the_cpu_kernel(tiny, saved, tmp
     ds, text, model, builder = tiny
     comp = compress_model(model, ds, _settings(), text=text, kernel=KERNEL_TBE)
     out = tmp_path / "tbe"
-    A.save_artifact(out, comp, _mappings(ds), {"user": builder.user_dense, "item": builder.item_dense}, {})
+    A.save_artifact(out, comp, artifact_mappings(ds, comp), {"user": builder.user_dense, "item": builder.item_dense}, {})
     m = verify_artifact(out)
     assert m["serving"] == {"kernel": KERNEL_TBE, "device": "cpu"} and m["model"]["kernel"] == KERNEL_TBE
     p = Predictor.load(out)
     sp = ds.splits["test"]
-    b = builder.build(torch.from_numpy(sp.user), torch.from_numpy(sp.item), torch.from_numpy(sp.label))
+    b = serving_builder(ds, comp, builder).build(torch.from_numpy(sp.user), torch.from_numpy(sp.item),
+                                                 torch.from_numpy(sp.label))
     with torch.no_grad():
         expect = comp.serving(b.dense_features, b.sparse_features.values(), b.sparse_features.lengths()).numpy()
     users, items = _pairs(ds)

@@ -9,6 +9,8 @@ from sparse_kd.compress import quantize as Q
 from sparse_kd.compress.importance import access_counts
 from sparse_kd.compress.planner import option_bytes
 from sparse_kd.metrics import serving_forward, split_batches
+# compress_model(..., row_order="id") throughout: these tests look ids up in the model directly,
+# so tables must stay in id order (the hot-first layout is tested in test_layout.py)
 from sparse_kd.compress.stage import compress_model, model_weights
 
 DTYPES = ["fp32", "fp16", "int8", "int4", "int2"]
@@ -45,7 +47,7 @@ def error_bound(ref: torch.Tensor, dtype: str) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantized_lookup_matches_dequantized_reference(tiny, dtype, kernel):
     ds, text, model, _ = tiny
-    comp = compress_model(model, ds, settings(model, dtype), text=text, kernel=kernel)
+    comp = compress_model(model, ds, settings(model, dtype), text=text, row_order="id", kernel=kernel)
     assert Q.kernel_of(comp.serving) == kernel
     q = Q.extract_qtables(comp.serving)
     w = model_weights(model)
@@ -68,8 +70,8 @@ def test_cpu_kernel_scores_equal_the_tbe_path(tiny, dtype, keep, fill):
     model does, up to float summation order; fp16 also rounds each pooled sum to fp16 once."""
     ds, text, model, builder = tiny
     s = settings(model, dtype, keep=keep, fill=fill, keep_ids_only=False)
-    cpu = compress_model(model, ds, s, text=text)
-    tbe = compress_model(model, ds, s, text=text, kernel=TBE)
+    cpu = compress_model(model, ds, s, text=text, row_order="id")
+    tbe = compress_model(model, ds, s, text=text, row_order="id", kernel=TBE)
     assert (keep < 1.0) == bool(cpu.remaps)  # the pruned cases are pruned
     tol = dict(atol=2e-3, rtol=2 ** -10) if dtype == "fp16" else dict(atol=1e-5, rtol=1e-5)
     for split in ("valid", "test_cold"):
@@ -91,7 +93,7 @@ def test_pruned_ids_zero_mean_text(tiny):
     freq = access_counts(ds, "item_id")
     kept = None
     for fill in ("zero", "mean", "text"):
-        comp = compress_model(model, ds, settings(model, "fp32", keep=0.5, fill=fill), text=text)
+        comp = compress_model(model, ds, settings(model, "fp32", keep=0.5, fill=fill), text=text, row_order="id")
         if kept is None:  # zero fill: remap -1 marks the pruned ids (same selection for every fill)
             kept = comp.remaps["t_item_id"] >= 0
         got = lookup_each_id(comp.serving, "item_id", w.shape[0])
@@ -116,14 +118,14 @@ def test_pruned_ids_zero_mean_text(tiny):
             assert comp.tables["t_item_id"]["rows_stored"] == 40  # text fill stores a row per id: no saving
             assert "t_item_id" not in comp.remaps  # rows overwritten in place: no remap needed
     for dtype in DTYPES:  # every operator gives a pruned id nothing (mapping -1, or the zero row)
-        comp = compress_model(model, ds, settings(model, dtype, keep=0.5), text=text)
+        comp = compress_model(model, ds, settings(model, dtype, keep=0.5), text=text, row_order="id")
         got = lookup_each_id(comp.serving, "item_id", w.shape[0])
         assert torch.all(got[~kept] == 0) and torch.all(got[kept].abs().sum(1) > 0), dtype
 
 
 def test_text_fill_falls_back_to_mean_for_features_without_text(tiny):
     ds, text, model, _ = tiny
-    comp = compress_model(model, ds, settings(model, "fp32", keep=0.5, fill="text", keep_ids_only=False), text=text)
+    comp = compress_model(model, ds, settings(model, "fp32", keep=0.5, fill="text", keep_ids_only=False), text=text, row_order="id")
     assert comp.tables["t_tags"]["fill"] == "mean" and comp.tables["t_item_id"]["fill"] == "text"
     assert any("tags" in n for n in comp.notes)
 
@@ -132,14 +134,14 @@ def test_text_fill_falls_back_to_mean_for_features_without_text(tiny):
 def test_remap_array_and_hash_give_identical_outputs_on_the_tbe(tiny, fill):
     ds, text, model, builder = tiny
     s = settings(model, "int4", keep=0.2, fill=fill, keep_ids_only=False)
-    a = compress_model(model, ds, s, remap="array", text=text, kernel=TBE)
-    h = compress_model(model, ds, s, remap="hash", text=text, kernel=TBE)
+    a = compress_model(model, ds, s, remap="array", text=text, row_order="id", kernel=TBE)
+    h = compress_model(model, ds, s, remap="hash", text=text, row_order="id", kernel=TBE)
     assert Q.remap_kind(Q.tbe_of(a.serving)) == "array" and Q.remap_kind(Q.tbe_of(h.serving)) == "hash"
     for split in ("valid", "test_cold"):
         for b, _ in split_batches(ds, builder, split):
             assert torch.equal(serving_forward(a.serving)(b), serving_forward(h.serving)(b))
     # pruning changed something (the comparison is not between two unpruned models)
-    full = compress_model(model, ds, settings(model, "int4"), text=text, kernel=TBE)
+    full = compress_model(model, ds, settings(model, "int4"), text=text, row_order="id", kernel=TBE)
     b, _ = split_batches(ds, builder, "valid")[0]
     assert not torch.equal(serving_forward(full.serving)(b), serving_forward(a.serving)(b))
     # sizes: array = 4 bytes per original id; hash = 2 int32 per slot, round_up(mapped ids / 0.5, 32)
@@ -157,7 +159,7 @@ def test_hash_remap_is_refused_on_the_cpu_kernel(tiny):
 
     ds, text, model, _ = tiny
     with pytest.raises(ValueError, match=r"compress\.remap: 'hash' needs the TBE"):
-        compress_model(model, ds, settings(model, "int8", keep=0.5), remap="hash", text=text)
+        compress_model(model, ds, settings(model, "int8", keep=0.5), remap="hash", text=text, row_order="id")
     demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
     with pytest.raises(ConfigError, match=r"compress\.remap: 'hash' needs compress\.serve_device: cuda"):
         load_config(demo, ["compress.remap=hash"])
@@ -172,7 +174,7 @@ def test_table_bytes_equal_real_buffers(tiny):
     s["age"]["dtype"], s["tags"]["dtype"], s["item_id"]["dtype"] = "fp16", "int2", "fp32"
     d = 8  # embedding dim of the tiny model
     for kernel in (Q.KERNEL_CPU, TBE):
-        comp = compress_model(model, ds, s, text=text, kernel=kernel)
+        comp = compress_model(model, ds, s, text=text, row_order="id", kernel=kernel)
         tb = Q.table_bytes(comp.serving)
         if kernel == TBE:
             tbe = Q.tbe_of(comp.serving)
@@ -206,7 +208,7 @@ def test_table_bytes_equal_real_buffers(tiny):
 @pytest.mark.parametrize("kernel, remap", [(Q.KERNEL_CPU, "array"), (TBE, "hash")])
 def test_quantized_model_scripts_and_matches_eager(tiny, kernel, remap):
     ds, text, model, builder = tiny
-    comp = compress_model(model, ds, settings(model, "int4", keep=0.5, fill="mean"), remap=remap, text=text, kernel=kernel)
+    comp = compress_model(model, ds, settings(model, "int4", keep=0.5, fill="mean"), remap=remap, text=text, row_order="id", kernel=kernel)
     sm = Q.script_model(comp.serving)
     for b, _ in split_batches(ds, builder, "test"):
         v, l = b.sparse_features.values(), b.sparse_features.lengths()

@@ -11,7 +11,7 @@ import torch
 
 from sparse_kd.compress.planner import BudgetError
 from sparse_kd.compress.prune import table_settings
-from sparse_kd.compress.stage import compress_model, compress_run, load_run, model_weights
+from sparse_kd.compress.stage import compress_model, compress_run, load_run, model_weights, serving_builder, serving_dataset
 from sparse_kd.config import CompressConfig, StudyConfig
 from sparse_kd.metrics import binary_metrics, evaluate, fp32_forward, serving_forward
 from sparse_kd.serve import Predictor
@@ -142,7 +142,8 @@ def test_compress_study_writes_csv_json_png(run_folder, tmp_path):
     comp = compress_model(baseline, ds, settings, text=inp.text)
     small = by[("baseline", 0.5, "int4")]
     assert small["embedding_bytes"] == comp.embedding_bytes < by[("baseline", 1.0, "fp32")]["embedding_bytes"]
-    assert small["test_auc"] == pytest.approx(evaluate(serving_forward(comp.serving), ds, inp.builder)["test"]["auc"], abs=1e-9)
+    got = evaluate(serving_forward(comp.serving), serving_dataset(ds, comp), serving_builder(ds, comp, inp.builder))
+    assert small["test_auc"] == pytest.approx(got["test"]["auc"], abs=1e-9)
     for v in ("baseline", "distilled"):
         mine = [r for r in rows if r["variant"] == v]
         assert [r["pareto"] for r in mine] == pareto_front([(r["embedding_bytes"], r["test_auc"]) for r in mine])

@@ -21,6 +21,11 @@ def test_selection_uses_validation_splits_only():
     assert S.selection_score(_m(0.70, 0.99, 0.99)) == pytest.approx(0.70)
     assert S.selection_score(_m(0.70, 0.10, 0.10, valid_cold=0.60)) == pytest.approx(0.65)
     assert S.selection_score(_m(0.70, 0.5, 0.5, valid_cold=float("nan"))) == pytest.approx(0.70)
+    # study.select_on: valid alone ignores valid_cold; test splits cannot be chosen on
+    assert S.selection_score(_m(0.70, 0.10, 0.10, valid_cold=0.60), ("valid",)) == pytest.approx(0.70)
+    assert S.selection_score(_m(0.70, 0.10, 0.10, valid_cold=0.60), ("valid_cold",)) == pytest.approx(0.60)
+    with pytest.raises(ValueError, match="not validation splits"):
+        S.selection_score(_m(0.70, 0.10, 0.10), ("test",))
     assert S.choose({"combined": 0.70, "search_0": 0.71, "search_1": float("nan")}) == "search_0"
     assert S.choose({"combined": 0.70, "search_0": 0.70}) == "combined"  # ties keep the earliest
 
@@ -90,3 +95,12 @@ def test_data_facts_see_cold_items_as_untrained():
     assert facts["test_cold"]["rows_with_trained_item"] == 0.0
     assert facts["test"]["rows_with_trained_item"] > 0.5
     assert 0.0 <= facts["valid"]["rows_with_trained_user"] <= 1.0
+
+
+def test_select_on_is_validated(tmp_path):
+    cfg = tiny_config(str(tmp_path))
+    assert replace(cfg, ["study.select_on=[valid]"]).study.select_on == ("valid",)
+    with pytest.raises(ConfigError, match="study.select_on"):
+        replace(cfg, ["study.select_on=[test]"])
+    with pytest.raises(ConfigError, match="study.select_on"):
+        replace(cfg, ["study.select_on=[]"])

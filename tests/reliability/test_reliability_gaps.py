@@ -265,7 +265,7 @@ def _compress_fixtures():
 def artifact(tmp_path_factory):
     """A real artifact of a quickly trained tiny DLRM; items 'tags' bags include empty ones."""
     from sparse_kd.compress import artifact as A
-    from sparse_kd.compress.stage import _mappings, compress_model
+    from sparse_kd.compress.stage import artifact_mappings, compress_model
 
     fx = _compress_fixtures()
     ds, text = fx.make_dataset(num_users=30, num_items=20, per_user=10)
@@ -273,7 +273,7 @@ def artifact(tmp_path_factory):
     settings = {f.name: {"keep_ratio": 1.0, "dtype": "int8", "fill": "zero"} for f in ds.features}
     comp = compress_model(model, ds, settings, text=text)
     out = tmp_path_factory.mktemp("art") / "artifact"
-    A.save_artifact(out, comp, _mappings(ds), {"user": builder.user_dense, "item": builder.item_dense}, {"test": True})
+    A.save_artifact(out, comp, artifact_mappings(ds, comp), {"user": builder.user_dense, "item": builder.item_dense}, {"test": True})
     return out, ds
 
 

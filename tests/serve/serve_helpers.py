@@ -25,11 +25,11 @@ def compress_fixtures():
 
 def save(out: Path, model, ds, builder, dtype: str, text: dict, config: Optional[dict] = None) -> Path:
     from sparse_kd.compress import artifact as A
-    from sparse_kd.compress.stage import _mappings, compress_model
+    from sparse_kd.compress.stage import artifact_mappings, compress_model
 
     settings = {f.name: {"keep_ratio": 1.0, "dtype": dtype, "fill": "zero"} for f in ds.features}
     comp = compress_model(model, ds, settings, text=text)
-    A.save_artifact(out, comp, _mappings(ds), {"user": builder.user_dense, "item": builder.item_dense},
+    A.save_artifact(out, comp, artifact_mappings(ds, comp), {"user": builder.user_dense, "item": builder.item_dense},
                     config or {"dtype": dtype})
     return out
 
