@@ -5,8 +5,9 @@ jobs hits every variant alike):
 
 * ``embbag_fp32``      plain ``torch.nn.EmbeddingBag`` (mode sum), one per table, fed the batch's
                        int64 ids: the floor every target is a ratio to;
-* ``embbag_fp32_i32``  the same fed int32 ids and offsets (for reference: the serving lookup
-                       casts ids to int32 inside its timed call);
+* ``embbag_fp32_i32``  the same fed int32 ids and offsets (for reference: the serving lookup is
+                       fed int32 ids, as the predictor keeps a CPU artifact's entity bags; each
+                       target also reports its ratio to this floor);
 * ``{dt}``             the CPU serving lookup of compressed artifacts,
                        :class:`sparse_kd.compress.quantize.QuantizedLookup`, ``torch.jit.script``-ed,
                        ``num_workers`` = threads (forked runs of samples, intra-op threads 1, as
@@ -16,6 +17,10 @@ jobs hits every variant alike):
 * ``{dt}+prune``       the same built from the kept rows only (``embedding_bag_rowwise_prune``,
                        ``--keep`` of each table, the ones Zipf ids hit most); ids go through the
                        remap (to their row, or to one all-zero row) into the same operators;
+* ``{dt}+prune/fold``  the same pruned tables served with ``compress.remap: fold``: the remap
+                       is composed into the entity bags, so ids arrive as stored rows and the
+                       tables hold no remap (pruned ids point at the all-zero row here, so the
+                       lookup reads as many ids as with the array remap);
 * ``fp32``             the serving lookup of an uncompressed (fp32) artifact, for reference: what
                        the serving layout alone gives, with no quantization;
 
@@ -24,8 +29,11 @@ and ``sparse-kd serve`` lay them out: rows stored hot-first (:mod:`sparse_kd.com
 ordered by read counts of an independent ``--train-ids`` sample of each table's ids, standing
 for the training log; the ids of a table kept whole arrive already permuted, as the artifact's
 entity bags hold them, so the permutation costs nothing in the timed call) and the tables on
-transparent huge pages (:mod:`sparse_kd.serve.memory`). ``--layout plain``: id order, the pages
-``torch.jit.load`` gives. The ``embbag_fp32`` floor is always plain ``nn.EmbeddingBag``.
+transparent huge pages (:mod:`sparse_kd.serve.memory`); and the process's malloc keeps freed
+blocks (:func:`sparse_kd.serve.memory.keep_freed_memory`, as ``sparse-kd serve`` sets it: the
+floors, measured in the same process, get it too). ``--layout plain``: id order, the pages
+``torch.jit.load`` gives, malloc as it comes. The ``embbag_fp32`` floor is always plain
+``nn.EmbeddingBag`` (id order, ordinary pages).
 * with ``--tbe``: ``ebc_fp32`` (torchrec ``EmbeddingBagCollection``) and ``{dt}_tbe`` /
   ``{dt}_tbe+prune``, torchrec's quantized EBC on FBGEMM's ``IntNBitTableBatchedEmbeddingBagsCodegen``
   (the kernel artifacts served on CPU before format version 2; now the GPU path);
@@ -73,7 +81,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 from sparse_kd.compress import quantize as Q  # noqa: E402
 from sparse_kd.compress.layout import reorder_table  # noqa: E402
 from sparse_kd.compress.prune import PrunedTable  # noqa: E402
-from sparse_kd.serve.memory import place_on_huge_pages, thp_mode  # noqa: E402
+from sparse_kd.serve.memory import keep_freed_memory, place_on_huge_pages, thp_mode  # noqa: E402
 
 from machine import machine_info, read as _read, write_json  # noqa: E402
 
@@ -85,7 +93,8 @@ DTYPES: Dict[str, torch.dtype] = {
     "int2": torch.quint2x4,
 }
 FLOOR = "embbag_fp32"
-TARGETS = (("int8", 1.5), ("int4", 1.5), ("int8+prune", 1.2), ("int4+prune", 1.2))
+TARGETS = (("int8", 1.5), ("int4", 1.5), ("int8+prune", 1.2), ("int4+prune", 1.2),
+           ("int8+prune/fold", 1.2), ("int4+prune/fold", 1.2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +134,10 @@ class Batch:
             self.per_table.append((values[s:e], (offsets[t * B : (t + 1) * B] - s).contiguous()))
         self.per_table_i32 = [(i.int(), o.int()) for i, o in self.per_table]
         self.ids = int(values.numel())
-        self.served_values = values  # the ids as the serving lookup of whole tables gets them (--layout)
+        # the ids as the serving lookup gets them: int32, as the predictor's entity bags hold them
+        # for CPU artifacts (whole tables' ids permuted too under --layout served)
+        self.served_values = values.int()
+        self.values32 = values.int()
         self.ids_per_table = [int(offsets[(t + 1) * B] - offsets[t * B]) for t in range(T)]
 
 
@@ -477,6 +489,7 @@ def summarize(v: Variant, th: int, copy_gbps: float) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    malloc_tuned = keep_freed_memory() if args.layout == "served" else False
     gen = torch.Generator().manual_seed(args.seed)
     info = machine_info()
     t_start = time.time()
@@ -533,7 +546,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         train = [samplers[t](args.train_ids) for t in range(T)]  # drawn after the batches: independent
         serve_whole, perms = hot_first_tables(ebc, None, train)
         for b in batches:  # whole tables: ids arrive permuted, as the artifact's entity bags hold them
-            b.served_values = torch.cat([perms[t][ids].long() if perms[t] is not None else ids
+            b.served_values = torch.cat([perms[t][ids].int() if perms[t] is not None else ids.int()
                                          for t, (ids, _off) in enumerate(b.per_table)])
         if pruned is not None:
             serve_pruned, serve_remaps = hot_first_tables(pruned, remaps, train)
@@ -549,10 +562,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     for dt in args.dtype_list:
         t0 = time.time()
         group: List[Variant] = []
-        for with_remap in ([False, True] if pruned is not None else [False]):
-            name = dt + ("+prune" if with_remap else "")
+        for mode in (["whole", "array", "fold"] if pruned is not None else ["whole"]):
+            with_remap = mode != "whole"
+            name = dt + {"whole": "", "array": "+prune", "fold": "+prune/fold"}[mode]
             lookup = serving_lookup(serve_pruned if with_remap else serve_whole, dt,
                                     list(serve_remaps) if with_remap else None)
+            if mode == "fold":
+                # remap: fold: the remap lives in the entity bags, the tables hold none; ids arrive
+                # as stored rows (pruned ones at the all-zero row, kept in their bags: the real
+                # fold drops them, so this reads as many ids as the array remap does)
+                folds = [t.mapping.clone() for t in lookup.tables]
+                lookup = Q.QuantizedLookup([Q.PackedTable(t.feature, t.qtype, t.dim, t.weight, None) for t in lookup.tables])
+                for b in batches:
+                    if not hasattr(b, "folded_values"):
+                        b.folded_values = torch.cat([folds[t][ids] for t, (ids, _o) in enumerate(b.per_table)])
             rb = lookup_row_bytes(lookup)
             wbytes = sum(t.weight.numel() * t.weight.element_size() + t.mapping.numel() * 4 for t in lookup.tables)
             sm = torch.jit.script(lookup)
@@ -560,8 +583,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.layout == "served":
                 place_on_huge_pages(sm)
 
-            def ids_of(b: Batch, pruned_ids: bool = with_remap) -> torch.Tensor:
-                return b.values if pruned_ids else b.served_values
+            def ids_of(b: Batch, mode: str = mode) -> torch.Tensor:
+                return {"whole": b.served_values, "array": b.values32, "fold": getattr(b, "folded_values", None)}[mode]
 
             group.append(Variant(name, lambda b, m=sm, f=ids_of: m(f(b), b.lengths), read_bytes(rb, with_remap),
                                  dtype=dt, remap=with_remap, parallel=True, row_bytes=rb[0], weight_bytes=wbytes,
@@ -574,14 +597,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             got = sm(ids_of(batches[0]), batches[0].lengths)
             if not torch.equal(ref, got):
                 raise SystemExit(f"{name}: {top} workers differ from 1 (max |diff| {(ref - got).abs().max()})")
-            if not args.no_profile and dt in ("int8", "int4") and with_remap == (pruned is not None):
+            if not args.no_profile and dt in ("int8", "int4") and mode == ("array" if pruned is not None else "whole"):
                 # one worker: torch.profiler's result parser crashed now and then (SIGSEGV in
                 # _parse_kineto_results) on events of tasks forked onto the inter-op pool
                 n_prof = 3 if args.quick else 20
                 sm.set_num_workers(1)
                 profiles[f"{name}, 1 worker, {top} intra-op threads"] = profile_lookup(
                     lambda b, m=sm, f=ids_of: m(f(b), b.lengths), batches, top, n_prof, 8)
-            if args.tbe and dt != "fp32":
+            if args.tbe and dt != "fp32" and mode != "fold":
                 qebc = quantize(pruned if with_remap else ebc, DTYPES[dt])
                 if with_remap:
                     for tbe in qebc._emb_modules:
@@ -609,8 +632,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, goal in TARGETS:
         r = by.get((name, top))
         if r:
+            i32 = by.get(("embbag_fp32_i32", top))
             targets[f"{name} / {FLOOR} @ {top} threads"] = {
-                "ratio": r["vs_embbag_fp32"], "target": goal, "met": bool(r["vs_embbag_fp32"] and r["vs_embbag_fp32"] >= goal)
+                "ratio": r["vs_embbag_fp32"], "target": goal, "met": bool(r["vs_embbag_fp32"] and r["vs_embbag_fp32"] >= goal),
+                # the same against the floor fed int32 ids too (the serving lookup gets int32 ids)
+                "ratio_vs_embbag_fp32_i32": (r["ids_per_s"] / i32["ids_per_s"]) if i32 else None,
             }
 
     # table
@@ -636,7 +662,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"WARNING: the machine was busy (single-thread variants got {statistics.median(one):.2f} CPU-s per "
               "second): rates are depressed and the ratios below are not trustworthy; rerun on a quiet machine")
     for k, v in targets.items():
-        print(f"target {k}: {v['ratio']:.2f}x (goal {v['target']}x) {'MET' if v['met'] else 'not met'}")
+        print(f"target {k}: {v['ratio']:.2f}x (goal {v['target']}x) {'MET' if v['met'] else 'not met'}"
+              + (f"; {v['ratio_vs_embbag_fp32_i32']:.2f}x the floor fed int32 ids" if v.get("ratio_vs_embbag_fp32_i32") else ""))
     for k, prof in profiles.items():
         print(f"\nprofile: {k}")
         for e in prof:
@@ -655,7 +682,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "config": {
             "tables": T, "rows": args.rows, "dim": args.dim, "batch": B, "bag": args.bag, "dist": args.dist,
             "zipf_a": a, "keep": args.keep, "threads": args.thread_list, "rounds": args.rounds,
-            "layout": args.layout, "train_ids": args.train_ids, "thp": thp_mode(),
+            "layout": args.layout, "train_ids": args.train_ids, "thp": thp_mode(), "malloc_tuned": malloc_tuned,
             "sample_s": args.sample_s, "num_batches": args.num_batches, "quick": args.quick, "seed": args.seed,
             "fp32_gb": T * args.rows * fp32_bytes / 1e9,
         },
@@ -671,8 +698,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             "4-byte remap entry read per id is not counted)",
             "{dt}, {dt}+prune: sparse_kd.compress.quantize.QuantizedLookup (the CPU serving lookup), "
             "torch.jit.script-ed, workers = threads, torch intra-op threads 1 during its samples (an OpenMP team "
-            "spinning between the caller's parallel ops slows the forked workers); its timed call includes the "
-            "int64 -> int32 id cast, the offsets "
+            "spinning between the caller's parallel ops slows the forked workers); it is fed int32 ids (the "
+            "predictor keeps a CPU artifact's entity bags as int32); its timed call includes the offsets "
             "and writing the (B, F, D) output; the floors return one (B, D) tensor per table",
             "embbag_fp32 gets the batch's int64 ids; embbag_fp32_i32 int32 ids and offsets (reference only)",
             "layout served: the serving lookups' rows are stored hot-first (read counts of an independent sample "

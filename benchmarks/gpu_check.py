@@ -285,7 +285,9 @@ def check_lookups(trained: Path, device: torch.device, dtypes=LOOKUP_DTYPES, kee
             t0 = time.perf_counter()
             name = f"lookup_{dtype}" + ("" if keep == 1.0 else f"_keep{keep:g}")
             settings = {f: {"keep_ratio": keep, "dtype": dtype, "fill": "zero"} for f in weights}
-            comp = compress_model(model, ds, settings, kernel="fbgemm_tbe")  # the TBE: what GPU serving runs
+            # the TBE: what GPU serving runs; id order, since the check looks ids up directly (a
+            # hot-first layout moves whole tables' rows and keeps the permutation in the entity bags)
+            comp = compress_model(model, ds, settings, kernel="fbgemm_tbe", row_order="id")
             tbe = tbe_of(comp.serving)
             feats = [spec[0][2:] if spec[0].startswith("t_") else spec[0] for spec in tbe.embedding_specs]
             remaps = [comp.remaps.get(table_name(f)) for f in feats]

@@ -152,8 +152,11 @@ def cmd_serve(args) -> int:
         print("error: nothing to do: give --port P to start the HTTP service, or --user/--item or --pairs to "
               "score pairs (see `sparse-kd serve --help`)", file=sys.stderr)
         return 2
+    from sparse_kd.serve.memory import keep_freed_memory
     from sparse_kd.serve.predictor import Predictor
 
+    if not args.no_malloc_tuning:
+        keep_freed_memory()
     try:
         p = Predictor.load(args.artifact, huge_pages=not args.no_huge_pages)
     except ArtifactError as e:
@@ -186,9 +189,12 @@ def _serve_http(args) -> int:
     """The HTTP ranking service (sparse_kd.serve.server); imports neither transformers nor torchrec."""
     import torch
 
+    from sparse_kd.serve.memory import keep_freed_memory
     from sparse_kd.serve.predictor import ArtifactError
     from sparse_kd.serve.server import run_server
     from sparse_kd.serve.service import Limits, Service
+
+    malloc_tuned = False if args.no_malloc_tuning else keep_freed_memory()
 
     try:
         limits = Limits(args.max_candidates, args.max_pairs, args.max_body_bytes, args.max_pending)
@@ -208,7 +214,8 @@ def _serve_http(args) -> int:
     uv.handlers[:] = logging.getLogger("sparse_kd").handlers
     uv.setLevel(logging.INFO if args.access_log else logging.WARNING)
     uv.propagate = False
-    log.info("torch intra-op threads %d, scoring workers %d", torch.get_num_threads(), workers)
+    log.info("torch intra-op threads %d, scoring workers %d, malloc tuning %s", torch.get_num_threads(), workers,
+             "on" if malloc_tuned else "off")
     try:
         run_server(service, args.host, args.port, access_log=args.access_log)
     except OSError as e:
@@ -403,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-huge-pages", action="store_true",
                    help="keep the tables where torch.jit.load put them (default: on transparent huge pages when "
                         "the kernel allows it: fewer TLB misses per lookup; sparse_kd/serve/memory.py)")
+    g.add_argument("--no-malloc-tuning", action="store_true",
+                   help="leave glibc malloc's thresholds alone (default: keep freed blocks for reuse, so that a "
+                        "lookup's temporaries do not fault in fresh pages on every request; sparse_kd/serve/memory.py)")
     g.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads (default %(default)s: a 1 x 500 ranking is too small to split; "
                         "0 keeps torch's default)")

@@ -268,8 +268,10 @@ class QuantizedLookup(nn.Module):
     feature-major (all B bags of the first table, then the next). With ``num_workers`` > 1 and at
     least ``min_ids_per_worker`` ids per worker, the batch is cut into ``num_workers`` contiguous
     runs of samples; every run but the first is forked onto TorchScript's inter-op pool and the
-    calling thread takes the first. Each run looks up all tables (ids cast to int32 per run: the
-    kernels read half the index bytes) and writes straight into its rows of the output. Each bag
+    calling thread takes the first. Each run looks up all tables and stacks their results into
+    its rows of the output. Ids should arrive as int32 (the kernels read half the index bytes;
+    :class:`sparse_kd.serve.Predictor` keeps a CPU artifact's entity bags as int32); int64 ids are
+    cast per run, an extra pass over the ids and a fresh buffer on every call. Each bag
     is summed by the same kernel over the same rows in the same order whatever the split: results
     are bit-identical for any number of workers.
 
@@ -307,11 +309,15 @@ class QuantizedLookup(nn.Module):
         """Bags b0..b1 of every table into out[b0:b1]."""
         if b1 <= b0:
             return 0
+        pooled: List[Tensor] = []
         for t, table in enumerate(self.tables):
             o = offsets[t * batch + b0: t * batch + b1 + 1]
             s = int(o[0])
             e = int(o[-1])
-            out[b0:b1, t].copy_(table(ids[s:e].to(torch.int32), (o - s).to(torch.int32)))
+            pooled.append(table(ids[s:e].to(torch.int32), (o - s).to(torch.int32)))
+        # one stack into this run's rows (contiguous) after all tables, not a strided copy of each
+        # table's result as it comes: one pass over the output, after the operators
+        torch.stack(pooled, 1, out=out[b0:b1])
         return 0
 
     def forward(self, values: Tensor, lengths: Tensor) -> Tensor:

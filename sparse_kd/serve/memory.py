@@ -1,4 +1,5 @@
-"""Lookup tables on transparent huge pages (THP), for CPU serving.
+"""Memory for CPU serving: lookup tables on transparent huge pages (THP), and a malloc that
+keeps freed memory.
 
 A lookup reads a few rows scattered over tables of hundreds of MB: on 4 KiB pages nearly every
 id costs a TLB miss (a page walk) before its cache miss. On 2 MiB pages the same tables need 512x
@@ -11,10 +12,21 @@ and remaps) into an anonymous mapping that asks for huge pages, copying the byte
 the buffer at the new memory in place (``Tensor.set_``), so the (scripted) model keeps working
 unchanged; values are bit-identical. With THP ``never`` (or off Linux) it changes nothing and
 says so. ``benchmarks/bench_lookup.py`` measures the effect on lookups.
+
+:func:`keep_freed_memory`: every lookup allocates a few temporaries of 100 KB to 1 MB (the
+int32 ids, each operator's (B, D) output). glibc's malloc hands blocks that large out as fresh
+``mmap`` regions, or trims them off the heap when freed, so each call faults its pages in again
+(zero-filled, one fault per 4 KiB) and the faults' writes evict the hot rows from the caches.
+Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (``mallopt``) keeps such blocks in the
+heap for reuse: the process holds on to its peak of temporaries instead. ``sparse-kd serve``
+sets both (``--no-malloc-tuning`` turns it off); jemalloc or tcmalloc through ``LD_PRELOAD``
+are the usual alternatives.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import mmap
 from pathlib import Path
@@ -76,3 +88,24 @@ def place_on_huge_pages(model: Any, min_bytes: int = HUGE_PAGE) -> dict:
         log.info("huge pages: %d table buffers, %.1f MB (transparent huge pages: %s)", report["tensors"],
                  report["bytes"] / 2**20, mode)
     return report
+
+
+M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
+M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Tell glibc's malloc to serve blocks under ``mmap_threshold`` bytes from the heap and to keep
+    up to ``trim_threshold`` freed bytes (module doc). Returns whether it was applied (False where
+    the C library is not glibc)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        log.debug("malloc tuning: not applied (no glibc mallopt)")
+        return False
+    ok = bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
+    log.debug("malloc tuning: %s (mmap threshold %d MB, trim threshold %d MB)", "applied" if ok else "refused",
+             mmap_threshold >> 20, trim_threshold >> 20)
+    return ok

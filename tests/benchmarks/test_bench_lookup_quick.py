@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 VARIANTS = {"embbag_fp32", "embbag_fp32_i32"} | {
-    f"{dt}{prune}" for dt in ("fp32", "fp16", "int8", "int4", "int2") for prune in ("", "+prune")
+    f"{dt}{prune}" for dt in ("fp32", "fp16", "int8", "int4", "int2") for prune in ("", "+prune", "+prune/fold")
 }
 
 
@@ -39,7 +39,8 @@ def test_bench_lookup_quick(tmp_path: Path) -> None:
     assert (rb["embbag_fp32"], rb["fp32"], rb["fp16"], rb["int8"], rb["int4"], rb["int2"]) == (128, 128, 64, 40, 20, 12)
     # the serving layout by default: hot-first rows on huge pages where the kernel allows them
     assert data["config"]["layout"] == "served" and data["config"]["thp"]
-    assert set(data["targets"]) == {f"{v} / embbag_fp32 @ 2 threads" for v in ("int8", "int4", "int8+prune", "int4+prune")}
+    assert set(data["targets"]) == {f"{v} / embbag_fp32 @ 2 threads" for v in ("int8", "int4", "int8+prune", "int4+prune",
+                                                                               "int8+prune/fold", "int4+prune/fold")}
     assert data["profiles"]
     assert "embbag_fp32" in proc.stdout
 
@@ -54,7 +55,8 @@ def test_bench_lookup_quick_with_the_tbe(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     seen = {r["variant"] for r in json.loads(out.read_text())["results"]}
     assert seen == {"embbag_fp32", "embbag_fp32_i32", "ebc_fp32"} | {
-        f"{dt}{tbe}{prune}" for dt in ("int4", "int2") for tbe in ("", "_tbe") for prune in ("", "+prune")}
+        f"{dt}{tbe}{prune}" for dt in ("int4", "int2") for tbe in ("", "_tbe") for prune in ("", "+prune")} | {
+        f"{dt}+prune/fold" for dt in ("int4", "int2")}
 
 
 def test_bench_lookup_paths_quick(tmp_path: Path) -> None:

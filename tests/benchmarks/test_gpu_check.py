@@ -66,7 +66,7 @@ def compressed():
     model = build_dlrm({f.name: f.num_embeddings for f in ds.features}, ub.shape[1] + ib.shape[1], cfg, device="cpu")
     weights = model_weights(model)
     comp = compress_model(model, ds, {f: {"keep_ratio": 0.5, "dtype": "int8", "fill": "zero"} for f in weights},
-                          kernel="fbgemm_tbe")
+                          kernel="fbgemm_tbe", row_order="id")
     tbe = tbe_of(comp.serving)
     feats = [spec[0][2:] for spec in tbe.embedding_specs]
     return tbe, [comp.remaps.get(table_name(f)) for f in feats], [weights[f] for f in feats]

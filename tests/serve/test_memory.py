@@ -54,3 +54,8 @@ def test_nothing_moves_when_the_kernel_says_never(monkeypatch):
     before = m.tables[0].weight.data_ptr()
     assert M.place_on_huge_pages(m) == {"thp": "never", "tensors": 0, "bytes": 0}
     assert m.tables[0].weight.data_ptr() == before
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc only")
+def test_malloc_tuning_applies_on_glibc():
+    assert M.keep_freed_memory() is True
