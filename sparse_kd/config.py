@@ -270,9 +270,11 @@ class CompressConfig:
     cold_weight: float = 0.5
     # planner: measure each option on at most this many interactions per split (seeded subset; 0: all)
     planner_max_examples: int = 200000
-    # hash: TBE only (serve_device cuda); fold: the remap is composed into the entity -> id bags
-    # the server holds anyway (mappings.json), so the model holds none (sparse_kd/compress/prune.py)
-    remap: Literal["array", "hash", "fold"] = "array"
+    # fold (default): the remap is composed into the entity -> id bags the server holds anyway
+    # (mappings.json), so the model holds none: no remap bytes and no remap read per lookup
+    # (sparse_kd/compress/prune.py; docs/BENCHMARKS.md section 1 measures it); array: an int32
+    # remap in the model; hash: TBE only (serve_device cuda)
+    remap: Literal["array", "hash", "fold"] = "fold"
     # stored row order: frequency = hot rows first (fewer cache lines and pages per lookup; exact,
     # scores unchanged; sparse_kd/compress/layout.py), id = the trained order
     row_order: Literal["frequency", "id"] = "frequency"
