@@ -199,7 +199,8 @@ def report_table(report: dict) -> str:
     for t, v in report["tables"].items():
         fill = v["fill"] + (f" ({v['clusters']})" if v.get("clusters") else "")
         rows.append([t, v["dtype"], f"{v['rows_kept']}/{v['rows_original']}", fill, v["rows_stored"],
-                     v["fp32_bytes"], v["bytes"]["weights"] + v["bytes"]["padding"], v.get("remap", ""), v["bytes"]["remap"],
+                     v["fp32_bytes"], v["bytes"]["weights"] + v["bytes"]["padding"],
+                     "row order (folded)" if v.get("permutation_only") else v.get("remap", ""), v["bytes"]["remap"],
                      v["bytes"]["total"], f"{v['fp32_bytes'] / max(1, v['bytes']['total']):.2f}x"])
     b = report["bytes"]
     rows.append(["TOTAL", "", "", "", "", b["fp32_total"], "", "", "", b["total"], f"{b['ratio']:.2f}x"])
