@@ -305,6 +305,9 @@ class StudyConfig:
     # has): valid alone ranks by warm items, as the study's main target (test AUC) does; adding
     # valid_cold trades warm AUC for cold-start AUC
     select_on: tuple[str, ...] = ("valid", "valid_cold")
+    # also let ``chosen`` be any single-method study variant (logit, pairs, align, transfer), not
+    # only ``combined`` and the search candidates: the study trains them anyway
+    choose_among_variants: bool = False
     # planner points of the compression study: embedding storage = fp32 bytes / ratio, one plan per
     # ratio x remap kind (chosen on valid + valid_cold, then evaluated like every grid point)
     compress_budgets: tuple[float, ...] = ()

@@ -14,7 +14,8 @@ Variants: ``baseline`` (no distillation), ``logit`` / ``pairs`` / ``align`` / ``
 method alone, with its settings from the config), ``combined`` (every method enabled in the
 config). ``chosen``: per seed, among ``combined`` and the ``study.search`` candidates (each a
 list of ``distill.*`` overrides on top of the config), the one with the best selection score
-on validation data only: the mean AUC over the validation splits of ``study.select_on``
+on validation data only (with ``study.choose_among_variants``, the single-method variants
+compete too): the mean AUC over the validation splits of ``study.select_on``
 (default both of :data:`SELECT_SPLITS`) that the dataset has. Test splits are never looked at
 to choose.
 """
@@ -80,6 +81,22 @@ def selection_score(metrics: dict, select_on: tuple[str, ...] = SELECT_SPLITS) -
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def choice_scores(cfg: ExperimentConfig, metrics: dict, cands: dict[str, list[str]]
+                  ) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Selection scores of everything ``chosen`` may be (``metrics``: name -> split metrics):
+    the candidates (name -> overrides, ``combined`` first), then, with
+    ``study.choose_among_variants``, each single-method variant of the study. Returns (scores,
+    name -> overrides or a description)."""
+    scores = {n: selection_score(metrics[n], cfg.study.select_on) for n in cands}
+    overrides = dict(cands)
+    if cfg.study.choose_among_variants:  # after the candidates: ties keep combined / the search
+        for v in cfg.study.variants:
+            if v in METHODS and v not in scores and v in metrics:
+                scores[v] = selection_score(metrics[v], cfg.study.select_on)
+                overrides[v] = [f"(study variant: {v} alone)"]
+    return scores, overrides
+
+
 def choose(scores: dict[str, float]) -> str:
     """The candidate with the highest score (ties: the earliest, i.e. ``combined`` first)."""
     best, best_s = None, -math.inf
@@ -139,15 +156,14 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     for v in cfg.study.variants:
         out[v] = train(dataclasses.replace(cfg, distill=variant_distill(cfg, v)), v)
     cands = candidates(cfg)
-    scores = {}
     for name, (ccfg, _) in cands.items():
         if name not in out:
             out[name] = train(ccfg, name)  # cfg is already this seed's, so each candidate is too
-        scores[name] = selection_score(out[name], cfg.study.select_on)
+    scores, overrides = choice_scores(cfg, out, {n: ov for n, (_, ov) in cands.items()})
     chosen = choose(scores)
     out["chosen"] = out[chosen]
     out["data_facts"] = data_facts(ds)
-    out["search"] = {"chosen": chosen, "scores": scores, "overrides": {n: ov for n, (_, ov) in cands.items()},
+    out["search"] = {"chosen": chosen, "scores": scores, "overrides": overrides,
                      "select_on": [s for s in cfg.study.select_on if s in out[chosen]]}
     if env.is_main:
         log.info("[seed %d] chosen on validation: %s (scores %s)", seed, chosen, {k: round(v, 4) for k, v in scores.items()})

@@ -104,3 +104,19 @@ def test_select_on_is_validated(tmp_path):
         replace(cfg, ["study.select_on=[test]"])
     with pytest.raises(ConfigError, match="study.select_on"):
         replace(cfg, ["study.select_on=[]"])
+
+
+def test_choose_among_variants_lets_a_single_method_win_on_validation(tmp_path):
+    cfg = replace(tiny_config(str(tmp_path)), ["study.variants=[baseline,logit,transfer,combined]",
+                                               "study.select_on=[valid]"])
+    metrics = {"combined": _m(0.70, 0.9, 0.9), "search_0": _m(0.71, 0.1, 0.1), "logit": _m(0.72, 0.5, 0.5),
+               "transfer": _m(0.71, 0.5, 0.5), "baseline": _m(0.99, 0.99, 0.99)}
+    cands = {"combined": [], "search_0": ["distill.pairs.enabled=true"]}
+    scores, _ = S.choice_scores(cfg, metrics, cands)
+    assert S.choose(scores) == "search_0" and "logit" not in scores  # off by default
+    on = replace(cfg, ["study.choose_among_variants=true"])
+    scores, overrides = S.choice_scores(on, metrics, cands)
+    assert S.choose(scores) == "logit" and "baseline" not in scores  # never the baseline
+    assert overrides["logit"] == ["(study variant: logit alone)"]
+    metrics["logit"] = _m(0.71, 0.5, 0.5)  # a tie with search_0: the earlier candidate keeps it
+    assert S.choose(S.choice_scores(on, metrics, cands)[0]) == "search_0"
