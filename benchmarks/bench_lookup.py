@@ -136,8 +136,8 @@ class Batch:
         self.ids = int(values.numel())
         # the ids as the serving lookup gets them: int32, as the predictor's entity bags hold them
         # for CPU artifacts (whole tables' ids permuted too under --layout served)
-        self.served_values = values.int()
         self.values32 = values.int()
+        self.served_values = self.values32
         self.ids_per_table = [int(offsets[(t + 1) * B] - offsets[t * B]) for t in range(T)]
 
 

@@ -26,7 +26,7 @@ these rows (``kernel``, recorded in the artifact; see :mod:`sparse_kd.serve.form
     samples dispatched with ``torch.jit.fork`` (TorchScript's inter-op pool), each operator on
     one thread (torch's intra-op threads at 1). Each bag is summed by the same kernel over the
     same rows in the same order either way: results are bit-identical for any number of
-    workers. Ids are cast to int32 per run (the kernels read half the index bytes).
+    workers. Ids are read as int32 (the predictor passes them so; int64 ids are cast per run).
     ``remap: hash`` is not available here (the operators take an array).
 
 ``fbgemm_tbe`` (GPU serving, ``compress.serve_device: cuda``)
@@ -314,7 +314,7 @@ class QuantizedLookup(nn.Module):
             o = offsets[t * batch + b0: t * batch + b1 + 1]
             s = int(o[0])
             e = int(o[-1])
-            pooled.append(table(ids[s:e].to(torch.int32), (o - s).to(torch.int32)))
+            pooled.append(table(ids[s:e].to(torch.int32), o - s))
         # one stack into this run's rows (contiguous) after all tables, not a strided copy of each
         # table's result as it comes: one pass over the output, after the operators
         torch.stack(pooled, 1, out=out[b0:b1])
@@ -326,8 +326,9 @@ class QuantizedLookup(nn.Module):
         out = torch.empty(batch, f, self.dim, dtype=torch.float32, device=values.device)
         if batch == 0:
             return out
-        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=values.device)
-        offsets[1:] = torch.cumsum(lengths.to(torch.int64), 0)
+        # int32 like the ids (a request batch holds far fewer than 2**31 ids): no cast per table
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=values.device)
+        offsets[1:] = torch.cumsum(lengths, 0, dtype=torch.int32)
         shards = 1
         if self.num_workers > 1:
             shards = min(self.num_workers, batch, values.numel() // self.min_ids_per_worker)

@@ -445,8 +445,8 @@ class ColumnarDataset(RecDataset):
         if workers < 0:
             # auto: a worker process beside each rank only pays where the rank leaves cores idle (a GPU
             # step); on CPU training the cores are the step's, and the worker's decode plus the batch
-            # handoff cost more than building inline (benchmarks/bench_data.py: streamed / in-memory
-            # examples/s 0.58x with 1 worker per rank, 1.02x with 0, 2 ranks on 2 cores)
+            # handoff cost more than building inline (benchmarks/bench_data.py, 2 ranks on 2 cores:
+            # streamed / in-memory examples/s 0.58x with 1 worker per rank, 1.001x with 0; docs/BENCHMARKS.md §5)
             import torch
 
             workers = 1 if torch.cuda.is_available() else 0

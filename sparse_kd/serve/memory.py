@@ -74,13 +74,11 @@ def place_on_huge_pages(model: Any, min_bytes: int = HUGE_PAGE) -> dict:
     if mode not in ("always", "madvise") or not hasattr(mmap, "MADV_HUGEPAGE"):
         log.info("huge pages: not used (transparent huge pages: %s)", mode)
         return report
-    seen: set[int] = set()
     with torch.no_grad():
-        for _name, buf in model.named_buffers():
+        for _name, buf in model.named_buffers():  # each shared buffer once
             nbytes = buf.numel() * buf.element_size()
-            if buf.device.type != "cpu" or nbytes < min_bytes or not buf.is_contiguous() or id(buf) in seen:
+            if buf.device.type != "cpu" or nbytes < min_bytes or not buf.is_contiguous():
                 continue
-            seen.add(id(buf))
             buf.set_(huge_page_copy(buf))
             report["tensors"] += 1
             report["bytes"] += nbytes

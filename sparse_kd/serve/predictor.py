@@ -131,8 +131,7 @@ class Predictor:
             raise ArtifactError(f"mappings.json: no mapping for features {missing}")
         self.owners = [feats[k]["owner"] for k in self.keys]
         # a CPU artifact's lookups read int32 ids: the bags are kept as int32, so that no request
-        # pays an int64 -> int32 cast (measured: the cast and its fresh memory cost int4 lookups
-        # about a fifth of their rate; benchmarks/bench_lookup.py)
+        # pays an int64 -> int32 cast (a pass over the ids into a fresh buffer on every call)
         cpu_kernel = manifest.get("serving", {}).get("kernel") != KERNEL_TBE
         self.csr = [_CSR(feats[k]["offsets"], feats[k]["values"], np.int32 if cpu_kernel else np.int64)
                     for k in self.keys]

@@ -52,6 +52,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from sparse_kd.serve import ArtifactError, Predictor  # the predictor's public API only
+from sparse_kd.serve.predictor import DEFAULT_MAX_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +300,8 @@ def load_artifact(path: str | Path, max_batch: Optional[int] = None, attempts: i
     for _ in range(attempts):
         t0 = time.perf_counter()
         _, before, _ = _manifest_state(d)
-        kw = {"huge_pages": huge_pages} if max_batch is None else {"huge_pages": huge_pages, "max_batch": max_batch}
-        predictor = Predictor.load(d, **kw)
+        predictor = Predictor.load(d, max_batch=DEFAULT_MAX_BATCH if max_batch is None else max_batch,
+                                   huge_pages=huge_pages)
         mappings = json.loads((d / "mappings.json").read_text(encoding="utf-8"))
         signature, after, data = _manifest_state(d)
         if before is not None and before == after:
