@@ -15,7 +15,10 @@ wrong methods and paths) are sent by the same clients: each must get a 4xx, and 
 still answer ``/health`` and a valid ``/rank`` afterwards. Before the server starts, the same
 rankings are timed in process (``Predictor.score``, the floor under the HTTP latency), and the
 per-request cost of Starlette, FastAPI and FastAPI + a pydantic body model is measured in process
-on a trivial handler (``framework_overhead``; why the service uses Starlette).
+on a trivial handler (``framework_overhead``; why the service uses Starlette), and so is the JSON
+work around scoring with the standard library's json and with orjson (``codec_overhead``; why the
+service uses orjson). ``--http h11 --loop asyncio`` runs the server on uvicorn's pure-Python parser
+and loop instead of httptools and uvloop.
 
 Latency is measured by the client: request written to response read. Requests per second:
 successful requests over the phase's wall time. Everything is bounded (``--seconds`` per phase,
@@ -199,6 +202,35 @@ def framework_overhead(calls: int, rounds: int) -> Dict[str, Any]:
             "note": "in-process ASGI call of a trivial endpoint that parses a 1 x 500 rank body; no network, no scoring"}
 
 
+def codec_overhead(bodies: List[bytes], calls: int, rounds: int) -> Dict[str, Any]:
+    """Microseconds per 1 x N rank request of the JSON work the service does around scoring, with
+    the standard library's json and with orjson (what the service uses): parse the request body,
+    write the response (N scores as floats, the order, flags). Median over interleaved rounds."""
+    import numpy as np
+    import orjson
+
+    n = len(json.loads(bodies[0])["items"])
+    rng = np.random.default_rng(0)
+    answers = [{"user": "u1", "scores": rng.random(n, dtype=np.float32).tolist(), "order": rng.permutation(n).tolist(),
+                "unknown_user": False, "unknown_items": [n - 2, n - 1], "artifact": "0123456789ab"} for _ in range(8)]
+    work = {
+        "json_parse": lambda k: json.loads(bodies[k % len(bodies)]),
+        "orjson_parse": lambda k: orjson.loads(bodies[k % len(bodies)]),
+        "json_dump": lambda k: json.dumps(answers[k % 8], separators=(",", ":"), allow_nan=False).encode(),
+        "orjson_dump": lambda k: orjson.dumps(answers[k % 8]),
+    }
+    samples: Dict[str, List[float]] = {k: [] for k in work}
+    for _ in range(rounds):
+        for name, fn in work.items():
+            t0 = time.perf_counter()
+            for k in range(calls):
+                fn(k)
+            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+    med = {k: round(statistics.median(v), 1) for k, v in samples.items()}
+    return {"us_per_request_median": med, "candidates": n, "calls_per_round": calls, "rounds": rounds,
+            "note": "parse: one request body; dump: one response body (python floats of float32 scores)"}
+
+
 # ------------------------------------------------------------------------------------------ server
 
 
@@ -208,6 +240,7 @@ def start_server(artifact: str, log: Path, args: argparse.Namespace) -> tuple[su
            "--max-candidates", str(max(args.candidates, 1000))]
     if args.server_workers is not None:
         cmd += ["--workers", str(args.server_workers)]
+    cmd += ["--http", args.http, "--loop", args.loop]
     f = open(log, "w")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -484,6 +517,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--dim", type=int, default=None, help="embedding dim (default 64; quick 16)")
     ap.add_argument("--server-threads", type=int, default=1, help="serve --torch-threads")
     ap.add_argument("--server-workers", type=int, default=None, help="serve --workers (default: serve's default)")
+    ap.add_argument("--http", choices=("auto", "httptools", "h11"), default="auto", help="serve --http")
+    ap.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="serve --loop")
     ap.add_argument("--max-body-bytes", type=int, default=65536, help="serve --max-body-bytes (a 1 x 500 body is far smaller)")
     ap.add_argument("--max-seconds", type=float, default=900, help="stop starting new phases after this long")
     ap.add_argument("--in-process-calls", type=int, default=None, help="Predictor.score calls timed per dtype (default 500; quick 50)")
@@ -529,6 +564,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    for dt in args.dtype_list}
         print("timing the web frameworks in process", flush=True)
         overhead = framework_overhead(200 if args.quick else 2000, 3 if args.quick else 7)
+        codec = codec_overhead(bodies, 200 if args.quick else 2000, 3 if args.quick else 7)
         ctx = mp.get_context("spawn")
         stop = ctx.Event()
         pool = ctx.Pool(args.clients, initializer=_init_client, initargs=(stop,))
@@ -569,7 +605,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if pool is not None:
             pool.terminate()
         rc = stop_server(proc) if proc is not None else None
-        log_tail = (work / "server.log").read_text()[-4000:] if (work / "server.log").exists() else ""
+        log_text = (work / "server.log").read_text() if (work / "server.log").exists() else ""
+        log_tail = log_text[-4000:]
+        m = re.search(r"HTTP (\w+) on (\w+)", log_text)
+        server_impl = {"http": m.group(1), "loop": m.group(2)} if m else None
         shutil.rmtree(work, ignore_errors=True)
 
     tgt = next((p for p in phases if p["dtype"] == TARGETS["dtype"]), None)
@@ -600,6 +639,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"| {p['dtype']} | {p['requests_per_s']} | {p['p50_ms']} | {p['p99_ms']} | {p['max_ms']} | {p['errors']} | "
               f"{p['in_process']['p50_ms']} | {p['swap']['reload_s']} | {p['swap']['window']['errors']} |")
     print(f"\nframework overhead, us per request (in process): {overhead['us_per_request_median']}")
+    print(f"JSON work, us per request (in process): {codec['us_per_request_median']}")
     for k, v in targets.items():
         print(f"target {k}: {v['value']} (goal {v['target']}) {'MET' if v['met'] else 'not met'}")
     doc = {
@@ -611,11 +651,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         "loadavg_1m_end": load_end,
         "config": {k: getattr(args, k) for k in ("quick", "dtype_list", "clients", "candidates", "seconds", "max_requests",
                                                   "warmup", "malformed", "users", "items", "dim", "server_threads", "server_workers",
-                                                  "max_body_bytes", "seed")},
+                                                  "max_body_bytes", "http", "loop", "seed")},
         "phases": phases,
         "malformed": malformed,
         "framework_overhead": overhead,
+        "codec_overhead": codec,
         "server_metrics_end": {k: v for k, v in final_metrics.items() if not k.startswith("sparse_kd_request_seconds_bucket")},
+        "server_impl": server_impl,
         "server_exit_code": rc,
         "server_log_tail": log_tail,
         "targets": targets,

@@ -191,7 +191,7 @@ def _serve_http(args) -> int:
 
     from sparse_kd.serve.memory import keep_freed_memory
     from sparse_kd.serve.predictor import ArtifactError
-    from sparse_kd.serve.server import run_server
+    from sparse_kd.serve.server import implementations, run_server
     from sparse_kd.serve.service import Limits, Service
 
     malloc_tuned = False if args.no_malloc_tuning else keep_freed_memory()
@@ -214,10 +214,12 @@ def _serve_http(args) -> int:
     uv.handlers[:] = logging.getLogger("sparse_kd").handlers
     uv.setLevel(logging.INFO if args.access_log else logging.WARNING)
     uv.propagate = False
-    log.info("torch intra-op threads %d, scoring workers %d, malloc tuning %s", torch.get_num_threads(), workers,
-             "on" if malloc_tuned else "off")
+    auto_http, auto_loop = implementations()
+    impl = (auto_http if args.http == "auto" else args.http, auto_loop if args.loop == "auto" else args.loop)
+    log.info("torch intra-op threads %d, scoring workers %d, malloc tuning %s, HTTP %s on %s",
+             torch.get_num_threads(), workers, "on" if malloc_tuned else "off", *impl)
     try:
-        run_server(service, args.host, args.port, access_log=args.access_log)
+        run_server(service, args.host, args.port, access_log=args.access_log, impl=impl)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -423,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require this value in the X-Admin-Token header of POST /admin/reload (default: no token; "
                         "keep the default --host then)")
     g.add_argument("--access-log", action="store_true", help="log every request (costs time per request)")
+    g.add_argument("--http", choices=("auto", "httptools", "h11"), default="auto",
+                   help="uvicorn's HTTP parser (default auto: httptools when installed, else h11)")
+    g.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="uvicorn's event loop (default auto: uvloop when installed, else asyncio)")
     sp = add("add-items", cmd_add_items, "Add items known only by their text to an artifact: encode items.csv's "
              "texts with the teacher, compute their rows through the artifact's text map, write the artifact "
              "atomically, and optionally tell a running service to swap it in.", config=False, epilog=ADD_ITEMS_EPILOG)

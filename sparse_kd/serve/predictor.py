@@ -15,7 +15,8 @@ Scoring (:meth:`Predictor.score`) returns click probabilities, sigmoid(logit), a
 
 * unknown user / item id: every bag of that entity's features is empty (the sum-pooled embedding
   is a zero vector) and its dense features are zeros, like a cold entity with no data. Unknown
-  ids are counted: ``stats`` of the call (``return_stats=True``), the running totals in
+  ids are counted: ``stats`` of the call (``return_stats=True``; ``unknown_user_at`` and
+  ``unknown_item_at`` list their positions in the arguments), the running totals in
   :attr:`Predictor.stats`, and a log line at INFO.
 * empty input: an empty array, the model is not run.
 * more pairs than ``max_batch``: split into chunks of ``max_batch`` internally; the result is
@@ -82,6 +83,8 @@ def _load_model(d: Path, manifest: dict) -> tuple[torch.jit.ScriptModule, torch.
 
 
 class _CSR:
+    """One feature's entity bags: entity k owns ``values[offsets[k]:offsets[k + 1]]``."""
+
     def __init__(self, offsets: Sequence[int], values: Sequence[int], dtype: Any = np.int64) -> None:
         self.offsets = np.asarray(offsets, dtype=np.int64)
         v = np.asarray(values, dtype=np.int64)
@@ -89,10 +92,16 @@ class _CSR:
             dtype = np.int64
         self.values = v.astype(dtype, copy=False)
         self.lengths = np.diff(self.offsets)
+        # every entity owns exactly one id (an id feature, a one-hot category): a gather is one take
+        self.single = bool(self.lengths.size) and bool((self.lengths == 1).all())
 
     def gather(self, ents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ents (B,) entity indices, -1 unknown -> lengths (B,), values (sum lengths,)."""
         known = ents >= 0
+        if self.single:
+            if known.all():
+                return np.ones(ents.shape[0], dtype=np.int64), self.values[ents]
+            return known.astype(np.int64), self.values[ents[known]]
         e = np.where(known, ents, 0)
         lengths = np.where(known, self.lengths[e], 0)
         starts = self.offsets[e]
@@ -100,6 +109,19 @@ class _CSR:
         excl = np.cumsum(lengths) - lengths
         idx = np.repeat(starts - excl, lengths) + np.arange(total)
         return lengths, self.values[idx]
+
+
+class _Index(dict):
+    """id -> row of the artifact's id list; an unknown id reads -1 (so the whole list maps in one
+    C loop, ``map(index.__getitem__, ids)``, with no Python call per known id)."""
+
+    __slots__ = ()
+
+    def __missing__(self, key: Any) -> int:
+        return -1
+
+    def rows(self, ids: list) -> np.ndarray:
+        return np.fromiter(map(self.__getitem__, ids), dtype=np.int64, count=len(ids))
 
 
 def _check_ids(name: str, ids: Any) -> list:
@@ -123,8 +145,8 @@ class Predictor:
         self.manifest = manifest
         self.max_batch = int(max_batch)
         self.keys: list[str] = list(manifest["model"]["keys"])
-        self.user_index = {u: k for k, u in enumerate(mappings["user_ids"])}
-        self.item_index = {i: k for k, i in enumerate(mappings["item_ids"])}
+        self.user_index = _Index((u, k) for k, u in enumerate(mappings["user_ids"]))
+        self.item_index = _Index((i, k) for k, i in enumerate(mappings["item_ids"]))
         feats = mappings["features"]
         missing = [k for k in self.keys if k not in feats]
         if missing:
@@ -190,8 +212,8 @@ class Predictor:
 
     def inputs(self, user_ids: list[str], item_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """Model inputs for one chunk: dense (B, Dd), values (nnz,), lengths (F*B,), stats."""
-        u = np.fromiter((self.user_index.get(x, -1) for x in user_ids), dtype=np.int64, count=len(user_ids))
-        i = np.fromiter((self.item_index.get(x, -1) for x in item_ids), dtype=np.int64, count=len(item_ids))
+        u = self.user_index.rows(user_ids)
+        i = self.item_index.rows(item_ids)
         lengths, values = [], []
         for owner, csr in zip(self.owners, self.csr):
             ln, vl = csr.gather(u if owner == "user" else i)
@@ -200,7 +222,9 @@ class Predictor:
         ud = np.where((u >= 0)[:, None], self.user_dense[np.maximum(u, 0)], 0.0)
         idn = np.where((i >= 0)[:, None], self.item_dense[np.maximum(i, 0)], 0.0)
         dense = torch.from_numpy(np.concatenate([ud, idn], axis=1).astype(np.float32))
-        stats = {"unknown_users": int((u < 0).sum()), "unknown_items": int((i < 0).sum())}
+        bad_u, bad_i = np.flatnonzero(u < 0), np.flatnonzero(i < 0)
+        stats = {"unknown_users": int(bad_u.size), "unknown_items": int(bad_i.size),
+                 "unknown_user_at": bad_u, "unknown_item_at": bad_i}
         return (
             dense,
             torch.from_numpy(np.concatenate(values)),
@@ -215,17 +239,22 @@ class Predictor:
         if len(users) != len(items):
             raise ValueError(f"user_ids has {len(users)} ids but item_ids has {len(items)}; give one item per user")
         stats = {"pairs": len(users), "unknown_users": 0, "unknown_items": 0, "chunks": 0}
-        outs = []
+        outs, bad_u, bad_i = [], [], []
         with torch.no_grad():
             for lo in range(0, len(users), self.max_batch):
                 dense, values, lengths, st = self.inputs(users[lo: lo + self.max_batch], items[lo: lo + self.max_batch])
                 outs.append(self._run(dense, values, lengths))
                 stats["unknown_users"] += st["unknown_users"]
                 stats["unknown_items"] += st["unknown_items"]
+                bad_u.append(st["unknown_user_at"] + lo)
+                bad_i.append(st["unknown_item_at"] + lo)
                 stats["chunks"] += 1
         result = np.concatenate(outs) if outs else np.zeros(0, dtype=np.float32)
         for k, v in stats.items():
             self.stats[k] += v
+        # positions of the unknown ids in the arguments, as lists of int (this call's stats only)
+        stats["unknown_user_at"] = np.concatenate(bad_u).tolist() if bad_u else []
+        stats["unknown_item_at"] = np.concatenate(bad_i).tolist() if bad_i else []
         self.stats["calls"] += 1
         if stats["unknown_users"] or stats["unknown_items"]:
             log.info("scored %d pairs: %d unknown user ids, %d unknown item ids (zero embeddings, zero dense)",

@@ -213,6 +213,12 @@ def test_predictor_edges(tiny, saved):
     assert np.all((whole > 0) & (whole < 1))
     _, st3 = p.score(["ghost", "u1"], ["i1", "ghost"], return_stats=True)
     assert (st3["unknown_users"], st3["unknown_items"]) == (1, 1)
+    assert st3["unknown_user_at"] == [0] and st3["unknown_item_at"] == [1]
+    # positions count from the start of the arguments, across chunks
+    us, its = list(users[:20]), list(items[:20])
+    us[3], its[9], its[15] = "ghost", "ghost", "ghost"
+    _, st4 = small.score(us, its, return_stats=True)
+    assert st4["chunks"] == 3 and st4["unknown_user_at"] == [3] and st4["unknown_item_at"] == [9, 15]
     assert p.stats["unknown_users"] >= 1 and p.stats["calls"] >= 2
 
 

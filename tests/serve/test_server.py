@@ -21,10 +21,12 @@ from sparse_kd.serve.server import running_server
 from serve_helpers import copy_artifact, get, post, prometheus, request
 
 
-@pytest.fixture(scope="module")
-def server(artifacts):
+@pytest.fixture(scope="module", params=[None, ("h11", "asyncio")], ids=["default-impl", "h11-asyncio"])
+def server(artifacts, request):
+    """The service on uvicorn's default (httptools + uvloop when installed) and on its pure-Python
+    parser and loop: bad input must be a 4xx on both."""
     svc = Service(artifacts.a, Limits(max_candidates=50, max_pairs=40, max_body_bytes=4096))
-    with running_server(svc) as url:
+    with running_server(svc, impl=request.param) as url:
         yield url, svc
 
 
@@ -89,7 +91,9 @@ BAD = [  # (method, path, body, headers, status, words in the message)
     ("POST", "/rank", b'{"user": "\xff\xfe"}', {}, 400, "UTF-8"),
     ("POST", "/rank", b"[" * 2000 + b"]" * 2000, {}, 400, "nested too deeply"),
     ("POST", "/rank", b'{"user": "u1", "items": ["i1"],}', {}, 400, "not valid JSON"),
-    ("POST", "/rank", b"NaN", {}, 422, "must be a JSON object"),
+    ("POST", "/rank", b"NaN", {}, 400, "not valid JSON"),  # not JSON (RFC 8259), though Python's json reads it
+    ("POST", "/rank", b'{"user": "\\ud800", "items": []}', {}, 400, "not valid JSON"),  # a lone surrogate
+    ("POST", "/rank", b'{"user": "u1", "items": []} x', {}, 400, "not valid JSON"),
     ("POST", "/rank", b"[]", {}, 422, "must be a JSON object"),
     ("POST", "/rank", b'"u1"', {}, 422, "must be a JSON object"),
     ("POST", "/rank", {"items": ["i1"]}, {}, 422, "missing key 'user'"),
@@ -334,6 +338,21 @@ def test_scoring_on_the_event_loop_gives_the_same_answers(artifacts):
     assert status == 200 and doc["unknown_items"] == [7] and health["workers"] == 0
     np.testing.assert_array_equal(np.asarray(doc["scores"], np.float32),
                                   Predictor.load(artifacts.a).score([users[4]] * 8, items[:7] + ["ghost"]))
+
+
+def test_default_implementations_are_the_c_ones_pinned():
+    from sparse_kd.serve.server import implementations
+
+    assert implementations() == ("httptools", "uvloop")  # both in requirements.lock
+
+
+def test_a_non_finite_score_is_refused_not_sent_as_null():
+    from sparse_kd.serve.service import _dumps
+
+    assert json.loads(_dumps({"scores": [0.25, 0.5]}, np.array([0.25, 0.5], np.float32))) == {"scores": [0.25, 0.5]}
+    for bad in (np.nan, np.inf):
+        with pytest.raises(RuntimeError, match="non-finite score"):
+            _dumps({"scores": [0.25, bad]}, np.array([0.25, bad], np.float32))
 
 
 def test_listening_socket_is_tcp_so_connections_get_nodelay():
