@@ -56,6 +56,7 @@ int4 >= 1.2x the floor.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import statistics
@@ -323,12 +324,20 @@ class Variant:
         todo = [batches[(self.cursor + i) % len(batches)] for i in range(n)]
         self.cursor += n
         self.call(todo[0])  # warm this round (thread switch, caches)
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        for b in todo:
-            self.call(b)
-        dt = time.perf_counter() - t0
-        cpu = time.process_time() - c0
+        # Python's cyclic GC off while timing, as ``timeit`` does: a collection that happens to
+        # start inside one variant's sample would charge it for every object this process holds
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            for b in todo:
+                self.call(b)
+            dt = time.perf_counter() - t0
+            cpu = time.process_time() - c0
+        finally:
+            if gc_was_on:
+                gc.enable()
         ids = sum(b.ids for b in todo)
         nbytes = sum(self.bytes_per_batch(b) for b in todo)
         rate = ids / dt
