@@ -599,11 +599,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  dtype=dt, remap=with_remap, parallel=True, row_bytes=rb[0], weight_bytes=wbytes,
                                  set_workers=sm.set_num_workers,
                                  kernel="torch.ops.quantized" if dt not in ("fp32", "fp16") else "embedding_bag"))
-            # more workers must not change a bit of the result
+            # more workers must not change a bit of the result. Intra-op threads at 1 here too, as
+            # in every timed call: the first fork creates TorchScript's inter-op pool, whose
+            # threads keep the intra-op thread count of that moment for good (at::init_num_threads),
+            # and a forked run should not start an OpenMP team of its own (sparse-kd serve forks
+            # only after setting --torch-threads 1)
+            prev_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
             sm.set_num_workers(1)
             ref = sm(ids_of(batches[0]), batches[0].lengths)
             sm.set_num_workers(top)
             got = sm(ids_of(batches[0]), batches[0].lengths)
+            torch.set_num_threads(prev_threads)
             if not torch.equal(ref, got):
                 raise SystemExit(f"{name}: {top} workers differ from 1 (max |diff| {(ref - got).abs().max()})")
             if not args.no_profile and dt in ("int8", "int4") and mode == ("array" if pruned is not None else "whole"):

@@ -276,7 +276,11 @@ class QuantizedLookup(nn.Module):
     are bit-identical for any number of workers.
 
     Threads: call it with torch's intra-op threads at 1 when ``num_workers`` > 1 (``sparse-kd
-    serve`` does). Measured on 2 cores (``benchmarks/bench_lookup_paths.py``): forked int4 runs
+    serve`` does), from the first call on: the first fork creates TorchScript's inter-op pool,
+    whose threads keep the intra-op thread count of that moment (``at::init_num_threads``), and a
+    forked run on a pool made under 2 threads starts an OpenMP team of its own, which contends
+    with the calling thread for the cores (``benchmarks/bench_lookup.py`` makes its pool under 1
+    thread, as the service does). Measured on 2 cores (``benchmarks/bench_lookup_paths.py``): forked int4 runs
     slow down by half when the caller has 2 intra-op threads (an OpenMP team spinning between
     parallel ops takes the core a forked run needs). The int8 operator can split bags across
     intra-op threads itself, but a lookup of mixed dtypes (what the budget planner builds) cannot
