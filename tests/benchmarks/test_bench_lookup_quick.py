@@ -33,6 +33,12 @@ def test_bench_lookup_quick(tmp_path: Path) -> None:
     for r in data["results"]:
         assert r["ids_per_s"] > 0 and r["row_gb_per_s"] > 0 and r["frac_of_copy_bw"] > 0, r
         assert r["vs_embbag_fp32"] is not None
+        if r["threads"] == 2:  # one stream of batches per core too, paired with the floor's streams
+            assert r["ids_per_s_streams"] > 0 and r["vs_embbag_fp32_streams"] > 0 and r["vs_embbag_fp32_best"] > 0, r
+        else:
+            assert r["ids_per_s_streams"] is None
+    for t in data["targets"].values():  # the verdict is on each side's better use of the cores
+        assert t["ratio_split"] > 0 and t["ratio_streams"] > 0 and t["met"] == (t["ratio"] >= t["target"])
     rb = {r["variant"]: r["row_bytes"] for r in data["results"]}
     # dim 32: fp32 128 B, fp16 64; int8 32 codes + fp32 scale and bias = 40; int4 16 + fp16 scale
     # and bias = 20; int2 8 + 4 = 12 (the CPU operators' rows: no padding)
