@@ -282,9 +282,9 @@ class Loaded:
 
 
 def _dumps(doc: dict, scores: np.ndarray) -> bytes:
-    """The response body (orjson: a tenth of ``json.dumps``'s time on 1 x 500 scores, measured by
-    ``benchmarks/bench_serve.py``, section ``codec_overhead``). orjson writes NaN and inf as null, so a non-finite
-    score is refused here first."""
+    """The response body. orjson writes a 1 x 500 answer in about a twentieth of ``json.dumps``'s
+    time (``codec_overhead`` in docs/bench/serve.json, from ``benchmarks/bench_serve.py``). It
+    writes NaN and inf as null, so a non-finite score is refused here first."""
     if not np.isfinite(scores).all():
         raise RuntimeError("the artifact produced a non-finite score (NaN or inf); its weights are broken")
     return orjson.dumps(doc)
