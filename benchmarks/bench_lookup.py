@@ -667,7 +667,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             def ids_of(b: Batch, mode: str = mode) -> torch.Tensor:
                 return {"whole": b.served_values, "array": b.values32, "fold": getattr(b, "folded_values", None)}[mode]
 
-            group.append(Variant(name, lambda b, m=sm, f=ids_of: m(f(b), b.lengths), read_bytes(rb, with_remap),
+            group.append(Variant(name, lambda b, m=sm, f=ids_of: m.pooled(f(b), b.lengths), read_bytes(rb, with_remap),
                                  dtype=dt, remap=with_remap, parallel=True, row_bytes=rb[0], weight_bytes=wbytes,
                                  set_workers=sm.set_num_workers,
                                  kernel="torch.ops.quantized" if dt not in ("fp32", "fp16") else "embedding_bag"))
@@ -691,7 +691,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 n_prof = 3 if args.quick else 20
                 sm.set_num_workers(1)
                 profiles[f"{name}, 1 worker, {top} intra-op threads"] = profile_lookup(
-                    lambda b, m=sm, f=ids_of: m(f(b), b.lengths), batches, top, n_prof, 8)
+                    lambda b, m=sm, f=ids_of: m.pooled(f(b), b.lengths), batches, top, n_prof, 8)
             if args.tbe and dt != "fp32" and mode != "fold":
                 qebc = quantize(pruned if with_remap else ebc, DTYPES[dt])
                 if with_remap:
@@ -798,7 +798,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             "torch.jit.script-ed, workers = threads, torch intra-op threads 1 during its samples (an OpenMP team "
             "spinning between the caller's parallel ops slows the forked workers); it is fed int32 ids (the "
             "predictor keeps a CPU artifact's entity bags as int32); its timed call includes the offsets "
-            "and writing the (B, F, D) output; the floors return one (B, D) tensor per table",
+            "and returns one (B, D) tensor per table (QuantizedLookup.pooled, what the serving model's "
+            "interaction reads; views of one (B, F, D) tensor when split across workers), as the floors do",
             "embbag_fp32 gets the batch's int64 ids; embbag_fp32_i32 int32 ids and offsets (reference only)",
             "layout served: the serving lookups' rows are stored hot-first (read counts of an independent sample "
             "of train_ids ids per table) and their buffers are on transparent huge pages; fp32 is the serving lookup "

@@ -61,7 +61,7 @@ table's real storage from the model's buffers.
 
 import copy
 from dataclasses import dataclass
-from typing import Iterable, List, Mapping, Optional
+from typing import Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ from fbgemm_gpu.split_embedding_configs import SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
 from torchrec.fx import Tracer
 from torchrec.inference.modules import quantize_inference_model
-from torchrec.models.dlrm import DLRM
+from torchrec.models.dlrm import DLRM, InteractionArch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import (
@@ -309,27 +309,32 @@ class QuantizedLookup(nn.Module):
         """Threads per lookup from now on (1: no forks)."""
         self.num_workers = max(1, int(num_workers))
 
-    def _lookup(self, ids: Tensor, offsets: Tensor, out: Tensor, batch: int, b0: int, b1: int) -> int:
-        """Bags b0..b1 of every table into out[b0:b1]."""
-        if b1 <= b0:
-            return 0
+    def _tables(self, ids: Tensor, offsets: Tensor, batch: int, b0: int, b1: int) -> List[Tensor]:
+        """Bags b0..b1 of every table: one (b1 - b0, D) tensor per table."""
         pooled: List[Tensor] = []
         for t, table in enumerate(self.tables):
             o = offsets[t * batch + b0: t * batch + b1 + 1]
             s = int(o[0])
             e = int(o[-1])
             pooled.append(table(ids[s:e].to(torch.int32), o - s))
+        return pooled
+
+    def _lookup(self, ids: Tensor, offsets: Tensor, out: Tensor, batch: int, b0: int, b1: int) -> int:
+        """Bags b0..b1 of every table into out[b0:b1]."""
+        if b1 <= b0:
+            return 0
         # one stack into this run's rows (contiguous) after all tables, not a strided copy of each
         # table's result as it comes: one pass over the output, after the operators
-        torch.stack(pooled, 1, out=out[b0:b1])
+        torch.stack(self._tables(ids, offsets, batch, b0, b1), 1, out=out[b0:b1])
         return 0
 
-    def forward(self, values: Tensor, lengths: Tensor) -> Tensor:
+    def _run(self, values: Tensor, lengths: Tensor) -> Tuple[List[Tensor], Optional[Tensor]]:
+        """(one (B, D) tensor per table, None) when one thread looks the batch up; ([], the
+        (B, F, D) output) when forked runs wrote their rows of it."""
         f = self.num_tables
         batch = lengths.numel() // f
-        out = torch.empty(batch, f, self.dim, dtype=torch.float32, device=values.device)
         if batch == 0:
-            return out
+            return [], torch.empty(0, f, self.dim, dtype=torch.float32, device=values.device)
         # int32 like the ids (a request batch holds far fewer than 2**31 ids): no cast per table
         offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=values.device)
         offsets[1:] = torch.cumsum(lengths, 0, dtype=torch.int32)
@@ -337,8 +342,8 @@ class QuantizedLookup(nn.Module):
         if self.num_workers > 1:
             shards = min(self.num_workers, batch, values.numel() // self.min_ids_per_worker)
         if shards <= 1:
-            self._lookup(values, offsets, out, batch, 0, batch)
-            return out
+            return self._tables(values, offsets, batch, 0, batch), None
+        out = torch.empty(batch, f, self.dim, dtype=torch.float32, device=values.device)
         futures: List[torch.jit.Future[int]] = []
         for k in range(1, shards):
             futures.append(torch.jit.fork(self._lookup, values, offsets, out, batch, batch * k // shards,
@@ -346,16 +351,56 @@ class QuantizedLookup(nn.Module):
         self._lookup(values, offsets, out, batch, 0, batch // shards)
         for fut in futures:
             torch.jit.wait(fut)
-        return out
+        return [], out
+
+    @torch.jit.export
+    def pooled(self, values: Tensor, lengths: Tensor) -> List[Tensor]:
+        """The pooled bags as one (B, D) tensor per table, with no copy into a (B, F, D) tensor
+        when one thread looks the batch up (views of that tensor when forked runs wrote it): what
+        :class:`PooledInteraction` stacks together with the dense features."""
+        per_table, out = self._run(values, lengths)
+        if out is not None:
+            return list(out.unbind(1))
+        return per_table
+
+    def forward(self, values: Tensor, lengths: Tensor) -> Tensor:
+        per_table, out = self._run(values, lengths)
+        if out is not None:
+            return out
+        return torch.stack(per_table, 1)
+
+
+class PooledInteraction(nn.Module):
+    """torchrec's ``InteractionArch`` (DLRM's pairwise dot products) on the lookup's per-table
+    results: ``forward(dense (B, D), pooled [F x (B, D)]) -> (B, D + F + F choose 2)``, the dense
+    features followed by the upper triangle (row by row, diagonal excluded) of the (F + 1) x (F + 1)
+    Gram matrix of [dense, table 1, ..., table F]. The same operators on the same values as
+    torchrec's (``bmm`` of the stacked rows with their transpose), so the result is bit-identical;
+    the stack takes the tables' results as they come, where torchrec's ``cat`` needs them stacked
+    into one (B, F, D) tensor first (one copy of every pooled row fewer per call)."""
+
+    def __init__(self, num_sparse_features: int) -> None:
+        super().__init__()
+        n = int(num_sparse_features) + 1
+        tri = torch.triu_indices(n, n, offset=1)
+        self.register_buffer("flat_index", (tri[0] * n + tri[1]).contiguous())
+
+    def forward(self, dense: Tensor, pooled: List[Tensor]) -> Tensor:
+        rows = [dense]
+        rows.extend(pooled)
+        combined = torch.stack(rows, 1)  # (B, F + 1, D)
+        gram = torch.bmm(combined, torch.transpose(combined, 1, 2))
+        return torch.cat([dense, gram.flatten(1).index_select(1, self.flat_index)], 1)
 
 
 class CpuServingDLRM(nn.Module):
     """The DLRM on :class:`QuantizedLookup`: forward(dense (B, Dd) float32, values (nnz,) int ids,
     lengths (F * B,) int) -> logits (B,), the same computation as torchrec's ``DLRM.forward``
-    (dense arch, pooled embeddings (B, F, D), pairwise interactions, over arch). The dense parts
-    are fx-traced copies of the trained model's, so the module scripts as it is."""
+    (dense arch, pooled embeddings, pairwise interactions, over arch). The dense and over archs
+    are fx-traced copies of the trained model's, so the module scripts as it is; the interaction
+    is :class:`PooledInteraction` (torchrec's, on the lookup's per-table results)."""
 
-    def __init__(self, dense_arch: nn.Module, inter_arch: nn.Module, over_arch: nn.Module,
+    def __init__(self, dense_arch: nn.Module, inter_arch: PooledInteraction, over_arch: nn.Module,
                  lookup: QuantizedLookup, keys: List[str]) -> None:
         super().__init__()
         self.dense_arch = dense_arch
@@ -366,8 +411,8 @@ class CpuServingDLRM(nn.Module):
 
     def forward(self, dense: Tensor, values: Tensor, lengths: Tensor) -> Tensor:
         embedded_dense = self.dense_arch(dense)
-        embedded_sparse = self.lookup(values, lengths)
-        return self.over_arch(self.inter_arch(embedded_dense, embedded_sparse)).reshape(-1)
+        pooled = self.lookup.pooled(values, lengths)
+        return self.over_arch(self.inter_arch(embedded_dense, pooled)).reshape(-1)
 
     @torch.jit.export
     def embeddings(self, values: Tensor, lengths: Tensor) -> Tensor:
@@ -385,8 +430,11 @@ def _traced(module: nn.Module) -> torch.fx.GraphModule:
 
 def _assemble_cpu(skeleton: DLRM, qtables: Mapping[str, QTable], keys: List[str]) -> CpuServingDLRM:
     m = copy.deepcopy(skeleton).cpu().eval()
+    if not isinstance(m.inter_arch, InteractionArch) or m.inter_arch.F != len(keys):
+        raise ValueError(f"the CPU serving model needs torchrec's InteractionArch over the {len(keys)} features, "
+                         f"got {type(m.inter_arch).__name__}")
     lookup = QuantizedLookup([pack_table(qtables[f]) for f in keys])
-    serving = CpuServingDLRM(_traced(m.dense_arch), _traced(m.inter_arch), _traced(m.over_arch), lookup, keys)
+    serving = CpuServingDLRM(_traced(m.dense_arch), PooledInteraction(len(keys)), _traced(m.over_arch), lookup, keys)
     for p in serving.parameters():
         p.requires_grad_(False)
     return serving.eval()

@@ -257,7 +257,9 @@ def test_forked_lookup_is_bit_identical_to_one_worker(workers):
     for m in (lk, sm):
         m.set_num_workers(workers)
         assert torch.equal(m(values, lengths), ref)
+        assert torch.equal(torch.stack(m.pooled(values, lengths), 1), ref)  # per table, as the model reads it
         m.set_num_workers(1)
+        assert torch.equal(torch.stack(m.pooled(values, lengths), 1), ref)
     # the reference itself is right: per table, the dequantized rows summed per bag
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     for t, table in enumerate(lk.tables):
@@ -268,6 +270,30 @@ def test_forked_lookup_is_bit_identical_to_one_worker(workers):
             rows = ids if q.remap is None else q.remap[ids].long()
             expect = deq[rows[rows >= 0]].sum(0)
             torch.testing.assert_close(ref[b, t], expect, atol=1e-5, rtol=2 ** -10 if q.dtype == "fp16" else 1e-6)
+
+
+@pytest.mark.parametrize("num_features", [1, 3, 6])
+def test_pooled_interaction_is_torchrecs_interaction_arch_bit_for_bit(num_features):
+    from torchrec.models.dlrm import InteractionArch
+
+    g = torch.Generator().manual_seed(num_features)
+    dense, sparse = torch.randn(41, 16, generator=g), torch.randn(41, num_features, 16, generator=g)
+    want = InteractionArch(num_features)(dense, sparse)
+    for m in (Q.PooledInteraction(num_features), torch.jit.script(Q.PooledInteraction(num_features))):
+        assert torch.equal(m(dense, list(sparse.unbind(1))), want)
+
+
+def test_cpu_serving_model_is_the_trained_dlrm_on_its_lookup(tiny):
+    """forward == torchrec's interaction + over arch of the trained model on the lookup's (B, F, D)
+    output: the served model's own interaction changes no bit."""
+    ds, text, model, builder = tiny
+    comp = compress_model(model, ds, settings(model, "int8", keep=0.5), row_order="id")
+    serving = comp.serving
+    for b, _ in split_batches(ds, builder, "test"):
+        v, l = b.sparse_features.values(), b.sparse_features.lengths()
+        with torch.no_grad():
+            ref = model.over_arch(model.inter_arch(serving.dense_arch(b.dense_features), serving.embeddings(v, l)))
+            assert torch.equal(serving(b.dense_features, v, l), ref.reshape(-1))
 
 
 def test_lookup_with_no_rows_and_pack_round_trip():
