@@ -204,9 +204,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 def implementations() -> tuple[str, str]:
     """uvicorn's (HTTP parser, event loop): httptools and uvloop (both C, pinned in
-    requirements.lock) when installed, else the pure-Python h11 and asyncio. The C pair answered
-    1 x 500 ranks at about a sixth more requests/s (docs/bench/serve.json against
-    docs/bench/serve_h11_asyncio.json, ``benchmarks/bench_serve.py --http h11 --loop asyncio``)."""
+    requirements.lock; uvicorn's "standard" setup) when installed, else the pure-Python h11 and
+    asyncio. ``benchmarks/bench_serve.py --http h11 --loop asyncio`` compares the two; on 1 x 500
+    ranks they measured within a few percent of each other (docs/BENCHMARKS.md section 6)."""
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     return http, loop
