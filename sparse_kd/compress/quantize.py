@@ -269,7 +269,7 @@ class QuantizedLookup(nn.Module):
     least ``min_ids_per_worker`` ids per worker, the batch is cut into ``num_workers`` contiguous
     runs of samples; every run but the first is forked onto TorchScript's inter-op pool and the
     calling thread takes the first. Each run looks up all tables and stacks their results into
-    its rows of the output. Ids should arrive as int32 (the kernels read half the index bytes;
+    its rows of the output (on one thread, :meth:`pooled` returns the tables' results unstacked). Ids should arrive as int32 (the kernels read half the index bytes;
     :class:`sparse_kd.serve.Predictor` keeps a CPU artifact's entity bags as int32); int64 ids are
     cast per run, an extra pass over the ids and a fresh buffer on every call. Each bag
     is summed by the same kernel over the same rows in the same order whatever the split: results
@@ -283,9 +283,9 @@ class QuantizedLookup(nn.Module):
     thread, as the service does). Measured on 2 cores (``benchmarks/bench_lookup_paths.py``): forked int4 runs
     slow down by half when the caller has 2 intra-op threads (an OpenMP team spinning between
     parallel ops takes the core a forked run needs). The int8 operator can split bags across
-    intra-op threads itself, but a lookup of mixed dtypes (what the budget planner builds) cannot
-    use both settings at once, and forked runs measured the better ratio to fp32 for pruned
-    int8. ``num_workers`` is fixed per module (TorchScript cannot read
+    intra-op threads itself (an all-int8 lookup measured faster that way in the same run), but
+    the int4 and int2 operators cannot, and a lookup of mixed dtypes (what the budget planner
+    builds) cannot use both settings at once. ``num_workers`` is fixed per module (TorchScript cannot read
     ``torch.get_num_threads()``): :meth:`set_num_workers`, also on the scripted module.
     """
 

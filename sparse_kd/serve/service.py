@@ -238,8 +238,6 @@ class Loaded:
     manifest: dict
     digest: str
     signature: tuple
-    users: frozenset
-    items: frozenset
     loaded_at: float
     load_seconds: float
     fallback: dict = field(default_factory=dict)
@@ -247,6 +245,16 @@ class Loaded:
     @property
     def artifact_id(self) -> str:
         return self.digest[:12]
+
+    @property
+    def users(self) -> dict:
+        """The artifact's user ids (the predictor's id -> row index: ``in`` and ``len`` work)."""
+        return self.predictor.user_index
+
+    @property
+    def items(self) -> dict:
+        """The artifact's item ids (the predictor's id -> row index)."""
+        return self.predictor.item_index
 
     def describe(self) -> dict:
         tables = {t: {k: v.get(k) for k in ("feature", "dtype", "rows_original", "rows_kept", "fill")}
@@ -295,7 +303,7 @@ def load_artifact(path: str | Path, max_batch: Optional[int] = None, attempts: i
     """Verify (checksums, format version) and load an artifact folder for serving.
 
     The manifest is read before and after loading: if the folder was replaced meanwhile (a writer
-    renamed a new artifact into place), the load is repeated, so the predictor and the id sets
+    renamed a new artifact into place), the load is repeated, so the predictor and the manifest
     always come from one artifact. max_batch: the predictor's (None: its default). huge_pages: see
     :meth:`Predictor.load`. Raises
     :class:`ArtifactError` (or whatever loading raised)."""
@@ -305,12 +313,10 @@ def load_artifact(path: str | Path, max_batch: Optional[int] = None, attempts: i
         _, before, _ = _manifest_state(d)
         predictor = Predictor.load(d, max_batch=DEFAULT_MAX_BATCH if max_batch is None else max_batch,
                                    huge_pages=huge_pages)
-        mappings = json.loads((d / "mappings.json").read_text(encoding="utf-8"))
         signature, after, data = _manifest_state(d)
         if before is not None and before == after:
             manifest = json.loads(data)
-            return Loaded(predictor, d, manifest, after, signature, frozenset(mappings["user_ids"]),
-                          frozenset(mappings["item_ids"]), time.time(), time.perf_counter() - t0,
+            return Loaded(predictor, d, manifest, after, signature, time.time(), time.perf_counter() - t0,
                           fallback_policy(manifest))
         log.warning("%s was replaced while it was being loaded; loading it again", d)
     raise ArtifactError(f"{d}: the artifact kept changing while it was being loaded ({attempts} attempts)")
