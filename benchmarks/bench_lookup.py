@@ -9,7 +9,7 @@ jobs hits every variant alike):
                        fed int32 ids, as the predictor keeps a CPU artifact's entity bags; each
                        target also reports its ratio to this floor);
 * ``{dt}``             the CPU serving lookup of compressed artifacts,
-                       :class:`sparse_kd.compress.quantize.QuantizedLookup`, ``torch.jit.script``-ed,
+                       :class:`sparse_kd.serve.cpu_model.QuantizedLookup`, ``torch.jit.script``-ed,
                        ``num_workers`` = threads (forked runs of samples, intra-op threads 1, as
                        ``sparse-kd serve`` runs it): PyTorch's quantized EmbeddingBag operators
                        (FBGEMM's JIT CPU kernels; fp16 through ``embedding_bag``), dt in
@@ -88,7 +88,9 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
-from sparse_kd.compress import quantize as Q  # noqa: E402
+from sparse_kd.compress import cpu_kernel as CK  # noqa: E402
+from sparse_kd.compress import rows as QR  # noqa: E402
+from sparse_kd.serve import cpu_model as CM  # noqa: E402
 from sparse_kd.compress.layout import reorder_table  # noqa: E402
 from sparse_kd.compress.prune import PrunedTable  # noqa: E402
 from sparse_kd.serve.memory import keep_freed_memory, place_on_huge_pages, thp_mode  # noqa: E402
@@ -257,20 +259,20 @@ def tbe_row_bytes(qebc: QuantEBC) -> List[int]:
     return out
 
 
-def serving_lookup(ebc: EmbeddingBagCollection, dt: str, remaps: Optional[List[torch.Tensor]]) -> Q.QuantizedLookup:
+def serving_lookup(ebc: EmbeddingBagCollection, dt: str, remaps: Optional[List[torch.Tensor]]) -> CM.QuantizedLookup:
     """The CPU serving lookup over ``ebc``'s tables (their stored rows), quantized to ``dt`` exactly
-    as ``sparse-kd compress`` does (:func:`sparse_kd.compress.quantize.quantize_rows`)."""
+    as ``sparse-kd compress`` does (:func:`sparse_kd.compress.rows.quantize_rows`)."""
     tables = []
     for t, cfg in enumerate(ebc.embedding_bag_configs()):
         w = ebc.embedding_bags[cfg.name].weight.detach()
-        codes, sb = Q.quantize_rows(w, dt)
+        codes, sb = QR.quantize_rows(w, dt)
         remap = None if remaps is None else remaps[t]
-        tables.append(Q.pack_table(Q.QTable(cfg.feature_names[0], dt, cfg.embedding_dim, codes, sb, remap)))
+        tables.append(CK.pack_table(QR.QTable(cfg.feature_names[0], dt, cfg.embedding_dim, codes, sb, remap)))
         del codes, sb
-    return Q.QuantizedLookup(tables)
+    return CM.QuantizedLookup(tables)
 
 
-def lookup_row_bytes(lookup: Q.QuantizedLookup) -> List[int]:
+def lookup_row_bytes(lookup: CM.QuantizedLookup) -> List[int]:
     return [int(t.weight.shape[1]) * t.weight.element_size() for t in lookup.tables]
 
 
@@ -653,7 +655,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 # as stored rows (pruned ones at the all-zero row, kept in their bags: the real
                 # fold drops them, so this reads as many ids as the array remap does)
                 folds = [t.mapping.clone() for t in lookup.tables]
-                lookup = Q.QuantizedLookup([Q.PackedTable(t.feature, t.qtype, t.dim, t.weight, None) for t in lookup.tables])
+                lookup = CM.QuantizedLookup([CM.PackedTable(t.feature, t.qtype, t.dim, t.weight, None) for t in lookup.tables])
                 for b in batches:
                     if not hasattr(b, "folded_values"):
                         b.folded_values = torch.cat([folds[t][ids] for t, (ids, _o) in enumerate(b.per_table)])
@@ -794,7 +796,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "ids_per_s: median over interleaved rounds; vs_embbag_fp32: median of per-round ratios to embbag_fp32",
             "row_gb_per_s counts ids that hit a stored row x padded row bytes (pruned ids read no row; the "
             "4-byte remap entry read per id is not counted)",
-            "{dt}, {dt}+prune: sparse_kd.compress.quantize.QuantizedLookup (the CPU serving lookup), "
+            "{dt}, {dt}+prune: sparse_kd.serve.cpu_model.QuantizedLookup (the CPU serving lookup), "
             "torch.jit.script-ed, workers = threads, torch intra-op threads 1 during its samples (an OpenMP team "
             "spinning between the caller's parallel ops slows the forked workers); it is fed int32 ids (the "
             "predictor keeps a CPU artifact's entity bags as int32); its timed call includes the offsets "

@@ -3,7 +3,7 @@
 Same tables and batches as ``bench_lookup.py`` (4 x 2M x 64, batch 2048 x ~20 Zipf ids), int8
 and int4 (``--dtypes``), interleaved rounds, medians of M ids/s:
 
-* ``threads``: :class:`sparse_kd.compress.quantize.QuantizedLookup` at 1 and at all cores'
+* ``threads``: :class:`sparse_kd.serve.cpu_model.QuantizedLookup` at 1 and at all cores'
   workers (forked runs of samples), with torch's intra-op threads at 1 and at all cores;
 * ``independent``: the same cores each running their own batches (one Python thread per core,
   1 worker, intra-op threads 1): the ceiling a split of one batch could reach;

@@ -35,13 +35,13 @@ from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import check_logit_kd, train_source
 from sparse_kd.dist import DistEnv, barrier, broadcast_object, init_distributed
 from sparse_kd.distill.history import HistoryPairFeature, resolve_mode, resolve_user_text
-from sparse_kd.distill.pairs import describe_pool, pool_batch, sample_pool, teacher_pool_logits
+from sparse_kd.distill.pairs import describe_pool, pool_batch, sample_pool
 from sparse_kd.distill.transfer import pca_reduce, transfer_rows
 from sparse_kd.report import metrics_table
 from sparse_kd.run_folder import StaleRunError, check_run_folder
 from sparse_kd.student.export import check_fingerprint, load_dlrm, write_model_meta
 from sparse_kd.student.spec import RankerResult, RankerSpec, RefitSpec
-from sparse_kd.student.train import train_ranker
+from sparse_kd.student.train import predict_checkpoint, train_ranker
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
         steps = train_source(ds, cfg.data).steps_per_epoch(cfg.train.batch_size)  # sampled negatives included
         pool = sample_pool(ds, dc.pairs, steps * pool_batch(dc.pairs, cfg.train.batch_size), seed)
         spec.kd_pool = pool
-        spec.kd_pool_logits = teacher_pool_logits(cfg, ds, teacher_ranker_spec, teacher.checkpoint, pool, env, seed)
+        spec.kd_pool_logits = predict_checkpoint(cfg, ds, teacher_ranker_spec, teacher.checkpoint, pool, env, seed)
         if env.is_main:
             log.info("[%s] sampled-pair KD pool: %s", name, describe_pool(ds, pool))
     if dc.align.enabled:

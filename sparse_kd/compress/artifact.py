@@ -40,6 +40,8 @@ import torch
 
 from sparse_kd import atomic
 from sparse_kd.compress import quantize as Q
+from sparse_kd.compress import rows as QR
+from sparse_kd.compress import table_bytes as TB
 from sparse_kd.compress.prune import text_rows
 from sparse_kd.integrity import sha256_file
 from sparse_kd.serve.format import (
@@ -215,7 +217,7 @@ def _skeleton(model_info: dict, dense_fp32: dict):
     if dense_missing or unexpected:
         raise ArtifactError(f"dense_fp32.pt: does not fit the model (missing {dense_missing}, unexpected {unexpected})")
     if model_info.get("dense_int8"):
-        Q._dense_int8(m)
+        QR.quantize_dense_layers(m)
     return m.eval()
 
 
@@ -251,7 +253,7 @@ def add_entities(
     if dup or len(set(ids)) != len(ids):
         raise ValueError(f"{owner} ids already in the artifact or repeated: {sorted(set(dup))[:5] or 'repeated ids'}")
     feat = f"{owner}_id"
-    tname = Q.table_name(feat)
+    tname = QR.table_name(feat)
     if feat not in parts["text_maps"]:
         raise ArtifactError(f"text_maps.pt: no text map for {feat}; cannot compute rows from text")
     info = manifest["model"]
@@ -259,7 +261,7 @@ def add_entities(
     qtables = Q.extract_qtables(parts["scripted"])
     qt = qtables[feat]
     new_rows = text_rows(text, parts["text_maps"][feat])  # (K, D)
-    w, sb = Q.quantize_rows(new_rows, qt.dtype)
+    w, sb = QR.quantize_rows(new_rows, qt.dtype)
     r0, k = qt.num_rows, len(ids)
     vocab_n = len(mappings["features"][feat]["vocab"])
     # a folded table (remap: fold) has no remap: its ids arrive as stored rows from mappings.json
@@ -288,14 +290,14 @@ def add_entities(
     ed[owner] = torch.cat([ed[owner], torch.zeros(k, ed[owner].shape[1])])
     serving = Q.assemble_dlrm(_skeleton(info, parts["dense_fp32"]), qtables, keys, info["remap"], info["row_alignment"],
                               manifest["serving"]["kernel"], manifest["serving"]["device"])
-    tb = Q.table_bytes(serving)
+    tb = TB.table_bytes(serving)
     tables = manifest["tables"]
     for t, b in tb.items():
         tables[t]["bytes"] = b
         tables[t]["rows_stored"] = b["rows"]
     tables[tname]["rows_original"] = vocab_n + k
     tables[tname]["rows_added_from_text"] = tables[tname].get("rows_added_from_text", 0) + k
-    remaps = {Q.table_name(f): q.remap for f, q in qtables.items() if q.remap is not None}
+    remaps = {QR.table_name(f): q.remap for f, q in qtables.items() if q.remap is not None}
     comp = Compressed(serving, tables, remaps, parts["text_maps"], parts["dense_fp32"],
                       {kk: v for kk, v in info.items() if kk not in ("file", "output")}, manifest.get("notes", []))
     comp.model_info.update(manifest["serving"])

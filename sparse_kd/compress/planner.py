@@ -43,7 +43,10 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from sparse_kd.compress import quantize as Q
+from sparse_kd.compress import rows as QR
+from sparse_kd.compress import table_bytes as TB
+from sparse_kd.compress import tbe as TBE
+from sparse_kd.serve.format import KERNEL_CPU
 from sparse_kd.compress.importance import TEXT_FEATURES, RowImportance
 from sparse_kd.compress.prune import (
     CLUSTER_FILLS,
@@ -81,7 +84,7 @@ _BYTES_CACHE: dict[tuple, dict] = {}
 
 
 def option_bytes(num_original: int, num_rows: int, dim: int, dtype: str, num_mapped: Optional[int], remap: str,
-                 row_alignment: int = Q.ROW_ALIGNMENT, kernel: str = Q.KERNEL_CPU) -> dict:
+                 row_alignment: int = TBE.ROW_ALIGNMENT, kernel: str = KERNEL_CPU) -> dict:
     """Real bytes of a table with ``num_rows`` stored rows, read from a one-table module of the
     serving kernel (:func:`~.quantize.option_bytes`): {"weights", "padding", "remap", "total"}.
     num_mapped: ids (of ``num_original``) that have a row, None when the table is not pruned (no
@@ -90,13 +93,13 @@ def option_bytes(num_original: int, num_rows: int, dim: int, dtype: str, num_map
         num_original, num_mapped, remap = num_rows, None, "array"
     key = (num_original, num_rows, dim, dtype, num_mapped, remap, row_alignment, kernel)
     if key not in _BYTES_CACHE:
-        b = Q.option_bytes(num_original, num_rows, dim, dtype, num_mapped, remap, row_alignment, kernel)
+        b = TB.option_bytes(num_original, num_rows, dim, dtype, num_mapped, remap, row_alignment, kernel)
         _BYTES_CACHE[key] = {k: b[k] for k in ("weights", "padding", "remap", "total")}
     return dict(_BYTES_CACHE[key])
 
 
-def pruned_bytes(pt: PrunedTable, dtype: str, remap: str, row_alignment: int = Q.ROW_ALIGNMENT,
-                 kernel: str = Q.KERNEL_CPU) -> dict:
+def pruned_bytes(pt: PrunedTable, dtype: str, remap: str, row_alignment: int = TBE.ROW_ALIGNMENT,
+                 kernel: str = KERNEL_CPU) -> dict:
     """:func:`option_bytes` of a pruned table served with ``remap`` (array, hash or fold)."""
     r = pt.remap if pt.remap is not None else pt.folded
     mapped = None if r is None else int((r >= 0).sum())
@@ -214,7 +217,7 @@ def _with_rows(model, feature: str, rows: torch.Tensor):
 
     class _Ctx:
         def __enter__(self_):
-            w = model.sparse_arch.embedding_bag_collection.embedding_bags[Q.table_name(feature)].weight
+            w = model.sparse_arch.embedding_bag_collection.embedding_bags[QR.table_name(feature)].weight
             self_.w, self_.saved = w, w.detach().clone()
             with torch.no_grad():
                 w.copy_(rows)
@@ -228,8 +231,8 @@ def _with_rows(model, feature: str, rows: torch.Tensor):
 
 def simulated_rows(pt: PrunedTable, dtype: str) -> torch.Tensor:
     """(N, D): what each original id's lookup returns after pruning + quantization (dequantized)."""
-    w, sb = Q.quantize_rows(pt.weight, dtype)
-    deq = Q.dequantize_rows(w, sb, dtype)
+    w, sb = QR.quantize_rows(pt.weight, dtype)
+    deq = QR.dequantize_rows(w, sb, dtype)
     remap = pt.remap if pt.remap is not None else pt.folded
     if remap is None:
         return deq
@@ -298,9 +301,9 @@ def sensitivity(
     fills: Sequence[str] = DEFAULT_FILLS,
     cluster_ratios: Sequence[float] = DEFAULT_CLUSTER_RATIOS,
     cold_weight: float = 0.5,
-    row_alignment: int = Q.ROW_ALIGNMENT,
+    row_alignment: int = TBE.ROW_ALIGNMENT,
     batch_size: int = 4096,
-    kernel: str = Q.KERNEL_CPU,
+    kernel: str = KERNEL_CPU,
     budget_mb: Optional[float] = None,
     max_examples: int = 0,
 ) -> Sensitivity:
@@ -315,7 +318,7 @@ def sensitivity(
     t0 = time.perf_counter()
     model = copy.deepcopy(model).eval()  # sensitivity swaps table rows in and out: never touch the caller's model
     ebc = model.sparse_arch.embedding_bag_collection
-    weights = {f: ebc.embedding_bags[Q.table_name(f)].weight.detach() for c in ebc.embedding_bag_configs() for f in c.feature_names}
+    weights = {f: ebc.embedding_bags[QR.table_name(f)].weight.detach() for c in ebc.embedding_bag_configs() for f in c.feature_names}
     keep_ratios, dtypes = sorted(set(keep_ratios), reverse=True), list(dtypes)
     options: dict[str, list[Option]] = {}
     table_of: dict[int, PrunedTable] = {}  # id(option) -> its pruned table
@@ -387,9 +390,9 @@ def plan_budget(
     fills: Sequence[str] = DEFAULT_FILLS,
     cluster_ratios: Sequence[float] = DEFAULT_CLUSTER_RATIOS,
     cold_weight: float = 0.5,
-    row_alignment: int = Q.ROW_ALIGNMENT,
+    row_alignment: int = TBE.ROW_ALIGNMENT,
     batch_size: int = 4096,
-    kernel: str = Q.KERNEL_CPU,
+    kernel: str = KERNEL_CPU,
     max_examples: int = 0,
 ) -> Plan:
     """Choose keep ratio, fill and dtype per table for ``budget_mb`` MB (see the module doc);

@@ -24,7 +24,11 @@ from typing import Mapping, Optional
 
 import torch
 
+from sparse_kd.compress import kernel as K
 from sparse_kd.compress import quantize as Q
+from sparse_kd.compress import rows as QR
+from sparse_kd.compress import table_bytes as TB
+from sparse_kd.compress import tbe as TBE
 from sparse_kd.compress.artifact import Compressed, check_out_dir, save_artifact
 from sparse_kd.compress.importance import RowImportance, table_importance
 from sparse_kd.compress.planner import MB, Plan, plan_budget
@@ -86,7 +90,7 @@ def load_run(run_dir: Path, variant: str) -> RunInputs:
 def model_weights(model) -> dict[str, torch.Tensor]:
     """feature -> (N, D) fp32 table of a (float) DLRM, in KJT key order."""
     ebc = model.sparse_arch.embedding_bag_collection
-    return {f: ebc.embedding_bags[Q.table_name(f)].weight.detach() for c in ebc.embedding_bag_configs() for f in c.feature_names}
+    return {f: ebc.embedding_bags[QR.table_name(f)].weight.detach() for c in ebc.embedding_bag_configs() for f in c.feature_names}
 
 
 def compress_model(
@@ -98,7 +102,7 @@ def compress_model(
     text: Optional[Mapping[str, torch.Tensor]] = None,
     importances: Optional[Mapping[str, RowImportance]] = None,
     dense_int8: bool = False,
-    row_alignment: int = Q.ROW_ALIGNMENT,
+    row_alignment: int = TBE.ROW_ALIGNMENT,
     serve_device: str = "cpu",
     kernel: Optional[str] = None,
     row_order: str = "frequency",
@@ -127,16 +131,16 @@ def compress_model(
         model_remap = "array"  # nothing left to install: no pruned table keeps a remap
     elif permuted:  # tables kept whole: their hot-first permutation lives in the entity bags
         _, pruned = fold_remaps(ds, pruned, permuted)
-    kernel = Q.kernel_for(serve_device, kernel)
+    kernel = K.kernel_for(serve_device, kernel)
     serving = Q.quantize_dlrm(model, pruned, {f: s["dtype"] for f, s in settings.items()}, model_remap, dense_int8,
                               row_alignment, serve_device, kernel)
-    tb = Q.table_bytes(serving)
-    fp = Q.float_table_bytes(model)
+    tb = TB.table_bytes(serving)
+    fp = TB.float_table_bytes(model)
     owners = {f.name: f.owner for f in ds.features}
     tables = {}
     notes = []
     for f in keys:
-        t = Q.table_name(f)
+        t = QR.table_name(f)
         pt = pruned[f]
         notes.extend(pt.notes)
         tables[t] = {
@@ -149,7 +153,7 @@ def compress_model(
             "permutation_only": f in permuted,
         }
     # the remaps as they are served; folded ones are a record (the entity bags hold them)
-    remaps = {Q.table_name(f): (pruned[f].remap if pruned[f].remap is not None else pruned[f].folded)
+    remaps = {QR.table_name(f): (pruned[f].remap if pruned[f].remap is not None else pruned[f].folded)
               for f in keys if pruned[f].remap is not None or pruned[f].folded is not None}
     text_maps = {f: pruned[f].text_map for f in keys if pruned[f].text_map is not None}
     dense_fp32 = {k: v.detach().clone() for k, v in model.state_dict().items() if "embedding_bag" not in k}
@@ -239,7 +243,7 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
     if cfg.budget_mb > 0:
         plan = plan_budget(model, ds, builder, imps, settings, cfg.budget_mb, cfg.remap, inp.text,
                            cold_weight=cfg.cold_weight, row_alignment=cfg.row_alignment,
-                           kernel=Q.kernel_for(cfg.serve_device), max_examples=cfg.planner_max_examples)
+                           kernel=K.kernel_for(cfg.serve_device), max_examples=cfg.planner_max_examples)
         settings = plan.settings()
     comp = compress_model(model, ds, settings, cfg.importance, cfg.remap, inp.text, imps, dense_int8, cfg.row_alignment,
                           cfg.serve_device, row_order=cfg.row_order)
@@ -253,7 +257,7 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
         "run_dir": str(run_dir),
         "tables": comp.tables,
         "bytes": {"fp32_total": fp32_total, "total": total, "fp32_mb": fp32_total / MB, "total_mb": total / MB,
-                  "ratio": fp32_total / max(1, total), "dense": Q.dense_bytes(comp.serving)},
+                  "ratio": fp32_total / max(1, total), "dense": TB.dense_bytes(comp.serving)},
         "metrics": {"before": before, "after": after},
         "plan": plan.to_dict() if plan is not None else None,
         "notes": comp.notes,

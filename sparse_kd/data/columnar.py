@@ -54,9 +54,10 @@ import pyarrow.parquet as pq
 
 from sparse_kd import atomic
 from sparse_kd.config import DataConfig, to_dict
-from sparse_kd.data.negatives import NegativeSampler, Pool, add_negatives, eval_key, feedback_report
+from sparse_kd.data.negatives import NegativeSampler, Pool, eval_key, feedback_report
 from sparse_kd.data.schema import SPLITS, DataError, Interactions, RecDataset, SparseFeature, feedback_summary
-from sparse_kd.data.split import (TRAIN, SplitAssigner, item_codes, positives, size_report, split_keys, split_mode,
+from sparse_kd.data.interactions import TRAIN
+from sparse_kd.data.split import (SplitAssigner, item_codes, positives, size_report, split_keys, split_mode,
                                   split_report)
 from sparse_kd.data.stream import Rows, TrainSource, TrainStream
 

@@ -20,7 +20,7 @@ Policy:
   stream ``train.seed``/epoch; the train split then holds positives only) or sampled once like
   the evaluation ones and stored as train rows (``fixed``; needed by logit distillation, whose
   teacher logits are per train row).
-* Randomness is counter-based (:func:`~sparse_kd.data.split.hash_uniform` of the positive's
+* Randomness is counter-based (:func:`~sparse_kd.data.hashing.hash_uniform` of the positive's
   position in its split), so the negatives do not depend on chunking, number of processes or
   DataLoader workers: the in-memory loader and ``sparse-kd data convert`` produce the same rows.
 * Layout: every positive is followed by its negatives.
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparse_kd.data.schema import Interactions
-from sparse_kd.data.split import TRAIN, VALID_COLD, TEST_COLD, hash_uniform, stream_key
+from sparse_kd.data.hashing import hash_uniform, stream_key
+from sparse_kd.data.interactions import TEST_COLD, TRAIN, VALID_COLD, Interactions
 
 POOL_OF_SPLIT = {"train": "warm", "valid": "warm", "test": "warm", "valid_cold": "valid_cold", "test_cold": "test_cold"}
 POOL_CODE = {"warm": TRAIN, "valid_cold": VALID_COLD, "test_cold": TEST_COLD}

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 import numpy as np
 
+from sparse_kd.data.interactions import SPLITS, Interactions  # noqa: F401 (re-exported: the dataset's parts)
+
 if TYPE_CHECKING:
     from sparse_kd.data.negatives import NegativeSampler
-
-SPLITS = ("train", "valid", "test", "valid_cold", "test_cold")
 
 
 class DataError(ValueError):
@@ -61,28 +61,6 @@ class SparseFeature:
         if len(self.values) and (self.values.min() < 0 or self.values.max() >= len(self.vocab)):
             raise DataError(f"{where}: values span {self.values.min()}..{self.values.max()}, outside the vocabulary "
                             f"0..{len(self.vocab) - 1}")
-
-
-@dataclass
-class Interactions:
-    """One split. user, item: (N,) int64 entity indices; label: (N,) float32 in {0, 1};
-    timestamp: (N,) int64 (0 where the source has none)."""
-
-    user: np.ndarray
-    item: np.ndarray
-    label: np.ndarray
-    timestamp: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.user.shape[0])
-
-    def subset(self, idx: np.ndarray) -> "Interactions":
-        return Interactions(self.user[idx], self.item[idx], self.label[idx], self.timestamp[idx])
-
-    @staticmethod
-    def empty() -> "Interactions":
-        z = np.zeros(0, dtype=np.int64)
-        return Interactions(z, z.copy(), np.zeros(0, dtype=np.float32), z.copy())
 
 
 @dataclass

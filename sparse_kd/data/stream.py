@@ -40,7 +40,7 @@ import torch
 
 from sparse_kd.data.negatives import Pool, train_key
 from sparse_kd.data.schema import Interactions
-from sparse_kd.data.split import hash_uniform, stream_key
+from sparse_kd.data.hashing import hash_uniform, stream_key
 
 log = logging.getLogger(__name__)
 

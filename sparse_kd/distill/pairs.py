@@ -7,7 +7,7 @@ The pool is drawn once per run from (seed, dataset) alone: users with probabilit
 to (train interactions + 1)^user_power, items to (train interactions + 1)^item_power (0:
 uniformly over the catalogue, so rarely clicked and never-seen items get many more targets
 than clicks), and pairs that are training interactions are left out. The teacher ranker
-scores the pool once (:func:`teacher_pool_logits`); each epoch the pool is reshuffled
+scores the pool once (:func:`sparse_kd.student.train.predict_checkpoint`); each epoch the pool is reshuffled
 (seed, epoch), and training step s of every epoch adds global pool rows [s*Bp, (s+1)*Bp) to
 the observed batch, each rank its 1/W slice, so the examples a step sees do not depend on W.
 Sampled rows carry label :data:`SAMPLED` (no click target); the training wrapper gives them
@@ -17,14 +17,13 @@ only the KD loss.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from sparse_kd.config import PairKDConfig
+from sparse_kd.config import ConfigError, PairKDConfig
 from sparse_kd.data.batching import BatchBuilder, KDBatch
 from sparse_kd.data.schema import Interactions, RecDataset
 
@@ -35,8 +34,19 @@ POOL_SEED_SALT = 0x5EED_9A12  # the pool's random stream is apart from every oth
 
 
 def pool_batch(pc: PairKDConfig, global_batch: int) -> int:
-    """Sampled pairs per global batch (config validation makes it a multiple of nproc)."""
+    """Sampled pairs per global batch (config validation makes it a multiple of an integer nproc;
+    :func:`check_pair_batch` checks it against the real world size)."""
     return int(round(pc.ratio * global_batch))
+
+
+def check_pair_batch(per_batch: int, world_size: int) -> None:
+    """Refuse a pair batch that the ranks cannot split evenly (``nproc: auto``, or a torchrun
+    world other than ``nproc``): each rank takes ``per_batch / W`` pairs, and a remainder would
+    be dropped silently every step."""
+    if per_batch <= 0 or per_batch % world_size:
+        raise ConfigError(
+            f"distill.pairs.ratio: ratio x train.batch_size gives {per_batch} sampled pairs per global batch, "
+            f"which {world_size} ranks cannot split evenly; choose ratio so that the product is a multiple of {world_size}")
 
 
 def sample_pool(ds: RecDataset, pc: PairKDConfig, size: int, seed: int) -> Interactions:
@@ -110,6 +120,7 @@ def with_sampled_pairs(
     targets ``pool_logits`` (P,))."""
     g = torch.Generator().manual_seed((seed * 1000003 + epoch) ^ POOL_SEED_SALT)
     perm = torch.randperm(len(pool), generator=g)
+    check_pair_batch(per_batch, world_size)
     per = per_batch // world_size
     user, item = torch.from_numpy(pool.user), torch.from_numpy(pool.item)
     for step, batch in enumerate(observed, start=start_step):
@@ -121,24 +132,6 @@ def with_sampled_pairs(
         sampled = builder.build(user.index_select(0, mine), item.index_select(0, mine),
                                 torch.full((per,), SAMPLED), pool_logits.index_select(0, mine))
         yield concat_batches(batch, sampled)
-
-
-def teacher_pool_logits(cfg, ds: RecDataset, teacher_spec, checkpoint: Path, pool: Interactions, env, seed: int) -> torch.Tensor:
-    """The teacher ranker's logits (P,) on ``pool``, from its checkpoint (every rank; collective).
-
-    Builds the teacher's sharded model as :func:`sparse_kd.student.train.build_sharded` does,
-    loads ``checkpoint`` and predicts as evaluation does.
-    """
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
-    from sparse_kd import checkpoint as ckpt
-    from sparse_kd.student.predict import predict_sharded
-    from sparse_kd.student.train import build_sharded
-
-    r = build_sharded(cfg, ds, teacher_spec, env, seed)
-    ckpt.load(checkpoint, r.dmp)
-    pipeline = TrainPipelineSparseDist(r.dmp, r.optimizer, env.device)
-    return predict_sharded(pipeline, r.dmp, pool, r.builder, cfg.train.eval_batch_size, env)
 
 
 def describe_pool(ds: RecDataset, pool: Interactions) -> dict:

@@ -25,7 +25,7 @@ Scoring (:meth:`Predictor.score`) returns click probabilities, sigmoid(logit), a
   ``user_ids[3]`` names the first bad element); different lengths: ``ValueError``.
 
 Threads: a CPU artifact's lookups use ``threads`` workers (default ``torch.get_num_threads()``
-at load time; see :class:`sparse_kd.compress.quantize.QuantizedLookup`); calls from several
+at load time; see :class:`sparse_kd.serve.cpu_model.QuantizedLookup`); calls from several
 threads at once are safe (the model keeps no state between calls). A ``cuda`` artifact runs on
 the GPU (inputs are moved there, scores come back to the CPU); that path has not been run on
 this project's machines, which have no GPU.

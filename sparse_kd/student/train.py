@@ -37,7 +37,7 @@ from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import train_source
 from sparse_kd.dist import DistEnv, barrier
 from sparse_kd.distill.module import RankerTrain
-from sparse_kd.distill.pairs import pool_batch, with_sampled_pairs
+from sparse_kd.distill.pairs import check_pair_batch, pool_batch, with_sampled_pairs
 from sparse_kd.distill.refit import refit_rows
 from sparse_kd.student.init import write_tables
 from sparse_kd.student.model import build_dlrm
@@ -91,6 +91,18 @@ class _Position:
     global_step: int = 0
 
 
+def predict_checkpoint(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, checkpoint: Path, rows, env: DistEnv,
+                       seed: int) -> torch.Tensor:
+    """A trained ranker's logits (N,) on ``rows`` (:class:`~sparse_kd.data.schema.Interactions`),
+    from its checkpoint (every rank; collective): the sharded model is built as for training,
+    ``checkpoint`` loaded, and ``rows`` predicted as evaluation does. The distilled student uses
+    it for the teacher's logits on its sampled pairs (:mod:`sparse_kd.distill.pairs`)."""
+    r = build_sharded(cfg, ds, spec, env, seed)
+    ckpt.load(checkpoint, r.dmp)
+    pipeline = TrainPipelineSparseDist(r.dmp, r.optimizer, env.device)
+    return predict_sharded(pipeline, r.dmp, rows, r.builder, cfg.train.eval_batch_size, env)
+
+
 def _resume(ck_dir: Path, r: ShardedRanker, sparse_optimizer_name: str, world_size: int) -> tuple[_Position, Optional[Path]]:
     """Load the newest complete checkpoint in ``ck_dir`` into the model and optimizers, if any."""
     latest = ckpt.latest(ck_dir)
@@ -128,6 +140,8 @@ def train_ranker(
     if use_deterministic(tc.deterministic, env.device.type):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
+    if spec.kd_pool is not None:  # before any work: the ranks must split the pair batch evenly
+        check_pair_batch(pool_batch(spec.distill.pairs, tc.batch_size), env.world_size)
     r = build_sharded(cfg, ds, spec, env, seed)
     ck_dir = out_dir / "checkpoints"
     pos, last_saved = _resume(ck_dir, r, tc.sparse_optimizer, env.world_size)  # a finished run resumed: its last checkpoint is the result

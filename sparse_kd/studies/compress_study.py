@@ -128,7 +128,7 @@ def run_compress_study(
 ) -> list[dict]:
     """Grid (and plan) points of one run folder for each variant; write CSV / JSON / MD / PNG;
     return the rows (see the module doc)."""
-    from sparse_kd.compress import quantize as Q
+    from sparse_kd.compress import kernel as K
     from sparse_kd.compress.importance import table_importance
     from sparse_kd.compress.planner import sensitivity
     from sparse_kd.compress.prune import table_settings
@@ -150,7 +150,7 @@ def run_compress_study(
         cfg0 = base if base is not None else inp.cfg.compress
         if cfg0.importance == "distill" and inp.text is None:
             cfg0 = dataclasses.replace(cfg0, importance="frequency")
-        kernel = Q.kernel_for(cfg0.serve_device)
+        kernel = K.kernel_for(cfg0.serve_device)
         weights = model_weights(model)
         pruned_here = list(weights) if prune_features is None else [f for f in prune_features if f in weights]
         imps = table_importance(cfg0.importance, weights, inp.ds, inp.text)

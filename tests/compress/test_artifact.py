@@ -17,6 +17,7 @@ import torch
 
 from sparse_kd.compress import artifact as A
 from sparse_kd.compress import quantize as Q
+from sparse_kd.compress import rows as QR
 from sparse_kd.compress.prune import text_rows
 from sparse_kd.compress.stage import artifact_mappings, compress_model, serving_builder, serving_dataset
 from sparse_kd.serve import ArtifactError, Predictor, verify_artifact
@@ -243,7 +244,7 @@ def test_new_text_only_item_becomes_servable(tiny, saved, tmp_path):
     new_id = len(ds.item_ids)
     row = int(q.remap[new_id])
     assert row == q.num_rows - 1
-    deq = Q.dequantize_rows(q.weight[row: row + 1], q.scale_bias[row: row + 1], "int4")
+    deq = QR.dequantize_rows(q.weight[row: row + 1], q.scale_bias[row: row + 1], "int4")
     maps = torch.load(d / "text_maps.pt", weights_only=True)
     ref = text_rows(new_text, maps["item_id"])
     step = float(ref.max() - ref.min()) / 15

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparse_kd.compress import cpu_kernel as CK
+from sparse_kd.compress import kernel as K
 from sparse_kd.compress import quantize as Q
+from sparse_kd.compress import rows as QR
+from sparse_kd.compress import table_bytes as TB
+from sparse_kd.compress import tbe as QT
+from sparse_kd.serve import cpu_model as CM
+from sparse_kd.serve.format import KERNEL_CPU, KERNEL_TBE
 from sparse_kd.compress.importance import access_counts
 from sparse_kd.compress.planner import option_bytes
 from sparse_kd.metrics import serving_forward, split_batches
@@ -14,7 +21,7 @@ from sparse_kd.metrics import serving_forward, split_batches
 from sparse_kd.compress.stage import compress_model, model_weights
 
 DTYPES = ["fp32", "fp16", "int8", "int4", "int2"]
-TBE = Q.KERNEL_TBE
+TBE = KERNEL_TBE
 
 
 def settings(model, dtype="int8", keep=1.0, fill="zero", keep_ids_only=True):
@@ -39,20 +46,20 @@ def error_bound(ref: torch.Tensor, dtype: str) -> torch.Tensor:
     if dtype == "fp16":
         return ref.abs().amax(1) * 2 ** -10 + 1e-7
     lo, hi = ref.amin(1), ref.amax(1)
-    steps = 2 ** Q.BITS[dtype] - 1
+    steps = 2 ** QR.BITS[dtype] - 1
     return (hi - lo) / steps * 0.5 + (hi - lo) * 2 ** -9 + lo.abs() * 2 ** -10 + 1e-6
 
 
-@pytest.mark.parametrize("kernel", [Q.KERNEL_CPU, TBE])
+@pytest.mark.parametrize("kernel", [KERNEL_CPU, TBE])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantized_lookup_matches_dequantized_reference(tiny, dtype, kernel):
     ds, text, model, _ = tiny
     comp = compress_model(model, ds, settings(model, dtype), text=text, row_order="id", kernel=kernel)
-    assert Q.kernel_of(comp.serving) == kernel
+    assert K.kernel_of(comp.serving) == kernel
     q = Q.extract_qtables(comp.serving)
     w = model_weights(model)
     for f, ref in w.items():
-        deq = Q.dequantize_rows(q[f].weight, q[f].scale_bias, dtype)
+        deq = QR.dequantize_rows(q[f].weight, q[f].scale_bias, dtype)
         got = lookup_each_id(comp.serving, f, ref.shape[0])
         # the FBGEMM lookup is exactly the dequantized row (fp16: stored rows are fp16 already)
         torch.testing.assert_close(got, deq, atol=1e-6, rtol=0)
@@ -60,7 +67,7 @@ def test_quantized_lookup_matches_dequantized_reference(tiny, dtype, kernel):
         err = (deq - ref).abs().amax(1)
         assert torch.all(err <= error_bound(ref, dtype)), (f, dtype, float((err - error_bound(ref, dtype)).max()))
     if dtype in ("int4", "int2"):  # coarse types really are coarse: the check above is not vacuous
-        assert float((Q.dequantize_rows(q["user_id"].weight, q["user_id"].scale_bias, dtype) - w["user_id"]).abs().max()) > 1e-3
+        assert float((QR.dequantize_rows(q["user_id"].weight, q["user_id"].scale_bias, dtype) - w["user_id"]).abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -136,7 +143,7 @@ def test_remap_array_and_hash_give_identical_outputs_on_the_tbe(tiny, fill):
     s = settings(model, "int4", keep=0.2, fill=fill, keep_ids_only=False)
     a = compress_model(model, ds, s, remap="array", text=text, row_order="id", kernel=TBE)
     h = compress_model(model, ds, s, remap="hash", text=text, row_order="id", kernel=TBE)
-    assert Q.remap_kind(Q.tbe_of(a.serving)) == "array" and Q.remap_kind(Q.tbe_of(h.serving)) == "hash"
+    assert QT.remap_kind(QT.tbe_of(a.serving)) == "array" and QT.remap_kind(QT.tbe_of(h.serving)) == "hash"
     for split in ("valid", "test_cold"):
         for b, _ in split_batches(ds, builder, split):
             assert torch.equal(serving_forward(a.serving)(b), serving_forward(h.serving)(b))
@@ -173,11 +180,11 @@ def test_table_bytes_equal_real_buffers(tiny):
     s = settings(model, "int8", keep=0.5)
     s["age"]["dtype"], s["tags"]["dtype"], s["item_id"]["dtype"] = "fp16", "int2", "fp32"
     d = 8  # embedding dim of the tiny model
-    for kernel in (Q.KERNEL_CPU, TBE):
+    for kernel in (KERNEL_CPU, TBE):
         comp = compress_model(model, ds, s, text=text, row_order="id", kernel=kernel)
-        tb = Q.table_bytes(comp.serving)
+        tb = TB.table_bytes(comp.serving)
         if kernel == TBE:
-            tbe = Q.tbe_of(comp.serving)
+            tbe = QT.tbe_of(comp.serving)
             weights, remaps = tbe.weights_host.numel(), tbe.index_remappings_array.numel() * 4
             row = {"fp32": 4 * d, "fp16": 2 * d, "int8": d + 4, "int4": d // 2 + 4, "int2": d // 4 + 4}
             row = {k: -(-v // 16) * 16 for k, v in row.items()}  # fp16 scale/bias first, rows padded to 16 bytes
@@ -205,7 +212,7 @@ def test_table_bytes_equal_real_buffers(tiny):
             assert ob["total"] == v["total"], (kernel, t, ob, v)
 
 
-@pytest.mark.parametrize("kernel, remap", [(Q.KERNEL_CPU, "array"), (TBE, "hash")])
+@pytest.mark.parametrize("kernel, remap", [(KERNEL_CPU, "array"), (TBE, "hash")])
 def test_quantized_model_scripts_and_matches_eager(tiny, kernel, remap):
     ds, text, model, builder = tiny
     comp = compress_model(model, ds, settings(model, "int4", keep=0.5, fill="mean"), remap=remap, text=text, row_order="id", kernel=kernel)
@@ -213,7 +220,7 @@ def test_quantized_model_scripts_and_matches_eager(tiny, kernel, remap):
     for b, _ in split_batches(ds, builder, "test"):
         v, l = b.sparse_features.values(), b.sparse_features.lengths()
         assert torch.equal(sm(b.dense_features, v, l), comp.serving(b.dense_features, v, l))
-    assert Q.kernel_of(sm) == kernel
+    assert K.kernel_of(sm) == kernel
     assert {f: (q.dtype, q.num_rows) for f, q in Q.extract_qtables(sm).items()} == {
         f: (q.dtype, q.num_rows) for f, q in Q.extract_qtables(comp.serving).items()}
 
@@ -230,9 +237,9 @@ def _lookup(dtypes, pruned, seed=0):
             remap = torch.full((n,), -1, dtype=torch.int32)
             remap[::2] = torch.arange((n + 1) // 2, dtype=torch.int32)
             rows = rows[::2].contiguous()
-        w, sb = Q.quantize_rows(rows, dt)
-        tables.append(Q.pack_table(Q.QTable(f"f{k}", dt, 16, w, sb, remap)))
-    return Q.QuantizedLookup(tables, min_ids_per_worker=1)
+        w, sb = QR.quantize_rows(rows, dt)
+        tables.append(CK.pack_table(QR.QTable(f"f{k}", dt, 16, w, sb, remap)))
+    return CM.QuantizedLookup(tables, min_ids_per_worker=1)
 
 
 def _batch(num_tables, batch, seed=1):
@@ -263,8 +270,8 @@ def test_forked_lookup_is_bit_identical_to_one_worker(workers):
     # the reference itself is right: per table, the dequantized rows summed per bag
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     for t, table in enumerate(lk.tables):
-        q = Q.unpack_table(table)
-        deq = Q.dequantize_rows(q.weight, q.scale_bias, q.dtype)
+        q = CK.unpack_table(table)
+        deq = QR.dequantize_rows(q.weight, q.scale_bias, q.dtype)
         for b in (3, 17, 52):
             ids = values[offsets[t * 53 + b]: offsets[t * 53 + b + 1]]
             rows = ids if q.remap is None else q.remap[ids].long()
@@ -279,7 +286,7 @@ def test_pooled_interaction_is_torchrecs_interaction_arch_bit_for_bit(num_featur
     g = torch.Generator().manual_seed(num_features)
     dense, sparse = torch.randn(41, 16, generator=g), torch.randn(41, num_features, 16, generator=g)
     want = InteractionArch(num_features)(dense, sparse)
-    for m in (Q.PooledInteraction(num_features), torch.jit.script(Q.PooledInteraction(num_features))):
+    for m in (CM.PooledInteraction(num_features), torch.jit.script(CM.PooledInteraction(num_features))):
         assert torch.equal(m(dense, list(sparse.unbind(1))), want)
 
 
@@ -301,8 +308,8 @@ def test_lookup_with_no_rows_and_pack_round_trip():
     out = lk(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32))
     assert out.shape == (0, 2, 16)
     for table in lk.tables:  # pack -> unpack gives back the same bytes and remap
-        q = Q.unpack_table(table)
-        again = Q.unpack_table(Q.pack_table(q))
+        q = CK.unpack_table(table)
+        again = CK.unpack_table(CK.pack_table(q))
         assert torch.equal(q.weight, again.weight) and torch.equal(q.remap, again.remap)
         assert (q.scale_bias is None) == (again.scale_bias is None)
 
@@ -315,8 +322,8 @@ def test_pruned_table_equals_the_operators_own_compressed_indices_path(dtype):
     n, r, dim = 500, 120, 16
     remap = torch.full((n,), -1, dtype=torch.int32)
     remap[torch.randperm(n, generator=g)[:r]] = torch.arange(r, dtype=torch.int32)
-    w, sb = Q.quantize_rows(torch.randn(r, dim, generator=g), dtype)
-    t = Q.pack_table(Q.QTable("f", dtype, dim, w, sb, remap))
+    w, sb = QR.quantize_rows(torch.randn(r, dim, generator=g), dtype)
+    t = CK.pack_table(QR.QTable("f", dtype, dim, w, sb, remap))
     assert bool(t.zero_row) and t.weight.shape[0] == r + 1 and not bool(t.weight[-1].any())
     ids = torch.randint(0, n, (900,), generator=g, dtype=torch.int32)
     offsets = torch.tensor([0, 1, 1, 300, 650, 900], dtype=torch.int32)  # an empty bag too
@@ -325,5 +332,5 @@ def test_pruned_table_equals_the_operators_own_compressed_indices_path(dtype):
           "int2": torch.ops.quantized.embedding_bag_2bit_rowwise_offsets}[dtype]
     ref = op(t.weight[:-1].contiguous(), ids, offsets, False, 0, True, None, remap, True)
     assert torch.equal(t(ids, offsets), ref)
-    back = Q.unpack_table(t)  # the zero row is not part of the table's rows
+    back = CK.unpack_table(t)  # the zero row is not part of the table's rows
     assert torch.equal(back.weight, w) and torch.equal(back.remap, remap)

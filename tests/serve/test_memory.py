@@ -7,7 +7,7 @@ import mmap
 import pytest
 import torch
 
-from sparse_kd.compress.quantize import PackedTable, QuantizedLookup
+from sparse_kd.serve.cpu_model import PackedTable, QuantizedLookup
 from sparse_kd.serve import memory as M
 
 

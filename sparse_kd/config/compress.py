@@ -1,0 +1,74 @@
+"""Sections for what follows training: ``compress`` (pruning, quantization, artifact) and ``study``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Row pruning + quantization of the student's embedding tables.
+
+    keep_ratio / dtype / pruned_fill / cluster_ratio map a feature name to a value; ``default_*``
+    applies to the rest. ``budget_mb`` > 0 asks the planner to choose keep ratio, dtype and fill
+    per table to fit that many MB of embedding storage, scoring each choice by its loss of
+    ``valid`` AUC plus ``cold_weight`` times its loss of ``valid_cold`` AUC.
+    """
+
+    default_dtype: Literal["fp32", "fp16", "int8", "int4", "int2"] = "int8"
+    dtype: dict[str, str] = field(default_factory=dict)
+    default_keep_ratio: float = 1.0
+    keep_ratio: dict[str, float] = field(default_factory=dict)
+    importance: Literal["frequency", "l2", "distill"] = "frequency"
+    default_pruned_fill: Literal["zero", "mean", "text", "cluster", "text_cluster"] = "zero"
+    pruned_fill: dict[str, str] = field(default_factory=dict)
+    # cluster fills: ceil(ratio * rows) shared rows for a table's pruned ids (sparse_kd/compress/prune.py)
+    default_cluster_ratio: float = 0.05
+    cluster_ratio: dict[str, float] = field(default_factory=dict)
+    budget_mb: float = 0.0
+    # planner objective: valid AUC loss + cold_weight * valid_cold AUC loss (0: warm items only)
+    cold_weight: float = 0.5
+    # planner: measure each option on at most this many interactions per split (seeded subset; 0: all)
+    planner_max_examples: int = 200000
+    # fold (default): the remap is composed into the entity -> id bags the server holds anyway
+    # (mappings.json), so the model holds none: no remap bytes and no remap read per lookup
+    # (sparse_kd/compress/prune.py; docs/BENCHMARKS.md section 1 measures it); array: an int32
+    # remap in the model; hash: TBE only (serve_device cuda)
+    remap: Literal["array", "hash", "fold"] = "fold"
+    # stored row order: frequency = hot rows first (fewer cache lines and pages per lookup; exact,
+    # scores unchanged; sparse_kd/compress/layout.py), id = the trained order
+    row_order: Literal["frequency", "id"] = "frequency"
+    # where the artifact is served: cpu -> PyTorch's quantized EmbeddingBag ops (FBGEMM CPU kernels),
+    # cuda -> FBGEMM's TBE on the GPU (see sparse_kd/compress/tbe.py)
+    serve_device: Literal["cpu", "cuda"] = "cpu"
+    # bytes each TBE row is padded to (serve_device cuda; its GPU kernels need 16); the CPU kernels
+    # store rows unpadded and ignore it
+    row_alignment: int = 16
+    dense_int8: bool = False  # torch.ao dynamic int8 on the dense layers (off: the dense layers are small)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Sweeps: seeds for the distillation study, grid for the compression study."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    keep_ratios: tuple[float, ...] = (1.0, 0.5, 0.25)
+    dtypes: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "int2")
+    variants: tuple[str, ...] = ("baseline", "logit", "align", "transfer", "combined")
+    compress_variants: tuple[str, ...] = ("baseline", "distilled")  # trained variant folders to sweep
+    compress_fills: tuple[str, ...] = ("zero",)
+    # distillation study: candidate settings for the ``chosen`` student, each a list of
+    # ``key=value`` overrides applied on top of the config's ``distill`` section (``[]``: the
+    # config as it is); per seed, the candidate with the best valid AUC is chosen
+    search: tuple[tuple[str, ...], ...] = ()
+    # validation splits whose mean AUC picks the ``chosen`` candidate per seed (those the dataset
+    # has): valid alone ranks by warm items, as the study's main target (test AUC) does; adding
+    # valid_cold trades warm AUC for cold-start AUC
+    select_on: tuple[str, ...] = ("valid", "valid_cold")
+    # also let ``chosen`` be any single-method study variant (logit, pairs, align, transfer), not
+    # only ``combined`` and the search candidates: the study trains them anyway
+    choose_among_variants: bool = False
+    # planner points of the compression study: embedding storage = fp32 bytes / ratio, one plan per
+    # ratio x remap kind (chosen on valid + valid_cold, then evaluated like every grid point)
+    compress_budgets: tuple[float, ...] = ()
+    compress_remaps: tuple[str, ...] = ("array",)

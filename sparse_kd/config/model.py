@@ -1,0 +1,151 @@
+"""Sections for the rankers and their training: ``student`` (with its sharding ``planner``), ``distill`` and ``train``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """Memory the sharding planner may use per rank on CUDA (CPU plans are built by hand).
+
+    0 means: from the machine (GPU memory of the device; host RAM divided by the local processes).
+    Tables that do not fit in ``hbm_cap_gb`` get UVM-caching kernels (rows in host memory,
+    a cache on the GPU) instead of an out-of-memory at start-up.
+    """
+
+    hbm_cap_gb: float = 0.0
+    ddr_cap_gb: float = 0.0
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The DLRM student (and the teacher ranker, which shares its architecture).
+
+    sharding: per-feature sharding type; features not named use ``default_sharding``.
+    planner: memory caps for torchrec's planner on CUDA (does not change what training computes).
+    """
+
+    embedding_dim: int = 16
+    dense_arch: tuple[int, ...] = (32, 16)
+    over_arch: tuple[int, ...] = (64, 32, 1)
+    default_sharding: Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"] = "table_wise"
+    sharding: dict[str, str] = field(default_factory=dict)
+    teacher_text_dim: int = 64  # teacher ranker: text embeddings are PCA-reduced to this many dims
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+
+
+@dataclass(frozen=True)
+class LogitKDConfig:
+    enabled: bool = False
+    kd_ratio: float = 0.5
+    temperature: float = 2.0
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    enabled: bool = False
+    weight: float = 0.1
+    kind: Literal["cosine", "mse", "infonce"] = "cosine"
+    temperature: float = 0.1
+    features: tuple[str, ...] = ("item_id", "user_id")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Weight transfer: ID rows from projected text.
+
+    init: before training, rows are seeded through ``projection`` (pca, or learned = ridge fit to
+    the teacher ranker's rows) at RMS ``scale``. refit: after training, rows of entities with
+    fewer than ``refit_min_count`` training interactions (never-seen items) are replaced by a
+    ridge regression from text to the student's own trained rows (fitted on the others), so
+    cold rows say what the text says, in the space the student actually learned.
+    """
+
+    enabled: bool = False
+    init: bool = True
+    projection: Literal["pca", "learned"] = "pca"
+    scale: float = 0.05  # RMS of the seeded rows
+    refit: bool = True
+    refit_features: tuple[str, ...] = ("item_id",)
+    refit_min_count: int = 1
+    ridge_l2: float = 1.0
+    features: tuple[str, ...] = ("item_id", "user_id")
+
+
+@dataclass(frozen=True)
+class PairKDConfig:
+    """Logit KD beyond the observed pairs: every training batch also carries ``ratio`` times as
+    many sampled (user, item) pairs that are not training interactions, with the teacher
+    ranker's logits on them as the only target (weight ``weight``, temperature ``temperature``).
+
+    Users are drawn with probability proportional to (train interactions + 1)^``user_power``,
+    items to (train interactions + 1)^``item_power``: 0 draws uniformly over the whole catalogue
+    (never-seen items included), so rarely clicked items get far more teacher targets than
+    clicks. The pool is drawn once per run (seeded) and reshuffled every epoch.
+    """
+
+    enabled: bool = False
+    ratio: float = 1.0
+    weight: float = 0.5
+    temperature: float = 1.0
+    user_power: float = 1.0
+    item_power: float = 0.0
+
+
+@dataclass(frozen=True)
+class TeacherRankerConfig:
+    """The text-aware teacher ranker (the student's architecture plus text as dense features).
+
+    history_pair: add a dense pair feature, the mean cosine between the item's text and the
+    texts of the other items the user clicked in train (see :mod:`sparse_kd.distill.history`).
+    """
+
+    history_pair: bool = False
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from the text teacher; each method on/off and weighted.
+
+    user_text: what stands for a user's text wherever user text is used (teacher ranker inputs,
+    alignment targets, weight transfer): ``text`` (the user's own text), ``history`` (the mean
+    teacher embedding of the items the user clicked in train), ``both`` (the two concatenated),
+    or ``auto`` (``history`` when the dataset has no user text, else ``text``).
+    """
+
+    user_text: Literal["auto", "text", "history", "both"] = "auto"
+    teacher_ranker: TeacherRankerConfig = field(default_factory=TeacherRankerConfig)
+    logit: LogitKDConfig = field(default_factory=LogitKDConfig)
+    pairs: PairKDConfig = field(default_factory=PairKDConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+
+    @property
+    def any_enabled(self) -> bool:
+        return self.logit.enabled or self.pairs.enabled or self.align.enabled or self.transfer.enabled
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and run control. ``batch_size`` is global (split across ranks)."""
+
+    epochs: int = 3
+    batch_size: int = 256
+    dense_lr: float = 0.005
+    sparse_lr: float = 0.05
+    sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
+    seed: int = 0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    eval_batch_size: int = 4096
+    collective_timeout_s: int = 300
+    # auto: deterministic kernels on CPU; on CUDA only when CUBLAS_WORKSPACE_CONFIG is set (cuBLAS needs
+    # it, and deterministic CUDA kernels cost speed); true / false force it
+    deterministic: Union[bool, Literal["auto"]] = "auto"
+    # model selection on valid (the ``valid`` split's AUC): keep the epoch with the best score as
+    # the result, and stop after ``early_stop_patience`` epochs without improvement (0: never)
+    select_best: bool = False
+    early_stop_patience: int = 0

@@ -1,0 +1,120 @@
+"""Checks across a whole experiment: impossible values and settings that contradict each other, by key."""
+
+from __future__ import annotations
+
+from sparse_kd.config.base import FILLS, QUANT_DTYPES, SHARDING_TYPES, ConfigError
+from sparse_kd.config.coerce import build
+from sparse_kd.config.experiment import ExperimentConfig
+from sparse_kd.config.overrides import merge, parse_overrides, to_dict
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    d, t, s, c = cfg.data, cfg.train, cfg.student, cfg.compress
+    need(cfg.nproc == "auto" or cfg.nproc >= 1, "nproc", "must be >= 1 or auto")
+    need(d.source == "synthetic" or bool(d.path), "data.path", f"required when data.source is {d.source!r}")
+    need(0.0 <= d.cold_item_fraction < 1.0, "data.cold_item_fraction", "must be in [0, 1)")
+    need(0.0 <= d.valid_cold_fraction <= 1.0, "data.valid_cold_fraction", "must be in [0, 1]")
+    need(d.shuffle_block_rows >= 1, "data.shuffle_block_rows", "must be >= 1")
+    need(d.shuffle_window_blocks >= 1, "data.shuffle_window_blocks", "must be >= 1")
+    need(d.loader_workers >= -1, "data.loader_workers", "must be >= 0, or -1 (auto)")
+    need(d.negatives >= 1, "data.negatives", "must be >= 1 (sampled negatives per positive, implicit feedback)")
+    need(0.0 < d.valid_fraction < 0.5, "data.valid_fraction", "must be in (0, 0.5)")
+    need(0.0 < d.test_fraction < 0.5, "data.test_fraction", "must be in (0, 0.5)")
+    need(d.valid_fraction + d.test_fraction < 0.9, "data.test_fraction", "valid + test must leave >= 10% for training")
+    syn = d.synthetic
+    for k in ("num_users", "num_items", "num_topics", "interactions_per_user"):
+        need(getattr(syn, k) >= 2, f"data.synthetic.{k}", "must be >= 2")
+    need(0.0 <= syn.label_noise < 0.5, "data.synthetic.label_noise", "must be in [0, 0.5)")
+    need(cfg.teacher.batch_size >= 1, "teacher.batch_size", "must be >= 1")
+    need(cfg.teacher.cuda_batch_size >= 1, "teacher.cuda_batch_size", "must be >= 1")
+    need(8 <= cfg.teacher.max_length <= 512, "teacher.max_length", "must be in [8, 512] (BERT positions)")
+    need(s.embedding_dim >= 4 and s.embedding_dim % 4 == 0, "student.embedding_dim",
+         "must be a multiple of 4 (FBGEMM quantized rows), >= 4")
+    need(len(s.dense_arch) >= 1 and s.dense_arch[-1] == s.embedding_dim, "student.dense_arch",
+         f"the last layer must equal student.embedding_dim ({s.embedding_dim}) for the DLRM interaction")
+    need(len(s.over_arch) >= 1 and s.over_arch[-1] == 1, "student.over_arch", "the last layer must be 1 (one logit)")
+    for feat, st in s.sharding.items():
+        need(st in SHARDING_TYPES, f"student.sharding.{feat}", f"{st!r} is not valid; expected one of {', '.join(SHARDING_TYPES)}")
+    need(s.teacher_text_dim >= 1, "student.teacher_text_dim", "must be >= 1")
+    need(s.planner.hbm_cap_gb >= 0, "student.planner.hbm_cap_gb", "must be >= 0 (0: the GPU's memory)")
+    need(s.planner.ddr_cap_gb >= 0, "student.planner.ddr_cap_gb", "must be >= 0 (0: host RAM / local processes)")
+    lk, al = cfg.distill.logit, cfg.distill.align
+    need(0.0 <= lk.kd_ratio <= 1.0, "distill.logit.kd_ratio", "must be in [0, 1]")
+    need(lk.temperature > 0, "distill.logit.temperature", "must be > 0")
+    need(al.weight >= 0, "distill.align.weight", "must be >= 0")
+    need(al.temperature > 0, "distill.align.temperature", "must be > 0")
+    need(cfg.distill.transfer.scale > 0, "distill.transfer.scale", "must be > 0")
+    need(cfg.distill.transfer.refit_min_count >= 1, "distill.transfer.refit_min_count", "must be >= 1")
+    need(cfg.distill.transfer.ridge_l2 >= 0, "distill.transfer.ridge_l2", "must be >= 0")
+    pk = cfg.distill.pairs
+    need(pk.ratio > 0, "distill.pairs.ratio", "must be > 0 (sampled pairs per observed pair)")
+    need(pk.weight >= 0, "distill.pairs.weight", "must be >= 0")
+    need(pk.temperature > 0, "distill.pairs.temperature", "must be > 0")
+    if pk.enabled:
+        pool_batch = pk.ratio * t.batch_size
+        # nproc: auto (and a torchrun world) is checked once the process count is known: distill.pairs.check_pair_batch
+        ranks = 1 if cfg.nproc == "auto" else cfg.nproc
+        need(abs(pool_batch - round(pool_batch)) < 1e-9 and round(pool_batch) % ranks == 0 and round(pool_batch) > 0,
+             "distill.pairs.ratio",
+             f"ratio x train.batch_size ({pk.ratio} x {t.batch_size}) must be a whole multiple of nproc ({cfg.nproc}): "
+             "the sampled pairs of a batch are split evenly across ranks")
+    need(t.early_stop_patience >= 0, "train.early_stop_patience", "must be >= 0 (0: never stop early)")
+    need(t.early_stop_patience == 0 or t.select_best, "train.early_stop_patience",
+         "needs train.select_best: true (stopping early keeps the best epoch)")
+    for key in ("transfer.features", "transfer.refit_features", "align.features"):
+        sec, name = key.split(".")
+        for f in getattr(getattr(cfg.distill, sec), name):
+            need(f in ("user_id", "item_id"), f"distill.{key}", f"{f!r}: only user_id and item_id have text")
+    need(t.epochs >= 1, "train.epochs", "must be >= 1")
+    if cfg.nproc != "auto":  # auto: checked once the process count is known (sparse_kd.dist.local_processes)
+        need(t.batch_size >= cfg.nproc and t.batch_size % cfg.nproc == 0, "train.batch_size",
+             f"must be a positive multiple of nproc ({cfg.nproc}): it is the global batch split across ranks")
+    need(t.dense_lr > 0 and t.sparse_lr > 0, "train.dense_lr", "learning rates must be > 0")
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(t.collective_timeout_s >= 10, "train.collective_timeout_s", "must be >= 10")
+    for feat, dt in c.dtype.items():
+        need(dt in QUANT_DTYPES, f"compress.dtype.{feat}", f"{dt!r} is not valid; expected one of {', '.join(QUANT_DTYPES)}")
+    need(0.0 < c.default_keep_ratio <= 1.0, "compress.default_keep_ratio", "must be in (0, 1]")
+    for feat, r in c.keep_ratio.items():
+        need(0.0 < r <= 1.0, f"compress.keep_ratio.{feat}", "must be in (0, 1]")
+    for feat, fill in c.pruned_fill.items():
+        need(fill in FILLS, f"compress.pruned_fill.{feat}", f"{fill!r} is not valid; expected one of {', '.join(FILLS)}")
+    need(0.0 < c.default_cluster_ratio <= 1.0, "compress.default_cluster_ratio", "must be in (0, 1]")
+    for feat, r in c.cluster_ratio.items():
+        need(0.0 < r <= 1.0, f"compress.cluster_ratio.{feat}", "must be in (0, 1]")
+    need(c.cold_weight >= 0, "compress.cold_weight", "must be >= 0")
+    need(c.planner_max_examples >= 0, "compress.planner_max_examples", "must be >= 0 (0: every interaction)")
+    need(c.budget_mb >= 0, "compress.budget_mb", "must be >= 0 (0: no budget)")
+    need(c.row_alignment in (1, 2, 4, 8, 16), "compress.row_alignment", f"{c.row_alignment} is not valid; expected 1, 2, 4, 8 or 16")
+    need(c.remap != "hash" or c.serve_device == "cuda", "compress.remap",
+         "'hash' needs compress.serve_device: cuda (FBGEMM's TBE); the CPU kernels take an array remap (or fold)")
+    need(c.row_alignment == 16 or c.serve_device == "cpu", "compress.row_alignment",
+         f"{c.row_alignment} is not valid with compress.serve_device: cuda; FBGEMM's GPU kernels need 16")
+    for k in cfg.study.keep_ratios:
+        need(0.0 < k <= 1.0, "study.keep_ratios", f"{k} is not in (0, 1]")
+    for dt in cfg.study.dtypes:
+        need(dt in QUANT_DTYPES, "study.dtypes", f"{dt!r} is not valid; expected one of {', '.join(QUANT_DTYPES)}")
+    need(len(cfg.study.seeds) >= 1, "study.seeds", "needs at least one seed")
+    need(len(cfg.study.select_on) >= 1 and all(s in ("valid", "valid_cold") for s in cfg.study.select_on),
+         "study.select_on", f"{list(cfg.study.select_on)} is not valid; give one or both of valid, valid_cold")
+    for i, cand in enumerate(cfg.study.search):
+        for ov in cand:
+            need("=" in ov and ov.split("=", 1)[0].strip().startswith("distill."), f"study.search[{i}]",
+                 f"{ov!r}: expected distill.KEY=VALUE (the search varies distillation settings only)")
+        try:
+            raw = merge(to_dict(cfg), parse_overrides(list(cand)))
+            raw["study"]["search"] = []
+            validate(build(ExperimentConfig, raw))
+        except ConfigError as e:
+            raise ConfigError(f"study.search[{i}] {list(cand)}: {e}") from None
+    for fill in cfg.study.compress_fills:
+        need(fill in FILLS, "study.compress_fills", f"{fill!r} is not valid; expected one of {', '.join(FILLS)}")
+    for r in cfg.study.compress_budgets:
+        need(r > 1.0, "study.compress_budgets", f"{r} is not valid; give compression ratios > 1 (e.g. [10, 30])")
+    for rk in cfg.study.compress_remaps:
+        need(rk in ("array", "fold"), "study.compress_remaps", f"{rk!r} is not valid; expected array or fold")
