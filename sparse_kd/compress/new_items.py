@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from sparse_kd.config import ConfigError, ExperimentConfig, load_config
-from sparse_kd.data.csv_format import _fail, _read_table
+from sparse_kd.data.csv_reader import fail, read_table
 from sparse_kd.data.split import truncate_text
 from sparse_kd.serve.predictor import ArtifactError, verify_artifact
 
@@ -51,24 +51,24 @@ class NewItems:
 def read_items_csv(path: str | Path, known_ids: set[str], max_text_chars: int, artifact: str = "the artifact") -> NewItems:
     """Parse ``path`` (``item_id,text[,...]``); an id already in ``known_ids`` is an error naming its line."""
     path = Path(path)
-    t = _read_table(path, (ID, TEXT), f"{ID},{TEXT}")
+    t = read_table(path, (ID, TEXT), f"{ID},{TEXT}")
     ci, ct = t.col(ID), t.col(TEXT)
     out = NewItems([], [], [], [c for c in t.columns if c not in (ID, TEXT)])
     first: dict[str, int] = {}
     for line, f in t.rows:
         iid = f[ci].strip()
         if not iid:
-            raise _fail(path, line, ID, f"empty {ID}", f"give every row a non-empty {ID}")
+            raise fail(path, line, ID, f"empty {ID}", f"give every row a non-empty {ID}")
         if iid in first:
-            raise _fail(path, line, ID, f"duplicate {ID} {iid[:60]!r} (first defined on line {first[iid]})",
+            raise fail(path, line, ID, f"duplicate {ID} {iid[:60]!r} (first defined on line {first[iid]})",
                         f"keep one row per {ID}")
         if iid in known_ids:
-            raise _fail(path, line, ID, f"{ID} {iid[:60]!r} is already in {artifact}",
+            raise fail(path, line, ID, f"{ID} {iid[:60]!r} is already in {artifact}",
                         "remove the row, or give the new item an id of its own (rows of existing items are "
                         "never replaced from text)")
         text = f[ct].strip()
         if not text:
-            raise _fail(path, line, TEXT, f"empty or whitespace-only text for {ID} {iid[:60]!r}",
+            raise fail(path, line, TEXT, f"empty or whitespace-only text for {ID} {iid[:60]!r}",
                         "give every new item a short description (title, category, ...): its row is computed "
                         "from the teacher's embedding of this text")
         first[iid] = line

@@ -34,8 +34,8 @@ def load_columnar(cfg: DataConfig) -> RecDataset:
 
 
 def convert(cfg: DataConfig, out, **kw) -> dict:
-    """``sparse-kd data convert``: see :func:`sparse_kd.data.columnar.convert`."""
-    from sparse_kd.data.columnar import convert as conv
+    """``sparse-kd data convert``: see :func:`sparse_kd.data.conversion.convert`."""
+    from sparse_kd.data.conversion import convert as conv
 
     return conv(cfg, out, **kw)
 

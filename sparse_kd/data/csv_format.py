@@ -37,7 +37,7 @@ Interactions naming an item absent from items.csv (or a user absent from users.c
 them in ``report["dropped"]``. Every other problem is a :class:`DataError` naming the file, the
 1-based line (header = line 1), the column and how to fix it.
 
-Files are read as a stream of records in bounded memory (:class:`RecordReader`), and
+Files are read as a stream of records in bounded memory (:class:`~sparse_kd.data.csv_reader.RecordReader`), and
 interactions.csv is parsed chunk by chunk (:class:`InteractionChunks`): the in-memory loader here
 and the streaming converter (``sparse-kd data convert``, :mod:`.columnar`) share every check and
 message.
@@ -45,20 +45,17 @@ message.
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
-import itertools
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal
 
 import numpy as np
 
 from sparse_kd.config import DataConfig
+from sparse_kd.data.csv_reader import CHUNK_ROWS, RecordReader, fail, read_table
 from sparse_kd.data.schema import DataError, RecDataset
 from sparse_kd.data.split import (id_feature, item_codes, make_feature, positives, size_report, split_interactions,
                                   truncate_text)
@@ -68,275 +65,26 @@ _INT_RE = re.compile(r"[+-]?[0-9]+")
 _I64 = (-(2**63), 2**63 - 1)
 _SHOW = 5  # offending lines listed in an unknown-id error
 _LABELS = {"1": 1.0, "0": 0.0, "1.0": 1.0, "0.0": 0.0}
-CHUNK_ROWS = 1 << 18  # interactions parsed per chunk
-_BLOCK_BYTES = 1 << 24  # bytes decoded at a time
-
-
-@dataclass
-class _Table:
-    """A parsed CSV file: header (stripped names) and (line, fields) rows, all of header width."""
-
-    path: Path
-    columns: list[str]
-    rows: list[tuple[int, list[str]]]
-    blank_lines: int
-
-    def col(self, name: str) -> int:
-        return self.columns.index(name)
-
-
-def _fail(path: Path, line: int | None, column: str | int | None, problem: str, fix: str) -> DataError:
-    where = [str(path)]
-    if line is not None:
-        where.append(f"line {line}")
-    if column is not None:
-        where.append(f"column '{column}'" if isinstance(column, str) else f"column {column}")
-    return DataError(f"{', '.join(where)}: {problem}. Fix: {fix}.")
-
-
-def _quote_error_field(text: str, start_line: int) -> int | None:
-    """1-based field of the record starting on ``start_line`` whose quoting is broken (None if not found)."""
-    breaks = [m.end() for m in re.finditer(r"\r\n|\r|\n", text)]
-    pos = 0 if start_line <= 1 else (breaks[start_line - 2] if start_line - 2 < len(breaks) else len(text))
-    field, n = 1, len(text)
-    while pos < n:
-        if text[pos] == '"':  # quoted field: find the closing quote ("" is an escaped quote)
-            pos += 1
-            while True:
-                q = text.find('"', pos)
-                if q < 0:
-                    return field  # end of data inside quotes
-                if text.startswith('""', q):
-                    pos = q + 2
-                    continue
-                pos = q + 1
-                break
-            if pos < n and text[pos] not in ",\r\n":
-                return field  # text after the closing quote
-        else:
-            while pos < n and text[pos] not in ",\r\n":
-                pos += 1
-        if pos >= n or text[pos] in "\r\n":
-            return None
-        field, pos = field + 1, pos + 1
-    return None
-
-
-class RecordReader:
-    """The records of one CSV file, streamed in bounded memory, with the format's checks.
-
-    The header is read and checked on construction (every ``required`` column present;
-    ``expected`` shows the format in messages); :meth:`chunks` then yields lists of
-    ``(line, fields)`` records of header width. Bytes are decoded in blocks that end at a line
-    break, so a UTF-8 error names its absolute byte offset and line.
-    """
-
-    def __init__(self, path: Path, required: tuple[str, ...], expected: str, block_bytes: int = _BLOCK_BYTES) -> None:
-        self.path, self.expected, self.block_bytes = path, expected, block_bytes
-        self.blank_lines = 0
-        self.rows_read = 0
-        self._nonblank = False
-        self._f = open(path, "rb")
-        self._old_limit = csv.field_size_limit()
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts are truncated later, not rejected
-        try:
-            self._reader = csv.reader(self._lines(), strict=True)
-            self._prev = 0  # line number where the last record ended
-            self.header: list[str] | None = None
-            self.header_line = 1
-            first = self._next_record()
-            if first is None:
-                if not self._nonblank:
-                    raise _fail(path, 1, None, "the file is empty (no header line)", f"start the file with the header `{expected}`")
-                raise _fail(path, 1, None, "the file has no header line (only blank fields)", f"start the file with the header `{expected}`")
-            self.header_line, fields = first
-            self.header = [f.strip() for f in fields]
-            self._check_header(required)
-        except BaseException:
-            self.close()
-            raise
-
-    # -- decoding and records
-
-    def _blocks(self) -> Iterator[io.StringIO]:
-        """Decoded blocks of whole lines (as line iterators); counts bytes and lines for errors."""
-        offset, line0, carry, first = 0, 0, b"", True
-        while True:
-            data = self._f.read(self.block_bytes)
-            buf = carry + data
-            if not buf:
-                return
-            cut = buf.rfind(b"\n") + 1 if data else len(buf)
-            if cut == 0:  # no line break yet: read on
-                carry = buf
-                continue
-            block, carry = buf[:cut], buf[cut:]
-            try:
-                text = block.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line_start = block.rfind(b"\n", 0, e.start) + 1
-                line = line0 + block.count(b"\n", 0, e.start) + 1
-                column = block.count(b",", line_start, e.start) + 1  # field number, ignoring quoting
-                raise _fail(
-                    self.path, line, column,
-                    f"byte offset {offset + e.start} (byte 0x{block[e.start]:02x}) is not valid UTF-8 ({e.reason})",
-                    "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`)",
-                ) from None
-            if first and text.startswith("\ufeff"):
-                text = text[1:]
-            first = False
-            self._nonblank = self._nonblank or bool(text.strip())
-            offset += len(block)
-            line0 += block.count(b"\n")
-            yield io.StringIO(text, newline="")
-
-    def _lines(self) -> Iterator[str]:
-        return itertools.chain.from_iterable(self._blocks())
-
-    def _record_text(self, first: int, last: int) -> str:
-        """Lines ``first .. last`` (1-based, as the csv reader counts them) of the file, for a message."""
-        out: list[str] = []
-        with open(self.path, "rb") as f:
-            for n, ln in enumerate(io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline=""), start=1):
-                if n > last:
-                    break
-                if n >= first:
-                    out.append(ln)
-        return "".join(out)
-
-    def _csv_error(self, e: csv.Error) -> DataError:
-        field = _quote_error_field(self._record_text(self._prev + 1, self._reader.line_num), 1)
-        column: str | int | None = field
-        if field is not None and self.header is not None and field <= len(self.header):
-            column = self.header[field - 1]
-        return _fail(self.path, self._reader.line_num, column,
-                     f"malformed CSV ({e}) in the record starting on line {self._prev + 1}",
-                     'quote fields containing commas, quotes or line breaks with double quotes ("...") '
-                     'and double any quote inside a quoted field ("")')
-
-    def _next_record(self) -> Optional[tuple[int, list[str]]]:
-        """The next non-blank record as (first line, fields), or None at the end."""
-        while True:
-            try:
-                fields = next(self._reader)
-            except StopIteration:
-                return None
-            except csv.Error as e:
-                raise self._csv_error(e) from None
-            start, self._prev = self._prev + 1, self._reader.line_num
-            if not fields or (len(fields) == 1 and not fields[0].strip()):
-                self.blank_lines += 1
-                continue
-            return start, fields
-
-    def _check_header(self, required: tuple[str, ...]) -> None:
-        header, path = self.header, self.path
-        assert header is not None
-        for i, name in enumerate(header):
-            if not name:
-                raise _fail(path, self.header_line, i + 1, f"empty column name in header {header}", "give every column a name")
-            if header.index(name) != i:
-                raise _fail(path, self.header_line, name, f"duplicate column name in header {header}", "give every column a distinct name")
-        missing = [r for r in required if r not in header]
-        if missing:
-            hints = []
-            for m in missing:
-                close = difflib.get_close_matches(m, [h.lower() for h in header], n=1, cutoff=0.6)
-                if close:
-                    hints.append(f"'{header[[h.lower() for h in header].index(close[0])]}' looks like '{m}'")
-            hint = f" ({'; '.join(hints)})" if hints else ""
-            raise _fail(path, self.header_line, missing[0],
-                        f"required column(s) {missing} not found; found columns {header}, expected {list(required)}{hint}",
-                        f"make the header line `{self.expected}` (column names are case-sensitive)")
-
-    def col(self, name: str) -> int:
-        assert self.header is not None
-        return self.header.index(name)
-
-    def chunks(self, max_rows: int = CHUNK_ROWS) -> Iterator[list[tuple[int, list[str]]]]:
-        """Lists of at most ``max_rows`` (line, fields) records; raises on a record of the wrong width
-        and, at the end, on a file without data rows."""
-        header = self.header
-        assert header is not None
-        width = len(header)
-        reader = self._reader
-        try:
-            out: list[tuple[int, list[str]]] = []
-            prev = self._prev
-            while True:
-                try:  # the hot loop: one record per iteration, no call per record
-                    for fields in reader:
-                        start, prev = prev + 1, reader.line_num
-                        if len(fields) != width:
-                            if not fields or (len(fields) == 1 and not fields[0].strip()):
-                                self.blank_lines += 1
-                                continue
-                            self._prev = prev
-                            self._width_error(start, fields)
-                        out.append((start, fields))
-                        if len(out) >= max_rows:
-                            break
-                    else:
-                        break
-                except csv.Error as e:
-                    self._prev = prev
-                    raise self._csv_error(e) from None
-                self.rows_read += len(out)
-                yield out
-                out = []
-            self._prev = prev
-            self.rows_read += len(out)
-            if out:
-                yield out
-            if self.rows_read == 0:
-                raise _fail(self.path, self.header_line + 1, None, "the file has a header but no data rows", "add at least one data row")
-        finally:
-            self.close()
-
-    def _width_error(self, line: int, fields: list[str]) -> None:
-        header, width = self.header, len(self.header or [])
-        assert header is not None
-        if len(fields) < width:
-            raise _fail(self.path, line, header[len(fields)],
-                        f"found {len(fields)} fields, expected {width} ({','.join(header)}); column '{header[len(fields)]}' is missing",
-                        "add the missing values (an empty value is written as nothing between two commas), "
-                        'and quote values that contain commas or line breaks')
-        raise _fail(self.path, line, width + 1,
-                    f"found {len(fields)} fields, expected {width} ({','.join(header)}); unexpected extra value {fields[width][:40]!r}",
-                    'quote values that contain commas with double quotes ("a, b"), or add the column to the header')
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-            csv.field_size_limit(self._old_limit)
-
-
-def _read_table(path: Path, required: tuple[str, ...], expected: str) -> _Table:
-    """Parse ``path`` whole (entity files, which fit in memory)."""
-    r = RecordReader(path, required, expected)
-    rows = [rec for chunk in r.chunks() for rec in chunk]
-    assert r.header is not None
-    return _Table(path, r.header, rows, r.blank_lines)
 
 
 def _parse_id(path: Path, line: int, raw: str, column: str) -> str:
     v = raw.strip()
     if not v:
-        raise _fail(path, line, column, f"empty {column}", f"give every row a non-empty {column}")
+        raise fail(path, line, column, f"empty {column}", f"give every row a non-empty {column}")
     return v
 
 
 def _parse_label(path: Path, line: int, raw: str) -> float:
     s = raw.strip()
     if not s:
-        raise _fail(path, line, "label", "empty label", "write 1 (click / positive) or 0 (no click / negative)")
+        raise fail(path, line, "label", "empty label", "write 1 (click / positive) or 0 (no click / negative)")
     try:
         v = float(s)
     except ValueError:
         v = None
     if v is None or math.isnan(v) or v not in (0.0, 1.0):
         what = "NaN label" if v is not None and math.isnan(v) else f"label {s[:40]!r} is not 0 or 1"
-        raise _fail(path, line, "label", what, "labels must be 1 (click / positive) or 0 (no click / negative); "
+        raise fail(path, line, "label", what, "labels must be 1 (click / positive) or 0 (no click / negative); "
                     "binarize ratings first (e.g. rating >= 4 -> 1)")
     return v
 
@@ -344,7 +92,7 @@ def _parse_label(path: Path, line: int, raw: str) -> float:
 def _parse_timestamp(path: Path, line: int, raw: str) -> int:
     s = raw.strip()
     if not _INT_RE.fullmatch(s) or not (_I64[0] <= int(s) <= _I64[1]):
-        raise _fail(path, line, "timestamp", f"timestamp {s[:40]!r} is not an integer (64-bit)",
+        raise fail(path, line, "timestamp", f"timestamp {s[:40]!r} is not an integer (64-bit)",
                     "write integer timestamps (e.g. Unix seconds), or drop the timestamp column to use file order")
     return int(s)
 
@@ -355,7 +103,7 @@ def _bag(cell: str) -> list[str]:
 
 def _read_entities(path: Path, id_col: str, cfg: DataConfig, report: dict, text_required: bool):
     """items.csv / users.csv -> (ids, texts, {categorical column: bags}) in file order."""
-    t = _read_table(path, (id_col, "text"), f"{id_col},text[,categorical columns...]")
+    t = read_table(path, (id_col, "text"), f"{id_col},text[,categorical columns...]")
     report["rows_read"][path.name] = len(t.rows)
     report["blank_lines"] += t.blank_lines
     cats = [c for c in t.columns if c not in (id_col, "text")]
@@ -367,15 +115,15 @@ def _read_entities(path: Path, id_col: str, cfg: DataConfig, report: dict, text_
     for line, f in t.rows:
         eid = f[ci].strip()
         if not eid:
-            raise _fail(path, line, id_col, f"empty {id_col}", f"give every row a non-empty {id_col}")
+            raise fail(path, line, id_col, f"empty {id_col}", f"give every row a non-empty {id_col}")
         if eid in first_line:
-            raise _fail(path, line, id_col, f"duplicate {id_col} {eid[:60]!r} (first defined on line {first_line[eid]})",
+            raise fail(path, line, id_col, f"duplicate {id_col} {eid[:60]!r} (first defined on line {first_line[eid]})",
                         f"keep one row per {id_col}")
         first_line[eid] = line
         text = f[ct].strip()
         if not text:
             if text_required:
-                raise _fail(path, line, "text", f"empty or whitespace-only text for {id_col} {eid[:60]!r}",
+                raise fail(path, line, "text", f"empty or whitespace-only text for {id_col} {eid[:60]!r}",
                             "give every item a short description (title, category, ...): the text teacher embeds it")
             report["empty_user_text"] = report.get("empty_user_text", 0) + 1
         ids.append(eid)
@@ -453,7 +201,7 @@ class InteractionChunks:
                 self.reader.close()
                 meaning = "the data would be read as implicit feedback (positives only)" if want == "label" else \
                     "the split would not be by time"
-                raise _fail(self.path, self.reader.header_line, name,
+                raise fail(self.path, self.reader.header_line, name,
                             f"column '{name}' looks like '{want}' but is not named so; {meaning}",
                             f"rename it to '{want}' (names are case-sensitive), or rename it to something else if it is not a {want}")
         if extra:
@@ -559,12 +307,12 @@ class InteractionChunks:
                 continue
             if unknown_ids == "error":
                 first = ", ".join(f"line {ln} ({v[:40]!r})" for ln, v in self.unknown[col])
-                raise _fail(self.path, self.unknown[col][0][0], col,
+                raise fail(self.path, self.unknown[col][0][0], col,
                             f"{n} row(s) reference {col} values absent from {other}; first: {first}",
                             f"add the missing entries to {other}, remove those rows, or load with unknown_ids='drop'")
             self.report["dropped"][f"unknown_{col}"] = n
         if not self.rows_kept:
-            raise _fail(self.path, None, None, "no interactions left after dropping rows with unknown ids",
+            raise fail(self.path, None, None, "no interactions left after dropping rows with unknown ids",
                         f"make the ids in {INTERACTIONS} match {ITEMS} / {USERS}")
 
 

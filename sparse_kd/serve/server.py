@@ -40,14 +40,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sparse_kd.serve.service import (
-    RequestError,
-    Service,
-    parse_json,
-    parse_rank,
-    parse_reload,
-    parse_score,
-)
+from sparse_kd.serve.requests import RequestError, parse_json, parse_rank, parse_reload, parse_score
+from sparse_kd.serve.service import Service
 
 log = logging.getLogger(__name__)
 

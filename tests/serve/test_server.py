@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from sparse_kd.serve import Predictor
-from sparse_kd.serve.service import DEFAULT_FALLBACK, Limits, Service, fallback_policy
+from sparse_kd.serve.loaded import DEFAULT_FALLBACK, fallback_policy
+from sparse_kd.serve.requests import Limits
+from sparse_kd.serve.service import Service
 from sparse_kd.serve.server import running_server
 
 from serve_helpers import copy_artifact, get, post, prometheus, request
@@ -347,7 +349,7 @@ def test_default_implementations_are_the_c_ones_pinned():
 
 
 def test_a_non_finite_score_is_refused_not_sent_as_null():
-    from sparse_kd.serve.service import _dumps
+    from sparse_kd.serve.loaded import dumps as _dumps
 
     assert json.loads(_dumps({"scores": [0.25, 0.5]}, np.array([0.25, 0.5], np.float32))) == {"scores": [0.25, 0.5]}
     for bad in (np.nan, np.inf):
