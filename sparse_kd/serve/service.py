@@ -146,7 +146,7 @@ class Service:
         import hmac
 
         if self.admin_token is not None and not hmac.compare_digest(token or "", self.admin_token):
-            raise RequestError(403, "admin endpoints need the header X-Admin-Token with the --admin-token value")
+            raise RequestError(403, "admin endpoints need the header X-Admin-Token with the service's admin token")
 
     def health(self) -> dict:
         return {"status": "ok", "artifact": self.current.describe(), "uptime_s": round(time.time() - self.metrics.started, 3),
