@@ -15,7 +15,8 @@ from sparse_kd.compress.stage import compress_model, compress_run, load_run, mod
 from sparse_kd.config import CompressConfig, StudyConfig
 from sparse_kd.metrics import binary_metrics, evaluate, fp32_forward, serving_forward
 from sparse_kd.serve import Predictor
-from sparse_kd.studies.compress_study import pareto_front, run_compress_study
+from sparse_kd.studies.compress_report import pareto_front
+from sparse_kd.studies.compress_study import run_compress_study
 
 
 def test_compress_run_report_and_artifact(run_folder, tmp_path, capsys):
