@@ -1,40 +1,30 @@
-"""GPU check: the CUDA paths of sparse_kd on one GPU, in one command, as one table.
+"""GPU check: the CUDA paths of sparse_kd, each check in its own process with its own time limit.
 
     make gpu-check                                    # .venv-gpu (CUDA stack), then this script
-    .venv-gpu/bin/python benchmarks/gpu_check.py      # the checks alone, in a CUDA environment
-    .venv-gpu/bin/python benchmarks/gpu_check.py --only teacher lookups
+    .venv-gpu/bin/python benchmarks/gpu_check.py --only env serve_cuda_array
+    python benchmarks/gpu_check.py --dry-run          # the plan for this machine; runs nothing
 
-Checks, in order (each one a row: check, status, detail, seconds):
-
-* ``train_gpu``          ``sparse-kd train configs/demo.yaml`` on cuda:0 (nproc=1, nccl, one epoch):
-                         teacher ranker, baseline and distilled student, sharded by torchrec's
-                         planner on a CUDA topology; each must end above chance on valid.
-* ``resume_cpu_to_gpu``  the baseline trained one epoch on CPU (GPUs hidden), then a second epoch
-                         with the GPU visible: it must resume from the CPU checkpoint (log line),
-                         end with a checkpoint of two epochs and a valid AUC above chance.
-* ``teacher``            texts/s of the BERT teacher on the GPU (after a warm-up pass), and the
-                         cosine of its embeddings to the CPU fp32 ones.
-* ``lookup_<dtype>[_pruned]``  the GPU-trained baseline compressed with the project's stage
-                         function (fp16 / int8 / int4, all rows or half kept), its FBGEMM table
-                         batch rebuilt on the GPU (``EmbeddingLocation.DEVICE``, the same bytes and
-                         id remaps): pooled lookups of the same ids must equal the CPU kernel's;
-                         reported: relative error against fp32 and ids/s on the GPU (tables of
-                         the demo student: small, cache-resident; not a large-table figure).
-
-Prints one table and writes ``OUT/gpu_check.json`` (machine, rows). Exit status 0 only if every
-check passed; 2 without a CUDA GPU (nothing is run).
+The checks are listed in ``CHECKS`` (and by --help). After every check OUT/gpu_check.json is
+rewritten atomically (``complete``: false and the ``pending`` checks until the last one), so a
+run killed from outside keeps what finished. A check gets min(its limit, what is left of
+--budget-s); past it, its process group (torchrun included) is killed and it becomes a FAIL row;
+one that no longer fits is ``not run``. Logs: OUT/logs/CHECK.log. Exit status: 0 no FAIL and
+nothing left out, 1 otherwise, 2 without a CUDA GPU (nothing is run). docs/GPU.md says more.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
+import random
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -46,43 +36,63 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-
 CONFIG = "configs/demo.yaml"
-CHECKS = ("train_gpu", "resume_cpu_to_gpu", "teacher", "lookups")
-LOOKUP_DTYPES = ("fp16", "int8", "int4")
-LOOKUP_KEEP = (1.0, 0.5)
-# GPU and CPU kernels dequantize the same bytes and sum in fp32: only summation order differs
-CPU_GPU_RTOL = 1e-3
 MIN_VALID_AUC = 0.55  # "above chance" on the demo data after one epoch
 MIN_TEACHER_COSINE = 0.99
+# int8 on both kernels, same pruning: the TBE keeps fp16 row scales, the CPU ops fp32 ones
+SERVE_CPU_LOGIT_TOL = 0.1
+SERVE_SAME_BYTES_TOL = 1e-4  # hash vs array remap on the same TBE bytes: only the remap differs
+UVM_TOL = 1e-3
+MIN_CHECK_S = 20  # a check gets at least this much of the budget, or is "not run"
+DEFAULT_BUDGET_S = 390  # + ~3 min to install the CUDA stack: under 10 minutes on one GPU
+Rows = List[Dict[str, Any]]
 
 
-class NoGPU(SystemExit):
-    """No CUDA device: the check cannot run (exit status 2)."""
+@dataclass(frozen=True)
+class Check:
+    name: str
+    limit_s: int
+    fn: Callable[["Ctx"], Rows | Dict[str, Any]]
+    doc: str
+    gpus: int = 1  # GPUs it needs
+    after: Optional[str] = None  # a check whose output it reads (skipped if that one did not pass)
 
 
-def require_cuda() -> str:
-    """The GPU's name, or :class:`NoGPU` with a message saying what is missing."""
-    if not torch.cuda.is_available():
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        print(
-            f"error: gpu_check needs a CUDA GPU; torch {torch.__version__} ({build}) sees none. Run it with "
-            "`make gpu-check` on a machine with an NVIDIA GPU (it installs the CUDA stack into .venv-gpu).",
-            file=sys.stderr,
-        )
-        raise NoGPU(2)
-    return torch.cuda.get_device_name(0)
+@dataclass(frozen=True)
+class Ctx:
+    """Where a check writes (``out``), training overrides, and the device / backend (CPU in tests)."""
+
+    out: Path
+    overrides: tuple = ()
+    device: str = "cuda"
+    backend: str = "nccl"
 
 
-# ------------------------------------------------------------------------------------------ results
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def row(check: str, ok: bool, detail: str, seconds: float, **figures: Any) -> Dict[str, Any]:
-    return {"check": check, "status": "ok" if ok else "FAIL", "detail": detail, "seconds": round(seconds, 1), "figures": figures}
+def require_cuda() -> Optional[str]:
+    """The GPU's name; None, after saying on stderr what is missing, without a CUDA GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    print(f"error: gpu_check needs a CUDA GPU; torch {torch.__version__} ({build}) sees none. Run it with "
+          "`make gpu-check` on a machine with an NVIDIA GPU (it installs the CUDA stack into .venv-gpu); "
+          "`--dry-run` shows the plan without one.", file=sys.stderr)
+    return None
 
 
-def summary_table(rows: List[Dict[str, Any]]) -> str:
+def row(check: str, ok: bool | str, detail: str, seconds: float, **figures: Any) -> Dict[str, Any]:
+    status = ok if isinstance(ok, str) else ("ok" if ok else "FAIL")
+    return {"check": check, "status": status, "detail": detail, "seconds": round(seconds, 1), "figures": figures}
+
+
+def summary_table(rows: Rows) -> str:
     """The rows as one aligned text table (check, status, seconds, detail)."""
     head = ("check", "status", "s", "detail")
     cells = [(r["check"], r["status"], f"{r['seconds']:.1f}", r["detail"]) for r in rows]
@@ -91,11 +101,20 @@ def summary_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join([line(head), line(tuple("-" * w for w in widths) + ("-" * 6,))] + [line(c) for c in cells])
 
 
-def result_doc(rows: List[Dict[str, Any]], machine: Dict[str, Any]) -> Dict[str, Any]:
-    return {"machine": machine, "passed": all(r["status"] == "ok" for r in rows), "rows": rows}
+def result_doc(rows: Rows, machine: Dict[str, Any], pending: List[str] = ()) -> Dict[str, Any]:
+    """passed: complete, no FAIL and nothing ``not run`` (a ``skip`` does not apply to this machine)."""
+    return {"machine": machine, "complete": not pending, "pending": list(pending), "rows": rows,
+            "passed": not pending and all(r["status"] in ("ok", "skip") for r in rows)}
 
 
-def timed(check: str, fn: Callable[[], List[Dict[str, Any]] | Dict[str, Any]]) -> List[Dict[str, Any]]:
+def write_json(path: Path, doc: Dict[str, Any]) -> None:
+    from sparse_kd.atomic import write_text  # temp file + fsync + os.replace
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(doc, indent=1))
+
+
+def timed(check: str, fn: Callable[[], Rows | Dict[str, Any]]) -> Rows:
     """Run one check; an exception becomes a FAIL row with its first line."""
     t0 = time.perf_counter()
     try:
@@ -106,48 +125,117 @@ def timed(check: str, fn: Callable[[], List[Dict[str, Any]] | Dict[str, Any]]) -
     return out if isinstance(out, list) else [out]
 
 
-# ------------------------------------------------------------------------------------------ training
+def skip_reason(c: Check, gpus: int, status: Dict[str, str], left_s: float) -> tuple[str, str] | None:
+    """(status, reason) of a check that does not run here, or None."""
+    if gpus < c.gpus:
+        return "skip", f"needs {c.gpus} GPU{'s' * (c.gpus > 1)}, {gpus} visible"
+    if c.after and status.get(c.after, "ok") != "ok":
+        return "skip", f"reads {c.after}'s run, and {c.after} did not pass ({status[c.after]})"
+    if left_s < MIN_CHECK_S:
+        return "not run", f"time budget spent ({left_s:.0f}s left of --budget-s; run it with --only {c.name})"
+    return None
 
 
-def cli_command(subcommand: str, output_dir: Path, *overrides: str, variants: tuple[str, ...] = ()) -> List[str]:
-    """``python -m sparse_kd.cli SUBCOMMAND configs/demo.yaml output_dir=... OVERRIDES [--variants ...]``."""
-    cmd = [sys.executable, "-m", "sparse_kd.cli", subcommand, CONFIG, f"output_dir={output_dir}", *overrides]
-    return cmd + (["--variants", *variants] if variants else [])
+def run_plan(checks: List[Check], run_one: Callable[[str, float], Rows], json_path: Path, machine: Dict[str, Any],
+             budget_s: float, gpus: int, clock: Callable[[], float] = time.monotonic) -> Dict[str, Any]:
+    """Run ``checks`` in order with ``run_one(name, limit_s)``; JSON rewritten after each one."""
+    end, rows, status = clock() + budget_s, [], {}
+    write_json(json_path, result_doc(rows, machine, [c.name for c in checks]))
+    for k, c in enumerate(checks):
+        why = skip_reason(c, gpus, status, end - clock())
+        new = [row(c.name, why[0], why[1], 0.0)] if why else run_one(c.name, min(c.limit_s, end - clock()))
+        status[c.name] = "ok" if all(r["status"] == "ok" for r in new) else next(
+            r["status"] for r in new if r["status"] != "ok")
+        rows += new
+        for r in new:
+            print(f"  {r['check']}: {r['status']} ({r['detail']})", flush=True)
+        write_json(json_path, result_doc(rows, machine, [x.name for x in checks[k + 1:]]))
+    return result_doc(rows, machine)
 
 
-def run_cli(cmd: List[str], hide_gpus: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+def run_limited(cmd: List[str], limit_s: float, log: Path, env: Optional[dict] = None) -> tuple[int, bool, float]:
+    """Run ``cmd`` in its own process group, output to ``log``; past ``limit_s`` the whole group
+    gets SIGTERM (torchrun stops its workers), 15 s later SIGKILL. Returns (exit code, timed out, seconds)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=max(1.0, limit_s)), False, time.perf_counter() - t0
+        except subprocess.TimeoutExpired:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)  # the group outlives its leader while a member is left
+                    proc.wait(timeout=15)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
+            return proc.wait(), True, time.perf_counter() - t0
+
+
+def run_child(ctx: Ctx, name: str, limit_s: float) -> Rows:
+    """One check in a fresh process (``--run-check NAME``) under its own time limit."""
+    rows_file, log = ctx.out / "rows" / f"{name}.json", ctx.out / "logs" / f"{name}.log"
+    rows_file.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--run-check", name, "--out", str(ctx.out),
+           "--set", *ctx.overrides]
+    rc, timed_out, secs = run_limited(cmd, limit_s, log, cli_env())
+    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    tail = " | ".join(ln.strip()[:200] for ln in log.read_text(errors="replace").strip().splitlines()[-3:])
+    if timed_out:
+        return rows + [row(name, False, f"killed after its limit of {limit_s:.0f}s; {log}: {tail}", secs)]
+    return rows if rc == 0 and rows else rows + [row(name, False, f"exit {rc}: {tail}", secs)]
+
+
+def cli_env(hide_gpus: bool = False) -> dict:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     if hide_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def cli_command(subcommand: str, output_dir: Optional[Path], *overrides: str, variants: tuple = (),
+                extra: tuple = ()) -> List[str]:
+    """``python -m sparse_kd.cli SUBCOMMAND configs/demo.yaml output_dir=... OVERRIDES [--variants ...]``."""
+    cmd = [sys.executable, "-m", "sparse_kd.cli", subcommand, CONFIG]
+    cmd += [f"output_dir={output_dir}"] if output_dir is not None else []
+    return cmd + list(overrides) + (["--variants", *variants] if variants else []) + list(extra)
+
+
+def run_cli(cmd: List[str], hide_gpus: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(hide_gpus), capture_output=True, text=True)
     if proc.returncode != 0:
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
-        raise RuntimeError(f"exit {proc.returncode}: {tail}")
+        raise RuntimeError(f"{' '.join(cmd[3:5])} exit {proc.returncode}: {tail}")
     return proc
+
+
+def train_overrides(ctx: Ctx, nproc: int = 1) -> tuple:
+    return (*ctx.overrides, f"nproc={nproc}", f"train.backend={ctx.backend}", "train.epochs=1")
 
 
 def _valid_auc(metrics: Dict[str, Any], variant: str) -> float:
     return float(metrics["metrics"][variant]["valid"]["auc"])
 
 
-def check_train_gpu(out: Path, overrides: tuple[str, ...] = (), backend: str = "nccl") -> List[Dict[str, Any]]:
-    t0 = time.perf_counter()
-    run_cli(cli_command("train", out, *overrides, "nproc=1", f"train.backend={backend}", "train.epochs=1",
-                        variants=("baseline", "distilled")))
+def check_train(ctx: Ctx, name: str = "train_gpu", nproc: int = 1) -> Rows:
+    t0, out = time.perf_counter(), ctx.out / name
+    run_cli(cli_command("train", out, *train_overrides(ctx, nproc), variants=("baseline", "distilled")))
     metrics = json.loads((out / "metrics.json").read_text())
     rows = []
     for v in metrics["metrics"]:
         auc = _valid_auc(metrics, v)
         eps = float(metrics.get("examples_per_s", {}).get(v, 0.0))
-        rows.append(row(f"train_gpu/{v}", auc > MIN_VALID_AUC, f"valid AUC {auc:.4f}, {eps:.0f} examples/s",
-                        time.perf_counter() - t0, valid_auc=auc, examples_per_s=eps))
+        rows.append(row(f"{name}/{v}", auc > MIN_VALID_AUC, f"{nproc} rank(s), valid AUC {auc:.4f}, {eps:.0f} examples/s",
+                        time.perf_counter() - t0, valid_auc=auc, examples_per_s=eps, ranks=nproc))
     return rows
 
 
-def check_resume_cpu_to_gpu(out: Path, overrides: tuple[str, ...] = ()) -> Dict[str, Any]:
-    t0 = time.perf_counter()
-    run_cli(cli_command("train", out, *overrides, "nproc=1", "train.epochs=1", variants=("baseline",)), hide_gpus=True)
-    proc = run_cli(cli_command("train", out, *overrides, "nproc=1", "train.epochs=2", variants=("baseline",)))
+def check_resume_cpu_to_gpu(ctx: Ctx) -> Dict[str, Any]:
+    import re
+
+    t0, out = time.perf_counter(), ctx.out / "resume"
+    run_cli(cli_command("train", out, *ctx.overrides, "nproc=1", "train.epochs=1", variants=("baseline",)), hide_gpus=True)
+    proc = run_cli(cli_command("train", out, *ctx.overrides, "nproc=1", "train.epochs=2", variants=("baseline",)))
     resumed = re.search(r"resumed from \S+", proc.stderr)
     from sparse_kd import checkpoint as ckpt
 
@@ -159,10 +247,32 @@ def check_resume_cpu_to_gpu(out: Path, overrides: tuple[str, ...] = ()) -> Dict[
     return row("resume_cpu_to_gpu", ok, detail, time.perf_counter() - t0, valid_auc=auc, global_step=meta["global_step"])
 
 
-# ------------------------------------------------------------------------------------------ teacher
+def check_env(ctx: Ctx) -> Dict[str, Any]:
+    import importlib.metadata as md
+    import torch
+
+    t0 = time.perf_counter()
+    installed = {d.metadata["Name"].lower().replace("_", "-") for d in md.distributions()}
+    clobbered = "fbgemm-gpu-cpu" in installed
+    import fbgemm_gpu  # noqa: F401  registers torch.ops.fbgemm
+    import torchrec  # noqa: F401
+
+    sums = torch.ops.fbgemm.asynchronous_complete_cumsum(torch.tensor([1, 2, 3], dtype=torch.int32, device=ctx.device))
+    op_ok = sums.cpu().tolist() == [0, 1, 3, 6]
+    from sparse_kd.teacher.encoder import native_bf16
+
+    cap = torch.cuda.get_device_capability(0)
+    bf16 = native_bf16(torch.device("cuda:0"))
+    ok = op_ok and not clobbered and bool(torch.version.cuda) and torch.distributed.is_nccl_available()
+    detail = (f"torch {torch.__version__} (CUDA {torch.version.cuda}), {gpu_count()} GPU(s), capability "
+              f"{cap[0]}.{cap[1]}; fbgemm_gpu CUDA op {'ok' if op_ok else 'WRONG'}"
+              f"{'; fbgemm-gpu-cpu is installed over the CUDA fbgemm-gpu' if clobbered else ''}; teacher bf16: {bf16}")
+    return row("env", ok, detail, time.perf_counter() - t0, torch=torch.__version__, cuda=torch.version.cuda,
+               gpus=gpu_count(), capability=list(cap), native_bf16=bf16, fbgemm_gpu_cpu_installed=clobbered)
 
 
-def check_teacher(n_texts: int = 4096) -> Dict[str, Any]:
+def check_teacher(ctx: Ctx, n_texts: int = 4096) -> Dict[str, Any]:
+    import torch
     from sparse_kd.config import DataConfig
     from sparse_kd.data import load_dataset
     from sparse_kd.teacher.encoder import TextEncoder
@@ -171,170 +281,221 @@ def check_teacher(n_texts: int = 4096) -> Dict[str, Any]:
     ds = load_dataset(DataConfig())
     base = list(ds.item_text) + list(ds.user_text)
     texts = (base * (n_texts // len(base) + 1))[:n_texts]
-    gpu = TextEncoder(device="cuda", show_progress=False)
+    gpu = TextEncoder(device=ctx.device, show_progress=False)
     gpu.encode(texts[:256])  # load + warm-up
     torch.cuda.synchronize()
     t = time.perf_counter()
     gpu.encode(texts)
-    torch.cuda.synchronize()
-    tps = len(texts) / (time.perf_counter() - t)
+    tps = len(texts) / (time.perf_counter() - t)  # encode returns CPU tensors: synchronized
     ref = TextEncoder(device="cpu", precision="fp32", show_progress=False).encode(texts[:256])
-    cos = torch.nn.functional.cosine_similarity(gpu.encode(texts[:256]).cpu().float(), ref.float(), dim=1)
-    ok = float(cos.min()) >= MIN_TEACHER_COSINE
+    cos = torch.nn.functional.cosine_similarity(gpu.encode(texts[:256]).float(), ref.float(), dim=1)
     detail = f"{tps:.0f} texts/s ({gpu.precision}); cosine to CPU fp32: mean {float(cos.mean()):.5f}, min {float(cos.min()):.5f}"
-    return row("teacher", ok, detail, time.perf_counter() - t0, texts_per_s=tps, precision=gpu.precision,
-               cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
+    return row("teacher", float(cos.min()) >= MIN_TEACHER_COSINE, detail, time.perf_counter() - t0, texts_per_s=tps,
+               precision=gpu.precision, cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
 
 
-# ------------------------------------------------------------------------------------------ lookups
+def build_artifact(ctx: Ctx, device: str, remap: str) -> Path:
+    """``sparse-kd compress`` of train_gpu's baseline (int8, half the rows) -> OUT/artifact_DEVICE_REMAP."""
+    dest = ctx.out / f"artifact_{device}_{remap}"
+    shutil.rmtree(dest, ignore_errors=True)
+    run_cli(cli_command("compress", ctx.out / "train_gpu", *train_overrides(ctx), f"compress.serve_device={device}",
+                        f"compress.remap={remap}", "compress.default_dtype=int8", "compress.default_keep_ratio=0.5",
+                        extra=("--variant", "baseline", "--out", str(dest))))
+    return dest
 
 
-def rebuild_tbe(tbe, remaps: List[Optional[torch.Tensor]], device: torch.device):
-    """A copy of an FBGEMM ``IntNBitTableBatchedEmbeddingBagsCodegen`` on ``device``: same tables,
-    same quantized bytes per row (scale/bias and codes), same id remaps (one per table, None = not
-    pruned). On CUDA the rows live in GPU memory (``EmbeddingLocation.DEVICE``) with FBGEMM's
-    16-byte row alignment."""
-    from fbgemm_gpu.split_embedding_configs import SparseType
-    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
-    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
-
-    loc = EmbeddingLocation.DEVICE if device.type == "cuda" else EmbeddingLocation.HOST
-    specs = [(name, rows, dim, ty, loc) for (name, rows, dim, ty, _) in tbe.embedding_specs]
-    out = IntNBitTableBatchedEmbeddingBagsCodegen(
-        embedding_specs=specs,
-        pooling_mode=tbe.pooling_mode,
-        device=device,
-        output_dtype=SparseType.from_int(tbe.output_dtype),
-        # FBGEMM's row alignment for the target (16 bytes on GPUs); rows keep their bytes,
-        # only the zero padding at their end may differ
-    )
-    out.initialize_weights()
-    for (dst, _), (src, _) in zip(out.split_embedding_weights(split_scale_shifts=False),
-                                  tbe.split_embedding_weights(split_scale_shifts=False)):
-        if dst.shape[0] != src.shape[0]:
-            raise ValueError(f"{device} table has {dst.shape[0]} rows, the source {src.shape[0]}")
-        width = min(dst.shape[1], src.shape[1])  # scale/bias + codes, then padding
-        dst.zero_()
-        dst[:, :width].copy_(src[:, :width].to(device))
-    if any(r is not None for r in remaps):
-        out.set_index_remappings_array([None if r is None else r.to(device=device, dtype=torch.int32) for r in remaps])
-    return out
+def _fresh(ctx: Ctx, artifact: Path) -> bool:
+    """An artifact written after train_gpu's run finished (not one left by an earlier gpu_check)."""
+    model, metrics = artifact / "model.pt", ctx.out / "train_gpu" / "metrics.json"
+    return model.is_file() and metrics.is_file() and model.stat().st_mtime >= metrics.stat().st_mtime
 
 
-def lookup_batch(num_ids: List[int], batch: int, bag: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform ids, ``bag`` per bag, ``batch`` bags per table: (indices (T*B*L,) int32, offsets (T*B+1,) int32)."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.cat([torch.randint(0, n, (batch * bag,), generator=g) for n in num_ids]).to(torch.int32)
-    offsets = torch.arange(0, len(num_ids) * batch * bag + 1, bag, dtype=torch.int32)
-    return idx, offsets
+def check_serve(ctx: Ctx, remap: str, pairs: int = 4096, reps: int = 10) -> Dict[str, Any]:
+    import numpy as np
+    from sparse_kd.serve import Predictor, verify_artifact
 
-
-def fp32_reference(weights: List[torch.Tensor], remaps: List[Optional[torch.Tensor]], idx: torch.Tensor, bag: int) -> torch.Tensor:
-    """Pooled fp32 lookups (B, T*D) of the original tables for :func:`lookup_batch`'s ids (equal
-    bags of ``bag`` ids, table after table); pruned ids (remap -1) give zero rows."""
-    per_table = idx.numel() // len(weights)
-    outs = []
-    for t, (w, r) in enumerate(zip(weights, remaps)):
-        w = w.float()
-        if r is not None:
-            w = w * (r.to(w.device) >= 0).unsqueeze(1).to(w.dtype)
-        ids = idx[t * per_table:(t + 1) * per_table].long()
-        offsets = torch.arange(0, per_table, bag, device=ids.device)
-        outs.append(torch.nn.functional.embedding_bag(ids, w, offsets, mode="sum"))
-    return torch.cat(outs, dim=1)
-
-
-def compare_lookup(tbe, remaps, weights, device: torch.device, batch: int = 2048, bag: int = 20, reps: int = 20) -> Dict[str, Any]:
-    """Rebuild ``tbe`` on ``device``; the same ids through both: max relative difference, relative
-    error of ``device`` against fp32, and ids/s on ``device``."""
-    num_ids = [int(r.numel()) if r is not None else int(spec[1]) for r, spec in zip(remaps, tbe.embedding_specs)]
-    idx, offsets = lookup_batch(num_ids, batch, bag)
-    here = tbe(idx, offsets).float()
-    there_tbe = rebuild_tbe(tbe, remaps, device)
-    di, do = idx.to(device), offsets.to(device)
-    there = there_tbe(di, do).float()
-    ref = fp32_reference([w.to(device) for w in weights], remaps, di, bag).float()
-    scale = float(here.abs().max()) or 1.0
-    diff = float((there.cpu() - here).abs().max()) / scale
-    err = float((there - ref).norm() / ref.norm().clamp_min(1e-12))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    there_tbe(di, do)
-    sync()
+    t0, name = time.perf_counter(), f"serve_{ctx.device}_{remap}"
+    art = build_artifact(ctx, ctx.device, remap)
+    manifest = verify_artifact(art)
+    pred = Predictor.load(art)
+    rng = random.Random(0)
+    users, items = list(pred.user_index), list(pred.item_index)
+    us, its = [rng.choice(users) for _ in range(pairs)], [rng.choice(items) for _ in range(pairs)]
+    logits = pred.score_logits(us, its)
     t = time.perf_counter()
     for _ in range(reps):
-        there_tbe(di, do)
-    sync()
-    ids_per_s = reps * idx.numel() / (time.perf_counter() - t)
-    return {"max_rel_diff_vs_cpu": diff, "rel_err_vs_fp32": err, "ids_per_s": ids_per_s}
+        pred.score_logits(us, its)
+    pairs_per_s = reps * pairs / (time.perf_counter() - t)
+    ref_dir = ctx.out / "artifact_cpu_array"  # the same settings on the CPU kernels
+    if ref_dir != art and (remap == "array" or not _fresh(ctx, ref_dir)):
+        build_artifact(ctx, "cpu", "array")
+    vs_cpu = float(np.abs(logits - Predictor.load(ref_dir).score_logits(us, its)).max())
+    figs = {"device": str(pred.device), "kernel": manifest["serving"]["kernel"], "max_logit_diff_vs_cpu": vs_cpu,
+            "pairs_per_s": pairs_per_s, "artifact": str(art)}
+    ok = str(pred.device).startswith(ctx.device) and bool(np.isfinite(logits).all()) and vs_cpu <= SERVE_CPU_LOGIT_TOL
+    detail = f"served on {pred.device} ({figs['kernel']}); vs CPU artifact: max logit diff {vs_cpu:.2e}"
+    same = ctx.out / f"artifact_{ctx.device}_array"
+    if remap != "array" and _fresh(ctx, same):
+        figs["max_logit_diff_vs_array"] = float(np.abs(logits - Predictor.load(same).score_logits(us, its)).max())
+        ok = ok and figs["max_logit_diff_vs_array"] <= SERVE_SAME_BYTES_TOL
+        detail += f"; vs array remap: {figs['max_logit_diff_vs_array']:.1e}"
+    return row(name, ok, f"{detail}; {pairs_per_s:.0f} pairs/s", time.perf_counter() - t0, **figs)
 
 
-def check_lookups(trained: Path, device: torch.device, dtypes=LOOKUP_DTYPES, keeps=LOOKUP_KEEP) -> List[Dict[str, Any]]:
-    """The trained baseline of ``trained`` (a run folder), compressed per dtype x keep ratio."""
-    from sparse_kd.compress.quantize import table_name, tbe_of
-    from sparse_kd.compress.stage import compress_model, model_weights
+def check_uvm_caching(ctx: Ctx, rows_uvm: int = 200_000, dim: int = 64, batch: int = 1024, bag: int = 8,
+                      steps: int = 4, lr: float = 0.1) -> Dict[str, Any]:
+    """One process, world size 1: ``t_uvm`` forced onto FUSED_UVM_CACHING (cache: 20% of its rows),
+    ``t_hbm`` on FUSED, fused EXACT_SGD. Each step's pooled lookups must equal an fp32 reference
+    table that gets the same SGD update (loss = sum of outputs: every looked-up row loses lr per use)."""
+    import socket
+    import torch
+    import torch.distributed as dist
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel as K
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.types import CacheParams
+
+    t0, dev = time.perf_counter(), torch.device(ctx.device, 0)
+    torch.cuda.set_device(dev)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        sizes = {"t_uvm": rows_uvm, "t_hbm": 1000}
+        tables = [EmbeddingBagConfig(name=t, embedding_dim=dim, num_embeddings=n, feature_names=[f"f_{t[2:]}"])
+                  for t, n in sizes.items()]
+        cons = {"t_uvm": ParameterConstraints(sharding_types=["table_wise"], compute_kernels=[K.FUSED_UVM_CACHING.value],
+                                              cache_params=CacheParams(load_factor=0.2)),
+                "t_hbm": ParameterConstraints(sharding_types=["table_wise"], compute_kernels=[K.FUSED.value])}
+        sharder = EmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": lr})
+        ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+        plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cuda"), constraints=cons).plan(
+            ebc, [sharder])
+        kernels = {t: ps.compute_kernel for mp in plan.plan.values() for t, ps in mp.items()}
+        model = DistributedModelParallel(ebc, device=dev, plan=plan, sharders=[sharder])
+        ref = {}
+        for key, v in model.state_dict().items():
+            t = next((t for t in sizes if key.endswith(f"{t}.weight")), None)
+            if t is not None:
+                v = v.local_shards()[0].tensor if hasattr(v, "local_shards") else getattr(v, "to_local", lambda: v)()
+                ref[t] = v.detach().to(dev, torch.float32).clone()
+        g, worst = torch.Generator().manual_seed(0), 0.0
+        for _ in range(steps):  # uniform ids over the whole table: most miss the cache
+            ids = {t: torch.randint(0, n, (batch * bag,), generator=g) for t, n in sizes.items()}
+            kjt = KeyedJaggedTensor.from_lengths_sync(
+                keys=[f"f_{t[2:]}" for t in sizes], values=torch.cat(list(ids.values())).to(dev),
+                lengths=torch.full((len(sizes) * batch,), bag, dtype=torch.int32, device=dev))
+            out = model(kjt)  # a KeyedTensor (torchrec's LazyAwaitable resolves on first use)
+            got = out.to_dict()
+            for t in sizes:
+                i = ids[t].to(dev)
+                want = torch.nn.functional.embedding_bag(i, ref[t], torch.arange(0, i.numel(), bag, device=dev), mode="sum")
+                worst = max(worst, float((got[f"f_{t[2:]}"].float() - want).abs().max()))
+                ref[t].index_add_(0, i, torch.full((i.numel(), dim), -lr, device=dev))  # the fused SGD step
+            out.values().sum().backward()  # d/d(pooled) = 1: each row gets its use count as gradient
+        torch.cuda.synchronize()
+    finally:
+        dist.destroy_process_group()
+    ok = kernels.get("t_uvm") == K.FUSED_UVM_CACHING.value and worst <= UVM_TOL
+    detail = (f"kernels {kernels}; {steps} steps of {batch}x{bag} ids over {rows_uvm} rows (cache 20%): "
+              f"max diff to fp32 reference {worst:.1e}")
+    return row("uvm_caching", ok, detail, time.perf_counter() - t0, kernels=kernels, max_abs_diff=worst)
+
+
+def check_parquet_pinned(ctx: Ctx, workers: int = 2) -> Dict[str, Any]:
+    import torch
+
+    t0, pq, run = time.perf_counter(), ctx.out / "parquet_data", ctx.out / "parquet_train"
+    shutil.rmtree(pq, ignore_errors=True)
+    run_cli([sys.executable, "-m", "sparse_kd.cli", "data", "convert", CONFIG, *ctx.overrides, "--out", str(pq)])
+    run_cli(cli_command("train", run, *train_overrides(ctx), "data.source=parquet", f"data.path={pq}",
+                        f"data.loader_workers={workers}", variants=("baseline",)))
+    auc = _valid_auc(json.loads((run / "metrics.json").read_text()), "baseline")
+    # the loader as training builds it: one batch of rank 0, epoch 0
     from sparse_kd.config import load_config
     from sparse_kd.data import load_dataset
-    from sparse_kd.student.export import load_dlrm
+    from sparse_kd.data.batching import BatchBuilder
+    from sparse_kd.data.stream import train_source
 
-    model = load_dlrm(trained / "baseline")
-    ds = load_dataset(load_config(trained / "config.yaml").data)
-    weights = model_weights(model)
-    rows = []
-    for dtype in dtypes:
-        for keep in keeps:
-            t0 = time.perf_counter()
-            name = f"lookup_{dtype}" + ("" if keep == 1.0 else f"_keep{keep:g}")
-            settings = {f: {"keep_ratio": keep, "dtype": dtype, "fill": "zero"} for f in weights}
-            # the TBE: what GPU serving runs; id order, since the check looks ids up directly (a
-            # hot-first layout moves whole tables' rows and keeps the permutation in the entity bags)
-            comp = compress_model(model, ds, settings, kernel="fbgemm_tbe", row_order="id")
-            tbe = tbe_of(comp.serving)
-            feats = [spec[0][2:] if spec[0].startswith("t_") else spec[0] for spec in tbe.embedding_specs]
-            remaps = [comp.remaps.get(table_name(f)) for f in feats]
-            res = compare_lookup(tbe, remaps, [weights[f] for f in feats], device)
-            ok = res["max_rel_diff_vs_cpu"] <= CPU_GPU_RTOL
-            detail = (f"vs CPU kernel: max rel diff {res['max_rel_diff_vs_cpu']:.1e}; vs fp32: rel err "
-                      f"{res['rel_err_vs_fp32']:.4f}; {res['ids_per_s'] / 1e6:.1f}M ids/s")
-            rows.append(row(name, ok, detail, time.perf_counter() - t0, dtype=dtype, keep_ratio=keep, **res))
-    return rows
+    cfg = load_config(run / "config.yaml")
+    ds = load_dataset(cfg.data)
+    src = train_source(ds, cfg.data)
+    ed = torch.load(run / "data" / "entity_dense.pt", weights_only=True)
+    batch = next(iter(src.batches(BatchBuilder(ds, ed["user"], ed["item"]), cfg.train.batch_size, 0, 1, 0, cfg.train.seed)))
+    pinned = bool(batch.labels.is_pinned())
+    ok = auc > MIN_VALID_AUC and src.workers == workers and (pinned or ctx.device != "cuda")
+    detail = f"1 epoch from Parquet, {src.workers} loader workers, batches pinned: {pinned}; valid AUC {auc:.4f}"
+    return row("parquet_pinned", ok, detail, time.perf_counter() - t0, valid_auc=auc, workers=src.workers, pinned=pinned)
 
 
-# ------------------------------------------------------------------------------------------ main
+CHECKS = (
+    Check("env", 60, check_env, "torch's CUDA build, an fbgemm_gpu CUDA operator, no fbgemm-gpu-cpu over fbgemm-gpu, "
+          "torchrec, NCCL, the teacher's bf16 decision for cuda:0"),
+    Check("train_gpu", 180, partial(check_train, name="train_gpu", nproc=1), "`sparse-kd train configs/demo.yaml` on "
+          "1 GPU (nccl), one epoch: baseline, distilled and the teacher ranker they need, each above chance on valid"),
+    Check("train_2ranks", 180, partial(check_train, name="train_2ranks", nproc=2), "the same with 2 ranks on 2 GPUs: "
+          "row_wise tables (all-to-all over NCCL) in a cpu:gloo,cuda:nccl group", gpus=2),
+    Check("serve_cuda_array", 120, partial(check_serve, remap="array"), "`sparse-kd compress` of train_gpu's baseline, "
+          "serve_device=cuda, remap=array, int8, half the rows -> artifact -> verify_artifact -> Predictor on the GPU; "
+          "logits vs a CPU-served artifact; pairs/s", after="train_gpu"),
+    Check("serve_cuda_hash", 90, partial(check_serve, remap="hash"), "the same with remap=hash; also vs the array "
+          "artifact (same bytes)", after="train_gpu"),
+    Check("uvm_caching", 90, check_uvm_caching, "a torchrec table forced onto FUSED_UVM_CACHING (cache: 20% of its "
+          "rows) beside a FUSED one: lookups and fused SGD steps over the whole table vs an fp32 reference"),
+    Check("parquet_pinned", 150, check_parquet_pinned, "`sparse-kd data convert`, then one epoch streamed from Parquet "
+          "through 2 DataLoader workers; batches must come out pinned"),
+    Check("teacher", 90, check_teacher, "BERT teacher texts/s on the GPU, cosine to the CPU fp32 embeddings"),
+    Check("resume_cpu_to_gpu", 150, check_resume_cpu_to_gpu, "one epoch on CPU (GPUs hidden), a second on the GPU "
+          "resuming from it"),
+)
+NAMES = tuple(c.name for c in CHECKS)
+
+
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/gpu_check", help="folder for the runs and gpu_check.json")
-    ap.add_argument("--only", nargs="+", choices=CHECKS, default=list(CHECKS), help="run only these checks")
+    checks = "\n".join(f"  {c.name:<18} {c.limit_s:>3}s  {c.doc}" for c in CHECKS)
+    ap = argparse.ArgumentParser(description=__doc__, epilog=f"checks, in order, with their time limits:\n{checks}",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/gpu_check", help="folder for the runs, logs and gpu_check.json")
+    ap.add_argument("--only", nargs="+", choices=NAMES, default=list(NAMES), metavar="CHECK", help="run only these checks")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides for every training, e.g. data.synthetic.num_users=2000")
+    ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                    help=f"seconds for all checks together (default {DEFAULT_BUDGET_S}); each also has its own limit")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan for this machine; run and write nothing")
+    ap.add_argument("--run-check", choices=NAMES, help=argparse.SUPPRESS)  # a child: one check, rows to OUT/rows/
     args = ap.parse_args(argv)
-    try:
-        gpu = require_cuda()
-    except NoGPU as e:
-        return int(e.code)
-    from machine import machine_info, write_json
-
     out = Path(args.out).resolve()
+    ctx = Ctx(out, tuple(args.set))
+    plan = [c for c in CHECKS if c.name in args.only]
+    if args.dry_run:
+        gpus, status = gpu_count(), {}
+        for c in plan:
+            why = skip_reason(c, gpus, status, float("inf"))
+            print(f"{c.name:<18} limit {c.limit_s:>4}s  {why[0] + ': ' + why[1] if why else 'runs'}")
+        print(f"budget {args.budget_s:.0f}s, {gpus} GPU(s) visible, outputs in {out}")
+        return 0
+    gpu = require_cuda()
+    if gpu is None:
+        return 2
+    if args.run_check:
+        rows = timed(args.run_check, lambda: next(c for c in CHECKS if c.name == args.run_check).fn(ctx))
+        write_json(out / "rows" / f"{args.run_check}.json", rows)  # type: ignore[arg-type]
+        return 0
+    import torch
+    from machine import machine_info
+
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda", 0)
     print(f"gpu_check on {gpu} (torch {torch.__version__}, CUDA {torch.version.cuda}); outputs in {out}", flush=True)
-    rows: List[Dict[str, Any]] = []
-    steps = {
-        "train_gpu": lambda: check_train_gpu(out / "train_gpu", tuple(args.set)),
-        "resume_cpu_to_gpu": lambda: check_resume_cpu_to_gpu(out / "resume", tuple(args.set)),
-        "teacher": check_teacher,
-        "lookups": lambda: check_lookups(out / "train_gpu", device),
-    }
-    for name in CHECKS:
-        if name in args.only:
-            new = timed(name, steps[name])
-            rows += new
-            for r in new:
-                print(f"  {r['check']}: {r['status']} ({r['detail']})", flush=True)
-    print("\n" + summary_table(rows))
-    doc = result_doc(rows, machine_info({"gpu": gpu, "cuda_version": torch.version.cuda}))
-    write_json(out / "gpu_check.json", doc)
+    machine = machine_info({"gpu": gpu, "gpus": gpu_count(), "cuda_version": torch.version.cuda})
+    doc = run_plan(plan, lambda name, limit: run_child(ctx, name, limit), out / "gpu_check.json", machine,
+                   args.budget_s, gpu_count())
+    print("\n" + summary_table(doc["rows"]) + f"\n\nwrote {out / 'gpu_check.json'}")
     return 0 if doc["passed"] else 1
 
 

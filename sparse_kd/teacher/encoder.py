@@ -19,7 +19,8 @@ Choices, measured by ``benchmarks/bench_teacher.py`` (speed and cosine to fp32 p
 - **Length sorting** (``sort_by_length=True``): texts are tokenized once, sorted by token count
   so a batch pads to little more than its own length, and the output is put back in input order.
 - **Precision** ``auto`` (default) runs the model with **bf16 weights** when the hardware has
-  native bf16 matmuls (a CUDA GPU, or a CPU with AMX / AVX512-BF16), else fp32. Pooling and
+  native bf16 matmuls (a CUDA GPU of compute capability 8.0+ -- the teacher's own GPU; emulated
+  bf16 on older GPUs does not count -- or a CPU with AMX / AVX512-BF16), else fp32. Pooling and
   normalisation always run in fp32 and the result is fp32. bf16 stays close to the fp32
   embeddings and, with length sorting, is the fastest method measured. Not taken as defaults:
   dynamic int8 (``quantize_dynamic``) on every Linear or all but the FFN output (embeddings
@@ -163,10 +164,31 @@ def model_fingerprint(path: str | Path) -> str:
     return _FINGERPRINTS[memo_key]
 
 
+def _cuda_native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA device ``device`` (index None: the current one) runs bf16 natively.
+
+    ``torch.cuda.is_bf16_supported()`` alone is wrong here twice: by default it also counts
+    *emulated* bf16 (pre-Ampere GPUs run it, slowly), and it looks at the current device, which
+    need not be the teacher's (``cuda:1``). So it is asked with ``including_emulation=False``
+    while the teacher's device is current; a torch without that argument gets its rule for
+    CUDA: compute capability 8.0 (Ampere) or newer.
+    """
+    if not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        with torch.cuda.device(index):
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # a torch whose is_bf16_supported has no including_emulation
+        return torch.cuda.get_device_properties(index).major >= 8
+
+
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` has native bf16 matmuls (CUDA with bf16, or a CPU with AMX / AVX512-BF16)."""
+    """Whether ``device`` has native bf16 matmuls (a CUDA GPU of compute capability 8.0+, not
+    emulated bf16; or a CPU with AMX / AVX512-BF16)."""
+    device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return _cuda_native_bf16(device)
     if device.type == "cpu":
         cpu = getattr(torch, "cpu", None)
         checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
