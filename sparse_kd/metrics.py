@@ -66,11 +66,12 @@ def split_batches(ds: RecDataset, builder: BatchBuilder, split: str, batch_size:
 
 
 def predict_split(forward: Callable[[KDBatch], torch.Tensor], batches: Sequence[tuple[KDBatch, int]]) -> torch.Tensor:
-    """Logits (N,) of a split: ``forward(batch) -> (B,)`` over pre-built batches."""
+    """Logits (N,) of a split on the CPU (beside the labels), whatever device ``forward(batch) ->
+    (B,)`` computes on, over pre-built batches."""
     outs = []
     with torch.no_grad():
         for b, real in batches:
-            outs.append(forward(b).reshape(-1)[:real].float())
+            outs.append(forward(b).reshape(-1)[:real].float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
@@ -90,11 +91,25 @@ def evaluate(forward: Callable[[KDBatch], torch.Tensor], ds: RecDataset, builder
     return out
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's tensors live (its first buffer or parameter; CPU when it has none)."""
+    for t in module.buffers():
+        return t.device
+    for t in module.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
 def fp32_forward(model: torch.nn.Module) -> Callable[[KDBatch], torch.Tensor]:
-    """A float torchrec DLRM as ``forward(batch) -> logits (B,)``."""
-    return lambda b: model(b.dense_features, b.sparse_features).reshape(-1)
+    """A float torchrec DLRM as ``forward(batch) -> logits (B,)``; batches (built on the CPU) are
+    moved to the model's device."""
+    dev = module_device(model)
+    return lambda b: model(b.dense_features.to(dev), b.sparse_features.to(dev)).reshape(-1)
 
 
 def serving_forward(serving: torch.nn.Module) -> Callable[[KDBatch], torch.Tensor]:
-    """A quantized serving module (dense (B, Dd), KJT values, lengths) as ``forward(batch) -> logits (B,)``."""
-    return lambda b: serving(b.dense_features, b.sparse_features.values(), b.sparse_features.lengths())
+    """A quantized serving module (dense (B, Dd), KJT values, lengths) as ``forward(batch) -> logits
+    (B,)``; batches (built on the CPU) are moved to the module's device (a GPU for the TBE kernel)."""
+    dev = module_device(serving)
+    return lambda b: serving(b.dense_features.to(dev), b.sparse_features.values().to(dev),
+                             b.sparse_features.lengths().to(dev))

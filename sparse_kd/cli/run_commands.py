@@ -86,6 +86,9 @@ def cmd_pipeline(args) -> int:
     """Train (under torchrun), compress the distilled student, reload it in a fresh process."""
     cfg = load(args)
     if not under_torchrun():
+        from sparse_kd.compress.kernel import require_device
+
+        require_device(cfg.compress.serve_device)  # a GPU artifact needs a GPU: say so before training
         t0 = time.perf_counter()
         if (n := nproc(cfg)) > 1:
             from sparse_kd.pipeline import check_before_training

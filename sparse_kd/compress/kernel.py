@@ -15,6 +15,18 @@ SERVE_DEVICE_KERNEL = {"cpu": KERNEL_CPU, "cuda": KERNEL_TBE}
 
 
 
+def require_device(serve_device: str, what: str = "compress.serve_device") -> None:
+    """Refuse a ``cuda`` serving device where no CUDA GPU is visible, before any work: the TBE
+    kernel's tables are built, and the compressed model evaluated, on the GPU."""
+    if serve_device == "cuda" and not torch.cuda.is_available():
+        from sparse_kd.config import ConfigError
+
+        raise ConfigError(
+            f"{what}: 'cuda' needs a visible CUDA GPU (torch.cuda.is_available() is False here). Build a GPU "
+            "artifact on a GPU machine (copy the run folder there; docs/GPU.md, 'Compressing on a CPU box for GPU "
+            "serving'), or use compress.serve_device=cpu")
+
+
 def kernel_for(serve_device: str, kernel: Optional[str] = None) -> str:
     """The kernel for a serving device (``kernel`` overrides it, e.g. a CPU TBE to compare against)."""
     if serve_device not in SERVE_DEVICE_KERNEL:

@@ -106,6 +106,10 @@ def add_items_from_csv(artifact: str | Path, items_csv: str | Path, config: Opti
 
     art = Path(artifact)
     manifest = verify_artifact(art)
+    device = manifest.get("serving", {}).get("device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"{art}: a GPU artifact (serving.device cuda): adding items rebuilds its FBGEMM CUDA tables, "
+                            "which needs a visible CUDA GPU; run add-items on the GPU host that serves it")
     if "text_maps.pt" not in manifest["files"]:
         raise ArtifactError(f"{art / 'text_maps.pt'}: not in the artifact; it cannot compute rows from text")
     maps = torch.load(art / "text_maps.pt", weights_only=True)

@@ -40,7 +40,7 @@ from torchrec.fx import Tracer
 from torchrec.models.dlrm import DLRM
 
 from sparse_kd.compress.cpu_kernel import assemble_cpu, packed_tables, unpack_table
-from sparse_kd.compress.kernel import kernel_for, kernel_of
+from sparse_kd.compress.kernel import kernel_for, kernel_of, require_device
 from sparse_kd.compress.prune import PrunedTable
 from sparse_kd.compress.rows import DTYPES, QTable, qtables_of, quantize_dense_layers
 from sparse_kd.compress.tbe import (LEAF_MODULES, REMAP_KINDS, ROW_ALIGNMENT, assemble_tbe, dtype_name,
@@ -76,6 +76,7 @@ def quantize_dlrm(
     if remap not in REMAP_KINDS:
         raise ValueError(f"compress.remap: {remap!r} is not valid; expected one of {', '.join(REMAP_KINDS)}")
     k = kernel_for(serve_device, kernel)
+    require_device(serve_device)
     if k == KERNEL_TBE:
         return quantize_tbe(model, pruned, dtypes, keys, remap, dense_int8, row_alignment, torch.device(serve_device))
     if remap != "array":
@@ -102,6 +103,7 @@ def assemble_dlrm(
 
     Used to append rows to a compressed model without re-quantizing the existing rows."""
     k = kernel_for(device, kernel)
+    require_device(device, "the artifact's serving device")
     if k == KERNEL_TBE:
         return assemble_tbe(skeleton, qtables, keys, remap, row_alignment, torch.device(device))
     return assemble_cpu(skeleton, qtables, keys)

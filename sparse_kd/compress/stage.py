@@ -230,6 +230,7 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
     t0 = time.perf_counter()
     dense_int8 = cfg.dense_int8 if dense_int8 is None else dense_int8
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    K.require_device(cfg.serve_device)  # a GPU artifact needs a GPU: refuse before any work
     check_out_dir(out_dir)  # refuse a folder that is not an artifact before any work
     inp = load_run(run_dir, variant)
     model, ds, builder = inp.model, inp.ds, inp.builder
