@@ -68,6 +68,10 @@ class StudyConfig:
     # also let ``chosen`` be any single-method study variant (logit, pairs, align, transfer), not
     # only ``combined`` and the search candidates: the study trains them anyway
     choose_among_variants: bool = False
+    # distillation study: also train the outside reference, plain matrix factorisation with biases
+    # on the same splits (sparse_kd/studies/mf_reference.py: student.embedding_dim dims, lr x
+    # weight_decay grid and best epoch chosen on valid), on rank 0 while the other ranks wait
+    mf_reference: bool = True
     # planner points of the compression study: embedding storage = fp32 bytes / ratio, one plan per
     # ratio x remap kind (chosen on valid + valid_cold, then evaluated like every grid point)
     compress_budgets: tuple[float, ...] = ()

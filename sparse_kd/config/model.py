@@ -95,13 +95,31 @@ class PairKDConfig:
 
 @dataclass(frozen=True)
 class TeacherRankerConfig:
-    """The text-aware teacher ranker (the student's architecture plus text as dense features).
+    """The teacher ranker the students learn from (logits, sampled pairs, learned transfer).
 
+    By default it is the student's architecture plus PCA-reduced text as dense features. It can be
+    made larger than the student, which is where distillation has knowledge to carry: wider
+    tables (``embedding_dim``), deeper MLPs (``dense_arch``, ``over_arch``), torchrec's DCN
+    interaction (``interaction: dcn``: ``DLRM_DCN``, ``dcn_layers`` low-rank cross layers of rank
+    ``dcn_rank``) and the full text embeddings (``text_dim: -1``). The students never see any of
+    this: the served model stays the small DLRM.
+
+    embedding_dim: 0 -> ``student.embedding_dim``. dense_arch / over_arch: empty -> the student's
+    (dense_arch must end at the teacher's embedding_dim, over_arch at 1).
+    text_dim: text dims per entity as dense features: 0 -> ``student.teacher_text_dim`` (PCA),
+    -1 -> every dim of the text embedding (no PCA cut), k > 0 -> PCA to k.
     history_pair: add a dense pair feature, the mean cosine between the item's text and the
     texts of the other items the user clicked in train (see :mod:`sparse_kd.distill.history`).
     """
 
     history_pair: bool = False
+    embedding_dim: int = 0
+    dense_arch: tuple[int, ...] = ()
+    over_arch: tuple[int, ...] = ()
+    interaction: Literal["dot", "dcn"] = "dot"
+    dcn_layers: int = 3
+    dcn_rank: int = 64
+    text_dim: int = 0
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,19 @@ def validate(cfg: ExperimentConfig) -> None:
     need(cfg.distill.transfer.scale > 0, "distill.transfer.scale", "must be > 0")
     need(cfg.distill.transfer.refit_min_count >= 1, "distill.transfer.refit_min_count", "must be >= 1")
     need(cfg.distill.transfer.ridge_l2 >= 0, "distill.transfer.ridge_l2", "must be >= 0")
+    tr_ = cfg.distill.teacher_ranker
+    t_dim = tr_.embedding_dim or s.embedding_dim
+    need(tr_.embedding_dim == 0 or tr_.embedding_dim >= 4, "distill.teacher_ranker.embedding_dim", "must be 0 (the student's) or >= 4")
+    t_dense = tr_.dense_arch or s.dense_arch
+    need(t_dense[-1] == t_dim, "distill.teacher_ranker.dense_arch",
+         f"the last layer must equal the teacher ranker's embedding dim ({t_dim}) for the DLRM interaction"
+         + ("" if tr_.dense_arch else "; set distill.teacher_ranker.dense_arch too when you widen its tables"))
+    need(not tr_.over_arch or tr_.over_arch[-1] == 1, "distill.teacher_ranker.over_arch", "the last layer must be 1 (one logit)")
+    need(tr_.dcn_layers >= 1 and tr_.dcn_rank >= 1, "distill.teacher_ranker.dcn_layers", "dcn_layers and dcn_rank must be >= 1")
+    need(tr_.text_dim >= -1, "distill.teacher_ranker.text_dim", "must be -1 (every text dim), 0 (student.teacher_text_dim) or > 0")
+    need(not (cfg.distill.transfer.enabled and cfg.distill.transfer.projection == "learned") or t_dim == s.embedding_dim,
+         "distill.transfer.projection", f"'learned' maps text to the teacher ranker's rows, which must then have the "
+         f"student's dim ({s.embedding_dim}), not {t_dim}: use projection: pca with a wider teacher")
     pk = cfg.distill.pairs
     need(pk.ratio > 0, "distill.pairs.ratio", "must be > 0 (sampled pairs per observed pair)")
     need(pk.weight >= 0, "distill.pairs.weight", "must be >= 0")

@@ -13,15 +13,16 @@ import torch.distributed.checkpoint as dcp
 from torchrec.models.dlrm import DLRM
 
 from sparse_kd import checkpoint as ckpt
-from sparse_kd.config import StudentConfig
 from sparse_kd.run_folder import MODEL_META, StaleRunError  # noqa: F401 (re-exported)
-from sparse_kd.student.model import build_dlrm
+from sparse_kd.student.model import Arch, build_dlrm
 
 
 def write_model_meta(
     variant_dir: Path, num_embeddings: dict[str, int], dense_in: int, student: dict, fingerprint: dict | None = None
 ) -> None:
-    """Record what is needed to rebuild the model: table sizes (KJT key order), dense width, config.
+    """Record what is needed to rebuild the model: table sizes (KJT key order), dense width, and
+    its architecture (``student``: :meth:`~sparse_kd.student.model.Arch.to_dict`, or the student
+    config's dict).
 
     ``fingerprint`` holds the settings that change what training produces. If the folder already
     has checkpoints made under a different fingerprint, resuming from them would silently mix
@@ -67,11 +68,8 @@ def load_dlrm(variant_dir: Path, checkpoint: Path | None = None) -> DLRM:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: missing; is {variant_dir} a trained sparse_kd run folder?")
     meta = json.loads(meta_path.read_text())
-    s = meta["student"]
-    cfg = StudentConfig(
-        embedding_dim=s["embedding_dim"], dense_arch=tuple(s["dense_arch"]), over_arch=tuple(s["over_arch"])
-    )
-    model = build_dlrm(meta["num_embeddings"], meta["dense_in_features"], cfg, device="cpu")
+    arch = Arch.from_dict(meta["student"])  # the variant's own architecture (a teacher ranker's may differ)
+    model = build_dlrm(meta["num_embeddings"], meta["dense_in_features"], arch, device="cpu")
     path = checkpoint or ckpt.latest(variant_dir / "checkpoints")
     if path is None:
         raise FileNotFoundError(f"{variant_dir / 'checkpoints'}: no complete checkpoint")

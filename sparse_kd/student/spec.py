@@ -19,6 +19,7 @@ import torch
 
 from sparse_kd.config import DistillConfig
 from sparse_kd.data.schema import Interactions
+from sparse_kd.student.model import Arch
 
 
 @dataclass
@@ -51,6 +52,7 @@ class RankerSpec:
         pair (the teacher ranker's history pair feature), or None.
     kd_pool, kd_pool_logits: sampled unobserved pairs (P_pool,) and the teacher's logits on them
         (P_pool,), added to every training batch for KD (``distill.pairs``), or None.
+    arch: the ranker's architecture when it is not the student's (the teacher ranker), or None.
     """
 
     name: str
@@ -65,6 +67,7 @@ class RankerSpec:
     pair_feature: Optional[torch.nn.Module] = None
     kd_pool: Optional[Interactions] = None
     kd_pool_logits: Optional[torch.Tensor] = None
+    arch: Optional[Arch] = None
 
     @property
     def dense_dim(self) -> int:

@@ -40,7 +40,7 @@ from sparse_kd.distill.module import RankerTrain
 from sparse_kd.distill.pairs import check_pair_batch, pool_batch, with_sampled_pairs
 from sparse_kd.distill.refit import refit_rows
 from sparse_kd.student.init import write_tables
-from sparse_kd.student.model import build_dlrm
+from sparse_kd.student.model import arch_of, build_dlrm
 from sparse_kd.student.optim import combined_optimizer, sparse_optimizer
 from sparse_kd.student.predict import evaluate_sharded, predict_sharded
 from sparse_kd.student.reshard import check_resume
@@ -67,9 +67,10 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     torch.manual_seed(seed)  # dense layers: identical on every rank and for any world size
     builder = BatchBuilder(ds, spec.user_dense, spec.item_dense)
     num_emb = {f.name: f.num_embeddings for f in ds.features}
-    dlrm = build_dlrm(num_emb, spec.dense_dim, sc, device="meta")
-    module = RankerTrain(dlrm, spec.distill, ds.feature_names, spec.user_text, spec.item_text, embedding_dim=sc.embedding_dim,
-                         pair_feature=spec.pair_feature)
+    arch = spec.arch or arch_of(sc)
+    dlrm = build_dlrm(num_emb, spec.dense_dim, arch, device="meta")
+    module = RankerTrain(dlrm, spec.distill, ds.feature_names, spec.user_text, spec.item_text,
+                         embedding_dim=arch.embedding_dim, pair_feature=spec.pair_feature)
     opt_cls, opt_kwargs = sparse_optimizer(cfg.train)
     apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
     plan = build_plan(module, sc, env.world_size, env.device.type, local_world_size=env.local_world_size,

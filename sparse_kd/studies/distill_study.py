@@ -18,6 +18,13 @@ on validation data only (with ``study.choose_among_variants``, the single-method
 compete too): the mean AUC over the validation splits of ``study.select_on``
 (default both of :data:`SELECT_SPLITS`) that the dataset has. Test splits are never looked at
 to choose.
+
+Outside reference (``study.mf_reference``, on by default): per seed, plain matrix factorisation
+with biases on the same splits (:mod:`sparse_kd.studies.mf_reference`, ``student.embedding_dim``
+dims, its lr x weight_decay grid and best epoch chosen on valid), trained by rank 0 after the
+rankers while the other ranks wait on the long-wait group (:func:`sparse_kd.dist.on_main`). It is
+the row ``mf_reference`` of the quality table, and a target: the baseline at or above it on valid
+and on test, every seed.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ log = logging.getLogger(__name__)
 METHODS = ("logit", "pairs", "align", "transfer")
 SELECT_SPLITS = ("valid", "valid_cold")  # splits the choice is made on, where the dataset has them
 # targets of the study (issue 10): chosen student against the baseline, on test and test_cold
+# (issue 21: and the baseline at or above the MF reference on MF_TARGET_SPLITS, every seed)
+MF_TARGET_SPLITS = ("valid", "test")
 TARGET_TEST_GAIN = 0.005
 TARGET_TEACHER_SHARE = 0.5
 TARGET_COLD_GAIN = 0.03
@@ -165,10 +174,43 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     out["data_facts"] = data_facts(ds)
     out["search"] = {"chosen": chosen, "scores": scores, "overrides": overrides,
                      "select_on": [s for s in cfg.study.select_on if s in out[chosen]]}
+    if cfg.study.mf_reference:
+        from sparse_kd.dist import on_main
+
+        out["mf_reference"] = on_main(lambda: mf_reference(cfg, ds, seed))  # every rank gets rank 0's result
     if env.is_main:
         log.info("[seed %d] chosen on validation: %s (scores %s)", seed, chosen, {k: round(v, 4) for k, v in scores.items()})
         write_text(Path(cfg.output_dir) / "study_metrics.json", json.dumps(out, indent=1))
     return out
+
+
+def mf_reference(cfg: ExperimentConfig, ds, seed: int) -> dict:
+    """The outside reference of one seed (:func:`sparse_kd.studies.mf_reference.tuned_mf` with
+    ``student.embedding_dim`` dims): its split metrics at the chosen setting's best epoch, the
+    settings and the grid's valid scores. {"error": message} if it fails: a reference never costs
+    the seed's trained rankers."""
+    from sparse_kd.studies.mf_reference import tuned_mf
+
+    try:
+        r = tuned_mf(ds, dim=cfg.student.embedding_dim, seed=seed)
+    except Exception as e:  # noqa: BLE001 (reported in study_metrics.json and the summary)
+        log.exception("[seed %d] MF reference failed", seed)
+        return {"error": f"{type(e).__name__}: {e}"}
+    log.info("[seed %d] MF reference (lr %g, weight_decay %g, best epoch %d of %d, %.0fs): valid AUC %.4f, test AUC %.4f",
+             seed, r["settings"]["lr"], r["settings"]["weight_decay"], r["best_epoch"], r["epochs"], r["seconds"],
+             r["valid"]["auc"], r["test"]["auc"])
+    return r
+
+
+def mf_target(per_seed: dict) -> dict:
+    """Whether the baseline is at or above ``mf_reference`` on every split of
+    :data:`MF_TARGET_SPLITS`, every seed (NaN never is): per seed {split: {"baseline", "mf"}}."""
+    per, below = {}, []
+    for s, m in per_seed.items():
+        per[s] = {sp: {"baseline": m["baseline"][sp]["auc"], "mf": m["mf_reference"][sp]["auc"]} for sp in MF_TARGET_SPLITS}
+        if not all(v["baseline"] >= v["mf"] for v in per[s].values()):
+            below.append(s)
+    return {"per_seed": per, "seeds_below": below, "met": not below}
 
 
 def data_facts(ds) -> dict:
@@ -203,6 +245,26 @@ def targets(per_seed: dict, student: str = "chosen") -> dict:
     }
 
 
+def mf_note(mf: dict) -> str:
+    """The paragraph under the quality table on the ``mf_reference`` row: what it is, and per seed
+    its chosen setting (or why it is missing)."""
+    parts = []
+    for s, m in mf.items():
+        if not m:
+            parts.append(f"seed {s}: not run")
+        elif "error" in m:
+            parts.append(f"seed {s}: failed ({m['error']})")
+        else:
+            st = m["settings"]
+            parts.append(f"seed {s}: lr {st['lr']:g}, weight_decay {st['weight_decay']:g}, best epoch {m['best_epoch']} "
+                         f"of {m['epochs']}" + ("" if m.get("stopped_early", True) else " (epoch cap reached)"))
+    dims = next((m["settings"]["dim"] for m in mf.values() if m and "settings" in m), "?")
+    return ("`mf_reference`: not this project's model: plain matrix factorisation with user, item and global "
+            f"biases ({dims} dims, binary cross-entropy, lazy Adam; learning rate × weight decay grid and best epoch "
+            "chosen on valid) on the same splits and negatives (`sparse_kd/studies/mf_reference.py`). Cold items keep "
+            "their random initial rows, so its cold AUC is about 0.5 by construction. " + "; ".join(parts) + ".")
+
+
 def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
     """Mean, std, min per variant and split over seeds, per-seed deltas, targets ->
     docs/distill_study_<name>.{md,json}."""
@@ -214,6 +276,11 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
         per_seed[s] = json.loads(f.read_text())
     search = {s: per_seed[s].pop("search", None) for s in per_seed}
     facts = {s: per_seed[s].pop("data_facts", None) for s in per_seed}
+    mf = {s: per_seed[s].pop("mf_reference", None) for s in per_seed}
+    mf_ok = all(m and all(sp in m for sp in MF_TARGET_SPLITS) for m in mf.values())
+    if mf_ok:  # a row of the quality table (split metrics only; the detail stays in doc["mf_reference"])
+        for s in per_seed:
+            per_seed[s]["mf_reference"] = {sp: mf[s][sp] for sp in SPLITS if sp in mf[s]}
     variants = [v for v in per_seed[cfg.study.seeds[0]] if all(v in per_seed[s] for s in per_seed)]
     splits = [sp for sp in SPLITS if all(sp in per_seed[s][v] for s in per_seed for v in variants)]
     summary = {}
@@ -242,7 +309,18 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
     table = markdown_table(headers, rows)
 
     sections = [table]
-    doc: dict = {"seeds": list(per_seed), "summary": summary, "per_seed": per_seed, "search": search, "data_facts": facts}
+    doc: dict = {"seeds": list(per_seed), "summary": summary, "per_seed": per_seed, "search": search, "data_facts": facts,
+                 "mf_reference": mf}
+    if any(mf.values()):
+        sections.append(mf_note(mf))
+    mf_line = ""
+    if mf_ok and base:
+        doc["mf_target"] = mt = mf_target(per_seed)
+        mf_line = (f"- baseline ≥ MF reference on {' and '.join(MF_TARGET_SPLITS)}, every seed: "
+                   + "; ".join(f"seed {s} " + ", ".join(f"{sp} {v['baseline']:.4f} vs {v['mf']:.4f}" for sp, v in d.items())
+                               for s, d in mt["per_seed"].items())
+                   + f": {'**met**' if mt['met'] else '**not met**'}"
+                   + (f" (seeds below: {mt['seeds_below']})" if mt["seeds_below"] else ""))
     if all(facts.values()):
         share = {sp: np.mean([facts[s][sp]["rows_with_trained_user"] for s in per_seed]) for sp in facts[next(iter(facts))]}
         sections.append("Rows whose user has a training interaction (mean over seeds): "
@@ -278,7 +356,10 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
             f"{t['test_cold']['needed']:.4f}: {yes(t['test_cold']['met'])}\n"
             f"- no seed with the student's test AUC below its baseline's: seeds below: "
             f"{t['no_seed_below_baseline']['seeds_below'] or 'none'}: {yes(t['no_seed_below_baseline']['met'])}"
+            + (f"\n{mf_line}" if mf_line else "")
         )
+    elif mf_line:
+        sections.append("Targets:\n\n" + mf_line)
     docs.mkdir(parents=True, exist_ok=True)
     stem = f"distill_study_{cfg.name}"
     write_text(docs / f"{stem}.json", json.dumps(doc, indent=1))
