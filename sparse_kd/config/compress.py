@@ -61,6 +61,11 @@ class StudyConfig:
     # ``key=value`` overrides applied on top of the config's ``distill`` section (``[]``: the
     # config as it is); per seed, the candidate with the best valid AUC is chosen
     search: tuple[tuple[str, ...], ...] = ()
+    # distillation study: candidate training settings for the baseline, each a list of ``train.*``
+    # overrides (learning rates, weight decay); per seed the baseline is the best of the config as
+    # it is and these, by the same validation score as ``chosen`` -- the same search budget as
+    # the students get, so that a student's gain is not a weak baseline's loss
+    baseline_search: tuple[tuple[str, ...], ...] = ()
     # validation splits whose mean AUC picks the ``chosen`` candidate per seed (those the dataset
     # has): valid alone ranks by warm items, as the study's main target (test AUC) does; adding
     # valid_cold trades warm AUC for cold-start AUC

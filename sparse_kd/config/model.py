@@ -153,6 +153,10 @@ class TrainConfig:
     dense_lr: float = 0.005
     sparse_lr: float = 0.05
     sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
+    # L2 regularisation: of the dense parameters (Adam's weight_decay), and of the embedding rows
+    # a batch touches (embedding_l2 x mean squared norm of the pooled embeddings, added to the loss)
+    weight_decay: float = 0.0
+    embedding_l2: float = 0.0
     seed: int = 0
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     checkpoint_every: int = 0  # steps; 0: at the end of each epoch only

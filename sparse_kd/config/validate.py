@@ -87,6 +87,8 @@ def validate(cfg: ExperimentConfig) -> None:
         need(t.batch_size >= cfg.nproc and t.batch_size % cfg.nproc == 0, "train.batch_size",
              f"must be a positive multiple of nproc ({cfg.nproc}): it is the global batch split across ranks")
     need(t.dense_lr > 0 and t.sparse_lr > 0, "train.dense_lr", "learning rates must be > 0")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(t.embedding_l2 >= 0, "train.embedding_l2", "must be >= 0")
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(t.collective_timeout_s >= 10, "train.collective_timeout_s", "must be >= 10")
@@ -125,6 +127,17 @@ def validate(cfg: ExperimentConfig) -> None:
             validate(build(ExperimentConfig, raw))
         except ConfigError as e:
             raise ConfigError(f"study.search[{i}] {list(cand)}: {e}") from None
+    for i, cand in enumerate(cfg.study.baseline_search):
+        for ov in cand:
+            need("=" in ov and ov.split("=", 1)[0].strip().startswith("train.")
+                 and ov.split("=", 1)[0].strip() not in ("train.seed", "train.backend"), f"study.baseline_search[{i}]",
+                 f"{ov!r}: expected train.KEY=VALUE (the baseline's search varies its training settings only)")
+        try:
+            raw = merge(to_dict(cfg), parse_overrides(list(cand)))
+            raw["study"]["baseline_search"] = []
+            validate(build(ExperimentConfig, raw))
+        except ConfigError as e:
+            raise ConfigError(f"study.baseline_search[{i}] {list(cand)}: {e}") from None
     for fill in cfg.study.compress_fills:
         need(fill in FILLS, "study.compress_fills", f"{fill!r} is not valid; expected one of {', '.join(FILLS)}")
     for r in cfg.study.compress_budgets:

@@ -1,6 +1,6 @@
-"""Distillation losses, kept apart from the models. All return scalar means over the batch.
+"""Training and distillation losses, kept apart from the models. All return scalar means over the batch.
 
-Notation: B batch size, H teacher (text) embedding dim.
+Notation: B batch size, F sparse features, D embedding dim, H teacher (text) embedding dim.
 """
 
 from __future__ import annotations
@@ -14,6 +14,13 @@ import torch.nn.functional as F
 def click_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Binary cross-entropy on clicks. logits, labels: (B,); ``reduction="none"``: per example (B,)."""
     return F.binary_cross_entropy_with_logits(logits, labels, reduction=reduction)
+
+
+def embedding_l2(pooled: torch.Tensor) -> torch.Tensor:
+    """L2 penalty on the embeddings a batch looks up: the mean over the batch of the squared norm
+    of its pooled embeddings, pooled (B, F, D) -> scalar. Rows read often are pulled to 0 more
+    often, as an L2 term on the rows of each example does (``train.embedding_l2`` weighs it)."""
+    return pooled.pow(2).sum(dim=(1, 2)).mean()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

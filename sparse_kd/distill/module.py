@@ -28,6 +28,8 @@ class RankerTrain(nn.Module):
         user_text, item_text: (U, H), (I, H) teacher embeddings for feature alignment, or None.
         pair_feature: a module (user (B,), item (B,)) -> (B, P) whose output is appended to the
             dense features (the teacher ranker's history pair feature), or None.
+        embedding_l2: weight of :func:`sparse_kd.distill.losses.embedding_l2` on the pooled
+            embeddings (``train.embedding_l2``; 0: none).
 
     Rows labelled :data:`sparse_kd.distill.pairs.SAMPLED` are sampled pairs (distill.pairs):
     they get only the KD loss on their teacher logits (``kd_sampled``) and are left out of the
@@ -44,9 +46,11 @@ class RankerTrain(nn.Module):
         item_text: Optional[torch.Tensor] = None,
         embedding_dim: int = 0,
         pair_feature: Optional[nn.Module] = None,
+        embedding_l2: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
+        self.embedding_l2 = float(embedding_l2)
         self.pair_feature = pair_feature
         self.distill = distill or DistillConfig()
         self.last_parts: dict[str, torch.Tensor] = {}
@@ -111,6 +115,9 @@ class RankerTrain(nn.Module):
                     part = losses.align_loss(al.kind, head(emb), target, al.temperature, ids)
                 parts[f"align_{f}"] = part
                 loss = loss + al.weight * part
+        if self.embedding_l2 > 0 and self.training:
+            parts["embedding_l2"] = losses.embedding_l2(sparse)
+            loss = loss + self.embedding_l2 * parts["embedding_l2"]
         self.last_parts = {k: v.detach() for k, v in parts.items()}
         return loss, (loss.detach(), logits.detach(), batch.labels)
 

@@ -3,7 +3,11 @@
 Embedding tables get a fused optimizer applied in backward (:func:`sparse_optimizer` names its
 class; ``apply_optimizer_in_backward`` is called on the un-sharded model, before
 ``DistributedModelParallel``, which fuses it into the sharded kernels). Dense parameters get
-Adam; :func:`combined_optimizer` joins both into the one ``CombinedOptimizer`` the train
+Adam (``train.weight_decay``: its L2 term). The embedding rows are regularised through the loss
+(``train.embedding_l2``, :func:`sparse_kd.distill.losses.embedding_l2`), not through the fused
+optimizer's ``weight_decay``: measured with fbgemm-gpu-cpu 1.8.0, the CPU kernel of
+``EXACT_ROWWISE_ADAGRAD`` makes the same update with ``weight_decay=0.5`` (modes L2 and DECOUPLE)
+as without it. :func:`combined_optimizer` joins both into the one ``CombinedOptimizer`` the train
 pipeline steps and checkpoints save.
 """
 
@@ -27,6 +31,6 @@ def combined_optimizer(dmp: torch.nn.Module, tc: TrainConfig) -> tuple[CombinedO
     """(the DMP's fused sparse optimizer + Adam over the dense parameters, the dense part alone)."""
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
-        lambda params: torch.optim.Adam(params, lr=tc.dense_lr),
+        lambda params: torch.optim.Adam(params, lr=tc.dense_lr, weight_decay=tc.weight_decay),
     )
     return CombinedOptimizer([dmp.fused_optimizer, dense]), dense

@@ -70,7 +70,8 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     arch = spec.arch or arch_of(sc)
     dlrm = build_dlrm(num_emb, spec.dense_dim, arch, device="meta")
     module = RankerTrain(dlrm, spec.distill, ds.feature_names, spec.user_text, spec.item_text,
-                         embedding_dim=arch.embedding_dim, pair_feature=spec.pair_feature)
+                         embedding_dim=arch.embedding_dim, pair_feature=spec.pair_feature,
+                         embedding_l2=cfg.train.embedding_l2)
     opt_cls, opt_kwargs = sparse_optimizer(cfg.train)
     apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
     plan = build_plan(module, sc, env.world_size, env.device.type, local_world_size=env.local_world_size,
