@@ -27,7 +27,8 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)  ## teacher -> teacher ranker -> baseline + distilled student (2 ranks) -> compress -> serve
 	$(VENV)/bin/sparse-kd pipeline configs/demo.yaml
 
-test: $(STAMP)  ## the whole test suite, as CI runs it
+test: $(STAMP)  ## the import contracts (pyproject.toml) and the whole test suite, as CI runs them
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests -q
 
 test-fast: $(STAMP)  ## skip multi-process and end-to-end tests
@@ -36,7 +37,7 @@ test-fast: $(STAMP)  ## skip multi-process and end-to-end tests
 bench: $(STAMP)  ## quick variants of every benchmark
 	$(PY) benchmarks/run_all.py --quick
 
-gpu-check:  ## CUDA machines only: CUDA stack in .venv-gpu, then GPU training/resume/lookup/teacher checks (one table)
+gpu-check:  ## CUDA machines only: CUDA stack in .venv-gpu, then the GPU checks of docs/GPU.md (one table, JSON after each check)
 	bash scripts/gpu_check.sh
 
 clean:  ## remove run outputs (keeps .venv)

@@ -18,9 +18,20 @@ state, RSS after building the model and peak RSS (``getrusage``) after ``--steps
 training steps, and the examples/s of those steps (median of ``--rounds``). The summary gives
 per-process embedding bytes and peak RSS relative to ``1proc`` (target: about 0.5 when sharded).
 
+``--text-users`` (default 1M and 10M users) also measures, per rank of 2, the peak RSS of what a
+training run builds besides the model (``text_memory`` in the JSON): the synthetic dataset
+(items U/5, 5 interactions per user; user texts blanked as in a log without users.csv), then a
+baseline-only run's inputs (no text at all), then the teacher-text stage (distinct texts encoded
+across the ranks, the click-history stand-in for user text, the teacher ranker's PCA features),
+then a distilled student's spec (alignment and PCA weight transfer). The teacher is a stand-in
+(random unit vectors, H=384) unless ``--encoder teacher``: 10M texts through MiniLM would take
+hours on CPU. ``old_text_mb`` is what every rank held before (user and item embeddings read back
+from the file, plus the history rows), even in a baseline-only run.
+
     python benchmarks/bench_scale.py                # 26 tables, 40.3M rows x dim 16 (2.6 GB fp32)
     python benchmarks/bench_scale.py --dim 32       # 5.2 GB
     python benchmarks/bench_scale.py --quick        # seconds; used by the tests
+    python benchmarks/bench_scale.py --variants "" --text-users 1000000   # the text stages only
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "benchmarks"):
@@ -231,6 +242,99 @@ def worker(opts: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+class StandInEncoder:
+    """A teacher stand-in for the memory runs: a random unit vector per text, H = 384 (MiniLM's)."""
+
+    dim = 384
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> "StandInEncoder":
+        return cls()
+
+    def identity(self) -> Dict[str, Any]:
+        return {"model": "stand-in", "model_fingerprint": "0" * 64}
+
+    def encode(self, texts: List[str]) -> torch.Tensor:
+        g = torch.Generator().manual_seed(len(texts))
+        return torch.nn.functional.normalize(torch.randn(len(texts), self.dim, generator=g), dim=1)
+
+
+def text_worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Peak RSS of each stage of a run's preparation in this rank (see the module doc); every
+    rank's record, in rank order."""
+    import sparse_kd.teacher as teacher
+    from sparse_kd import pipeline as P
+    from sparse_kd.config import config_from_dict
+    from sparse_kd.data import load_dataset
+    from sparse_kd.dist import init_distributed, long_all_gather_object
+
+    quiet()
+    env = init_distributed("gloo", 600)
+    if opts["encoder"] == "stand-in":
+        teacher.TextEncoder = StandInEncoder
+    users = opts["users"]
+    cfg = config_from_dict({
+        "output_dir": opts["run_dir"], "nproc": env.world_size,
+        "data": {"synthetic": {"num_users": users, "num_items": max(100, users // 5), "interactions_per_user": 5}},
+        "teacher": {"cache_dir": opts["cache_dir"]},
+        "distill": {"align": {"enabled": True}, "transfer": {"enabled": True, "projection": "pca"}},
+    }, "<bench_scale text>")
+    Path(opts["run_dir"], "data").mkdir(parents=True, exist_ok=True)
+    rec: Dict[str, Any] = {"rank": env.rank, "users": users}
+    held: List[Any] = []
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        gc.collect()
+        reset_peak_rss()
+        before, t0 = rss_mb()["rss_mb"], time.perf_counter()
+        out = fn()
+        after = rss_mb()
+        rec[name] = {"peak_mb": after["peak_rss_mb"], "peak_above_start_mb": round(after["peak_rss_mb"] - before, 1),
+                     "held_mb": round(after["rss_mb"] - before, 1), "seconds": round(time.perf_counter() - t0, 1)}
+        return out
+
+    ds = stage("data", lambda: load_dataset(cfg.data))
+    ds.user_text = [""] * ds.num_users  # a log without users.csv: distill.user_text auto -> click history
+    rec.update(items=ds.num_items, interactions=sum(len(s) for s in ds.splits.values()),
+               old_text_mb=round((2 * ds.num_users + ds.num_items) * StandInEncoder.dim * 4 / 2**20, 1))
+    assert not P.uses_text(cfg, ("baseline",))
+    held.append(stage("baseline_only", lambda: P.baseline_spec(ds)))
+
+    def text_stage() -> tuple:
+        user, item = P.text_embeddings(cfg, ds, env)
+        user = P.user_text_for(cfg, ds, user, item, env)
+        return user, item, P.teacher_spec(cfg, ds, user, item)
+
+    user, item, t_spec = stage("teacher_text", text_stage)
+    held.append(stage("distilled_spec", lambda: P.distilled_spec(cfg, ds, user, item, None, env=env)))
+    rec["peak_rss_mb"] = rss_mb()["ru_maxrss_mb"]
+    return long_all_gather_object(rec)
+
+
+def run_text(args: argparse.Namespace, launch: Callable[..., Any]) -> List[Dict[str, Any]]:
+    import shutil
+    import tempfile
+
+    out: List[Dict[str, Any]] = []
+    for users in args.text_user_list:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_scale_text_"))
+        try:
+            opts = {"users": users, "encoder": args.encoder, "run_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache")}
+            t0 = time.time()
+            ranks = launch(text_worker, 2, opts)[0]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for r in ranks:
+            r["wall_s"] = round(time.time() - t0, 1)
+            print(f"# text stages, {users:,} users, rank {r['rank']}: data {r['data']['held_mb']:.0f} MB; peak above "
+                  f"the data: baseline-only {r['baseline_only']['peak_above_start_mb']:.0f} MB, teacher text "
+                  f"{r['teacher_text']['peak_above_start_mb']:.0f} MB (held {r['teacher_text']['held_mb']:.0f}), "
+                  f"distilled spec {r['distilled_spec']['peak_above_start_mb']:.0f} MB; process peak "
+                  f"{r['peak_rss_mb']:.0f} MB (before: {r['old_text_mb']:.0f} MB of text on every rank)", flush=True)
+        out += ranks
+    return out
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every table's rows (1: 40.3M rows)")
@@ -248,16 +352,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="run the 2-process variants one after another in one launch (default in --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench/scale.json")
+    p.add_argument("--text-users", default="1000000,10000000",
+                   help="comma list of user counts for the per-rank memory of the text stages ('' to skip)")
+    p.add_argument("--encoder", choices=("stand-in", "teacher"), default="stand-in",
+                   help="teacher for --text-users: a random stand-in (default) or the configured MiniLM")
     p.add_argument("--quick", action="store_true", help="small tables, few steps: seconds (used by the tests)")
     args = p.parse_args(argv)
     if args.quick:
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
-        quick = {"--scale": 0.002, "--batch": 256, "--warmup": 1, "--steps": 2, "--rounds": 1, "--num-batches": 2}
+        quick = {"--scale": 0.002, "--batch": 256, "--warmup": 1, "--steps": 2, "--rounds": 1, "--num-batches": 2,
+                 "--text-users": "2000"}
         for flag, val in quick.items():
             if flag not in given:
                 setattr(args, flag[2:].replace("-", "_"), val)
         args.share_processes = True
     args.variant_list = [v for v in args.variants.split(",") if v]
+    args.text_user_list = [int(float(u)) for u in args.text_users.split(",") if u.strip()]
     for v in args.variant_list:
         if v not in VARIANTS:
             p.error(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
@@ -312,6 +422,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"# {v}: built in {max(r['build_s'] for r in ranks)}s; peak RSS per rank "
                   f"{[r['peak_rss_mb'] for r in ranks]} MB", flush=True)
         print(f"# {', '.join(group)}: {wall}s in all", flush=True)
+    text_memory = run_text(args, launch)
 
     rows_out: List[Dict[str, Any]] = []
     base = results.get("1proc")
@@ -375,12 +486,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         },
         "results": rows_out,
         "summary": summary,
+        "text_memory": text_memory,
         "runs": results,
         "notes": [
             "emb_mb_local: bytes of this rank's local shards of the embedding weights (state_dict local_shards)",
             "opt_state_mb_local: this rank's fused optimizer state (row-wise Adagrad: one float per row)",
             "rss_mb_model: RSS growth from process start (after imports) to the built, initialised model",
             "peak_rss_mb: getrusage ru_maxrss / VmHWM after the timed steps; 1proc ran in the launcher process",
+            "text_memory: per rank of 2; per stage peak_above_start_mb (VmHWM reset before the stage) and held_mb; "
+            "old_text_mb: the (2U + I) x 384 fp32 every rank held before (user, item and history rows)",
         ],
         "elapsed_s": round(time.time() - t_start, 1),
     }

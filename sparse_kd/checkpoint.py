@@ -6,6 +6,13 @@ type of each table: see :mod:`sparse_kd.student.reshard` for what another world 
 writes the manifest and renames the folder, so a ``step_N`` folder is always complete. A kill
 during writing leaves only a ``.tmp`` folder (re-saving a step first moves the old one to
 ``.old``), which is ignored and cleaned up by the next save.
+
+Hashing is shared, never repeated: on save each rank hashes the shard files it wrote
+(``__<rank>_*.distcp``; rank 0 also ``.metadata``) and rank 0 gathers the digests; on a
+multi-rank load each rank checks every world-size-th file and all ranks raise the first
+mismatch. Waits on this work go through :func:`sparse_kd.dist.long_group`. Every rank writes
+and reads these folders: they must be on a filesystem all ranks share
+(:func:`sparse_kd.run_folder.check_shared_run_folder`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import Optional
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from sparse_kd.dist import barrier
+from sparse_kd.dist import long_all_gather_object, long_barrier
 from sparse_kd.integrity import sha256_file
 
 log = logging.getLogger(__name__)
@@ -59,12 +66,14 @@ def save(ck_dir: Path, model, optimizer, epoch: int, step_in_epoch: int, global_
         ck_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-    barrier()
+    long_barrier()  # rank 0 may be deleting a large leftover
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
     dcp.save(state, checkpoint_id=str(tmp))
-    barrier()
+    shares = long_all_gather_object(_hash_own_files(tmp, _rank(), _world_size()))  # also: every rank has written
     if _rank() == 0:
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {name: digest for share in shares for name, digest in share.items()}
+        files.update({p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name not in files})
+        files = dict(sorted(files.items()))
         meta = {
             "format_version": FORMAT_VERSION,
             "epoch": epoch,
@@ -85,8 +94,20 @@ def save(ck_dir: Path, model, optimizer, epoch: int, step_in_epoch: int, global_
         if old is not None:
             shutil.rmtree(old)
         _prune(ck_dir, keep)
-    barrier()
+    long_barrier()
     return final
+
+
+def _owner(name: str, world_size: int) -> int:
+    """The rank that hashes file ``name`` on save: r for DCP's ``__<r>_*`` shard files, else 0."""
+    m = re.match(r"__(\d+)_", name)
+    return int(m.group(1)) if m and int(m.group(1)) < world_size else 0
+
+
+def _hash_own_files(folder: Path, rank: int, world_size: int) -> dict[str, str]:
+    """sha256 of the files in ``folder`` that ``rank`` hashes (:func:`_owner`)."""
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+            if p.is_file() and _owner(p.name, world_size) == rank}
 
 
 def _complete(ck_dir: Path) -> list[Path]:
@@ -122,15 +143,18 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"{mf}: unreadable manifest ({e})") from None
 
 
-def verify(path: Path) -> dict:
-    """Check format version and every file's checksum; return the metadata."""
+def verify(path: Path, part: tuple[int, int] = (0, 1)) -> dict:
+    """Check format version and every file's checksum; return the metadata.
+
+    ``part`` = (i, n): check only every n-th file from the i-th (the ranks of a load share the
+    work: :func:`load`)."""
     path = Path(path)
     meta = read_meta(path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {meta.get('format_version')} but this sparse_kd reads version {FORMAT_VERSION}"
         )
-    for name, digest in meta["files"].items():
+    for name, digest in sorted(meta["files"].items())[part[0] :: part[1]]:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: file {name} listed in meta.json is missing")
@@ -140,8 +164,21 @@ def verify(path: Path) -> dict:
 
 
 def load(path: Path, model, optimizer=None) -> dict:
-    """Load a (possibly differently sharded) checkpoint into ``model`` / ``optimizer`` in place."""
-    meta = verify(path)
+    """Load a (possibly differently sharded) checkpoint into ``model`` / ``optimizer`` in place.
+
+    With several ranks (a collective, as ``dcp.load`` is) each rank verifies its share of the
+    files; a damaged file makes every rank raise the same :class:`CheckpointError`."""
+    if _world_size() == 1:
+        meta = verify(path)
+    else:
+        meta, err = None, None
+        try:
+            meta = verify(path, (_rank(), _world_size()))
+        except CheckpointError as e:
+            err = str(e)
+        errors = [e for e in long_all_gather_object(err) if e]
+        if errors:
+            raise CheckpointError(errors[0])
     state = {"model": model.state_dict()}
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()

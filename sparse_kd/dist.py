@@ -10,6 +10,10 @@ How many processes, and on which devices:
   refuses a config whose integer ``nproc`` says otherwise.
 - With ``nccl`` the default group is ``cpu:gloo,cuda:nccl``: CUDA tensors go through NCCL, and
   CPU tensors, objects and barriers through gloo (an NCCL-only group rejects CPU tensors).
+- Waits on work that one rank does alone, or that ranks finish unevenly (rank 0 writing the run's
+  files, teacher encoding split over the ranks, checkpoint hashing) go through a second gloo group
+  with a long timeout (:func:`long_group`, :func:`long_barrier`, :func:`on_main`), so that
+  ``train.collective_timeout_s`` can stay short for the training steps.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 AUTO_CPU_NPROC = 2  # nproc: auto without CUDA
+# Timeout of the long-wait group (:func:`long_group`): waits on work that only some ranks do, or
+# that takes as long as a whole stage (teacher encoding, checkpoint hashing, rank 0's writes).
+# Proposed config key: train.long_wait_timeout_s.
+LONG_WAIT_S = 6 * 3600
+_LONG: dict = {"world": None, "group": None}
 
 
 @dataclass(frozen=True)
@@ -131,13 +140,14 @@ def check_local_gpus(local_world_size: int, local_rank: int, gpus: int) -> None:
         )
 
 
-def init_distributed(backend: str = "auto", timeout_s: int = 300) -> DistEnv:
+def init_distributed(backend: str = "auto", timeout_s: int = 300, long_wait_s: int = LONG_WAIT_S) -> DistEnv:
     """Join (or create) the default process group.
 
     Under torchrun the environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, ...) is used;
     otherwise a 1-process group on a free local port. backend ``auto`` is nccl with CUDA, else
     gloo; nccl runs rank r of a node on ``cuda:LOCAL_RANK``. Collectives that wait longer than
-    ``timeout_s`` fail instead of hanging.
+    ``timeout_s`` fail instead of hanging; waits on long one-sided work go through
+    :func:`long_group` (``long_wait_s``).
     """
     if "RANK" not in os.environ:
         os.environ.update(
@@ -163,12 +173,130 @@ def init_distributed(backend: str = "auto", timeout_s: int = 300) -> DistEnv:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"sparse_kd/attempt_{attempt}", store)
         dist.init_process_group(backend=group_backend(backend), store=store, rank=rank, world_size=world, timeout=timeout)
+    long_group(long_wait_s)  # every rank, right after the default group: creating a group is a collective
     return DistEnv(rank, world, local_rank, device, backend, local_world)
 
 
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def long_group(timeout_s: int = LONG_WAIT_S):
+    """The gloo group (all ranks) for waits longer than ``train.collective_timeout_s`` may allow:
+    one rank (or each rank, unevenly) works while the others wait (rank 0 writing the run's data
+    files, teacher encoding, checkpoint hashing). None with one process.
+
+    Made once per default group (:func:`init_distributed` makes it right away); making it is a
+    collective, so a first call from elsewhere must come from every rank at the same point.
+    Its timeout is ``timeout_s`` (:data:`LONG_WAIT_S`): a peer that dies closes its connections and
+    fails the wait at once; one that hangs is given up on after ``timeout_s``.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    world = dist.group.WORLD
+    if _LONG["world"] is not world:
+        _LONG["group"] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        _LONG["world"] = world
+    return _LONG["group"]
+
+
+def long_barrier() -> None:
+    """:func:`barrier` on :func:`long_group`: for waits on rank 0's (or one rank's) long work."""
+    g = long_group()
+    if g is not None:
+        dist.barrier(group=g)
+
+
+def long_broadcast_object(obj, src: int = 0):
+    """:func:`broadcast_object` on :func:`long_group` (``obj`` from rank ``src`` once it is ready)."""
+    g = long_group()
+    if g is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=g)
+    return box[0]
+
+
+def long_all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (on :func:`long_group`)."""
+    g = long_group()
+    if g is None:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=g)
+    return out
+
+
+def raise_if_any(error: Union[str, None], exc_type: type = RuntimeError) -> None:
+    """Collective: raise ``exc_type`` on every rank if any rank passes an error message (the
+    lowest rank's message, naming it), so no rank is left waiting for a peer that failed."""
+    errors = long_all_gather_object(error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        r, e = failed[0]
+        others = f" (ranks {', '.join(str(x) for x, _ in failed)} failed)" if len(failed) > 1 else ""
+        err = exc_type(e if len(errors) == 1 else f"rank {r}: {e}{others}")
+        err.on_every_rank = True  # the CLI lets the ranks leave together
+        raise err
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 only, its (small, picklable) result sent to every rank on
+    :func:`long_group` (the others wait as long as it takes). If ``fn`` raises, rank 0 raises it
+    and every other rank raises the same type with the same message (RuntimeError where that
+    type cannot be sent), marked ``on_every_rank`` so the ranks stop together."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    import pickle
+
+    box, failure = None, None
+    if dist.get_rank() == 0:
+        try:
+            box = ("ok", fn())
+        except Exception as e:
+            failure = e
+            try:
+                box = ("error", pickle.loads(pickle.dumps(type(e))), str(e))
+            except Exception:
+                box = ("error", RuntimeError, f"{type(e).__name__}: {e}")
+    box = long_broadcast_object(box)
+    if failure is not None:
+        failure.on_every_rank = True
+        raise failure
+    if box[0] == "error":
+        try:
+            err = box[1](box[2])
+        except Exception:
+            err = RuntimeError(box[2])
+        err.on_every_rank = True
+        raise err
+    return box[1]
+
+
+def split_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share [lo, hi) of ``n`` items split over ``world_size`` ranks."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def all_gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, ...) CPU tensor on every rank from each rank's rows :func:`split_range` (``local``).
+
+    One broadcast per rank into views of the result: no padding, no second copy. Runs on
+    :func:`long_group`, so ranks that finish their share early wait as long as the slowest needs.
+    """
+    g = long_group()
+    if g is None:
+        return local
+    world, rank = dist.get_world_size(), dist.get_rank()
+    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
+    for r in range(world):
+        lo, hi = split_range(n, r, world)
+        if r == rank:
+            out[lo:hi].copy_(local)
+        if hi > lo:
+            dist.broadcast(out[lo:hi], src=r, group=g)
+    return out
 
 
 def gather_device(tensor_device: str, backend_config: str) -> str:

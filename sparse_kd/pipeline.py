@@ -2,12 +2,17 @@
 ranker -> baseline student -> distilled student -> metrics.
 
 Each stage writes into ``cfg.output_dir`` (the run folder), which later stages and the
-compression stage read:
+compression stage read. With several nodes it must be one folder all of them mount (NFS, or a
+mounted object store): checked at start (:func:`~sparse_kd.run_folder.check_shared_run_folder`).
+What every rank needs from another (text embeddings, rank 0's decisions) goes over the process
+group, and waits on one rank's long work over :func:`~sparse_kd.dist.long_group`.
 
     config.yaml                  the resolved config
     data/mappings.json           raw id -> index maps and feature vocabularies (for serving)
     data/entity_dense.pt         per-user / per-item dense features
-    data/text_embeddings.safetensors   teacher text embeddings, user (U, H) and item (I, H)
+    data/text_embeddings.safetensors   teacher text embeddings, user (U, H) and item (I, H); the user
+                                 rows are the click-history ones when user text is unused; none
+                                 in a baseline-only run (it encodes no text)
     <variant>/model_meta.json, <variant>/checkpoints/   per trained ranker
     metrics.json, metrics.md     AUC / log loss per variant and split
 
@@ -25,7 +30,7 @@ from typing import Optional
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from sparse_kd import atomic
 from sparse_kd.config import DistillConfig, ExperimentConfig, to_dict
@@ -33,13 +38,15 @@ from sparse_kd.data import load_dataset
 from sparse_kd.data.batching import count_dense
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import check_logit_kd, train_source
-from sparse_kd.dist import DistEnv, barrier, broadcast_object, init_distributed
+from sparse_kd.dist import DistEnv, barrier, init_distributed, long_barrier, long_broadcast_object, on_main, raise_if_any
 from sparse_kd.distill.history import HistoryPairFeature, resolve_mode, resolve_user_text
 from sparse_kd.distill.pairs import describe_pool, pool_batch, sample_pool
-from sparse_kd.distill.transfer import pca_reduce, transfer_rows
+from sparse_kd.distill.transfer import learned_map, pca_reduce, transfer_map
 from sparse_kd.report import metrics_table
-from sparse_kd.run_folder import StaleRunError, check_run_folder
-from sparse_kd.student.export import check_fingerprint, load_dlrm, write_model_meta
+from sparse_kd.run_folder import StaleRunError, check_run_folder, check_shared_run_folder
+from sparse_kd.student.cost import cost_table, ranker_cost
+from sparse_kd.student.export import check_fingerprint, write_model_meta
+from sparse_kd.student.model import arch_of, teacher_arch
 from sparse_kd.student.spec import RankerResult, RankerSpec, RefitSpec
 from sparse_kd.student.train import predict_checkpoint, train_ranker
 
@@ -73,7 +80,7 @@ def prepare_data(cfg: ExperimentConfig, env: DistEnv) -> RecDataset:
         skipped = {k: ds.report[k] for k in ("dropped", "truncated_texts", "blank_lines", "empty_user_text", "ignored_columns")
                    if ds.report.get(k)}
         log.info("data: skipped or changed while loading: %s (also in metrics.json data_report)", skipped or "nothing")
-    barrier()
+    long_barrier()  # rank 0's writes take minutes at production sizes: not inside train.collective_timeout_s
     return ds
 
 
@@ -81,30 +88,67 @@ def write_heldout_pairs(ds: RecDataset, path: Path) -> None:
     """The test and test_cold interactions as raw-id CSV (split,user_id,item_id,label), so a serving
     process can score them without the data loaders."""
     import csv
+    from itertools import repeat
 
+    import numpy as np
+
+    user_ids, item_ids = np.asarray(ds.user_ids, dtype=object), np.asarray(ds.item_ids, dtype=object)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["split", "user_id", "item_id", "label"])
         for split in ("test", "test_cold"):
             sp = ds.splits[split]
-            for u, i, y in zip(sp.user, sp.item, sp.label):
-                w.writerow([split, ds.user_ids[u], ds.item_ids[i], int(y)])
+            w.writerows(zip(repeat(split), user_ids[sp.user], item_ids[sp.item], np.asarray(sp.label).astype(np.int64).tolist()))
 
 
-def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher embeddings of user and item text: rank 0 encodes (or reads the cache), the others
-    read the file it writes. Returns user (U, H), item (I, H)."""
-    from sparse_kd.teacher import encode_texts
+def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv,
+                    users: Optional[bool] = None) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Teacher embeddings of user text (U, H), or None when the run does not use the users' own
+    text (``users`` None: decided by ``distill.user_text``), and of item text (I, H).
 
-    path = Path(cfg.output_dir) / "data" / "text_embeddings.safetensors"
+    A collective: identical texts (blank ones included) are encoded once, each rank encodes a share
+    of the distinct texts and the rows are gathered over the process group, so no rank reads a
+    file another wrote (:func:`~sparse_kd.teacher.cache.encode_across_ranks`; rank 0 alone uses
+    the teacher cache). Rank 0 writes ``data/text_embeddings.safetensors`` for the compression
+    stage; its ``user`` rows are the click-history embeddings when user text is not used.
+    """
+    from sparse_kd.distill.history import history_text
+    from sparse_kd.teacher import TextEncoder
+    from sparse_kd.teacher.cache import encode_across_ranks
+    from sparse_kd.teacher.encoder import TeacherModelError
+
+    if users is None:
+        users = resolve_mode(cfg.distill.user_text, ds) in ("text", "both")
+    encoder, err = None, None
+    try:  # every rank loads the teacher (a node without it must not leave the others waiting)
+        encoder = TextEncoder.from_config(cfg.teacher, show_progress=env.is_main)
+    except TeacherModelError as e:
+        err = str(e)
+    raise_if_any(err, TeacherModelError)
+
+    def encode(texts, name: str) -> torch.Tensor:
+        emb, inverse = encode_across_ranks(encoder, texts, cfg.teacher.cache_dir, name, encoder.dim)
+        return emb if emb.shape[0] == inverse.shape[0] and bool((inverse == torch.arange(len(inverse))).all()) \
+            else emb.index_select(0, inverse)
+
+    item = encode(ds.item_text, "items")
+    user = encode(ds.user_text, "users") if users else None
     if env.is_main:
-        item = encode_texts(cfg.teacher, ds.item_text, "items")
-        user = encode_texts(cfg.teacher, ds.user_text, "users")
-        with atomic.replacing(path) as tmp:
-            save_file({"user": user.contiguous(), "item": item.contiguous()}, str(tmp))
-    barrier()
-    t = load_file(str(path))
-    return t["user"], t["item"]
+        with atomic.replacing(Path(cfg.output_dir) / "data" / "text_embeddings.safetensors") as tmp:
+            save_file({"user": (user if user is not None else history_text(ds, item)).contiguous(),
+                       "item": item.contiguous()}, str(tmp))
+    return user, item
+
+
+def distilled_uses_text(dc: DistillConfig) -> bool:
+    """Whether a distilled student reads text embeddings itself (alignment, weight transfer)."""
+    return dc.align.enabled or dc.transfer.enabled
+
+
+def uses_text(cfg: ExperimentConfig, variants: tuple[str, ...]) -> bool:
+    """Whether training ``variants`` needs teacher text embeddings: a baseline-only run encodes
+    and holds none."""
+    return TEACHER in trained_variants(cfg, variants) or ("distilled" in variants and distilled_uses_text(cfg.distill))
 
 
 def _variant_dir(cfg: ExperimentConfig, name: str) -> Path:
@@ -119,10 +163,10 @@ def train_variant(
     checkpoint is there), log the result. Used by :func:`run_training` and the studies."""
     d = _variant_dir(cfg, spec.name)
     fp = fingerprint(cfg, spec, seed)
-    check_fingerprint(d, fp)  # every rank, so all of them stop with the same error
+    check_on_main(env, lambda: check_fingerprint(d, fp))  # rank 0 reads, every rank stops with the same error
     if env.is_main:
         num_emb = {f.name: f.num_embeddings for f in ds.features}
-        write_model_meta(d, num_emb, spec.dense_dim, to_dict(cfg.student), fp)
+        write_model_meta(d, num_emb, spec.dense_dim, (spec.arch or arch_of(cfg.student)).to_dict(), fp)
     barrier()
     t0 = time.perf_counter()
     res = train_ranker(cfg, ds, spec, d, env, seed=seed, want_train_logits=want_train_logits)
@@ -152,6 +196,12 @@ def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig
     return fp
 
 
+def spec_cost(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec) -> dict:
+    """Parameters and multiply-adds per example of the ranker ``spec`` describes (:mod:`sparse_kd.student.cost`)."""
+    return ranker_cost({f.name: f.num_embeddings for f in ds.features}, spec.dense_dim, spec.arch or arch_of(cfg.student),
+                       spec.pair_feature)
+
+
 def baseline_spec(ds: RecDataset, name: str = "baseline") -> RankerSpec:
     """The student without distillation: entity counts as dense features, nothing from text."""
     ub, ib = count_dense(ds)
@@ -176,7 +226,8 @@ def check_before_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TE
     fps = {v: variant_fingerprint(cfg, v, cfg.distill if v == "distilled" else DistillConfig(), seed)
            for v in trained_variants(cfg, variants)}
     check_run_folder(cfg, fps)
-    resolve_model_path(cfg.teacher.model, allow_pickle_weights=cfg.teacher.allow_pickle_weights)
+    if uses_text(cfg, variants):  # a baseline-only run needs no teacher model
+        resolve_model_path(cfg.teacher.model, allow_pickle_weights=cfg.teacher.allow_pickle_weights)
 
 
 def check_on_main(env: DistEnv, check) -> None:
@@ -193,7 +244,7 @@ def check_on_main(env: DistEnv, check) -> None:
             refusal = (type(e).__name__, str(e))
         except Exception as e:  # not a refusal (a bug, an unreadable disk): the other ranks must not wait
             refusal, failure = ("failure", f"rank 0 failed before training: {type(e).__name__}: {e}"), e
-    refusal = broadcast_object(refusal)
+    refusal = long_broadcast_object(refusal)
     if failure is not None:
         raise failure
     if refusal is not None:
@@ -217,12 +268,20 @@ def user_text_for(cfg: ExperimentConfig, ds: RecDataset, user_text: torch.Tensor
 
 
 def teacher_spec(cfg, ds, user_text, item_text) -> RankerSpec:
-    """The teacher ranker sees the students' inputs plus PCA-reduced text embeddings as dense features
-    (``user_text`` as given by :func:`user_text_for`), and with ``distill.teacher_ranker.history_pair``
-    the user-item history similarity (:class:`~sparse_kd.distill.history.HistoryPairFeature`)."""
+    """The teacher ranker sees the students' inputs plus text embeddings as dense features (PCA-reduced,
+    or every dim with ``distill.teacher_ranker.text_dim: -1``; ``user_text`` as given by
+    :func:`user_text_for`), and with ``distill.teacher_ranker.history_pair`` the user-item history
+    similarity (:class:`~sparse_kd.distill.history.HistoryPairFeature`). Its architecture is
+    ``distill.teacher_ranker``'s (:func:`~sparse_kd.student.model.teacher_arch`)."""
     ub, ib = count_dense(ds)
-    k = cfg.student.teacher_text_dim
-    spec = RankerSpec(TEACHER, torch.cat([ub, pca_reduce(user_text, k)], 1), torch.cat([ib, pca_reduce(item_text, k)], 1))
+    tr = cfg.distill.teacher_ranker
+    k = cfg.student.teacher_text_dim if tr.text_dim == 0 else tr.text_dim
+
+    def text(x: torch.Tensor) -> torch.Tensor:
+        return x.float() if k == -1 else pca_reduce(x, k)
+
+    spec = RankerSpec(TEACHER, torch.cat([ub, text(user_text)], 1), torch.cat([ib, text(item_text)], 1),
+                      arch=teacher_arch(cfg.student, tr))
     if cfg.distill.teacher_ranker.history_pair:
         spec.pair_feature = HistoryPairFeature(ds, item_text)
     return spec
@@ -264,23 +323,39 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
         )
     if dc.transfer.enabled and dc.transfer.init:
         tr = dc.transfer
-        teacher_tables = None
+        texts = {f: user_text if f == "user_id" else item_text for f in tr.features}
+        warm = {f: torch.from_numpy((user_counts if f == "user_id" else item_counts) > 0) for f in tr.features}
+        maps = {}
         if tr.projection == "learned":
             if teacher is None:
                 raise ValueError(f"{name}: distill.transfer.projection 'learned' needs the trained teacher ranker; "
                                  "train it first (run_training does)")
-            teacher_tables = load_dlrm(_variant_dir(cfg, TEACHER)).sparse_arch.embedding_bag_collection.embedding_bags
+            maps = _learned_maps(cfg, ds, teacher, texts, warm)
         # users given by their click history live in the item-text space: project them on the
         # items' PCA basis, so seeded user . item products follow history . item similarity
         shared = resolve_mode(dc.user_text, ds) == "history"
         for f in tr.features:
-            text = user_text if f == "user_id" else item_text
-            warm = torch.from_numpy((user_counts if f == "user_id" else item_counts) > 0)
-            trows = teacher_tables[f"t_{f}"].weight.detach() if teacher_tables is not None else None
             basis = item_text if (f == "user_id" and shared) else None
-            spec.init_rows[f] = transfer_rows(text, cfg.student.embedding_dim, tr.projection, tr.scale, trows, warm,
-                                              basis_text=basis)
+            # rows are computed when a rank writes its own shards: no rank holds (N, D) of them
+            spec.init_rows[f] = transfer_map(texts[f], cfg.student.embedding_dim, tr.projection, tr.scale, maps.get(f),
+                                             basis_text=basis)
     return spec
+
+
+def _learned_maps(cfg: ExperimentConfig, ds: RecDataset, teacher: RankerResult, texts: dict, warm: dict) -> dict:
+    """feature -> the ``learned`` transfer map, fitted on rank 0 from the teacher ranker's table of
+    that feature alone (read from its checkpoint, verified once) and sent to every rank."""
+    from sparse_kd import checkpoint as ckpt
+    from sparse_kd.student.refit import read_table
+
+    def fit() -> dict:
+        path = teacher.checkpoint or ckpt.latest(_variant_dir(cfg, TEACHER) / "checkpoints")
+        if path is None:
+            raise FileNotFoundError(f"{_variant_dir(cfg, TEACHER) / 'checkpoints'}: no complete checkpoint of the teacher ranker")
+        ckpt.verify(path)
+        return {f: learned_map(texts[f], read_table(path, f), warm[f]) for f in texts}
+
+    return on_main(fit)
 
 
 def needs_teacher_ranker(cfg: ExperimentConfig) -> bool:
@@ -300,20 +375,28 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
     env = init_distributed(cfg.train.backend, cfg.train.collective_timeout_s)
     seed = cfg.train.seed if seed is None else seed
     check_on_main(env, lambda: check_before_training(cfg, variants, seed))
+    check_shared_run_folder(cfg.output_dir)  # multi-node: every rank must see the folder rank 0 writes
     ds = prepare_data(cfg, env)
-    user_text, item_text = text_embeddings(cfg, ds, env)
-    user_text = user_text_for(cfg, ds, user_text, item_text, env)
+    user_text = item_text = t_spec = teacher = None
+    if uses_text(cfg, variants):  # a baseline-only run encodes and holds no text
+        user_text, item_text = text_embeddings(cfg, ds, env)
+        user_text = user_text_for(cfg, ds, user_text, item_text, env)
     results: dict[str, RankerResult] = {}
-    teacher = None
-    t_spec = teacher_spec(cfg, ds, user_text, item_text)
-    if TEACHER in variants or ("distilled" in variants and needs_teacher_ranker(cfg)):
+    costs: dict[str, dict] = {}  # what each ranker costs (parameters, multiply-adds per example)
+    if TEACHER in trained_variants(cfg, variants):
+        t_spec = teacher_spec(cfg, ds, user_text, item_text)
         teacher = train_variant(cfg, ds, t_spec, env, seed, want_train_logits=True)
-        results[TEACHER] = teacher
+        results[TEACHER], costs[TEACHER] = teacher, spec_cost(cfg, ds, t_spec)
+    if not ("distilled" in variants and distilled_uses_text(cfg.distill)):
+        user_text = item_text = None  # the teacher ranker keeps only its PCA features of them
+    if not ("distilled" in variants and cfg.distill.pairs.enabled):
+        t_spec = None
     if "baseline" in variants:
-        results["baseline"] = train_variant(cfg, ds, baseline_spec(ds), env, seed)
+        b_spec = baseline_spec(ds)
+        results["baseline"], costs["baseline"] = train_variant(cfg, ds, b_spec, env, seed), spec_cost(cfg, ds, b_spec)
     if "distilled" in variants:
         spec = distilled_spec(cfg, ds, user_text, item_text, teacher, teacher_ranker_spec=t_spec, env=env, seed=seed)
-        results["distilled"] = train_variant(cfg, ds, spec, env, seed)
+        results["distilled"], costs["distilled"] = train_variant(cfg, ds, spec, env, seed), spec_cost(cfg, ds, spec)
     metrics = {name: r.metrics for name, r in results.items()}
     if env.is_main:
         doc = {
@@ -324,11 +407,14 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
             "data_report": ds.report,
             "metrics": metrics,
             "examples_per_s": {n: r.examples_per_s for n, r in results.items()},
+            "cost": costs,
             "history": {n: r.history for n, r in results.items()},
         }
         out = Path(cfg.output_dir)
         atomic.write_text(out / "metrics.json", json.dumps(doc, indent=1))
         table = metrics_table(metrics)
-        atomic.write_text(out / "metrics.md", table + "\n")
-        print("\n" + table + "\n", flush=True)
-    return broadcast_object(metrics)
+        cost = cost_table(costs, doc["examples_per_s"], "distilled" if "distilled" in costs else "baseline")
+        text = table + "\n\nCost (the served student needs none of the teacher):\n\n" + cost
+        atomic.write_text(out / "metrics.md", text + "\n")
+        print("\n" + text + "\n", flush=True)
+    return long_broadcast_object(metrics)

@@ -53,6 +53,13 @@ class StaleRunError(RuntimeError):
     """A run folder holds results made under other settings than this command's."""
 
 
+class RunFolderNotShared(ConfigError):
+    """``output_dir`` is not one folder that every rank sees (multi-node without a shared filesystem)."""
+
+
+SHARED_WAIT_S = 10.0  # how long a rank looks for a file another rank wrote (NFS caches lookups for seconds)
+
+
 class _Said(str):
     """A value shown as written (not quoted) in a refusal."""
 
@@ -195,3 +202,102 @@ def check_same_experiment(cfg: ExperimentConfig) -> None:
             f"Fix: give the config and overrides the run was trained with (see {cfg_path}), or set output_dir= to "
             f"the run you mean."
         )
+
+
+# ------------------------------------------------------------------------------- shared run folder
+
+
+def _sees(path: Path, content: str, wait_s: float) -> bool:
+    """Whether ``path`` holds ``content``, looking again for up to ``wait_s`` seconds."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if path.read_text() == content:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+def check_shared_run_folder(output_dir: str, wait_s: Optional[float] = None) -> None:
+    """Refuse a run folder that is not one folder shared by every rank (collective: every rank calls it).
+
+    Rank 0 writes a file with a random nonce into ``output_dir``; after a broadcast every rank
+    reads it back and writes an answer file, which rank 0 then reads. Any rank that cannot see
+    rank 0's file (or whose answer rank 0 cannot see) makes every rank raise
+    :class:`RunFolderNotShared`, naming the ranks and hosts, before anything else is written:
+    rank 0 writes checkpoints' manifests and best-epoch copies, every rank writes checkpoint
+    shards into the same folders and reads them back. An ``output_dir`` URL (``s3://...``) is
+    refused on every rank (also with one process).
+    """
+    import socket
+    import uuid
+
+    import torch.distributed as dist
+
+    from sparse_kd.dist import long_all_gather_object, long_broadcast_object
+
+    if "://" in str(output_dir):
+        raise ConfigError(
+            f"output_dir: {output_dir!r} is a URL; the run folder must be a path. Object stores are not written "
+            "directly (checkpoints are renamed into place atomically): mount the bucket at the same path on every "
+            "node (e.g. s3fs, gcsfuse, blobfuse) or use a shared filesystem such as NFS."
+        )
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    wait_s = SHARED_WAIT_S if wait_s is None else wait_s
+    rank, host, run = dist.get_rank(), socket.gethostname(), Path(output_dir)
+    first = None
+    if rank == 0:
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            nonce = uuid.uuid4().hex
+            (run / f".shared_check_{nonce}").write_text(nonce)
+            first = (nonce, host, None)
+        except OSError as e:
+            first = ("", host, f"rank 0 (host {host}) cannot write into output_dir {run}: {e}")
+    nonce, host0, err = long_broadcast_object(first)
+    if err:
+        refusal = ConfigError(err)
+        refusal.on_every_rank = True
+        raise refusal
+    token = run / f".shared_check_{nonce}"
+    seen = rank == 0 or _sees(token, nonce, wait_s)
+    if seen and rank > 0:
+        try:
+            token.with_name(f"{token.name}.rank{rank}").write_text(nonce)
+        except OSError:
+            seen = False
+    answers = long_all_gather_object((seen, host))
+    verdict = None
+    if rank == 0:
+        blind = [(r, h) for r, (ok, h) in enumerate(answers) if not ok]
+        unheard = [(r, h) for r, (ok, h) in enumerate(answers) if ok and r > 0
+                   and not _sees(token.with_name(f"{token.name}.rank{r}"), nonce, wait_s)]
+        for p in [token] + [token.with_name(f"{token.name}.rank{r}") for r in range(1, len(answers))]:
+            p.unlink(missing_ok=True)
+        if blind or unheard:
+            parts = []
+            if blind:
+                parts.append(f"rank(s) {_ranks(blind)} cannot see the file rank 0 (host {host0}) wrote there")
+            if unheard:
+                parts.append(f"rank 0 (host {host0}) cannot see the files rank(s) {_ranks(unheard)} wrote there")
+            verdict = (
+                f"output_dir {run} is not one folder shared by all {len(answers)} ranks: {'; '.join(parts)}. "
+                "Rank 0 writes the checkpoints' manifests and best-epoch copies and every rank writes and reads "
+                "checkpoint shards in this folder, so it must be on a filesystem every node mounts at the same "
+                "path (e.g. NFS, or an object store mounted with s3fs/gcsfuse). Fix: set output_dir= to such a path."
+            )
+    verdict = long_broadcast_object(verdict)
+    if verdict:
+        err = RunFolderNotShared(verdict)
+        err.on_every_rank = True  # the CLI lets the ranks leave together, once rank 0 has said why
+        raise err
+
+
+def _ranks(pairs: list[tuple[int, str]]) -> str:
+    return ", ".join(f"{r} (host {h})" for r, h in pairs)

@@ -120,3 +120,36 @@ def test_launch_local_sets_omp_threads_for_the_ranks_only(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert sd.launch_local(env_worker, 1, "OMP_NUM_THREADS") == {0: "1"}
     assert "OMP_NUM_THREADS" not in os.environ  # later tests and their subprocesses keep the default
+
+
+def test_split_range_covers_every_item_once():
+    for n in (0, 1, 5, 17):
+        for w in (1, 2, 3, 8):
+            parts = [sd.split_range(n, r, w) for r in range(w)]
+            assert parts[0][0] == 0 and parts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1
+
+
+def test_one_process_helpers_need_no_process_group():
+    import torch
+
+    assert sd.long_group() is None
+    sd.long_barrier()
+    assert sd.long_broadcast_object({"a": 1}) == {"a": 1}
+    assert sd.long_all_gather_object(3) == [3]
+    t = torch.arange(6.0).reshape(3, 2)
+    assert sd.all_gather_rows(t, 3) is t
+    assert sd.on_main(lambda: 7) == 7
+    sd.raise_if_any(None)
+    with pytest.raises(ConfigError, match="boom"):
+        sd.raise_if_any("boom", ConfigError)
+
+
+def test_url_output_dir_is_refused_with_the_fix(tmp_path):
+    from sparse_kd.run_folder import check_shared_run_folder
+
+    with pytest.raises(ConfigError, match=r"output_dir: 's3://bucket/run' is a URL.*s3fs.*NFS"):
+        check_shared_run_folder("s3://bucket/run")
+    check_shared_run_folder(str(tmp_path / "x"))  # one process: nothing to check, nothing written
+    assert not (tmp_path / "x").exists()

@@ -125,7 +125,7 @@ def cmd_study(args) -> int:
     # (sparse_kd.dist.init_distributed), which would later look like a torchrun launch
     launched = under_torchrun()
     if args.kind == "distill":
-        from sparse_kd.studies import distill_study
+        from sparse_kd.studies import distill_report, distill_study
 
         if not launched and args.seed is None and (n := nproc(cfg)) > 1:
             for seed in cfg.study.seeds:  # refuse before torchrun starts
@@ -134,13 +134,13 @@ def cmd_study(args) -> int:
                 rc = relaunch(n, extra=("--seed", str(seed)))
                 if rc:
                     return rc
-            distill_study.summarize(cfg, Path(args.docs))
+            distill_report.summarize(cfg, Path(args.docs))
             return 0
         seeds = [args.seed] if args.seed is not None else list(cfg.study.seeds)
         for seed in seeds:
             distill_study.run_seed(cfg, seed)
         if not launched:
-            distill_study.summarize(cfg, Path(args.docs))
+            distill_report.summarize(cfg, Path(args.docs))
         return 0
     from sparse_kd.studies.compress_study import run_compress_study_seeds
 

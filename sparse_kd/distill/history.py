@@ -39,12 +39,17 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=1)
 
 
+CLICK_CHUNK = 1 << 16  # clicks gathered at a time: a (P, H) gather would outweigh the (U, H) result
+
+
 def history_sums(ds: RecDataset, item_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum (U, H) of the unit item embeddings each user clicked in train, and the count (U,)."""
     u, i = train_clicks(ds)
     e = unit(item_text)
     sums = torch.zeros(ds.num_users, e.shape[1])
-    sums.index_add_(0, torch.from_numpy(u), e.index_select(0, torch.from_numpy(i)))
+    uu, ii = torch.from_numpy(u), torch.from_numpy(i)
+    for lo in range(0, len(u), CLICK_CHUNK):
+        sums.index_add_(0, uu[lo : lo + CLICK_CHUNK], e.index_select(0, ii[lo : lo + CLICK_CHUNK]))
     counts = torch.from_numpy(np.bincount(u, minlength=ds.num_users)).float()
     return sums, counts
 
@@ -52,7 +57,7 @@ def history_sums(ds: RecDataset, item_text: torch.Tensor) -> tuple[torch.Tensor,
 def history_text(ds: RecDataset, item_text: torch.Tensor) -> torch.Tensor:
     """(U, H) history embedding of every user: mean unit item embedding of the train clicks."""
     sums, counts = history_sums(ds, item_text)
-    return sums / counts.clamp_min(1.0)[:, None]
+    return sums.div_(counts.clamp_min(1.0)[:, None])
 
 
 def has_user_text(ds: RecDataset) -> bool:

@@ -6,41 +6,96 @@ Notation: N entities, H text dim, D embedding dim.
 ``learned``: a ridge regression from text to the trained teacher ranker's ID rows, fitted on
 entities the teacher saw in training, then applied to every entity, cold ones included.
 Either way rows are rescaled to a fixed RMS (``scale``) so they sit where training moves rows.
+
+Memory: the rows are a :class:`ProjectedRows`, the map and the text, computed a slice at a time
+when :func:`sparse_kd.student.init.write_tables` reads a rank's shards, never (N, D) at once;
+the PCA statistics are accumulated over row chunks of :data:`CHUNK` rows.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 
 from sparse_kd.ridge import ridge_fit, ridge_predict
 
 LEARNED_L2 = 1e-2  # ridge penalty of the learned projection
+CHUNK = 1 << 14  # rows per step when a whole (N, H) text matrix is reduced (50 MB of float64 at H = 384)
+
+
+class ProjectedRows:
+    """Rows (N, D) = ``project(text[i]) * factor``, computed for the slice asked for; rows where
+    ``skip`` is True read as NaN (:func:`~sparse_kd.student.init.write_tables` leaves those as
+    they are). It stands in for an (N, D) tensor: ``rows[r0:r1, c0:c1]``, ``rows.shape``, and
+    :meth:`materialize` for the whole tensor.
+
+    Example::
+
+        rows = ProjectedRows(text, lambda x: x @ w, dim=w.shape[1])
+        rows[10:20, 0:8]  # (10, 8), computed now
+    """
+
+    def __init__(self, text: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], dim: int,
+                 factor: float = 1.0, skip: Optional[torch.Tensor] = None) -> None:
+        self.text, self.project, self.dim, self.factor, self.skip = text, project, dim, factor, skip
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.text.shape[0], self.dim)
+
+    def __len__(self) -> int:
+        return self.text.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        rows, cols = idx if isinstance(idx, tuple) else (idx, slice(None))
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("ProjectedRows: index rows with a contiguous slice, e.g. rows[r0:r1, c0:c1]")
+        lo, hi, _ = rows.indices(len(self))
+        out = self.project(self.text[lo:hi]).float() * self.factor
+        if self.skip is not None:
+            out[self.skip[lo:hi]] = float("nan")
+        return out[:, cols]
+
+    def materialize(self) -> torch.Tensor:
+        return torch.cat([self[lo : lo + CHUNK] for lo in range(0, len(self), CHUNK)]) if len(self) else self[0:0]
+
+    def rms(self) -> float:
+        """Root mean square of the rows (skipped rows excluded), accumulated chunk by chunk."""
+        sq, n = 0.0, 0
+        for lo in range(0, len(self), CHUNK):
+            block = self[lo : lo + CHUNK]
+            block = block[~torch.isnan(block).any(1)]
+            sq += float(block.double().pow(2).sum())
+            n += block.numel()
+        return (sq / max(n, 1)) ** 0.5
 
 
 def pca_projection(text: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (H,) and the top-``dim`` principal directions (H, dim) of text (N, H)."""
-    mean = text.mean(0)
-    x = (text - mean).double()
-    # (H, H) covariance eigen-decomposition: cheap for H = 384 and exact
-    cov = x.T @ x / max(1, x.shape[0] - 1)
+    mean = text.double().mean(0) if text.shape[0] <= CHUNK else sum(
+        text[lo : lo + CHUNK].double().sum(0) for lo in range(0, text.shape[0], CHUNK)) / text.shape[0]
+    # (H, H) covariance eigen-decomposition: cheap for H = 384 and exact; summed over row chunks,
+    # so no centred (N, H) float64 copy is held (3 GB at 1M users)
+    cov = torch.zeros(text.shape[1], text.shape[1], dtype=torch.float64)
+    for lo in range(0, text.shape[0], CHUNK):
+        x = text[lo : lo + CHUNK].double() - mean
+        cov += x.T @ x
+    cov /= max(1, text.shape[0] - 1)
+    mean = mean.float()
     evals, evecs = torch.linalg.eigh(cov)
     order = torch.argsort(evals, descending=True)[:dim]
     basis = evecs[:, order].float()
     if basis.shape[1] < dim:  # fewer text dims than embedding dims: pad with zeros
         basis = torch.cat([basis, torch.zeros(basis.shape[0], dim - basis.shape[1])], 1)
-    return mean.float(), basis
+    return mean, basis
 
 
 def pca_reduce(text: torch.Tensor, dim: int) -> torch.Tensor:
     """Text (N, H) -> (N, dim) PCA coordinates, each column scaled to unit variance."""
     mean, basis = pca_projection(text, dim)
-    z = (text - mean) @ basis
+    z = ProjectedRows(text, lambda x: (x - mean) @ basis, basis.shape[1]).materialize()
     return z / z.std(0, keepdim=True).clamp_min(1e-6)
-
-
-def rescale_rms(rows: torch.Tensor, rms: float) -> torch.Tensor:
-    cur = rows.pow(2).mean().sqrt().clamp_min(1e-12)
-    return rows * (rms / cur)
 
 
 def transfer_rows(
@@ -52,7 +107,7 @@ def transfer_rows(
     warm: torch.Tensor | None = None,
     basis_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows (N, dim) to seed a table with.
+    """Rows (N, dim) to seed a table with (:func:`transfer_map`'s rows, materialised).
 
     Args:
         text: (N, H) text embeddings of the table's entities.
@@ -62,14 +117,34 @@ def transfer_rows(
         basis_text: (M, H) other embeddings of the same space whose PCA mean and basis to use
             (``pca`` only; e.g. the items' for users given by their click history), or None.
     """
-    if projection == "pca":
-        mean, basis = pca_projection(text if basis_text is None else basis_text, dim)
-        rows = (text - mean) @ basis
-    elif projection == "learned":
+    learned = None
+    if projection == "learned":
         if teacher_rows is None or warm is None:
             raise ValueError("distill.transfer.projection=learned needs the teacher ranker's rows and the warm mask")
-        w = ridge_fit(text[warm], teacher_rows[warm], l2=LEARNED_L2)
-        rows = ridge_predict(text, w)
+        learned = learned_map(text, teacher_rows, warm)
+    return transfer_map(text, dim, projection, scale, learned, basis_text).materialize()
+
+
+def learned_map(text: torch.Tensor, teacher_rows: torch.Tensor, warm: torch.Tensor) -> torch.Tensor:
+    """The ``learned`` projection: ridge map (H + 1, D) text -> the teacher ranker's rows, fitted on ``warm``."""
+    return ridge_fit(text[warm], teacher_rows[warm], l2=LEARNED_L2)
+
+
+def transfer_map(text: torch.Tensor, dim: int, projection: str, scale: float, learned: torch.Tensor | None = None,
+                 basis_text: torch.Tensor | None = None) -> ProjectedRows:
+    """The rows of :func:`transfer_rows` as a :class:`ProjectedRows` (computed when read).
+
+    ``learned``: the map of :func:`learned_map` (``learned`` only; fitted once, e.g. on rank 0,
+    and shared). The RMS rescale is computed here, chunk by chunk, over every row.
+    """
+    if projection == "pca":
+        mean, basis = pca_projection(text if basis_text is None else basis_text, dim)
+        rows = ProjectedRows(text, lambda x: (x - mean) @ basis, basis.shape[1])
+    elif projection == "learned":
+        if learned is None:
+            raise ValueError("distill.transfer.projection=learned needs the map fitted on the teacher ranker's rows")
+        rows = ProjectedRows(text, lambda x: ridge_predict(x, learned), learned.shape[1])
     else:
         raise ValueError(f"distill.transfer.projection: unknown {projection!r}; expected pca or learned")
-    return rescale_rms(rows, scale)
+    rows.factor = scale / max(rows.rms(), 1e-12)
+    return rows

@@ -3,7 +3,8 @@
 
 After every epoch the training loop hands the epoch's valid AUC to :class:`EpochSelector`. An
 epoch that beats every earlier one (strictly; NaN never does) becomes the best: rank 0 copies
-its checkpoint to ``checkpoints/best/step_N`` (atomically: a ``.tmp`` copy renamed), then
+its checkpoint to ``checkpoints/best/step_N`` (atomically: a ``.tmp`` copy renamed; the files are
+hard links where the filesystem allows, so the copy costs no time at any checkpoint size), then
 records it in ``selection.json``, and only then removes older best copies, so the file always
 names a complete folder. After ``early_stop_patience`` epochs without a new best, training
 stops. At the end the best weights are loaded back and saved as the run's final checkpoint,
@@ -13,19 +14,22 @@ further. ``selection.json``::
     {"history": [{"epoch": 1, "score": 0.74}, ...], "best_epoch": 2, "best_score": 0.75,
      "best_checkpoint": "checkpoints/best/step_00000412", "stopped": false, "restored": false}
 
-Paths in it are relative to the ranker's folder; every rank reads it on resume (checkpoints
-already need a file system all ranks share).
+Paths in it are relative to the ranker's folder; on resume rank 0 reads it and sends it to the
+other ranks (checkpoints already need a filesystem all ranks share, see
+:func:`sparse_kd.run_folder.check_shared_run_folder`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
 from sparse_kd.atomic import swap_in_dir, write_text
+from sparse_kd.dist import on_main
 
 FILE = "selection.json"
 BEST_DIR = "best"
@@ -55,16 +59,21 @@ class EpochSelector:
         self.best_checkpoint: Optional[str] = None
         self.stopped = False
         self.restored = False
-        f = self.out_dir / FILE
-        if enabled and f.is_file():
-            try:
-                doc = json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}: unreadable ({e}); delete it and the ranker's folder to retrain") from None
+        doc = on_main(self._read) if enabled else None  # a collective under torchrun: every rank constructs it
+        if doc is not None:
             self.history = doc["history"]
             self.best_epoch, self.best_checkpoint = doc["best_epoch"], doc["best_checkpoint"]
             self.best_score = doc["best_score"] if doc["best_score"] is not None else -math.inf
             self.stopped, self.restored = doc["stopped"], doc["restored"]
+
+    def _read(self) -> Optional[dict]:
+        f = self.out_dir / FILE
+        if not f.is_file():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: unreadable ({e}); delete it and the ranker's folder to retrain") from None
 
     @property
     def last_epoch(self) -> int:
@@ -96,7 +105,7 @@ class EpochSelector:
         tmp = best_dir / (checkpoint.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        shutil.copytree(checkpoint, tmp)
+        shutil.copytree(checkpoint, tmp, copy_function=_link_or_copy)
         swap_in_dir(tmp, final, best_dir / (checkpoint.name + ".old"))
         self.best_checkpoint = str(final.relative_to(self.out_dir))
         return final
@@ -127,3 +136,12 @@ class EpochSelector:
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.out_dir / FILE, json.dumps(doc, indent=1))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` to ``dst`` (checkpoint files are never rewritten in place, only replaced
+    or deleted), or copy it where the filesystem has no hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

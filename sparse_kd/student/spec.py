@@ -26,7 +26,7 @@ from sparse_kd.student.model import Arch
 class RefitSpec:
     """After training, replace rows of rarely seen entities by a text -> row ridge regression
     fitted on the others (weight transfer into the student's learned space; see
-    :mod:`sparse_kd.distill.refit`).
+    :mod:`sparse_kd.student.refit`).
 
     text: feature -> (N, H) text embeddings; counts: feature -> (N,) training interactions;
     rows with fewer than ``min_count`` interactions are replaced; ``l2``: the ridge penalty.

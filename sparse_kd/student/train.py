@@ -7,7 +7,7 @@ of ``pipeline.progress``. What a real run adds lives in named modules: sharding-
 table init and weight transfer (:mod:`~sparse_kd.student.init`), optimizers
 (:mod:`~sparse_kd.student.optim`), sharded checkpoints and resumption
 (:mod:`sparse_kd.checkpoint`), evaluation (:mod:`~sparse_kd.student.predict`), the log
-(:mod:`~sparse_kd.student.train_log`), refit after training (:mod:`sparse_kd.distill.refit`).
+(:mod:`~sparse_kd.student.train_log`), refit after training (:mod:`sparse_kd.student.refit`).
 
 The same function runs as 1 process or under ``torchrun --nproc_per_node N``: every rank draws
 the same example permutation and takes its slice of each global batch.
@@ -35,10 +35,10 @@ from sparse_kd.config import ExperimentConfig
 from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import train_source
-from sparse_kd.dist import DistEnv, barrier
+from sparse_kd.dist import DistEnv, on_main
 from sparse_kd.distill.module import RankerTrain
 from sparse_kd.distill.pairs import check_pair_batch, pool_batch, with_sampled_pairs
-from sparse_kd.distill.refit import refit_rows
+from sparse_kd.student.refit import refit_rows
 from sparse_kd.student.init import write_tables
 from sparse_kd.student.model import arch_of, build_dlrm
 from sparse_kd.student.optim import combined_optimizer, sparse_optimizer
@@ -261,12 +261,14 @@ def _select(sel: EpochSelector, epoch: int, score: float, checkpoint: Path, env:
     if improved:
         sel.best_checkpoint = str((checkpoint.parent / BEST_DIR / checkpoint.name).relative_to(sel.out_dir))
     sel.stopped = sel.should_stop() and epoch < epochs
-    if env.is_main:
+
+    def record() -> None:  # rank 0's file work; the others wait on the long group, not a short barrier
         if improved:
             sel.keep(checkpoint)
         sel.save()
         sel.prune()
-    barrier()
+
+    on_main(record)
     return sel.stopped
 
 
@@ -283,9 +285,7 @@ def _restore_best(sel: EpochSelector, r: ShardedRanker, ck_dir: Path, tc, pos: _
     if sel.best_epoch != sel.last_epoch or sel.stopped or last_saved is None:
         last_saved = ckpt.save(ck_dir, r.dmp, r.optimizer, tc.epochs, 0, pos.global_step, tc.keep_checkpoints)
     sel.restored = True
-    if env.is_main:
-        sel.save()
-    barrier()
+    on_main(sel.save)
     return last_saved
 
 

@@ -39,8 +39,8 @@ import numpy as np
 
 from sparse_kd.atomic import write_text
 from sparse_kd.config import DistillConfig, ExperimentConfig, replace, to_dict
+from sparse_kd.run_folder import check_shared_run_folder
 from sparse_kd.metrics import EVAL_SPLITS as SPLITS
-from sparse_kd.report import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     study_cfg, cfg = cfg, seed_config(cfg, seed)
     env = init_distributed(cfg.train.backend, cfg.train.collective_timeout_s)
     P.check_on_main(env, lambda: check_seed(study_cfg, seed))
+    check_shared_run_folder(cfg.output_dir)  # multi-node: every rank must see the folder rank 0 writes
     ds = P.prepare_data(cfg, env)
     user_text, item_text = P.text_embeddings(cfg, ds, env)
     user_text = P.user_text_for(cfg, ds, user_text, item_text, env)
@@ -171,6 +172,21 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     scores, overrides = choice_scores(cfg, out, {n: ov for n, (_, ov) in cands.items()})
     chosen = choose(scores)
     out["chosen"] = out[chosen]
+    if cfg.study.baseline_search and "baseline" in out:  # the baseline gets a search of its own
+        b_cands = {"baseline_default": []}
+        out["baseline_default"] = out["baseline"]
+        for i, ovs in enumerate(cfg.study.baseline_search):
+            out[f"baseline_search_{i}"] = train(replace(cfg, list(ovs)), f"baseline_search_{i}")
+            b_cands[f"baseline_search_{i}"] = list(ovs)
+        b_scores = {n: selection_score(out[n], tuple(cfg.study.select_on)) for n in b_cands}
+        b_chosen = choose(b_scores)
+        out["baseline"] = out[b_chosen]
+        out["baseline_search"] = {"chosen": b_chosen, "scores": b_scores, "overrides": b_cands}
+        if env.is_main:
+            log.info("[seed %d] baseline chosen on validation: %s (scores %s)", seed, b_chosen,
+                     {k: round(v, 4) for k, v in b_scores.items()})
+    # what the teacher and the student cost (every student of the study has the baseline's architecture)
+    out["cost"] = {P.TEACHER: P.spec_cost(cfg, ds, t_spec), "student": P.spec_cost(cfg, ds, P.baseline_spec(ds))}
     out["data_facts"] = data_facts(ds)
     out["search"] = {"chosen": chosen, "scores": scores, "overrides": overrides,
                      "select_on": [s for s in cfg.study.select_on if s in out[chosen]]}
@@ -202,17 +218,6 @@ def mf_reference(cfg: ExperimentConfig, ds, seed: int) -> dict:
     return r
 
 
-def mf_target(per_seed: dict) -> dict:
-    """Whether the baseline is at or above ``mf_reference`` on every split of
-    :data:`MF_TARGET_SPLITS`, every seed (NaN never is): per seed {split: {"baseline", "mf"}}."""
-    per, below = {}, []
-    for s, m in per_seed.items():
-        per[s] = {sp: {"baseline": m["baseline"][sp]["auc"], "mf": m["mf_reference"][sp]["auc"]} for sp in MF_TARGET_SPLITS}
-        if not all(v["baseline"] >= v["mf"] for v in per[s].values()):
-            below.append(s)
-    return {"per_seed": per, "seeds_below": below, "met": not below}
-
-
 def data_facts(ds) -> dict:
     """Share of each evaluation split's rows whose user, and whose item, has a training
     interaction (how much of a "warm" test is about users the students never trained on)."""
@@ -225,152 +230,4 @@ def data_facts(ds) -> dict:
                       "rows_with_trained_item": round(float((item_counts[sp.item] > 0).mean()), 4)}
     return out
 
-
-def targets(per_seed: dict, student: str = "chosen") -> dict:
-    """Whether ``student`` meets the study's targets against the baseline (means over seeds)."""
-    seeds = list(per_seed)
-
-    def mean(v: str, sp: str) -> float:
-        return float(np.mean([per_seed[s][v][sp]["auc"] for s in seeds]))
-
-    base, stu, tea = mean("baseline", "test"), mean(student, "test"), mean("teacher_ranker", "test")
-    need_test = base + max(TARGET_TEST_GAIN, TARGET_TEACHER_SHARE * (tea - base))
-    cold_base, cold_stu = mean("baseline", "test_cold"), mean(student, "test_cold")
-    below = [s for s in seeds if per_seed[s][student]["test"]["auc"] < per_seed[s]["baseline"]["test"]["auc"]]
-    return {
-        "test": {"student": stu, "baseline": base, "teacher_ranker": tea, "needed": need_test, "met": stu >= need_test},
-        "test_cold": {"student": cold_stu, "baseline": cold_base, "needed": cold_base + TARGET_COLD_GAIN,
-                      "met": cold_stu >= cold_base + TARGET_COLD_GAIN},
-        "no_seed_below_baseline": {"seeds_below": below, "met": not below},
-    }
-
-
-def mf_note(mf: dict) -> str:
-    """The paragraph under the quality table on the ``mf_reference`` row: what it is, and per seed
-    its chosen setting (or why it is missing)."""
-    parts = []
-    for s, m in mf.items():
-        if not m:
-            parts.append(f"seed {s}: not run")
-        elif "error" in m:
-            parts.append(f"seed {s}: failed ({m['error']})")
-        else:
-            st = m["settings"]
-            parts.append(f"seed {s}: lr {st['lr']:g}, weight_decay {st['weight_decay']:g}, best epoch {m['best_epoch']} "
-                         f"of {m['epochs']}" + ("" if m.get("stopped_early", True) else " (epoch cap reached)"))
-    dims = next((m["settings"]["dim"] for m in mf.values() if m and "settings" in m), "?")
-    return ("`mf_reference`: not this project's model: plain matrix factorisation with user, item and global "
-            f"biases ({dims} dims, binary cross-entropy, lazy Adam; learning rate × weight decay grid and best epoch "
-            "chosen on valid) on the same splits and negatives (`sparse_kd/studies/mf_reference.py`). Cold items keep "
-            "their random initial rows, so its cold AUC is about 0.5 by construction. " + "; ".join(parts) + ".")
-
-
-def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
-    """Mean, std, min per variant and split over seeds, per-seed deltas, targets ->
-    docs/distill_study_<name>.{md,json}."""
-    per_seed = {}
-    for s in cfg.study.seeds:
-        f = seed_dir(cfg, s) / "study_metrics.json"
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: seed {s} has not been run")
-        per_seed[s] = json.loads(f.read_text())
-    search = {s: per_seed[s].pop("search", None) for s in per_seed}
-    facts = {s: per_seed[s].pop("data_facts", None) for s in per_seed}
-    mf = {s: per_seed[s].pop("mf_reference", None) for s in per_seed}
-    mf_ok = all(m and all(sp in m for sp in MF_TARGET_SPLITS) for m in mf.values())
-    if mf_ok:  # a row of the quality table (split metrics only; the detail stays in doc["mf_reference"])
-        for s in per_seed:
-            per_seed[s]["mf_reference"] = {sp: mf[s][sp] for sp in SPLITS if sp in mf[s]}
-    variants = [v for v in per_seed[cfg.study.seeds[0]] if all(v in per_seed[s] for s in per_seed)]
-    splits = [sp for sp in SPLITS if all(sp in per_seed[s][v] for s in per_seed for v in variants)]
-    summary = {}
-    for v in variants:
-        summary[v] = {}
-        for sp in splits:
-            a = np.array([per_seed[s][v][sp]["auc"] for s in per_seed])
-            summary[v][sp] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-                              "min": float(a.min()), "per_seed": a.tolist()}
-    base = summary.get("baseline")
-    rows = []
-    for v in variants:
-        r = [v]
-        for sp in splits:
-            m = summary[v][sp]
-            r.append(f"{m['mean']:.4f} ± {m['std']:.4f}")
-        if base:
-            r.append(f"{summary[v]['test']['mean'] - base['test']['mean']:+.4f}")
-            r.append(f"{summary[v]['test_cold']['mean'] - base['test_cold']['mean']:+.4f}")
-            wins = sum(per_seed[s][v]["test"]["auc"] >= per_seed[s]["baseline"]["test"]["auc"] for s in per_seed)
-            r.append(f"{wins}/{len(per_seed)}")
-        rows.append(r)
-    headers = ["variant"] + [f"{sp} AUC (mean ± std)" for sp in splits]
-    if base:
-        headers += ["Δ test vs baseline", "Δ test_cold vs baseline", "seeds ≥ baseline (test)"]
-    table = markdown_table(headers, rows)
-
-    sections = [table]
-    doc: dict = {"seeds": list(per_seed), "summary": summary, "per_seed": per_seed, "search": search, "data_facts": facts,
-                 "mf_reference": mf}
-    if any(mf.values()):
-        sections.append(mf_note(mf))
-    mf_line = ""
-    if mf_ok and base:
-        doc["mf_target"] = mt = mf_target(per_seed)
-        mf_line = (f"- baseline ≥ MF reference on {' and '.join(MF_TARGET_SPLITS)}, every seed: "
-                   + "; ".join(f"seed {s} " + ", ".join(f"{sp} {v['baseline']:.4f} vs {v['mf']:.4f}" for sp, v in d.items())
-                               for s, d in mt["per_seed"].items())
-                   + f": {'**met**' if mt['met'] else '**not met**'}"
-                   + (f" (seeds below: {mt['seeds_below']})" if mt["seeds_below"] else ""))
-    if all(facts.values()):
-        share = {sp: np.mean([facts[s][sp]["rows_with_trained_user"] for s in per_seed]) for sp in facts[next(iter(facts))]}
-        sections.append("Rows whose user has a training interaction (mean over seeds): "
-                        + ", ".join(f"{sp} {v:.0%}" for sp, v in share.items()) + ".")
-    if base and "chosen" in summary and "teacher_ranker" in summary:
-        seed_rows = []
-        for s in per_seed:
-            b = per_seed[s]["baseline"]
-            d = lambda v, sp: per_seed[s][v][sp]["auc"] - b[sp]["auc"]  # noqa: E731
-            seed_rows.append([str(s), (search[s] or {}).get("chosen", "combined"),
-                              f"{d('teacher_ranker', 'test'):+.4f}", f"{d('chosen', 'test'):+.4f}",
-                              f"{d('teacher_ranker', 'test_cold'):+.4f}", f"{d('chosen', 'test_cold'):+.4f}"])
-        sections.append("Per seed, against that seed's baseline (`chosen`: the candidate picked on validation):\n\n"
-                        + markdown_table(["seed", "chosen", "Δ test teacher_ranker", "Δ test chosen",
-                                          "Δ test_cold teacher_ranker", "Δ test_cold chosen"], seed_rows))
-        if any(search.values()):
-            names = list(next(v for v in search.values() if v)["overrides"])
-            cand_rows = [[n, " ".join(next(v for v in search.values() if v)["overrides"][n]) or "(the config as is)"]
-                         + [f"{search[s]['scores'].get(n, float('nan')):.4f}" if search[s] else "" for s in per_seed]
-                         for n in names]
-            select_on = next(v for v in search.values() if v)["select_on"]
-            sections.append(f"Search candidates and their selection score per seed (mean AUC on {', '.join(select_on)}):\n\n"
-                            + markdown_table(["candidate", "overrides"] + [f"seed {s}" for s in per_seed], cand_rows))
-        t = targets(per_seed)
-        doc["targets"] = t
-        yes = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
-        sections.append(
-            "Targets (chosen student against the baseline, means over seeds):\n\n"
-            f"- test AUC ≥ baseline + max({TARGET_TEST_GAIN}, {TARGET_TEACHER_SHARE} × (teacher ranker − baseline)): "
-            f"{t['test']['student']:.4f} vs needed {t['test']['needed']:.4f} "
-            f"(baseline {t['test']['baseline']:.4f}, teacher ranker {t['test']['teacher_ranker']:.4f}): {yes(t['test']['met'])}\n"
-            f"- test_cold AUC ≥ baseline + {TARGET_COLD_GAIN}: {t['test_cold']['student']:.4f} vs needed "
-            f"{t['test_cold']['needed']:.4f}: {yes(t['test_cold']['met'])}\n"
-            f"- no seed with the student's test AUC below its baseline's: seeds below: "
-            f"{t['no_seed_below_baseline']['seeds_below'] or 'none'}: {yes(t['no_seed_below_baseline']['met'])}"
-            + (f"\n{mf_line}" if mf_line else "")
-        )
-    elif mf_line:
-        sections.append("Targets:\n\n" + mf_line)
-    docs.mkdir(parents=True, exist_ok=True)
-    stem = f"distill_study_{cfg.name}"
-    write_text(docs / f"{stem}.json", json.dumps(doc, indent=1))
-    import sys
-
-    command = "sparse-kd " + " ".join(a for a in sys.argv[1:] if not a.startswith("--seed"))
-    write_text(docs / f"{stem}.md",
-           f"# Distillation study: {cfg.name}\n\nProduced by `{command}`. Seeds: {list(per_seed)} (each sets "
-           f"train.seed and data.seed); {cfg.nproc} process(es); data: {cfg.data.source}. AUC per split, mean ± std "
-           f"over seeds; Δ columns against the baseline's mean. Every choice (best epoch, search candidate) is made "
-           f"on validation splits only.\n\n" + "\n\n".join(sections) + "\n")
-    print("\n" + "\n\n".join(sections) + "\n")
-    return summary
 

@@ -169,6 +169,22 @@ def _remove_stale_temps(folder: Path) -> None:
             pass
 
 
+def _metadata(identity: dict[str, Any], key: str, emb: torch.Tensor, texts: Sequence[str]) -> dict[str, str]:
+    return {
+        "format_version": str(FORMAT_VERSION),
+        "key": key,
+        "sha256": tensor_sha256(emb),
+        "num_texts": str(len(texts)),
+        "dim": str(emb.shape[1]),
+        "model": str(identity.get("model", "")),
+        "model_fingerprint": str(identity.get("model_fingerprint", "")),
+        "settings": json.dumps(identity, sort_keys=True),
+        "texts_sha256": texts_digest(texts),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
+    }
+
+
 def encode_cached_with_report(encoder: Encoder, texts: Sequence[str], cache_dir: str | Path,
                               name: str) -> tuple[torch.Tensor, CacheReport]:
     """Embeddings of ``texts`` (N, H) float32 from the cache, or encoded and cached; plus a report."""
@@ -190,20 +206,7 @@ def encode_cached_with_report(encoder: Encoder, texts: Sequence[str], cache_dir:
     emb = encoder.encode(texts).detach().to("cpu", torch.float32).contiguous()
     if emb.dim() != 2 or emb.shape[0] != len(texts):
         raise RuntimeError(f"encoder returned {tuple(emb.shape)} for {len(texts)} texts")
-    metadata = {
-        "format_version": str(FORMAT_VERSION),
-        "key": key,
-        "sha256": tensor_sha256(emb),
-        "num_texts": str(len(texts)),
-        "dim": str(emb.shape[1]),
-        "model": str(identity.get("model", "")),
-        "model_fingerprint": str(identity.get("model_fingerprint", "")),
-        "settings": json.dumps(identity, sort_keys=True),
-        "texts_sha256": texts_digest(texts),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "torch": torch.__version__,
-    }
-    write_atomic(path, emb, metadata)
+    write_atomic(path, emb, _metadata(identity, key, emb, texts))
     report = CacheReport(name, path, key, status, len(texts), time.perf_counter() - t0, "" if status == "miss" else why)
     logger.info("teacher cache wrote %s (%d x %d) in %.2fs", path, emb.shape[0], emb.shape[1], report.seconds)
     return emb, report
@@ -212,3 +215,67 @@ def encode_cached_with_report(encoder: Encoder, texts: Sequence[str], cache_dir:
 def encode_cached(encoder: Encoder, texts: Sequence[str], cache_dir: str | Path, name: str) -> torch.Tensor:
     """Embeddings of ``texts`` (N, H) float32, read from ``cache_dir`` when an identical run cached them."""
     return encode_cached_with_report(encoder, texts, cache_dir, name)[0]
+
+
+def distinct(texts: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    """The distinct texts in first-seen order and, per text, its index among them (N,) int64."""
+    index: dict[str, int] = {}
+    inverse = torch.tensor([index.setdefault(t, len(index)) for t in texts], dtype=torch.int64)
+    return list(index), inverse
+
+
+def encode_across_ranks(encoder: Encoder, texts: Sequence[str], cache_dir: str | Path, name: str,
+                        dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of the distinct ``texts`` (D, H) and each text's row (N,), on every rank.
+
+    Collective (every rank calls it with the same texts). Identical texts (the empty text of every
+    user without one included) are encoded once. Rank 0 alone reads and writes the cache
+    (``cache_dir`` need not be shared); on a miss each rank encodes a contiguous share of the
+    distinct texts and the rows are gathered on :func:`~sparse_kd.dist.long_group`, so ranks wait
+    for the slowest share, not for rank 0 encoding everything. A rank that fails makes every rank
+    raise. ``dim`` is H (what a rank with no share returns). One process: no collective.
+    """
+    import torch.distributed as dist
+
+    from sparse_kd.dist import all_gather_rows, long_broadcast_object, long_group, raise_if_any, split_range
+
+    uniq, inverse = distinct(texts)
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if multi else (0, 1)
+    t0 = time.perf_counter()
+    hit, key, path, identity, err = None, "", None, {}, None
+    if rank == 0:
+        try:
+            identity = encoder.identity()
+            key = cache_key(identity, uniq)
+            path = cache_path(cache_dir, name, key)
+            hit, why = load_verified(path, key, len(uniq))
+            if hit is None and why != "no file":
+                logger.warning("teacher cache file %s is invalid (%s): recomputing it", path, why)
+        except Exception as e:  # the other ranks wait for this answer: give them the error
+            err = f"teacher cache lookup for {name} failed: {type(e).__name__}: {e}"
+    raise_if_any(err)
+    shape = long_broadcast_object(None if hit is None else tuple(hit.shape))
+    if shape is not None:
+        if multi:
+            hit = hit if rank == 0 else torch.empty(shape)
+            dist.broadcast(hit, src=0, group=long_group())
+        if rank == 0:
+            logger.info("teacher cache hit: %s (%d distinct of %d texts) in %.2fs", path, len(uniq), len(texts),
+                        time.perf_counter() - t0)
+        return hit, inverse
+    lo, hi = split_range(len(uniq), rank, world)
+    mine, err = None, None
+    try:
+        mine = encoder.encode(uniq[lo:hi]).detach().to("cpu", torch.float32).contiguous() if hi > lo else torch.zeros(0, dim)
+        if mine.dim() != 2 or mine.shape != (hi - lo, dim):
+            err = f"encoder returned {tuple(mine.shape)} for {hi - lo} texts of dim {dim}"
+    except Exception as e:  # every rank must hear of it, or the others wait for this share for hours
+        err = f"teacher encoding of {name} failed: {type(e).__name__}: {e}"
+    raise_if_any(err)
+    emb = all_gather_rows(mine, len(uniq))
+    if rank == 0:
+        write_atomic(path, emb, _metadata(identity, key, emb, uniq))
+        logger.info("teacher encoded %d distinct of %d texts for %s on %d rank(s) in %.2fs", len(uniq), len(texts),
+                    name, world, time.perf_counter() - t0)
+    return emb, inverse

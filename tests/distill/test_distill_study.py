@@ -7,6 +7,7 @@ import pytest
 
 from helpers import tiny_config
 from sparse_kd.config import ConfigError, replace
+from sparse_kd.studies import distill_report as R
 from sparse_kd.studies import distill_study as S
 
 
@@ -54,11 +55,11 @@ def _per_seed(teacher, base, chosen):
 
 def test_targets():
     # teacher +0.02 over the baseline: the student needs +0.01 (half of it, more than 0.005)
-    t = S.targets(_per_seed([(0.72, 0.6), (0.72, 0.6)], [(0.70, 0.6), (0.70, 0.6)], [(0.711, 0.64), (0.709, 0.62)]))
+    t = R.targets(_per_seed([(0.72, 0.6), (0.72, 0.6)], [(0.70, 0.6), (0.70, 0.6)], [(0.711, 0.64), (0.709, 0.62)]))
     assert t["test"]["needed"] == pytest.approx(0.71) and t["test"]["met"]
     assert t["test_cold"]["met"] and t["no_seed_below_baseline"]["met"]
     # teacher barely better: 0.005 is the bar; one seed below its baseline
-    t = S.targets(_per_seed([(0.701, 0.6), (0.701, 0.6)], [(0.70, 0.6), (0.70, 0.6)], [(0.708, 0.62), (0.699, 0.62)]))
+    t = R.targets(_per_seed([(0.701, 0.6), (0.701, 0.6)], [(0.70, 0.6), (0.70, 0.6)], [(0.708, 0.62), (0.699, 0.62)]))
     assert t["test"]["needed"] == pytest.approx(0.705) and not t["test"]["met"]
     assert not t["test_cold"]["met"] and t["no_seed_below_baseline"]["seeds_below"] == [1]
 
@@ -75,7 +76,7 @@ def test_summarize_reports_per_seed_choice_and_targets(tmp_path):
         m["search"] = {"chosen": chosen, "scores": {"combined": 0.685, "search_0": 0.69 - s * 0.01},
                        "overrides": {"combined": [], "search_0": ["distill.logit.kd_ratio=0.8"]}, "select_on": ["valid", "valid_cold"]}
         (d / "study_metrics.json").write_text(json.dumps(m))
-    summary = S.summarize(cfg, tmp_path / "docs")
+    summary = R.summarize(cfg, tmp_path / "docs")
     assert summary["chosen"]["test"]["per_seed"] == [0.70, 0.72]
     md = (tmp_path / "docs" / "distill_study_tiny.md").read_text()
     assert "| 0    | search_0" in md and "| 1    | combined" in md
@@ -120,3 +121,45 @@ def test_choose_among_variants_lets_a_single_method_win_on_validation(tmp_path):
     assert overrides["logit"] == ["(study variant: logit alone)"]
     metrics["logit"] = _m(0.71, 0.5, 0.5)  # a tie with search_0: the earlier candidate keeps it
     assert S.choose(S.choice_scores(on, metrics, cands)[0]) == "search_0"
+
+
+def test_summary_reports_the_baselines_search_cost_and_transferability(tmp_path):
+    cfg = tiny_config(str(tmp_path / "study"), nproc=1, study={"seeds": [0, 1]})
+    cost = {"teacher_ranker": {"params": 1000, "table_params": 400, "dense_params": 600, "macs_per_example": 900,
+                               "embedding_dim": 32},
+            "student": {"params": 100, "table_params": 80, "dense_params": 20, "macs_per_example": 30, "embedding_dim": 8}}
+    for s in (0, 1):
+        d = S.seed_dir(cfg, s)
+        d.mkdir(parents=True)
+        tuned = _m(0.71, 0.71, 0.60, 0.61)
+        m = {"teacher_ranker": _m(0.74, 0.75, 0.65, 0.64), "baseline": tuned, "baseline_default": _m(0.70, 0.70, 0.6, 0.6),
+             "baseline_search_0": tuned, "combined": _m(0.73, 0.73, 0.64, 0.66)}
+        m["chosen"] = m["combined"]
+        m["search"] = {"chosen": "combined", "scores": {"combined": 0.73}, "overrides": {"combined": []}, "select_on": ["valid"]}
+        m["baseline_search"] = {"chosen": "baseline_search_0", "scores": {"baseline_default": 0.70, "baseline_search_0": 0.71},
+                                "overrides": {"baseline_default": [], "baseline_search_0": ["train.dense_lr=0.01"]}}
+        m["cost"] = cost
+        (d / "study_metrics.json").write_text(json.dumps(m))
+    R.summarize(cfg, tmp_path / "docs")
+    md = (tmp_path / "docs" / "distill_study_tiny.md").read_text()
+    assert "train.dense_lr=0.01" in md and "0.7100 *" in md  # the tuned baseline, marked
+    assert "10.0x the student in parameters and 30.0x in multiply-adds" in md
+    doc = json.loads((tmp_path / "docs" / "distill_study_tiny.json").read_text())
+    # teacher +0.04 over the tuned baseline, chosen +0.02: half of the teacher's gain carried over
+    assert doc["transferability"]["value"] == pytest.approx(0.5)
+    assert doc["summary"]["baseline"]["test"]["mean"] == pytest.approx(0.71)  # the tuned one, not the default
+
+
+def test_transferability_is_undefined_without_a_teacher_gain():
+    s = {"baseline": {"test": {"mean": 0.70}}, "teacher_ranker": {"test": {"mean": 0.69}}, "chosen": {"test": {"mean": 0.71}}}
+    t = R.transferability(s)
+    assert t["value"] is None and "not above the baseline" in t["text"]
+
+
+def test_baseline_search_takes_training_settings_only():
+    cfg = tiny_config("unused", nproc=1, study={"baseline_search": [["train.dense_lr=0.01", "train.weight_decay=0.001"]]})
+    assert cfg.study.baseline_search == (("train.dense_lr=0.01", "train.weight_decay=0.001"),)
+    with pytest.raises(ConfigError, match=r"study\.baseline_search\[0\].*train\.KEY=VALUE"):
+        tiny_config("unused", nproc=1, study={"baseline_search": [["distill.logit.enabled=true"]]})
+    with pytest.raises(ConfigError, match=r"study\.baseline_search\[0\].*train\.weight_decay: must be >= 0"):
+        tiny_config("unused", nproc=1, study={"baseline_search": [["train.weight_decay=-1"]]})

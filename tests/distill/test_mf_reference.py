@@ -11,6 +11,7 @@ from sparse_kd.config import ConfigError, replace
 from sparse_kd.data.interactions import TRAIN, VALID_COLD, TEST_COLD, Interactions
 from sparse_kd.data.negatives import NegativeSampler
 from sparse_kd.data.schema import RecDataset
+from sparse_kd.studies import distill_report as R
 from sparse_kd.studies import distill_study as S
 from sparse_kd.studies import mf_reference as M
 
@@ -138,7 +139,7 @@ def _write_seeds(cfg, mf_test):
 def test_summary_has_the_reference_row_and_its_target(tmp_path):
     cfg = tiny_config(str(tmp_path / "study"), nproc=1, study={"seeds": [0, 1]})
     _write_seeds(cfg, [0.68, 0.71])  # seed 1: MF beats the baseline on test
-    summary = S.summarize(cfg, tmp_path / "docs")
+    summary = R.summarize(cfg, tmp_path / "docs")
     assert summary["mf_reference"]["test"]["per_seed"] == [0.68, 0.71]
     md = (tmp_path / "docs" / "distill_study_tiny.md").read_text()
     assert "| mf_reference" in md and "lr 0.01, weight_decay 0.03, best epoch 4 of 7;" in md
@@ -154,18 +155,18 @@ def test_summary_has_the_reference_row_and_its_target(tmp_path):
 def test_summary_target_met_and_missing_or_failed_references(tmp_path):
     cfg = tiny_config(str(tmp_path / "a"), nproc=1, study={"seeds": [0, 1]})
     _write_seeds(cfg, [0.68, 0.70])  # a tie counts as at or above
-    S.summarize(cfg, tmp_path / "docs_a")
+    R.summarize(cfg, tmp_path / "docs_a")
     doc = json.loads((tmp_path / "docs_a" / "distill_study_tiny.json").read_text())
     assert doc["mf_target"]["met"]
     cfg = tiny_config(str(tmp_path / "b"), nproc=1, study={"seeds": [0, 1]})
     _write_seeds(cfg, [0.68, {"error": "RuntimeError: boom"}])  # one seed failed: no row, no target
-    summary = S.summarize(cfg, tmp_path / "docs_b")
+    summary = R.summarize(cfg, tmp_path / "docs_b")
     md = (tmp_path / "docs_b" / "distill_study_tiny.md").read_text()
     assert "mf_reference" not in summary and "seed 1: failed (RuntimeError: boom)" in md
     assert "baseline ≥ MF reference" not in md and "valid_cold AUC" in md
     cfg = tiny_config(str(tmp_path / "c"), nproc=1, study={"seeds": [0, 1]})
     _write_seeds(cfg, [None, None])  # studies run before the reference existed
-    summary = S.summarize(cfg, tmp_path / "docs_c")
+    summary = R.summarize(cfg, tmp_path / "docs_c")
     assert "mf_reference" not in summary
     assert "MF reference" not in (tmp_path / "docs_c" / "distill_study_tiny.md").read_text()
 

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -50,6 +52,25 @@ def test_state_survives_a_restart_and_keep_replaces_the_best_copy(tmp_path):
     assert (back.best_path() / "w").read_text() == "20"
     assert [p.name for p in (ck / "best").iterdir()] == ["step_00000020"]  # older best copy removed, no .tmp left
     assert (ck / "step_00000010").is_dir()  # the run's own checkpoints are untouched
+    # the best copy is hard links (no time at any checkpoint size), and outlives the original
+    assert (back.best_path() / "w").stat().st_ino == (ck / "step_00000020" / "w").stat().st_ino
+    shutil.rmtree(ck / "step_00000020")
+    assert (back.best_path() / "w").read_text() == "20"
+
+
+def test_best_copy_falls_back_to_copying_without_hard_links(tmp_path, monkeypatch):
+    ck = tmp_path / "checkpoints" / "step_00000010"
+    ck.mkdir(parents=True)
+    (ck / "w").write_text("10")
+
+    def no_links(src, dst):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    sel = EpochSelector(tmp_path, enabled=True)
+    sel.update(1, 0.5)
+    kept = sel.keep(ck)
+    assert (kept / "w").read_text() == "10" and (kept / "w").stat().st_ino != (ck / "w").stat().st_ino
 
 
 def _table(checkpoint, name, rows, dim):

@@ -1,0 +1,88 @@
+"""Issue 20, item 4/4b: a run encodes and holds only the text it uses. A baseline-only run needs no
+teacher model and encodes nothing; users are encoded only when their own text is used."""
+
+import pytest
+
+from helpers.tiny import tiny_config
+from sparse_kd import pipeline as P
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """A 1-process group for this test only: its environment restored, the group destroyed."""
+    import torch.distributed as dist
+
+    from sparse_kd.dist import free_port
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_which_runs_use_text(tmp_path):
+    cfg = tiny_config(str(tmp_path))
+    assert not P.uses_text(cfg, ("baseline",))
+    assert P.uses_text(cfg, ("teacher_ranker",))
+    plain = tiny_config(str(tmp_path), distill={"logit": {"enabled": False}, "transfer": {"enabled": False},
+                                                 "align": {"enabled": False}})
+    assert not P.uses_text(plain, ("baseline", "distilled"))
+    aligned = tiny_config(str(tmp_path), distill={"logit": {"enabled": False}, "align": {"enabled": True}})
+    assert P.uses_text(aligned, ("distilled",))
+
+
+@pytest.mark.slow
+def test_baseline_only_run_encodes_nothing_and_needs_no_teacher(tmp_path, monkeypatch, one_process):
+    import sparse_kd.teacher as teacher
+    import sparse_kd.teacher.encoder as encoder
+
+    def refuse(*a, **k):
+        raise AssertionError("a baseline-only run must not touch the teacher")
+
+    monkeypatch.setattr(teacher, "TextEncoder", refuse)
+    monkeypatch.setattr(encoder, "resolve_model_path", refuse)
+    cfg = tiny_config(str(tmp_path / "run"), nproc=1, train={"epochs": 1}, teacher={"model": "/nonexistent/model"})
+    metrics = P.run_training(cfg, ("baseline",))
+    assert set(metrics) == {"baseline"}
+    assert not (tmp_path / "run" / "data" / "text_embeddings.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_user_text_the_run_does_not_use_is_not_encoded(tmp_path, monkeypatch, one_process):
+    import torch
+
+    import sparse_kd.teacher as teacher
+    from sparse_kd.data import load_dataset
+
+    seen = []
+
+    class Enc:
+        dim = 8
+
+        @classmethod
+        def from_config(cls, cfg, **k):
+            return cls()
+
+        def identity(self):
+            return {"model": "stand-in", "model_fingerprint": "0" * 64}
+
+        def encode(self, texts):
+            seen.append(list(texts))
+            return torch.ones(len(texts), self.dim)
+
+    monkeypatch.setattr(teacher, "TextEncoder", Enc)
+    cfg = tiny_config(str(tmp_path / "run"), nproc=1, teacher={"cache_dir": str(tmp_path / "cache")},
+                      distill={"user_text": "history"})
+    ds = load_dataset(cfg.data)
+    env = P.init_distributed("gloo", 60)
+    (tmp_path / "run" / "data").mkdir(parents=True)
+    user, item = P.text_embeddings(cfg, ds, env)
+    assert user is None and item.shape == (ds.num_items, 8)
+    assert len(seen) == 1 and set(seen[0]) <= set(ds.item_text) and len(seen[0]) == len(set(ds.item_text))
+    # the file for the compression stage holds what stood for user text: the click-history rows
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "data" / "text_embeddings.safetensors"))
+    assert saved["user"].shape == (ds.num_users, 8) and saved["item"].shape == (ds.num_items, 8)
