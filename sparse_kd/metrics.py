@@ -5,6 +5,8 @@ Notation: N examples of a split, B batch size.
 
 :func:`auc` is torchmetrics' binary AUROC (exact, non-binned), with tied scores counting half
 (the Mann-Whitney U statistic); :func:`binary_metrics` adds the log loss. Both take logits.
+:func:`weighted_aucs` gives the same AUC under many row weightings at once (bootstrap resamples
+from :func:`bootstrap_weights`): how much of a difference on validation is noise.
 
 Single-process evaluation of an unsharded model (the compression stage, its planner and study):
 :func:`evaluate` runs ``forward(batch) -> logits (B,)`` over whole splits;
@@ -50,6 +52,29 @@ def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     logits, labels = logits.double(), labels.double()
     ll = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item() if labels.numel() else float("nan")
     return {"auc": auc(logits, labels), "logloss": ll, "n": int(labels.numel())}
+
+
+def bootstrap_weights(n: int, draws: int, seed: int = 0) -> np.ndarray:
+    """(draws, n) float64 Poisson(1) row weights: ``draws`` bootstrap resamples of n rows (the
+    Poisson bootstrap: each row appears k ~ Poisson(1) times), seeded."""
+    return np.random.default_rng([seed, 0xB007]).poisson(1.0, size=(draws, n)).astype(np.float64)
+
+
+def weighted_aucs(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(R,) ROC AUC of scores (N,) against 0/1 labels (N,) under each row of ``weights`` (R, N)
+    (e.g. :func:`bootstrap_weights`); ties count half, as in :func:`auc`. One sort for all R:
+    the negatives' weight below each distinct score is a cumulative sum per row."""
+    s = np.asarray(torch.as_tensor(scores).reshape(-1).double())
+    pos = np.asarray(torch.as_tensor(labels).reshape(-1)) > 0
+    uniq, inv = np.unique(s, return_inverse=True)  # (G,), (N,)
+    out = np.empty(weights.shape[0])
+    for r, w in enumerate(weights):
+        neg_g = np.bincount(inv, weights=w * ~pos, minlength=len(uniq))  # (G,) negative weight per score
+        below = np.cumsum(neg_g) - neg_g
+        wp = w * pos
+        denom = wp.sum() * neg_g.sum()
+        out[r] = float((wp * (below[inv] + 0.5 * neg_g[inv])).sum() / denom) if denom > 0 else float("nan")
+    return out
 
 
 def split_batches(ds: RecDataset, builder: BatchBuilder, split: str, batch_size: int = 4096) -> list[tuple[KDBatch, int]]:

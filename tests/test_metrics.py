@@ -44,3 +44,24 @@ def test_one_class_is_nan_and_binary_metrics():
     assert m["n"] == 2 and m["logloss"] == pytest.approx(want, rel=1e-9) and m["auc"] == 0.0
     empty = binary_metrics(torch.zeros(0), torch.zeros(0))
     assert empty["n"] == 0 and math.isnan(empty["auc"]) and math.isnan(empty["logloss"])
+
+
+def test_weighted_aucs_equal_auc_with_unit_weights_and_ties():
+    import numpy as np
+    import torch
+
+    from sparse_kd.metrics import auc, bootstrap_weights, weighted_aucs
+
+    rng = np.random.default_rng(3)
+    s = np.round(rng.normal(size=2000), 1)  # many ties
+    y = (rng.random(2000) < 0.3 + 0.3 * (s > 0)).astype(np.float32)
+    assert weighted_aucs(s, y, np.ones((1, 2000)))[0] == pytest.approx(auc(torch.tensor(s), torch.tensor(y)), abs=1e-6)
+    # a weight of 2 on a row is that row twice
+    w = np.ones(2000)
+    w[:10] = 2.0
+    twice = np.concatenate([s, s[:10]]), np.concatenate([y, y[:10]])
+    assert weighted_aucs(s, y, w[None])[0] == pytest.approx(auc(torch.tensor(twice[0]), torch.tensor(twice[1])), abs=1e-6)
+    b = bootstrap_weights(2000, 50, seed=1)
+    assert b.shape == (50, 2000) and np.array_equal(b, bootstrap_weights(2000, 50, seed=1))
+    spread = weighted_aucs(s, y, b)
+    assert 0.001 < spread.std() < 0.05 and abs(spread.mean() - auc(torch.tensor(s), torch.tensor(y))) < 0.01

@@ -22,7 +22,13 @@ Notation: F tables, O options per table (keep ratio x fill x dtype), MB = 10^6 b
    interactions). A negative loss (the option measured better than fp32) counts as 0: among
    hundreds of options some gain on validation by chance, and summing such gains over tables
    drives a plan to compress far past its budget on noise (``Option.measured_loss`` keeps the
-   measured value). Assuming losses add up across tables, the plan minimising the summed loss
+   measured value). Noise: with ``confidence`` z > 0, each option's loss is the measured one
+   plus z standard errors of it, estimated by a paired Poisson bootstrap of the validation rows
+   (``bootstrap`` resamples, the same for every option and the fp32 model:
+   :func:`sparse_kd.metrics.weighted_aucs`). An option that changes few predictions has a small
+   error and one that changes many a large one, so among options within noise of each other
+   the plan keeps more rows and bits instead of the one luckiest on validation.
+   Assuming losses add up across tables, the plan minimising the summed loss
    under the budget is found exactly (multiple-choice knapsack over per-table Pareto fronts of
    (bytes, loss)); among plans of equal loss the largest is taken, i.e. a plan compresses
    beyond its budget only where that is measured to cost nothing more.
@@ -60,7 +66,7 @@ from sparse_kd.compress.prune import (
 from sparse_kd.config import QUANT_DTYPES, ConfigError
 from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
-from sparse_kd.metrics import fp32_forward, split_batches, split_metrics
+from sparse_kd.metrics import auc, bootstrap_weights, fp32_forward, predict_split, split_batches, weighted_aucs
 from sparse_kd.report import markdown_table
 
 log = logging.getLogger(__name__)
@@ -124,7 +130,8 @@ class Option:
     cluster_ratio: float = 0.0
     clusters: int = 0
     valid_cold_auc: float = float("nan")
-    measured_loss: float = float("nan")  # before clipping at 0 (``loss`` = max(measured_loss, 0))
+    measured_loss: float = float("nan")  # before the noise margin and clipping at 0
+    loss_se: float = 0.0  # bootstrap standard error of measured_loss (``loss`` = max(measured + z * se, 0))
 
 
 @dataclass
@@ -161,14 +168,14 @@ class Plan:
 
     def table(self) -> str:
         rows = [[f, o.keep_ratio, o.fill, o.clusters, o.dtype, o.rows, o.fp32_bytes, o.bytes, o.valid_auc,
-                 o.valid_cold_auc, o.measured_loss, o.loss] for f, o in self.choices.items()]
+                 o.valid_cold_auc, o.measured_loss, o.loss_se, o.loss] for f, o in self.choices.items()]
         head = (f"budget {self.budget_bytes / MB:.6f} MB, plan {self.bytes / MB:.6f} MB (remap {self.remap}), fp32 valid "
                 f"AUC {self.base_valid_auc:.4f}, valid_cold AUC {self.base_valid_cold_auc:.4f}, predicted loss "
                 f"{self.predicted_loss:.4f} (sum over tables of valid AUC loss + {self.cold_weight:g} x valid_cold AUC "
-                "loss, each table alone compressed, gains counted as 0)")
+                "loss, each table alone compressed, plus the noise margin, gains counted as 0)")
         return head + "\n" + markdown_table(
             ["feature", "keep", "fill", "clusters", "dtype", "rows", "bytes fp32", "bytes", "valid AUC", "valid_cold AUC",
-             "measured loss", "loss"], rows)
+             "measured loss", "loss se", "loss"], rows)
 
     def to_dict(self) -> dict:
         return {
@@ -306,6 +313,8 @@ def sensitivity(
     kernel: str = KERNEL_CPU,
     budget_mb: Optional[float] = None,
     max_examples: int = 0,
+    confidence: float = 1.0,
+    bootstrap: int = 30,
 ) -> Sensitivity:
     """Steps 1 and 2 of the module doc: every option's bytes (for each of ``remaps``) and loss.
 
@@ -314,6 +323,8 @@ def sensitivity(
     budget_mb: when given, a budget no plan fits (with ``remaps[0]``) raises :class:`BudgetError`
     before anything is evaluated. max_examples: > 0 measures each split on at most that many of
     its interactions (a seeded random subset, the same for every option), for large datasets.
+    confidence / bootstrap: the noise margin of step 3 (z standard errors from ``bootstrap``
+    Poisson resamples; 0: the measured loss alone).
     """
     t0 = time.perf_counter()
     model = copy.deepcopy(model).eval()  # sensitivity swaps table rows in and out: never touch the caller's model
@@ -358,20 +369,31 @@ def sensitivity(
     ds = _subsampled(ds, splits, max_examples)
     batches = {s: split_batches(ds, builder, s, batch_size) for s in splits}
     labels = {s: torch.from_numpy(ds.splits[s].label) for s in splits}
-    base = {s: split_metrics(fwd, batches[s], labels[s])["auc"] for s in splits}
+    base_logits = {s: predict_split(fwd, batches[s]) for s in splits}
+    base = {s: auc(base_logits[s], labels[s]) for s in splits}
     cold = COLD_SPLIT in base and not math.isnan(base[COLD_SPLIT])
+    boot = ({s: bootstrap_weights(len(labels[s]), bootstrap, seed=i) for i, s in enumerate(splits)}
+            if confidence > 0 and bootstrap >= 2 else None)
+    base_b = {s: weighted_aucs(base_logits[s], labels[s], boot[s]) for s in splits} if boot else None
     if not cold:
         log.info("planner: no %s interactions; choosing on valid AUC alone", COLD_SPLIT)
     for f, opts in options.items():
         for o in opts:
             with _with_rows(model, f, simulated_rows(table_of[id(o)], o.dtype)):
-                got = {s: split_metrics(fwd, batches[s], labels[s])["auc"] for s in splits}
+                logits = {s: predict_split(fwd, batches[s]) for s in splits}
+            got = {s: auc(logits[s], labels[s]) for s in splits}
             o.valid_auc = got["valid"]
             o.measured_loss = base["valid"] - o.valid_auc
             if cold:
                 o.valid_cold_auc = got[COLD_SPLIT]
                 o.measured_loss += cold_weight * (base[COLD_SPLIT] - o.valid_cold_auc)
-            o.loss = max(o.measured_loss, 0.0)
+            if boot:  # paired: the same resamples for the fp32 model and this option
+                lb = base_b["valid"] - weighted_aucs(logits["valid"], labels["valid"], boot["valid"])
+                if cold:
+                    lb = lb + cold_weight * (base_b[COLD_SPLIT] - weighted_aucs(logits[COLD_SPLIT], labels[COLD_SPLIT],
+                                                                               boot[COLD_SPLIT]))
+                o.loss_se = float(np.nanstd(lb, ddof=1))
+            o.loss = max(o.measured_loss + confidence * o.loss_se, 0.0)
     return Sensitivity(options, nbytes, base["valid"], base.get(COLD_SPLIT, float("nan")), cold_weight if cold else 0.0,
                        time.perf_counter() - t0)
 
@@ -394,11 +416,13 @@ def plan_budget(
     batch_size: int = 4096,
     kernel: str = KERNEL_CPU,
     max_examples: int = 0,
+    confidence: float = 1.0,
+    bootstrap: int = 30,
 ) -> Plan:
     """Choose keep ratio, fill and dtype per table for ``budget_mb`` MB (see the module doc);
     :func:`sensitivity` then :meth:`Sensitivity.plan`. Infeasible budgets raise
     :class:`BudgetError` before anything is evaluated."""
     sens = sensitivity(model, ds, builder, importances, settings, (remap,), text, keep_ratios, dtypes, fills,
                        cluster_ratios, cold_weight, row_alignment, batch_size, kernel, budget_mb=budget_mb,
-                       max_examples=max_examples)
+                       max_examples=max_examples, confidence=confidence, bootstrap=bootstrap)
     return sens.plan(budget_mb, remap)

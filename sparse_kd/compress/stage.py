@@ -232,6 +232,7 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     K.require_device(cfg.serve_device)  # a GPU artifact needs a GPU: refuse before any work
     check_out_dir(out_dir)  # refuse a folder that is not an artifact before any work
+    log.info("compress: loading %s (the model, the dataset re-created from its source, text)", run_dir / variant)
     inp = load_run(run_dir, variant)
     model, ds, builder = inp.model, inp.ds, inp.builder
     keys = list(model_weights(model))
@@ -239,18 +240,21 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
     if cfg.importance == "distill" and inp.text is None:
         raise ConfigError(f"compress.importance: 'distill' needs {run_dir / 'data' / 'text_embeddings.safetensors'}")
     imps = table_importance(cfg.importance, model_weights(model), ds, inp.text)
+    log.info("compress: evaluating the fp32 model on %d interactions", sum(len(v) for k, v in ds.splits.items() if k != "train"))
     before = evaluate(fp32_forward(model), ds, builder)
     plan: Optional[Plan] = None
     if cfg.budget_mb > 0:
         plan = plan_budget(model, ds, builder, imps, settings, cfg.budget_mb, cfg.remap, inp.text,
                            cold_weight=cfg.cold_weight, row_alignment=cfg.row_alignment,
-                           kernel=K.kernel_for(cfg.serve_device), max_examples=cfg.planner_max_examples)
+                           kernel=K.kernel_for(cfg.serve_device), max_examples=cfg.planner_max_examples,
+                           confidence=cfg.planner_confidence, bootstrap=cfg.planner_bootstrap)
         settings = plan.settings()
     comp = compress_model(model, ds, settings, cfg.importance, cfg.remap, inp.text, imps, dense_int8, cfg.row_alignment,
                           cfg.serve_device, row_order=cfg.row_order)
     if plan is not None and comp.embedding_bytes > plan.budget_bytes:  # the per-option bytes are exact; guard anyway
         raise RuntimeError(f"plan bytes {comp.embedding_bytes} exceed compress.budget_mb ({plan.budget_bytes} bytes)")
     serve_ds = serving_dataset(ds, comp)
+    log.info("compress: evaluating the compressed model")
     after = evaluate(serving_forward(comp.serving), serve_ds, serving_builder(ds, comp, builder))
     fp32_total, total = comp.fp32_bytes, comp.embedding_bytes
     report = {

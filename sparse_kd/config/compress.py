@@ -30,6 +30,11 @@ class CompressConfig:
     cold_weight: float = 0.5
     # planner: measure each option on at most this many interactions per split (seeded subset; 0: all)
     planner_max_examples: int = 200000
+    # the planner's noise margin: an option's validation loss counts z = planner_confidence
+    # bootstrap standard errors (planner_bootstrap resamples of the validation rows) above what was
+    # measured, so that a plan is not the one luckiest on validation (0: the measured loss alone)
+    planner_confidence: float = 1.0
+    planner_bootstrap: int = 30
     # fold (default): the remap is composed into the entity -> id bags the server holds anyway
     # (mappings.json), so the model holds none: no remap bytes and no remap read per lookup
     # (sparse_kd/compress/prune.py; docs/BENCHMARKS.md section 1 measures it); array: an int32

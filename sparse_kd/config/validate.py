@@ -105,6 +105,9 @@ def validate(cfg: ExperimentConfig) -> None:
     need(c.cold_weight >= 0, "compress.cold_weight", "must be >= 0")
     need(c.planner_max_examples >= 0, "compress.planner_max_examples", "must be >= 0 (0: every interaction)")
     need(c.budget_mb >= 0, "compress.budget_mb", "must be >= 0 (0: no budget)")
+    need(c.planner_confidence >= 0, "compress.planner_confidence", "must be >= 0 (0: no noise margin)")
+    need(c.planner_bootstrap >= 2 or c.planner_confidence == 0, "compress.planner_bootstrap",
+         "must be >= 2 resamples when compress.planner_confidence > 0")
     need(c.row_alignment in (1, 2, 4, 8, 16), "compress.row_alignment", f"{c.row_alignment} is not valid; expected 1, 2, 4, 8 or 16")
     need(c.remap != "hash" or c.serve_device == "cuda", "compress.remap",
          "'hash' needs compress.serve_device: cuda (FBGEMM's TBE); the CPU kernels take an array remap (or fold)")

@@ -161,7 +161,8 @@ def run_compress_study(
             sens = sensitivity(model, inp.ds, inp.builder, imps, table_settings(cfg0, list(weights)),
                                tuple(study_cfg.compress_remaps), inp.text, dtypes=study_cfg.dtypes,
                                cold_weight=cfg0.cold_weight, row_alignment=cfg0.row_alignment, kernel=kernel,
-                               max_examples=cfg0.planner_max_examples)
+                               max_examples=cfg0.planner_max_examples, confidence=cfg0.planner_confidence,
+                               bootstrap=cfg0.planner_bootstrap)
             log.info("[%s] planner sensitivity: %d options in %.0fs", variant,
                      sum(len(o) for o in sens.options.values()), time.perf_counter() - t0)
             fp32_bytes = sum(int(w.numel() * w.element_size()) for w in weights.values())

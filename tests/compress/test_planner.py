@@ -169,7 +169,8 @@ def test_loss_is_valid_plus_weighted_valid_cold_and_test_is_never_read(tiny):
         assert o.valid_auc == pytest.approx(m["valid"]["auc"], abs=1e-6)
         assert o.valid_cold_auc == pytest.approx(m["valid_cold"]["auc"], abs=1e-6)
         expect = (base["valid"]["auc"] - m["valid"]["auc"]) + w * (base["valid_cold"]["auc"] - m["valid_cold"]["auc"])
-        assert o.measured_loss == pytest.approx(expect, abs=1e-6) and o.loss == pytest.approx(max(expect, 0.0), abs=1e-6)
+        assert o.measured_loss == pytest.approx(expect, abs=1e-6)
+        assert o.loss_se > 0 and o.loss == pytest.approx(max(expect + o.loss_se, 0.0), abs=1e-6)  # z = 1 by default
         checked += 1
     assert checked == 3  # zero, and cluster at 0.1 and at the configured ratio
     # a dataset without valid_cold interactions: valid alone
@@ -201,3 +202,22 @@ def test_max_examples_measures_a_fixed_seeded_subset(tiny):
     want = evaluate(fp32_forward(model), cut, builder, splits=("valid", "valid_cold"))
     assert sens.base_valid_auc == pytest.approx(want["valid"]["auc"]) and \
         sens.base_valid_cold_auc == pytest.approx(want["valid_cold"]["auc"])
+
+
+def test_noise_margin_grows_with_what_an_option_changes(tiny):
+    """The bootstrap error of an option's loss is 0 for the fp32 table itself and larger for int2
+    than for int8 (more predictions move), so within noise the planner keeps more bits; with
+    confidence 0 the loss is the measured one."""
+    ds, text, model, builder = tiny
+    imps = table_importance("frequency", model_weights(model), ds, text)
+    sens = sensitivity(model, ds, builder, imps, _settings(imps), ("array",), text, keep_ratios=(1.0,),
+                       dtypes=("fp32", "int8", "int2"), bootstrap=40)
+    by = {o.dtype: o for o in sens.options["item_id"]}
+    assert by["fp32"].loss_se == 0.0 and by["fp32"].measured_loss == 0.0
+    assert 0 < by["int8"].loss_se < by["int2"].loss_se
+    for o in by.values():
+        assert o.loss == pytest.approx(max(o.measured_loss + o.loss_se, 0.0))
+    plain = sensitivity(model, ds, builder, imps, _settings(imps), ("array",), text, keep_ratios=(1.0,),
+                        dtypes=("int2",), confidence=0.0)
+    o = plain.options["item_id"][0]
+    assert o.loss_se == 0.0 and o.loss == pytest.approx(max(o.measured_loss, 0.0))
