@@ -26,6 +26,7 @@ copied unchanged.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -58,6 +59,8 @@ from sparse_kd.serve.format import (
     tmp_sibling,
     verify_artifact,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,8 +105,9 @@ def library_versions() -> dict:
 
 
 def _write_json(path: Path, doc) -> None:
+    text = json.dumps(doc)  # the C encoder: ~2x faster than json.dump's on millions of ids
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -149,9 +153,11 @@ def save_artifact(
     _cleanup_siblings(out)
     tmp = tmp_sibling(out, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
+    t0 = time.perf_counter()
     try:
         sm = scripted if scripted is not None else Q.script_model(comp.serving)
         torch.jit.save(sm, str(tmp / "model.pt"))
+        log.info("artifact: model scripted and saved in %.1fs", time.perf_counter() - t0)
         _write_json(tmp / "mappings.json", mappings)
         torch.save({k: v.float().contiguous() for k, v in entity_dense.items()}, tmp / "entity_dense.pt")
         torch.save({k: v.to(torch.int32).contiguous() for k, v in comp.remaps.items()}, tmp / "remaps.pt")
@@ -183,6 +189,8 @@ def save_artifact(
         }
         _write_json(tmp / MANIFEST, manifest)
         atomic.swap_in_dir(tmp, out, old_sibling(out, uuid.uuid4().hex[:8]))
+        log.info("artifact: %s written (%d files, %.1f MB) in %.1fs", out, len(files),
+                 manifest["bytes"]["files_total"] / 1e6, time.perf_counter() - t0)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

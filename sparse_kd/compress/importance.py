@@ -25,7 +25,8 @@ Three kinds (``CompressConfig.importance``):
 
 Ties (many rows scoring 0) are broken by training frequency, then by the lower id
 (:func:`ranking`), so selection is deterministic. The ridge penalty is chosen by exact
-leave-one-out error over ``sparse_kd.ridge.RIDGE_GRID`` unless one is given.
+leave-one-out error over ``sparse_kd.ridge.RIDGE_GRID`` unless one is given; a ridge map is fit
+on at most ``RIDGE_MAX_ROWS`` rows (a seeded sample of the warm rows of a larger table).
 
 ``frequency`` is the default. Which kind keeps quality best depends on the model and data:
 compare them with ``sparse-kd study compress CONFIG compress.importance=KIND`` (tables in
@@ -35,6 +36,7 @@ compare them with ``sparse-kd study compress CONFIG compress.importance=KIND`` (
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -47,6 +49,14 @@ from sparse_kd.ridge import ridge_fit, ridge_predict
 log = logging.getLogger(__name__)
 
 IMPORTANCE_KINDS = ("frequency", "l2", "distill")
+#: a text -> row ridge map is fit on at most this many rows (a seeded sample of the eligible
+#: ones): (H + 1) x D parameters need far fewer, and :func:`sparse_kd.ridge.ridge_fit`'s
+#: leave-one-out search holds n x (H + 1) float64 copies (200k x 384 text: ~40 s and 2.5 GB)
+RIDGE_MAX_ROWS = 50_000
+#: tables of at least this many rows report their steps at INFO (smaller ones at DEBUG)
+LOUD_ROWS = 1 << 17
+#: rows per block when predicting rows from text (ridge_predict makes an (n, H + 1) float64 copy)
+PREDICT_ROWS = 1 << 16
 # features whose rows are entities with a text: feature -> owner ("user" / "item")
 TEXT_FEATURES = {"user_id": "user", "item_id": "item"}
 DEFAULT_RIDGE_L2: Optional[float] = None  # None: chosen by leave-one-out
@@ -78,14 +88,48 @@ def access_counts(ds: RecDataset, feature: str, split: str = "train") -> np.ndar
     return np.bincount(f.values, weights=w, minlength=f.num_embeddings).astype(np.int64)
 
 
+def fit_rows(mask: np.ndarray, cap: Optional[int] = None, seed: int = 0) -> np.ndarray:
+    """(N,) bool: ``mask`` with at most ``cap`` (default ``RIDGE_MAX_ROWS``) rows left, a seeded
+    uniform sample of its rows."""
+    cap = RIDGE_MAX_ROWS if cap is None else cap
+    mask = np.asarray(mask, dtype=bool)
+    idx = np.flatnonzero(mask)
+    if idx.size <= cap:
+        return mask
+    out = np.zeros_like(mask)
+    out[np.random.default_rng(seed).choice(idx, cap, replace=False)] = True
+    return out
+
+
+def fit_text_map(text: torch.Tensor, rows: torch.Tensor, fit_mask: np.ndarray,
+                 l2: Optional[float] = DEFAULT_RIDGE_L2) -> torch.Tensor:
+    """The ridge map text (N, H) -> rows (N, D), (H + 1, D), fit on the ``fit_mask`` rows (at most
+    ``RIDGE_MAX_ROWS`` of them, :func:`fit_rows`)."""
+    fit = fit_rows(fit_mask)
+    if fit.sum() < np.asarray(fit_mask).sum():
+        log.info("ridge map: fit on %d of %d rows", int(fit.sum()), int(np.asarray(fit_mask).sum()))
+    sel = torch.from_numpy(fit)
+    return ridge_fit(text[sel], rows[sel].float(), l2)
+
+
+def predict_rows(text: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``ridge_predict`` by blocks of PREDICT_ROWS rows: text (N, H), W (H + 1, D) -> (N, D) float32."""
+    if text.shape[0] <= PREDICT_ROWS:
+        return ridge_predict(text, w)
+    return torch.cat([ridge_predict(text[r: r + PREDICT_ROWS], w) for r in range(0, text.shape[0], PREDICT_ROWS)])
+
+
 def text_residual(
     weight: torch.Tensor, text: torch.Tensor, fit_mask: np.ndarray, l2: Optional[float] = DEFAULT_RIDGE_L2
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """||row - text-predicted row|| for every row (N,) and the ridge map W fit on ``fit_mask`` rows."""
-    fit = torch.from_numpy(np.asarray(fit_mask, dtype=bool))
-    w = ridge_fit(text[fit], weight[fit].float(), l2)
-    res = (weight.float() - ridge_predict(text, w)).norm(dim=1)
-    return res.double().numpy(), w
+    """||row - text-predicted row|| for every row (N,) and the ridge map W fit on ``fit_mask`` rows
+    (:func:`fit_text_map`); computed by blocks of rows."""
+    w = fit_text_map(text, weight, fit_mask, l2)
+    res = torch.empty(weight.shape[0], dtype=torch.float64)
+    for r in range(0, weight.shape[0], PREDICT_ROWS):
+        s = slice(r, r + PREDICT_ROWS)
+        res[s] = (weight[s].float() - ridge_predict(text[s], w)).norm(dim=1).double()
+    return res.numpy(), w
 
 
 def row_importance(
@@ -130,7 +174,13 @@ def table_importance(
     weight_by_frequency: bool = True,
 ) -> dict[str, RowImportance]:
     """feature -> :class:`RowImportance` for every table in ``weights`` (feature -> (N, D))."""
-    return {f: row_importance(kind, f, w, ds, text, weight_by_frequency) for f, w in weights.items()}
+    out = {}
+    for f, w in weights.items():
+        t0 = time.perf_counter()
+        out[f] = row_importance(kind, f, w, ds, text, weight_by_frequency)
+        say = log.info if w.shape[0] >= LOUD_ROWS else log.debug  # progress lines for big tables only
+        say("importance: %s (%d rows, %s) in %.1fs", f, w.shape[0], out[f].kind, time.perf_counter() - t0)
+    return out
 
 
 def ranking(imp: RowImportance) -> np.ndarray:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional
 
@@ -68,11 +69,12 @@ from sparse_kd.compress.importance import (
     DEFAULT_RIDGE_L2,
     TEXT_FEATURES,
     RowImportance,
+    fit_text_map,
+    predict_rows,
     ranking,
 )
 from sparse_kd.config import FILLS, CompressConfig, ConfigError
 from sparse_kd.data.schema import RecDataset
-from sparse_kd.ridge import ridge_fit, ridge_predict
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ CLUSTER_FILLS = ("cluster", "text_cluster")
 #: reads added to every id's weight in the cluster fills (a never-read row still counts)
 CLUSTER_PRIOR = 1.0
 DEFAULT_CLUSTER_RATIO = CompressConfig.default_cluster_ratio
+#: tables of at least this many rows report their pruning at INFO (smaller ones at DEBUG)
+LOUD_ROWS = 1 << 17
 
 
 @dataclass
@@ -173,7 +177,7 @@ def prune_table(
 
     text: (N, H) text embedding per row (entity tables); required for ``fill="text"`` and
     ``"text_cluster"``, and when given a ridge map is fit (for new entities) on rows that are
-    kept and in ``fit_mask`` (default: kept rows).
+    kept and in ``fit_mask`` (default: kept rows; at most ``importance.RIDGE_MAX_ROWS`` of them).
     clusters: C >= 1 for the cluster fills; reads: (N,) training reads per row (their k-means
     weights, plus ``CLUSTER_PRIOR``; default 0); seed: the k-means seed.
     """
@@ -191,8 +195,7 @@ def prune_table(
         fm = mask & (np.ones(n, dtype=bool) if fit_mask is None else np.asarray(fit_mask, dtype=bool))
         if not fm.any():
             fm = mask
-        sel = torch.from_numpy(fm)
-        text_map = ridge_fit(text[sel], weight[sel], l2)
+        text_map = fit_text_map(text, weight, fm, l2)  # on at most RIDGE_MAX_ROWS of them
     if k == n:
         return PrunedTable(feature, weight.clone(), None, n, n, fill, text_map)
     if fill in CLUSTER_FILLS and clusters < 1:
@@ -207,7 +210,7 @@ def prune_table(
         # the same lookups as "kept rows first + a remap", without the remap's bytes
         rows = weight.clone()
         pruned = torch.from_numpy(~mask)
-        rows[pruned] = ridge_predict(text[pruned], text_map)
+        rows[pruned] = predict_rows(text[pruned], text_map)
         return PrunedTable(feature, rows, None, n, k, fill, text_map)
     indicator = torch.from_numpy(mask.astype(np.float32))
     rows, remap = torch.ops.fbgemm.embedding_bag_rowwise_prune(weight, indicator, 0.5, torch.int32)
@@ -219,14 +222,17 @@ def prune_table(
     c = 0
     if fill in CLUSTER_FILLS:
         w = torch.from_numpy(np.zeros(n) if reads is None else np.asarray(reads, dtype=np.float64)) + CLUSTER_PRIOR
+        members = weight[pruned]  # (N - K, D): one copy, the k-means space of "cluster" too
         if fill == "text_cluster":
             assert text is not None
-            space = torch.nn.functional.normalize(text[pruned].float(), dim=1)
+            space = text[pruned].float()  # (N - K, H), normalised in place (no second copy)
+            space /= space.norm(dim=1, keepdim=True).clamp_(min=1e-12)
         else:
-            space = weight[pruned]
+            space = members
         assign, _ = kmeans(space, clusters, w[pruned], seed=seed)
+        del space
         c = min(clusters, int(pruned.sum()))
-        rows = torch.cat([rows, weighted_means(weight[pruned], assign, c, w[pruned])])
+        rows = torch.cat([rows, weighted_means(members, assign, c, w[pruned])])
         remap[pruned] = (k + assign).to(torch.int32)
     return PrunedTable(feature, rows.contiguous(), remap, n, k, fill, text_map, clusters=c)
 
@@ -235,7 +241,7 @@ def text_rows(text: torch.Tensor, text_map: torch.Tensor) -> torch.Tensor:
     """Rows for entities known only by text: text (K, H), map (H + 1, D) -> (K, D) float32."""
     if text.dim() != 2 or text.shape[1] + 1 != text_map.shape[0]:
         raise ValueError(f"text embeddings {tuple(text.shape)} do not fit the text map {tuple(text_map.shape)} (H + 1, D)")
-    return ridge_predict(text.float(), text_map)
+    return predict_rows(text.float(), text_map)
 
 
 def _check_features(cfg: CompressConfig, features: list[str]) -> None:
@@ -282,6 +288,7 @@ def prune_tables(
     cluster_ratios: feature -> share of its ids that become cluster rows (cluster fills)."""
     out: dict[str, PrunedTable] = {}
     for f, w in weights.items():
+        t0 = time.perf_counter()
         imp = importances[f]
         t = text[TEXT_FEATURES[f]] if (text is not None and f in TEXT_FEATURES) else None
         fill, note = effective_fill(f, fills.get(f, "zero"), t is not None)
@@ -289,10 +296,13 @@ def prune_tables(
         c = 0
         if fill in CLUSTER_FILLS:
             c = num_clusters(w.shape[0], len(kept), (cluster_ratios or {}).get(f, DEFAULT_CLUSTER_RATIO))
+        say = log.info if w.shape[0] >= LOUD_ROWS else log.debug  # progress lines for big tables only
+        say("prune: %s keeps %d of %d rows, fill %s%s", f, len(kept), w.shape[0], fill, f" ({c} clusters)" if c else "")
         pt = prune_table(f, w, kept, fill, t, fit_mask=imp.freq > 0, clusters=c, reads=imp.freq)
         if note:
             pt.notes.append(note)
         out[f] = pt
+        say("prune: %s -> %d stored rows in %.1fs", f, pt.num_rows, time.perf_counter() - t0)
     return out
 
 
