@@ -21,6 +21,16 @@ from zip code 85711. Likes Comedy and Drama movies."):
 * ``fp32_1thread`` / ``bf16_1thread``  one intra-op thread instead of torch's default;
 * ``bf16_compile``       ``torch.compile(dynamic=True)`` on the bf16 model (full run only; its
                          compile time is reported apart, not in texts/s).
+* ``shrunk2_bf16`` / ``shrunk3_bf16``  a 2- / 3-layer teacher made by
+                         :func:`sparse_kd.teacher.shrink.shrink_teacher` (``sparse-kd teacher-shrink``):
+                         layers of MiniLM kept and tuned to its fp32 embeddings of 4000 texts from
+                         this generator with another seed (texts that the measured set contains are
+                         dropped, so the measured texts are held out), loaded as a folder by
+                         ``TextEncoder`` in bf16. Built once into ``--shrunk-dir`` and reused while its
+                         ``shrink.json`` matches the recipe (``SHRINK_RECIPES``: ``full``, 8 epochs,
+                         about 10 minutes once on 1 thread; ``quick``, 300 texts x 2 epochs, seconds,
+                         lower cosine; the default is ``quick`` with ``--quick``, else ``full``); the
+                         tuning's own held-out cosine and time go to ``extra``. ``--no-shrunk`` skips them.
 
 Reported per method: texts/s (median over rounds), speed-up vs ``naive_fp32`` (ratio of the
 medians), mean and min cosine of its embeddings to the naive fp32 ones, and the best round's
@@ -29,6 +39,8 @@ texts/s (load from other jobs only ever adds time). Methods run in a shuffled or
     python benchmarks/bench_teacher.py                 # 1024 texts, 3 rounds (a few minutes)
     python benchmarks/bench_teacher.py --quick         # 128 texts, fewer methods (seconds)
     python benchmarks/bench_teacher.py --out runs/bench/teacher.json --reps 5
+    python benchmarks/bench_teacher.py --quick --shrink-recipe full   # quick timing, the real shrunk models
+    python benchmarks/bench_teacher.py --shrink-threads 0   # tune the shrunk models on every thread (idle machine)
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import os
 import random
 import statistics
@@ -55,6 +68,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sparse_kd.teacher.encoder import TextEncoder, mean_pool, native_bf16  # noqa: E402
+from sparse_kd.teacher.shrink import PROVENANCE_FILE, shrink_teacher  # noqa: E402
 
 from machine import machine_info as _machine_info, write_json  # noqa: E402
 
@@ -101,6 +115,48 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ methods
+
+# How the shrunk teachers are made: tuned on texts of make_texts(tune_texts, tune_seed) minus those of
+# make_texts(exclude_first, 0) (a superset of the measured texts, which are a prefix of that sequence).
+SHRINK_RECIPES: dict[str, dict[str, Any]] = {
+    "full": {"tune_texts": 4000, "tune_seed": 1, "exclude_first": 4096, "epochs": 8, "lr": 1e-3,
+             "batch_size": 32, "seed": 0, "held_out_fraction": 0.1, "max_length": 64, "token_loss": 1.0},
+    "quick": {"tune_texts": 300, "tune_seed": 1, "exclude_first": 4096, "epochs": 2, "lr": 1e-3,
+              "batch_size": 32, "seed": 0, "held_out_fraction": 0.1, "max_length": 64, "token_loss": 1.0},
+}
+SHRUNK_LAYERS = (2, 3)
+
+
+def shrunk_teacher(layers: int, root: Path, n_texts: int, threads: int,
+                   recipe_name: str = "full") -> tuple[Path, dict[str, Any]]:
+    """The folder of the ``layers``-layer shrunk teacher (made, or reused when its recipe matches) and its report."""
+    from sparse_kd.config import TeacherConfig
+
+    base = SHRINK_RECIPES[recipe_name]
+    recipe = {**base, "layers": layers, "exclude_first": max(base["exclude_first"], n_texts)}
+    folder = root / (f"L{layers}" if recipe_name == "full" else f"L{layers}-{recipe_name}")
+    source_fp = TextEncoder("default", show_progress=False).fingerprint
+    prov_file = folder / PROVENANCE_FILE
+    if prov_file.is_file():
+        prov = json.loads(prov_file.read_text(encoding="utf-8"))
+        if prov.get("data", {}).get("info") == {"bench_recipe": recipe} and prov["source"]["fingerprint"] == source_fp:
+            held = prov["held_out"]
+            return folder, {"recipe": recipe_name, "reused": True, "held_out_mean_cos": held["mean_cos"], "held_out_min_cos": held["min_cos"],
+                            "untuned_held_out_mean_cos": held["untuned_mean_cos"], "seconds": prov["seconds"],
+                            "train_texts": prov["data"]["train_texts"], "kept_layers": prov["kept_layers"]}
+    measured = set(make_texts(recipe["exclude_first"], seed=0))
+    tune = [t for t in make_texts(recipe["tune_texts"], seed=recipe["tune_seed"]) if t not in measured]
+    print(f"shrinking the teacher to {layers} layers on {len(tune)} texts (once; reused from {folder})", flush=True)
+    cfg = TeacherConfig(max_length=recipe["max_length"], cache_dir=str(root / "cache"))
+    rep = shrink_teacher(cfg, tune, layers, folder, epochs=recipe["epochs"], lr=recipe["lr"],
+                         batch_size=recipe["batch_size"], seed=recipe["seed"],
+                         held_out_fraction=recipe["held_out_fraction"], token_loss=recipe["token_loss"],
+                         data_info={"bench_recipe": recipe},
+                         num_threads=threads, show_progress=False)
+    return folder, {"recipe": recipe_name, "reused": False, **{k: rep[k] for k in ("held_out_mean_cos", "held_out_min_cos",
+                                                             "untuned_held_out_mean_cos", "seconds", "train_texts",
+                                                             "kept_layers")}}
+
 
 
 class NaiveEncoder:
@@ -156,13 +212,14 @@ def matmul_precision(p: str):
         torch.set_float32_matmul_precision(prev)
 
 
-def build_methods(quick: bool, batch_size: int, max_length: int) -> dict[str, tuple[Any, Callable[[], Any]]]:
-    """name -> (encoder with .encode, context factory to run it in)."""
+def build_methods(quick: bool, batch_size: int, max_length: int,
+                  shrunk: dict[int, Path] | None = None) -> dict[str, tuple[Any, Callable[[], Any]]]:
+    """name -> (encoder with .encode, context factory to run it in); ``shrunk``: layers -> shrunk teacher folder."""
     none = contextlib.nullcontext
     kw = dict(batch_size=batch_size, max_length=max_length, show_progress=False, device="cpu")
 
     def enc(**over: Any) -> TextEncoder:
-        e = TextEncoder("default", **{**kw, **over})
+        e = TextEncoder(over.pop("model", "default"), **{**kw, **over})
         e.load()
         return e
 
@@ -183,6 +240,8 @@ def build_methods(quick: bool, batch_size: int, max_length: int) -> dict[str, tu
     methods["int8_all"] = (int8(lambda n: True), none)
     methods["int8_attn"] = (int8(lambda n: ".attention." in n), none)
     methods["bf16_1thread"] = (enc(precision="bf16", num_threads=1), none)
+    for k, folder in (shrunk or {}).items():
+        methods[f"shrunk{k}_bf16"] = (enc(model=str(folder), precision="bf16"), none)
     if quick:
         return methods
     auto = enc(precision="fp32")
@@ -207,15 +266,23 @@ def build_methods(quick: bool, batch_size: int, max_length: int) -> dict[str, tu
 # ------------------------------------------------------------------------------------ main
 
 
-def run(quick: bool, reps: int, n_texts: int, batch_size: int, max_length: int, compile_: bool) -> dict[str, Any]:
+def run(quick: bool, reps: int, n_texts: int, batch_size: int, max_length: int, compile_: bool,
+        shrunk_dir: Path | None = None, shrink_threads: int = 0, shrink_recipe: str = "full") -> dict[str, Any]:
     texts = make_texts(n_texts)
     info = machine_info()
+    extra: dict[str, Any] = {}
+    shrunk: dict[int, Path] = {}
+    if shrunk_dir is not None:
+        if max_length != SHRINK_RECIPES[shrink_recipe]["max_length"]:
+            raise SystemExit(f"--max-length {max_length}: the shrunk teachers are tuned at "
+                             f"{SHRINK_RECIPES[shrink_recipe]['max_length']}; pass --no-shrunk")
+        for k in SHRUNK_LAYERS:
+            shrunk[k], extra[f"shrunk{k}_tuning"] = shrunk_teacher(k, shrunk_dir, n_texts, shrink_threads, shrink_recipe)
     t0 = time.perf_counter()
-    methods = build_methods(quick, batch_size, max_length)
+    methods = build_methods(quick, batch_size, max_length, shrunk)
     print(f"{len(texts)} texts, batch {batch_size}, max_length {max_length}, {reps} rounds, "
           f"{torch.get_num_threads()} threads, {len(methods)} methods (built in {time.perf_counter() - t0:.1f}s)",
           flush=True)
-    extra: dict[str, Any] = {}
     if compile_:
         e = TextEncoder("default", precision="bf16", batch_size=batch_size, max_length=max_length,
                         show_progress=False, device="cpu")
@@ -287,12 +354,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile in the full run")
     ap.add_argument("--out", default="runs/bench/teacher.json", help="JSON results path")
+    ap.add_argument("--shrunk-dir", default="runs/bench/shrunk_teacher",
+                    help="where the shrunk teachers are made once and reused (default %(default)s)")
+    ap.add_argument("--shrink-threads", type=int, default=1,
+                    help="torch threads while tuning the shrunk teachers (default %(default)s: several times faster "
+                         "than 2 on a busy machine; 0: torch's default). Tuning time is not what is measured")
+    ap.add_argument("--shrink-recipe", choices=sorted(SHRINK_RECIPES), default=None,
+                    help="how the shrunk teachers are tuned: full (8 epochs on 4000 texts, minutes once) or quick "
+                         "(seconds, lower cosine); default quick with --quick, else full")
+    ap.add_argument("--no-shrunk", action="store_true", help="skip the shrunk2_bf16 / shrunk3_bf16 methods")
     a = ap.parse_args(argv)
     reps = a.reps or 3
     if reps < 1:
         ap.error("--reps must be >= 1")
     res = run(a.quick, reps, a.texts or (128 if a.quick else 1024), a.batch_size, a.max_length,
-              compile_=not (a.quick or a.no_compile))
+              compile_=not (a.quick or a.no_compile), shrunk_dir=None if a.no_shrunk else Path(a.shrunk_dir),
+              shrink_threads=a.shrink_threads, shrink_recipe=a.shrink_recipe or ("quick" if a.quick else "full"))
     res["command"] = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else argv))
     print_table(res)
     write_json(a.out, res, indent=2)

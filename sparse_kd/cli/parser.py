@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from sparse_kd.cli.run_commands import cmd_compress, cmd_data, cmd_encode, cmd_pipeline, cmd_study, cmd_train
+from sparse_kd.cli.run_commands import (TEACHER_SHRINK_EPILOG, cmd_compress, cmd_data, cmd_encode, cmd_pipeline,
+                                       cmd_study, cmd_teacher_shrink, cmd_train)
 from sparse_kd.cli.serve_commands import ADD_ITEMS_EPILOG, ADMIN_TOKEN_ENV, SERVE_EPILOG, cmd_add_items, cmd_serve
 
 # defaults of sparse_kd.serve.requests.Limits, repeated here so that building the parser imports no torch
@@ -39,6 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
              "Parquet (ids mapped, splits assigned, bounded memory) for data.source=parquet data.path=FOLDER.")
     sp.add_argument("--out", default=None, help="convert: the folder to write")
     add("encode", cmd_encode, "Encode user and item text with the BERT teacher (cached on disk).")
+    sp = add("teacher-shrink", cmd_teacher_shrink, "Make a smaller, faster teacher: keep --layers of the configured "
+             "teacher's transformer layers and tune them to its embeddings of the data's item and user texts; write a "
+             "BERT folder that teacher.model=FOLDER selects everywhere (encode, train, add-items).",
+             epilog=TEACHER_SHRINK_EPILOG)
+    sp.add_argument("--layers", type=int, required=True,
+                    help="transformer layers to keep (evenly spaced, the last included: 2 of 6 keeps layers 3 and 6)")
+    sp.add_argument("--out", required=True,
+                    help="the model folder to write (atomically; a folder an earlier teacher-shrink wrote is replaced)")
+    sp.add_argument("--epochs", type=int, default=10, help="passes over the tuning texts (default %(default)s)")
+    sp.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default %(default)s)")
+    sp.add_argument("--batch-size", type=int, default=32, help="texts per step (default %(default)s)")
+    sp.add_argument("--seed", type=int, default=0, help="held-out split, sample and batch order (default %(default)s)")
+    sp.add_argument("--held-out", type=float, default=0.1,
+                    help="share of the distinct texts never tuned on, for the reported cosine (default %(default)s)")
+    sp.add_argument("--max-texts", type=int, default=10000,
+                    help="tune on a seeded sample of at most this many distinct texts; 0: all (default %(default)s)")
+    sp.add_argument("--threads", type=int, default=None,
+                    help="torch threads while tuning (default: teacher.num_threads; 1 is often faster on a busy machine)")
+    sp.add_argument("--train-word-embeddings", action="store_true",
+                    help="also tune the word-embedding table (slower; off keeps the teacher's)")
+    sp.add_argument("--token-loss", type=float, default=1.0,
+                    help="weight of the token-level term (1 - cosine of each token's last hidden state to the "
+                         "teacher's); 0: embeddings only (default %(default)s)")
     sp = add("train", cmd_train, "Train the teacher ranker, the baseline and the distilled student (nproc processes).")
     sp.add_argument("--variants", nargs="+", default=["teacher_ranker", "baseline", "distilled"],
                     choices=["teacher_ranker", "baseline", "distilled"], help="which rankers to train")

@@ -1,5 +1,5 @@
-"""The commands that train and compress: ``data``, ``encode``, ``train``, ``compress``,
-``pipeline`` and ``study``. Heavy modules are imported inside each command."""
+"""The commands that train and compress: ``data``, ``encode``, ``teacher-shrink``, ``train``,
+``compress``, ``pipeline`` and ``study``. Heavy modules are imported inside each command."""
 
 from __future__ import annotations
 
@@ -53,6 +53,51 @@ def cmd_encode(args) -> int:
           f"({(len(ds.item_text) + len(ds.user_text)) / max(dt, 1e-9):.0f} texts/s incl. cache hits)")
     return 0
 
+
+
+TEACHER_SHRINK_EPILOG = """\
+The texts are the data section's item and user texts (deduplicated; a --held-out share is never
+tuned on and measures the result). The targets are the configured teacher's fp32 embeddings
+(cached in teacher.cache_dir); the loss is 1 - cosine of the pooled, normalised embeddings,
+computed exactly as the teacher computes them, plus --token-loss x (1 - cosine) of each token's
+last hidden state to the teacher's. The folder holds config.json, model.safetensors,
+the teacher's tokenizer files and shrink.json (source model and fingerprint, kept layers, the
+data tuned on, held-out cosines). It is built in a hidden temp folder beside --out and renamed
+into place, so a failed run never leaves a half-written folder at --out.
+
+examples:
+  sparse-kd teacher-shrink configs/ml1m_text.yaml --layers 2 --out models/minilm-l2-ml1m
+  sparse-kd encode configs/ml1m_text.yaml teacher.model=models/minilm-l2-ml1m
+  # or in the YAML:  teacher: {model: models/minilm-l2-ml1m}
+
+Measured (benchmarks/bench_teacher.py: tuned on 3600 synthetic texts, 8 epochs, 5-6 minutes on 1
+thread): 2 of MiniLM's 6 layers reach a mean cosine of 0.9934 to the fp32 teacher on texts never
+tuned on, 3 layers 0.9952; in bf16 they encode about 2.8x and 1.9x as fast as the 6-layer default.
+Tuning takes about 8 ms per text and epoch for 2 layers on 1 thread (--threads 1 on a busy machine).
+"""
+
+
+def cmd_teacher_shrink(args) -> int:
+    from sparse_kd.data import load_dataset
+    from sparse_kd.teacher.shrink import ShrinkError, check_settings, shrink_teacher
+
+    cfg = load(args)
+    try:  # before loading the data: a bad --layers / --out is named at once
+        check_settings(cfg.teacher, args.layers, args.out, args.epochs, args.lr, args.batch_size, args.held_out)
+    except ShrinkError as e:
+        print(f"error: teacher-shrink: {e}", file=sys.stderr)
+        return 2
+    ds = load_dataset(cfg.data)
+    info = {"config": str(args.config), "overrides": list(args.overrides), "source": cfg.data.source,
+            "path": cfg.data.path, "items": len(ds.item_text), "users": len(ds.user_text)}
+    rep = shrink_teacher(cfg.teacher, list(ds.item_text) + list(ds.user_text), args.layers, args.out,
+                         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                         held_out_fraction=args.held_out, max_texts=args.max_texts or None,
+                         train_word_embeddings=args.train_word_embeddings, token_loss=args.token_loss,
+                         num_threads=args.threads, data_info=info)
+    print(json.dumps(rep, indent=1))
+    print(f"use it with: teacher.model={args.out}  (e.g. sparse-kd encode {args.config} teacher.model={args.out})")
+    return 0
 
 
 def cmd_train(args) -> int:
