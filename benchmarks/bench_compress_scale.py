@@ -45,7 +45,7 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from machine import machine_info, read as _read, write_json  # noqa: E402
+from machine import machine_info, read as _read, reset_peak_rss, write_json  # noqa: E402
 
 VARIANT = "distilled"
 TEXT_DIM = 384
@@ -63,15 +63,6 @@ def _status_mb(key: str) -> Optional[float]:
     return None
 
 
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class Steps:
     """Time and peak RSS of named steps, nested or not (module doc)."""
 
@@ -80,7 +71,7 @@ class Steps:
         self.rec: Dict[str, Dict[str, Any]] = {}
         self.order: List[str] = []
         self.peak = 0.0  # the process peak: resetting VmHWM resets ru_maxrss too, so it is kept here
-        self.exact = _reset_hwm()
+        self.exact = reset_peak_rss()
 
     def _boundary(self) -> None:
         import resource
@@ -93,7 +84,7 @@ class Steps:
             r = self.rec[name]
             r["peak_rss_mb"] = round(max(r["peak_rss_mb"], hwm), 1)
         if self.exact:
-            _reset_hwm()
+            reset_peak_rss()
 
     def wrap(self, name: Union[str, Callable[[int], str]], fn: Callable) -> Callable:
         calls = [0]

@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from machine import machine_info, read as _read, write_json  # noqa: E402
+from machine import machine_info, read as _read, reset_peak_rss, write_json  # noqa: E402, F401 (reset_peak_rss: re-exported for bench_scale)
 
 SHARDINGS = ("table_wise", "row_wise", "column_wise")
 VARIANTS = ("plain", "project", "distill")
@@ -73,16 +73,6 @@ def rss_mb() -> Dict[str, float]:
             hwm = int(line.split()[1]) / 1024
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     return {"rss_mb": round(cur, 1), "peak_rss_mb": round(hwm or maxrss, 1), "ru_maxrss_mb": round(maxrss, 1)}
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def quiet() -> None:

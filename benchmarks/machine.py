@@ -33,6 +33,16 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def machine_info(extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Cores, memory, caches, library versions, thread settings and the load average now."""
     import torch

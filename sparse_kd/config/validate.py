@@ -120,30 +120,28 @@ def validate(cfg: ExperimentConfig) -> None:
     need(len(cfg.study.seeds) >= 1, "study.seeds", "needs at least one seed")
     need(len(cfg.study.select_on) >= 1 and all(s in ("valid", "valid_cold") for s in cfg.study.select_on),
          "study.select_on", f"{list(cfg.study.select_on)} is not valid; give one or both of valid, valid_cold")
-    for i, cand in enumerate(cfg.study.search):
-        for ov in cand:
-            need("=" in ov and ov.split("=", 1)[0].strip().startswith("distill."), f"study.search[{i}]",
-                 f"{ov!r}: expected distill.KEY=VALUE (the search varies distillation settings only)")
-        try:
-            raw = merge(to_dict(cfg), parse_overrides(list(cand)))
-            raw["study"]["search"] = []
-            validate(build(ExperimentConfig, raw))
-        except ConfigError as e:
-            raise ConfigError(f"study.search[{i}] {list(cand)}: {e}") from None
-    for i, cand in enumerate(cfg.study.baseline_search):
-        for ov in cand:
-            need("=" in ov and ov.split("=", 1)[0].strip().startswith("train.")
-                 and ov.split("=", 1)[0].strip() not in ("train.seed", "train.backend"), f"study.baseline_search[{i}]",
-                 f"{ov!r}: expected train.KEY=VALUE (the baseline's search varies its training settings only)")
-        try:
-            raw = merge(to_dict(cfg), parse_overrides(list(cand)))
-            raw["study"]["baseline_search"] = []
-            validate(build(ExperimentConfig, raw))
-        except ConfigError as e:
-            raise ConfigError(f"study.baseline_search[{i}] {list(cand)}: {e}") from None
+    _check_search(cfg, "search", "distill.", (), "the search varies distillation settings only")
+    _check_search(cfg, "baseline_search", "train.", ("train.seed", "train.backend"),
+                  "the baseline's search varies its training settings only")
     for fill in cfg.study.compress_fills:
         need(fill in FILLS, "study.compress_fills", f"{fill!r} is not valid; expected one of {', '.join(FILLS)}")
     for r in cfg.study.compress_budgets:
         need(r > 1.0, "study.compress_budgets", f"{r} is not valid; give compression ratios > 1 (e.g. [10, 30])")
     for rk in cfg.study.compress_remaps:
         need(rk in ("array", "fold"), "study.compress_remaps", f"{rk!r} is not valid; expected array or fold")
+
+
+def _check_search(cfg: ExperimentConfig, key: str, prefix: str, excluded: tuple[str, ...], why: str) -> None:
+    """Every candidate of ``study.<key>`` overrides only ``<prefix>*`` keys (not ``excluded``) and
+    gives a valid config on top of ``cfg``; errors name the candidate."""
+    for i, cand in enumerate(getattr(cfg.study, key)):
+        for ov in cand:
+            name = ov.split("=", 1)[0].strip()
+            if "=" not in ov or not name.startswith(prefix) or name in excluded:
+                raise ConfigError(f"study.{key}[{i}]: {ov!r}: expected {prefix}KEY=VALUE ({why})")
+        try:
+            raw = merge(to_dict(cfg), parse_overrides(list(cand)))
+            raw["study"][key] = []
+            validate(build(ExperimentConfig, raw))
+        except ConfigError as e:
+            raise ConfigError(f"study.{key}[{i}] {list(cand)}: {e}") from None
