@@ -287,8 +287,11 @@ def text_worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
         gc.collect()
         reset_peak_rss()
         before, t0 = rss_mb()["rss_mb"], time.perf_counter()
+        print(f"# rank {env.rank}, {users:,} users: {name} ...", flush=True)
         out = fn()
         after = rss_mb()
+        print(f"# rank {env.rank}, {users:,} users: {name} done in {time.perf_counter() - t0:.1f}s, "
+              f"peak {after['peak_rss_mb']:.0f} MB", flush=True)
         rec[name] = {"peak_mb": after["peak_rss_mb"], "peak_above_start_mb": round(after["peak_rss_mb"] - before, 1),
                      "held_mb": round(after["rss_mb"] - before, 1), "seconds": round(time.perf_counter() - t0, 1)}
         return out

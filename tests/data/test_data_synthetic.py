@@ -77,3 +77,26 @@ def test_bad_synthetic_config():
 def test_load_dataset_dispatch_errors():
     with pytest.raises(DataError, match="data.path"):
         load_dataset(DataConfig(source="csv"))
+
+
+def test_large_world_sampler_matches_the_exact_distribution(monkeypatch):
+    """Above EXACT_SAMPLING_LIMIT items are drawn per interest set: same law (distinct items per
+    user, popularity x topic boost), measured against the exact per-user draw on one world."""
+    import sparse_kd.data.synthetic as S
+
+    cfg = DataConfig(synthetic=SyntheticConfig(num_users=3000, num_items=400, interactions_per_user=8))
+    exact, w_exact = generate(cfg)
+    monkeypatch.setattr(S, "EXACT_SAMPLING_LIMIT", 0)
+    fast, w_fast = generate(cfg)
+    assert np.array_equal(w_exact.user_interest, w_fast.user_interest)  # same world, other draws
+    u, i, _ = _all(fast)
+    pairs = u * 400 + i
+    assert len(np.unique(pairs)) == len(pairs) == 3000 * 8  # K distinct items per user
+    assert np.array_equal(np.bincount(u, minlength=3000), np.full(3000, 8))
+    ue, ie, _ = _all(exact)
+    m_fast = w_fast.user_interest[u, w_fast.item_topic[i]].mean()
+    m_exact = w_exact.user_interest[ue, w_exact.item_topic[ie]].mean()
+    assert abs(m_fast - m_exact) < 0.02, (m_fast, m_exact)
+    f_fast, f_exact = np.bincount(i, minlength=400) / len(i), np.bincount(ie, minlength=400) / len(ie)
+    assert np.abs(f_fast - f_exact).sum() < 0.12  # item frequencies: sampling noise only
+    assert not np.array_equal(np.sort(pairs), np.sort(ue * 400 + ie))
