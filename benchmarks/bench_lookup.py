@@ -89,7 +89,8 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC 
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 from sparse_kd.compress import cpu_kernel as CK  # noqa: E402
-from sparse_kd.compress import rows as QR  # noqa: E402
+from sparse_kd.compress import tiers as TI  # noqa: E402
+from sparse_kd.config.dtypes import dtype_problem, is_tiered  # noqa: E402
 from sparse_kd.serve import cpu_model as CM  # noqa: E402
 from sparse_kd.compress.layout import reorder_table  # noqa: E402
 from sparse_kd.compress.prune import PrunedTable  # noqa: E402
@@ -259,21 +260,32 @@ def tbe_row_bytes(qebc: QuantEBC) -> List[int]:
     return out
 
 
+def tier_name(spec: str) -> str:
+    return f"tiers({spec})"
+
+
 def serving_lookup(ebc: EmbeddingBagCollection, dt: str, remaps: Optional[List[torch.Tensor]]) -> CM.QuantizedLookup:
-    """The CPU serving lookup over ``ebc``'s tables (their stored rows), quantized to ``dt`` exactly
-    as ``sparse-kd compress`` does (:func:`sparse_kd.compress.rows.quantize_rows`)."""
+    """The CPU serving lookup over ``ebc``'s tables (their stored rows, hot-first with ``--layout
+    served``), quantized to ``dt`` (one dtype, or precision tiers) exactly as ``sparse-kd
+    compress`` does (:func:`sparse_kd.compress.tiers.qtable`)."""
     tables = []
     for t, cfg in enumerate(ebc.embedding_bag_configs()):
         w = ebc.embedding_bags[cfg.name].weight.detach()
-        codes, sb = QR.quantize_rows(w, dt)
         remap = None if remaps is None else remaps[t]
-        tables.append(CK.pack_table(QR.QTable(cfg.feature_names[0], dt, cfg.embedding_dim, codes, sb, remap)))
-        del codes, sb
+        tables.append(CK.pack_table(TI.qtable(cfg.feature_names[0], w, dt, remap)))
     return CM.QuantizedLookup(tables)
 
 
-def lookup_row_bytes(lookup: CM.QuantizedLookup) -> List[int]:
-    return [int(t.weight.shape[1]) * t.weight.element_size() for t in lookup.tables]
+def lookup_row_bytes(lookup: CM.QuantizedLookup) -> List[float]:
+    """Bytes per stored row of each table (a tiered table's: averaged over its rows)."""
+    return [CK.cpu_table_bytes(t)["row_bytes"] for t in lookup.tables]
+
+
+def without_remap(t: Any) -> Any:
+    """The same table with no remap (``remap: fold``: ids arrive as stored rows)."""
+    if hasattr(t, "starts"):
+        return CM.TieredTable(t.feature, t.qtype, t.dim, list(t.tiers), t.starts, None)
+    return CM.PackedTable(t.feature, t.qtype, t.dim, t.weight, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,6 +518,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--keep", type=float, default=0.5, help="fraction of rows kept by the pruned variants")
     p.add_argument("--dtypes", default="fp32,fp16,int8,int4,int2",
                    help="serving lookups to measure (fp32: an uncompressed artifact, for reference)")
+    p.add_argument("--tiers", default="int8:0.05,int4:0.25,int2",
+                   help="';'-separated precision tiers to measure too (sparse_kd/compress/tiers.py: the hottest 5%% of "
+                        "stored rows int8, the next 25%% int4, the rest int2); '' for none")
     p.add_argument("--layout", choices=("served", "plain"), default="served",
                    help="served: hot-first rows on huge pages, as sparse-kd compress/serve lay tables out; "
                         "plain: id order, ordinary pages")
@@ -537,6 +552,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for d in args.dtype_list:
         if d not in DTYPES:
             p.error(f"--dtypes: {d!r} is not one of {', '.join(DTYPES)}")
+    args.tier_list = [t.strip() for t in args.tiers.split(";") if t.strip()]
+    for t in args.tier_list:
+        problem = dtype_problem(t, "--tiers")
+        if problem or not is_tiered(t):
+            p.error(f"--tiers: {problem or repr(t) + ' is one dtype, not precision tiers'}")
+    args.dtype_list += args.tier_list
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     args.thread_list = [int(x) for x in args.threads.split(",") if x] or sorted({1, cores})
     return args
@@ -647,7 +668,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         group: List[Variant] = []
         for mode in (["whole", "array", "fold"] if pruned is not None else ["whole"]):
             with_remap = mode != "whole"
-            name = dt + {"whole": "", "array": "+prune", "fold": "+prune/fold"}[mode]
+            name = (tier_name(dt) if is_tiered(dt) else dt) + {"whole": "", "array": "+prune", "fold": "+prune/fold"}[mode]
             lookup = serving_lookup(serve_pruned if with_remap else serve_whole, dt,
                                     list(serve_remaps) if with_remap else None)
             if mode == "fold":
@@ -655,12 +676,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 # as stored rows (pruned ones at the all-zero row, kept in their bags: the real
                 # fold drops them, so this reads as many ids as the array remap does)
                 folds = [t.mapping.clone() for t in lookup.tables]
-                lookup = CM.QuantizedLookup([CM.PackedTable(t.feature, t.qtype, t.dim, t.weight, None) for t in lookup.tables])
+                lookup = CM.QuantizedLookup([without_remap(t) for t in lookup.tables])
                 for b in batches:
                     if not hasattr(b, "folded_values"):
                         b.folded_values = torch.cat([folds[t][ids] for t, (ids, _o) in enumerate(b.per_table)])
             rb = lookup_row_bytes(lookup)
-            wbytes = sum(t.weight.numel() * t.weight.element_size() + t.mapping.numel() * 4 for t in lookup.tables)
+            wbytes = sum(CK.cpu_table_bytes(t)["total"] for t in lookup.tables)
             sm = torch.jit.script(lookup)
             del lookup
             if args.layout == "served":
@@ -694,7 +715,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 sm.set_num_workers(1)
                 profiles[f"{name}, 1 worker, {top} intra-op threads"] = profile_lookup(
                     lambda b, m=sm, f=ids_of: m.pooled(f(b), b.lengths), batches, top, n_prof, 8)
-            if args.tbe and dt != "fp32" and mode != "fold":
+            if args.tbe and dt != "fp32" and not is_tiered(dt) and mode != "fold":  # the TBE takes no tiers
                 qebc = quantize(pruned if with_remap else ebc, DTYPES[dt])
                 if with_remap:
                     for tbe in qebc._emb_modules:
@@ -719,7 +740,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = [summarize(v, th, copy_gbps[th]) for th in args.thread_list for v in results]
     by = {(r["variant"], r["threads"]): r for r in rows}
     targets = {}
-    for name, goal in TARGETS:
+    tier_targets = [(tier_name(spec) + sfx, 1.2) for spec in args.tier_list for sfx in ("", "+prune", "+prune/fold")]
+    for name, goal in (*TARGETS, *tier_targets):
         r = by.get((name, top))
         if r:
             i32 = by.get(("embbag_fp32_i32", top))

@@ -269,7 +269,10 @@ def add_entities(
     qtables = Q.extract_qtables(parts["scripted"])
     qt = qtables[feat]
     new_rows = text_rows(text, parts["text_maps"][feat])  # (K, D)
-    w, sb = QR.quantize_rows(new_rows, qt.dtype)
+    # new rows go after the stored ones: in a tiered table (compress/tiers.py), into the last tier
+    # (the coldest; new items have no reads yet)
+    rows_of = qt.parts[-1] if qt.parts is not None else qt
+    w, sb = QR.quantize_rows(new_rows, rows_of.dtype)
     r0, k = qt.num_rows, len(ids)
     vocab_n = len(mappings["features"][feat]["vocab"])
     # a folded table (remap: fold) has no remap: its ids arrive as stored rows from mappings.json
@@ -277,8 +280,8 @@ def add_entities(
     n_orig = vocab_n if folded else (qt.remap.numel() if qt.remap is not None else r0)
     if n_orig != vocab_n:
         raise ArtifactError(f"remaps.pt / model.pt: {feat} maps {n_orig} ids but mappings.json has {vocab_n}")
-    qt.weight = torch.cat([qt.weight, w])
-    qt.scale_bias = None if sb is None else torch.cat([qt.scale_bias, sb])
+    rows_of.weight = torch.cat([rows_of.weight, w])
+    rows_of.scale_bias = None if sb is None else torch.cat([rows_of.scale_bias, sb])
     if qt.remap is not None:
         qt.remap = torch.cat([qt.remap, torch.arange(r0, r0 + k, dtype=torch.int32)])
     # mappings: new entities, new id vocabulary entries, empty bags elsewhere

@@ -5,7 +5,8 @@ Notation: F tables, O options per table (keep ratio x fill x dtype), MB = 10^6 b
 
 1. Options of a table: every keep ratio (rows by importance), and for a pruned table every
    candidate fill (``zero``; ``cluster`` at every cluster ratio; the fill the config names),
-   each at every dtype. Bytes of every option are read from a real one-table module of the
+   each at every dtype, and at every precision-tier split of ``compress.planner_tiers``
+   (:mod:`~.tiers`: the most-read stored rows in more bits). Bytes of every option are read from a real one-table module of the
    serving kernel built for it (rows incl. scale/bias and padding, and the remap; none when the
    remap is folded into the entity bags, :func:`sparse_kd.compress.prune.fold_remaps`):
    :func:`option_bytes`. Embedding storage = sum over tables. If even the smallest option of
@@ -52,6 +53,8 @@ import torch
 from sparse_kd.compress import rows as QR
 from sparse_kd.compress import table_bytes as TB
 from sparse_kd.compress import tbe as TBE
+from sparse_kd.compress import tiers as TI
+from sparse_kd.compress.layout import row_reads
 from sparse_kd.serve.format import KERNEL_CPU
 from sparse_kd.compress.importance import TEXT_FEATURES, RowImportance
 from sparse_kd.compress.prune import (
@@ -64,6 +67,7 @@ from sparse_kd.compress.prune import (
     select_rows,
 )
 from sparse_kd.config import QUANT_DTYPES, ConfigError
+from sparse_kd.config.dtypes import is_tiered
 from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.metrics import auc, bootstrap_weights, fp32_forward, predict_split, split_batches, weighted_aucs
@@ -236,10 +240,17 @@ def _with_rows(model, feature: str, rows: torch.Tensor):
     return _Ctx()
 
 
-def simulated_rows(pt: PrunedTable, dtype: str) -> torch.Tensor:
-    """(N, D): what each original id's lookup returns after pruning + quantization (dequantized)."""
-    w, sb = QR.quantize_rows(pt.weight, dtype)
-    deq = QR.dequantize_rows(w, sb, dtype)
+def simulated_rows(pt: PrunedTable, dtype: str, freq: Optional[np.ndarray] = None) -> torch.Tensor:
+    """(N, D): what each original id's lookup returns after pruning + quantization (dequantized).
+    A tiered dtype needs ``freq`` (reads per original id): stored rows get their tier by reads,
+    as the stage stores them hot-first (:mod:`~.layout`)."""
+    if is_tiered(dtype):
+        if freq is None:
+            raise ValueError(f"{pt.feature}: simulating precision tiers {dtype!r} needs the rows' read counts")
+        deq = TI.simulate(pt.weight, dtype, row_reads(pt, freq))
+    else:
+        w, sb = QR.quantize_rows(pt.weight, dtype)
+        deq = QR.dequantize_rows(w, sb, dtype)
     remap = pt.remap if pt.remap is not None else pt.folded
     if remap is None:
         return deq
@@ -379,7 +390,7 @@ def sensitivity(
         log.info("planner: no %s interactions; choosing on valid AUC alone", COLD_SPLIT)
     for f, opts in options.items():
         for o in opts:
-            with _with_rows(model, f, simulated_rows(table_of[id(o)], o.dtype)):
+            with _with_rows(model, f, simulated_rows(table_of[id(o)], o.dtype, importances[f].freq)):
                 logits = {s: predict_split(fwd, batches[s]) for s in splits}
             got = {s: auc(logits[s], labels[s]) for s in splits}
             o.valid_auc = got["valid"]

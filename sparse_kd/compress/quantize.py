@@ -42,7 +42,8 @@ from torchrec.models.dlrm import DLRM
 from sparse_kd.compress.cpu_kernel import assemble_cpu, packed_tables, unpack_table
 from sparse_kd.compress.kernel import kernel_for, kernel_of, require_device
 from sparse_kd.compress.prune import PrunedTable
-from sparse_kd.compress.rows import DTYPES, QTable, qtables_of, quantize_dense_layers
+from sparse_kd.compress.rows import DTYPES, QTable, quantize_dense_layers
+from sparse_kd.compress.tiers import is_tiered, parse_tiers, qtables_of
 from sparse_kd.compress.tbe import (LEAF_MODULES, REMAP_KINDS, ROW_ALIGNMENT, assemble_tbe, dtype_name,
                                     quantize_tbe, remaps_from_tbe, scripted_tbe, tbe_of)
 from sparse_kd.serve.cpu_model import CpuServingDLRM
@@ -71,12 +72,18 @@ def quantize_dlrm(
     if missing:
         raise ValueError(f"no pruned table / dtype for features {missing}")
     for f in keys:
-        if dtypes[f] not in DTYPES:
+        if is_tiered(dtypes[f]):
+            parse_tiers(dtypes[f], f"compress.dtype.{f}")
+        elif dtypes[f] not in DTYPES:
             raise ValueError(f"compress.dtype.{f}: {dtypes[f]!r} is not valid; expected one of {', '.join(DTYPES)}")
     if remap not in REMAP_KINDS:
         raise ValueError(f"compress.remap: {remap!r} is not valid; expected one of {', '.join(REMAP_KINDS)}")
     k = kernel_for(serve_device, kernel)
     require_device(serve_device)
+    tiered = [f for f in keys if is_tiered(dtypes[f])]
+    if k == KERNEL_TBE and tiered:
+        raise ValueError(f"compress.dtype: tiered tables ({', '.join(tiered)}) are served by the CPU kernel only; "
+                         "use compress.serve_device: cpu, or one dtype per table for the GPU TBE")
     if k == KERNEL_TBE:
         return quantize_tbe(model, pruned, dtypes, keys, remap, dense_int8, row_alignment, torch.device(serve_device))
     if remap != "array":

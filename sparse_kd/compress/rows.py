@@ -10,14 +10,13 @@ int8/int4/int2) into a :class:`QTable` per table, which either serving kernel th
 """
 
 from dataclasses import dataclass
-from typing import List, Mapping, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm: row quantization)
 
-from sparse_kd.compress.prune import PrunedTable
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -41,7 +40,8 @@ def table_name(feature: str) -> str:
 class QTable:
     """A quantized table, kernel-independent: codes (R, D * bits / 8) uint8 (the raw bytes for
     fp32/fp16), scale_bias (R, 4) uint8 (fp16 scale, fp16 bias) or None for fp32/fp16; remap (N,)
-    int32 original id -> stored row (-1: adds nothing) or None."""
+    int32 original id -> stored row (-1: adds nothing) or None. A tiered table (dtype a tier spec)
+    holds its rows in ``parts`` (weight empty) and its remap here."""
 
     feature: str
     dtype: str
@@ -49,9 +49,12 @@ class QTable:
     weight: torch.Tensor
     scale_bias: Optional[torch.Tensor]
     remap: Optional[torch.Tensor]
+    parts: Optional[List["QTable"]] = None  # a tiered table (:mod:`~.tiers`): one QTable per tier, hottest first
 
     @property
     def num_rows(self) -> int:
+        if self.parts is not None:
+            return sum(p.num_rows for p in self.parts)
         return int(self.weight.shape[0])
 
 
@@ -81,15 +84,6 @@ def dequantize_rows(weight: torch.Tensor, scale_bias: Optional[torch.Tensor], dt
     fused = torch.cat([weight, scale_bias], dim=1).contiguous()
     return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused, BITS[dtype])
 
-
-
-def qtables_of(pruned: Mapping[str, PrunedTable], dtypes: Mapping[str, str], keys: List[str]) -> dict[str, QTable]:
-    out = {}
-    for f in keys:
-        w, sb = quantize_rows(pruned[f].weight, dtypes[f])
-        r = pruned[f].remap
-        out[f] = QTable(f, dtypes[f], int(pruned[f].weight.shape[1]), w, sb, None if r is None else r.to(torch.int32))
-    return out
 
 
 def quantize_dense_layers(model: nn.Module) -> None:

@@ -34,7 +34,7 @@ from sparse_kd.compress.importance import RowImportance, table_importance
 from sparse_kd.compress.planner import MB, Plan, plan_budget
 from sparse_kd.compress.layout import reorder_tables
 from sparse_kd.compress.prune import DEFAULT_CLUSTER_RATIO, fold_dataset, fold_remaps, prune_tables, table_settings
-from sparse_kd.config import CompressConfig, ConfigError, ExperimentConfig, load_config, to_dict
+from sparse_kd.config import QUANT_DTYPES, CompressConfig, ConfigError, ExperimentConfig, load_config, to_dict
 from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.metrics import evaluate, fp32_forward, serving_forward
@@ -245,7 +245,7 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
     plan: Optional[Plan] = None
     if cfg.budget_mb > 0:
         plan = plan_budget(model, ds, builder, imps, settings, cfg.budget_mb, cfg.remap, inp.text,
-                           cold_weight=cfg.cold_weight, row_alignment=cfg.row_alignment,
+                           dtypes=QUANT_DTYPES + tuple(cfg.planner_tiers), cold_weight=cfg.cold_weight, row_alignment=cfg.row_alignment,
                            kernel=K.kernel_for(cfg.serve_device), max_examples=cfg.planner_max_examples,
                            confidence=cfg.planner_confidence, bootstrap=cfg.planner_bootstrap)
         settings = plan.settings()

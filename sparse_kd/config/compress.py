@@ -16,6 +16,7 @@ class CompressConfig:
     """
 
     default_dtype: Literal["fp32", "fp16", "int8", "int4", "int2"] = "int8"
+    # per table: one dtype, or precision tiers "int8:0.05,int4:0.25,int2" (sparse_kd/config/dtypes.py)
     dtype: dict[str, str] = field(default_factory=dict)
     default_keep_ratio: float = 1.0
     keep_ratio: dict[str, float] = field(default_factory=dict)
@@ -35,6 +36,9 @@ class CompressConfig:
     # measured, so that a plan is not the one luckiest on validation (0: the measured loss alone)
     planner_confidence: float = 1.0
     planner_bootstrap: int = 30
+    # precision tiers the planner may also give a table, each like "int8:0.05,int4:0.25,int2" (the
+    # hottest 5% of stored rows int8, the next 25% int4, the rest int2; sparse_kd/compress/tiers.py)
+    planner_tiers: tuple[str, ...] = ()
     # fold (default): the remap is composed into the entity -> id bags the server holds anyway
     # (mappings.json), so the model holds none: no remap bytes and no remap read per lookup
     # (sparse_kd/compress/prune.py; docs/BENCHMARKS.md section 1 measures it); array: an int32

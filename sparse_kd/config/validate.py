@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from sparse_kd.config.base import FILLS, QUANT_DTYPES, SHARDING_TYPES, ConfigError
+from sparse_kd.config.base import FILLS, SHARDING_TYPES, ConfigError
 from sparse_kd.config.coerce import build
+from sparse_kd.config.dtypes import dtype_problem, is_tiered
 from sparse_kd.config.experiment import ExperimentConfig
 from sparse_kd.config.overrides import merge, parse_overrides, to_dict
 
@@ -93,7 +94,18 @@ def validate(cfg: ExperimentConfig) -> None:
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(t.collective_timeout_s >= 10, "train.collective_timeout_s", "must be >= 10")
     for feat, dt in c.dtype.items():
-        need(dt in QUANT_DTYPES, f"compress.dtype.{feat}", f"{dt!r} is not valid; expected one of {', '.join(QUANT_DTYPES)}")
+        need(dtype_problem(dt, f"compress.dtype.{feat}") is None, f"compress.dtype.{feat}",
+             str(dtype_problem(dt, f"compress.dtype.{feat}")))
+    tiered = [f"compress.dtype.{f}" for f, dt in c.dtype.items() if is_tiered(dt)] + [
+        "study.dtypes" for dt in cfg.study.dtypes if is_tiered(dt)] + (["compress.planner_tiers"] if c.planner_tiers else [])
+    if tiered:
+        need(c.row_order == "frequency", "compress.row_order",
+             f"precision tiers ({tiered[0]}) put the most-read rows in the first tier and need row_order: frequency")
+        need(c.serve_device == "cpu", "compress.serve_device",
+             f"precision tiers ({tiered[0]}) are served by the CPU kernel only; use serve_device: cpu")
+    for spec in c.planner_tiers:
+        need(is_tiered(spec) and dtype_problem(spec, "compress.planner_tiers") is None, "compress.planner_tiers",
+             str(dtype_problem(spec, "compress.planner_tiers") or f"{spec!r} is one dtype, not precision tiers"))
     need(0.0 < c.default_keep_ratio <= 1.0, "compress.default_keep_ratio", "must be in (0, 1]")
     for feat, r in c.keep_ratio.items():
         need(0.0 < r <= 1.0, f"compress.keep_ratio.{feat}", "must be in (0, 1]")
@@ -116,7 +128,7 @@ def validate(cfg: ExperimentConfig) -> None:
     for k in cfg.study.keep_ratios:
         need(0.0 < k <= 1.0, "study.keep_ratios", f"{k} is not in (0, 1]")
     for dt in cfg.study.dtypes:
-        need(dt in QUANT_DTYPES, "study.dtypes", f"{dt!r} is not valid; expected one of {', '.join(QUANT_DTYPES)}")
+        need(dtype_problem(dt, "study.dtypes") is None, "study.dtypes", str(dtype_problem(dt, "study.dtypes")))
     need(len(cfg.study.seeds) >= 1, "study.seeds", "needs at least one seed")
     need(len(cfg.study.select_on) >= 1 and all(s in ("valid", "valid_cold") for s in cfg.study.select_on),
          "study.select_on", f"{list(cfg.study.select_on)} is not valid; give one or both of valid, valid_cold")

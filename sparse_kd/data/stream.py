@@ -197,7 +197,7 @@ class TrainSource:
         """This rank's :class:`~sparse_kd.data.batching.KDBatch` es of epoch ``epoch`` from ``start_step``."""
         if teacher_logits is not None and self.stream.negatives is not None:
             check_logit_kd(True, True)
-        n, rem = self.num_examples, self.num_examples % global_batch
+        rem = self.num_examples % global_batch
         if rem and rank == 0 and epoch == 0 and start_step == 0:
             log.info("train: the last %d example(s) of each shuffled epoch do not fill a batch and are left out", rem)
         args = (self.stream, builder, global_batch, rank, world_size, epoch, seed, start_step, teacher_logits)

@@ -159,7 +159,8 @@ def run_compress_study(
         if vi == len(variants) - 1 and study_cfg.compress_budgets:
             t0 = time.perf_counter()
             sens = sensitivity(model, inp.ds, inp.builder, imps, table_settings(cfg0, list(weights)),
-                               tuple(study_cfg.compress_remaps), inp.text, dtypes=study_cfg.dtypes,
+                               tuple(study_cfg.compress_remaps), inp.text,
+                               dtypes=tuple(dict.fromkeys(tuple(study_cfg.dtypes) + tuple(cfg0.planner_tiers))),
                                cold_weight=cfg0.cold_weight, row_alignment=cfg0.row_alignment, kernel=kernel,
                                max_examples=cfg0.planner_max_examples, confidence=cfg0.planner_confidence,
                                bootstrap=cfg0.planner_bootstrap)

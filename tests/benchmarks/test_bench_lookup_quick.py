@@ -8,7 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 VARIANTS = {"embbag_fp32", "embbag_fp32_i32"} | {
-    f"{dt}{prune}" for dt in ("fp32", "fp16", "int8", "int4", "int2") for prune in ("", "+prune", "+prune/fold")
+    f"{dt}{prune}" for dt in ("fp32", "fp16", "int8", "int4", "int2", "tiers(int8:0.05,int4:0.25,int2)")
+    for prune in ("", "+prune", "+prune/fold")
 }
 
 
@@ -45,8 +46,12 @@ def test_bench_lookup_quick(tmp_path: Path) -> None:
     assert (rb["embbag_fp32"], rb["fp32"], rb["fp16"], rb["int8"], rb["int4"], rb["int2"]) == (128, 128, 64, 40, 20, 12)
     # the serving layout by default: hot-first rows on huge pages where the kernel allows them
     assert data["config"]["layout"] == "served" and data["config"]["thp"]
-    assert set(data["targets"]) == {f"{v} / embbag_fp32 @ 2 threads" for v in ("int8", "int4", "int8+prune", "int4+prune",
-                                                                               "int8+prune/fold", "int4+prune/fold")}
+    tiers = "tiers(int8:0.05,int4:0.25,int2)"
+    # a tiered table's row bytes: the mean over its rows (5% int8, 25% int4, 70% int2)
+    assert abs(rb[tiers] - (0.05 * 40 + 0.25 * 20 + 0.70 * 12)) < 0.5
+    assert set(data["targets"]) == {f"{v} / embbag_fp32 @ 2 threads" for v in (
+        "int8", "int4", "int8+prune", "int4+prune", "int8+prune/fold", "int4+prune/fold", tiers, tiers + "+prune",
+        tiers + "+prune/fold")}
     assert data["profiles"]
     assert "embbag_fp32" in proc.stdout
 
@@ -55,7 +60,7 @@ def test_bench_lookup_quick_with_the_tbe(tmp_path: Path) -> None:
     out = tmp_path / "lookup.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_lookup.py"), "--quick", "--threads", "2", "--tbe",
-         "--dtypes", "int4,int2", "--no-profile", "--out", str(out)],
+         "--dtypes", "int4,int2", "--tiers", "", "--no-profile", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -8,7 +8,7 @@ import torch
 
 from sparse_kd.compress.importance import table_importance
 from sparse_kd.compress.layout import hot_first, reorder_table, reorder_tables, row_reads
-from sparse_kd.compress.prune import PrunedTable, fold_remaps
+from sparse_kd.compress.prune import PrunedTable
 from sparse_kd.compress.stage import artifact_mappings, compress_model, model_weights, serving_dataset
 from sparse_kd.config import CompressConfig, ConfigError, load_config
 
