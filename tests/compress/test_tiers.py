@@ -174,3 +174,31 @@ def test_config_refuses_bad_tiers_with_the_key():
                      ({"study": {"dtypes": ["int4:0.5,int9"]}}, "study.dtypes")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             config_from_dict(raw)
+
+
+def test_planner_weighs_tier_splits_and_its_bytes_and_aucs_hold_for_real(tiny):
+    """A tier split among the planner's dtypes: its bytes are those of the real compressed table,
+    and the valid AUC it measured (simulated rows) is the real tiered model's."""
+    from sparse_kd.compress.importance import table_importance
+    from sparse_kd.compress.planner import sensitivity
+    from sparse_kd.compress.prune import table_settings
+    from sparse_kd.compress.stage import compress_model, model_weights, serving_builder, serving_dataset
+    from sparse_kd.config import CompressConfig
+    from sparse_kd.metrics import auc, predict_split, serving_forward, split_batches
+
+    ds, text, model, builder = tiny
+    imps = table_importance("frequency", model_weights(model), ds, text)
+    spec = "int8:0.3,int2"
+    sens = sensitivity(model, ds, builder, imps, table_settings(CompressConfig(), list(imps)), ("fold",), text,
+                       keep_ratios=(1.0, 0.5), dtypes=("int8", spec), fills=("zero",), confidence=0.0)
+    tiered = [o for o in sens.options["user_id"] if o.dtype == spec]
+    assert len(tiered) == 2 and all(np.isfinite(o.valid_auc) for o in tiered)
+    o = next(o for o in tiered if o.keep_ratio == 0.5)
+    settings = {f: {"keep_ratio": 1.0, "dtype": "fp32", "fill": "zero"} for f in imps}
+    settings["user_id"] = {"keep_ratio": 0.5, "dtype": spec, "fill": "zero"}
+    comp = compress_model(model, ds, settings, importances=imps, remap="fold", text=text)
+    from sparse_kd.compress.table_bytes import table_bytes
+    assert table_bytes(comp.serving)["t_user_id"]["total"] == o.bytes
+    sds = serving_dataset(ds, comp)
+    logits = predict_split(serving_forward(comp.serving), split_batches(sds, serving_builder(ds, comp, builder), "valid", 4096))
+    assert auc(logits, torch.from_numpy(ds.splits["valid"].label)) == pytest.approx(o.valid_auc, abs=2e-3)
