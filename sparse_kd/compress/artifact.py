@@ -272,7 +272,7 @@ def add_entities(
     # new rows go after the stored ones: in a tiered table (compress/tiers.py), into the last tier
     # (the coldest; new items have no reads yet)
     rows_of = qt.parts[-1] if qt.parts is not None else qt
-    w, sb = QR.quantize_rows(new_rows, rows_of.dtype)
+    w, sb = QR.quantize_rows(new_rows, rows_of.dtype, manifest["tables"][tname].get("quantizer", "minmax"))
     r0, k = qt.num_rows, len(ids)
     vocab_n = len(mappings["features"][feat]["vocab"])
     # a folded table (remap: fold) has no remap: its ids arrive as stored rows from mappings.json

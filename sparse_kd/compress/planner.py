@@ -240,16 +240,16 @@ def _with_rows(model, feature: str, rows: torch.Tensor):
     return _Ctx()
 
 
-def simulated_rows(pt: PrunedTable, dtype: str, freq: Optional[np.ndarray] = None) -> torch.Tensor:
+def simulated_rows(pt: PrunedTable, dtype: str, freq: Optional[np.ndarray] = None, quantizer: str = "minmax") -> torch.Tensor:
     """(N, D): what each original id's lookup returns after pruning + quantization (dequantized).
     A tiered dtype needs ``freq`` (reads per original id): stored rows get their tier by reads,
     as the stage stores them hot-first (:mod:`~.layout`)."""
     if is_tiered(dtype):
         if freq is None:
             raise ValueError(f"{pt.feature}: simulating precision tiers {dtype!r} needs the rows' read counts")
-        deq = TI.simulate(pt.weight, dtype, row_reads(pt, freq))
+        deq = TI.simulate(pt.weight, dtype, row_reads(pt, freq), quantizer)
     else:
-        w, sb = QR.quantize_rows(pt.weight, dtype)
+        w, sb = QR.quantize_rows(pt.weight, dtype, quantizer)
         deq = QR.dequantize_rows(w, sb, dtype)
     remap = pt.remap if pt.remap is not None else pt.folded
     if remap is None:
@@ -326,6 +326,7 @@ def sensitivity(
     max_examples: int = 0,
     confidence: float = 1.0,
     bootstrap: int = 30,
+    quantizer: str = "minmax",
 ) -> Sensitivity:
     """Steps 1 and 2 of the module doc: every option's bytes (for each of ``remaps``) and loss.
 
@@ -390,7 +391,7 @@ def sensitivity(
         log.info("planner: no %s interactions; choosing on valid AUC alone", COLD_SPLIT)
     for f, opts in options.items():
         for o in opts:
-            with _with_rows(model, f, simulated_rows(table_of[id(o)], o.dtype, importances[f].freq)):
+            with _with_rows(model, f, simulated_rows(table_of[id(o)], o.dtype, importances[f].freq, quantizer)):
                 logits = {s: predict_split(fwd, batches[s]) for s in splits}
             got = {s: auc(logits[s], labels[s]) for s in splits}
             o.valid_auc = got["valid"]
@@ -429,11 +430,12 @@ def plan_budget(
     max_examples: int = 0,
     confidence: float = 1.0,
     bootstrap: int = 30,
+    quantizer: str = "minmax",
 ) -> Plan:
     """Choose keep ratio, fill and dtype per table for ``budget_mb`` MB (see the module doc);
     :func:`sensitivity` then :meth:`Sensitivity.plan`. Infeasible budgets raise
     :class:`BudgetError` before anything is evaluated."""
     sens = sensitivity(model, ds, builder, importances, settings, (remap,), text, keep_ratios, dtypes, fills,
                        cluster_ratios, cold_weight, row_alignment, batch_size, kernel, budget_mb=budget_mb,
-                       max_examples=max_examples, confidence=confidence, bootstrap=bootstrap)
+                       max_examples=max_examples, confidence=confidence, bootstrap=bootstrap, quantizer=quantizer)
     return sens.plan(budget_mb, remap)

@@ -59,12 +59,15 @@ def quantize_dlrm(
     row_alignment: int = ROW_ALIGNMENT,
     serve_device: str = "cpu",
     kernel: Optional[str] = None,
+    quantizer: str = "minmax",
 ) -> nn.Module:
     """The compressed serving model (eager) of a trained fp32 ``model``; ``model`` is not changed.
 
     pruned: feature -> PrunedTable for every table; dtypes: feature -> one of fp32/fp16/int8/int4/int2.
     serve_device: ``cpu`` (:class:`CpuServingDLRM`) or ``cuda`` (:class:`ServingDLRM` on the TBE);
     ``kernel="fbgemm_tbe"`` with ``serve_device="cpu"`` builds the TBE on CPU (to compare against).
+    quantizer: ``minmax`` (FBGEMM's) or ``mse`` (per-row scale and bias fitted to squared error;
+    the CPU kernel only).
     """
     ebc = model.sparse_arch.embedding_bag_collection
     keys = [f for cfg in ebc.embedding_bag_configs() for f in cfg.feature_names]
@@ -81,6 +84,9 @@ def quantize_dlrm(
     k = kernel_for(serve_device, kernel)
     require_device(serve_device)
     tiered = [f for f in keys if is_tiered(dtypes[f])]
+    if k == KERNEL_TBE and quantizer != "minmax":
+        raise ValueError(f"compress.quantizer: {quantizer!r} is built for the CPU kernel; the TBE quantizes its "
+                         "rows itself (use compress.quantizer: minmax with serve_device: cuda)")
     if k == KERNEL_TBE and tiered:
         raise ValueError(f"compress.dtype: tiered tables ({', '.join(tiered)}) are served by the CPU kernel only; "
                          "use compress.serve_device: cpu, or one dtype per table for the GPU TBE")
@@ -92,7 +98,7 @@ def quantize_dlrm(
     skeleton = copy.deepcopy(model).cpu().eval()
     if dense_int8:
         quantize_dense_layers(skeleton)
-    return assemble_cpu(skeleton, qtables_of(pruned, dtypes, keys), keys)
+    return assemble_cpu(skeleton, qtables_of(pruned, dtypes, keys, quantizer), keys)
 
 
 

@@ -17,6 +17,8 @@ from torch import nn
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm: row quantization)
 
+from sparse_kd.compress.row_fit import quantize_rows_mse
+
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -59,10 +61,18 @@ class QTable:
 
 
 
-def quantize_rows(rows: torch.Tensor, dtype: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """fp32 rows (K, D) -> FBGEMM bytes, exactly as torchrec's ``quantize_state_dict`` makes them:
-    (codes (K, D * bits / 8) uint8, scale_bias (K, 4) uint8 or None)."""
+QUANTIZERS = ("minmax", "mse")
+
+
+def quantize_rows(rows: torch.Tensor, dtype: str, quantizer: str = "minmax") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """fp32 rows (K, D) -> FBGEMM bytes: (codes (K, D * bits / 8) uint8, scale_bias (K, 4) uint8 or
+    None). ``minmax``: exactly as torchrec's ``quantize_state_dict`` makes them; ``mse``: scale and
+    bias fitted per row to squared error (:mod:`~.row_fit`), same layout."""
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"compress.quantizer: {quantizer!r} is not one of {', '.join(QUANTIZERS)}")
     rows = rows.detach().float().contiguous().cpu()
+    if quantizer == "mse" and dtype not in ("fp32", "fp16"):
+        return quantize_rows_mse(rows, BITS[dtype])
     if dtype == "fp32":
         return rows.view(torch.uint8).clone(), None
     if dtype == "fp16":

@@ -106,6 +106,7 @@ def compress_model(
     serve_device: str = "cpu",
     kernel: Optional[str] = None,
     row_order: str = "frequency",
+    quantizer: str = "minmax",
 ) -> Compressed:
     """Prune + quantize every table of a trained fp32 DLRM (not modified).
 
@@ -115,6 +116,7 @@ def compress_model(
     row_order: ``frequency`` stores each table's rows hot-first (:mod:`~.layout`; a table kept
     whole then has its permutation folded into the entity bags), ``id`` keeps them in id order.
     Either way the artifact's bags must come from :func:`serving_dataset` (:func:`artifact_mappings`).
+    quantizer: ``minmax`` or ``mse`` (``compress.quantizer``; :mod:`~.row_fit`).
     """
     weights = model_weights(model)
     keys = list(weights)
@@ -133,7 +135,7 @@ def compress_model(
         _, pruned = fold_remaps(ds, pruned, permuted)
     kernel = K.kernel_for(serve_device, kernel)
     serving = Q.quantize_dlrm(model, pruned, {f: s["dtype"] for f, s in settings.items()}, model_remap, dense_int8,
-                              row_alignment, serve_device, kernel)
+                              row_alignment, serve_device, kernel, quantizer)
     tb = TB.table_bytes(serving)
     fp = TB.float_table_bytes(model)
     owners = {f.name: f.owner for f in ds.features}
@@ -151,6 +153,7 @@ def compress_model(
             # its folded remap is only the hot-first permutation (nothing pruned away: any remap
             # kind serves it with no remap in the model)
             "permutation_only": f in permuted,
+            "quantizer": quantizer,
         }
     # the remaps as they are served; folded ones are a record (the entity bags hold them)
     remaps = {QR.table_name(f): (pruned[f].remap if pruned[f].remap is not None else pruned[f].folded)
@@ -247,10 +250,11 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
         plan = plan_budget(model, ds, builder, imps, settings, cfg.budget_mb, cfg.remap, inp.text,
                            dtypes=QUANT_DTYPES + tuple(cfg.planner_tiers), cold_weight=cfg.cold_weight, row_alignment=cfg.row_alignment,
                            kernel=K.kernel_for(cfg.serve_device), max_examples=cfg.planner_max_examples,
-                           confidence=cfg.planner_confidence, bootstrap=cfg.planner_bootstrap)
+                           confidence=cfg.planner_confidence, bootstrap=cfg.planner_bootstrap,
+                           quantizer=cfg.quantizer)
         settings = plan.settings()
     comp = compress_model(model, ds, settings, cfg.importance, cfg.remap, inp.text, imps, dense_int8, cfg.row_alignment,
-                          cfg.serve_device, row_order=cfg.row_order)
+                          cfg.serve_device, row_order=cfg.row_order, quantizer=cfg.quantizer)
     if plan is not None and comp.embedding_bytes > plan.budget_bytes:  # the per-option bytes are exact; guard anyway
         raise RuntimeError(f"plan bytes {comp.embedding_bytes} exceed compress.budget_mb ({plan.budget_bytes} bytes)")
     serve_ds = serving_dataset(ds, comp)

@@ -37,18 +37,18 @@ def tier_starts(tiers: list[Tier], num_rows: int) -> list[int]:
     return starts
 
 
-def quantize_tiered(rows: torch.Tensor, spec: str) -> list[QR.QTable]:
+def quantize_tiered(rows: torch.Tensor, spec: str, quantizer: str = "minmax") -> list[QR.QTable]:
     """Stored rows (R, D), hot-first -> one QTable per tier (no remap; feature left empty)."""
     tiers = parse_tiers(spec)
     s = tier_starts(tiers, int(rows.shape[0]))
     out = []
     for t, tier in enumerate(tiers):
-        w, sb = QR.quantize_rows(rows[s[t]: s[t + 1]], tier.dtype)
+        w, sb = QR.quantize_rows(rows[s[t]: s[t + 1]], tier.dtype, quantizer)
         out.append(QR.QTable("", tier.dtype, int(rows.shape[1]), w, sb, None))
     return out
 
 
-def simulate(rows: torch.Tensor, spec: str, reads: Optional[np.ndarray] = None) -> torch.Tensor:
+def simulate(rows: torch.Tensor, spec: str, reads: Optional[np.ndarray] = None, quantizer: str = "minmax") -> torch.Tensor:
     """(R, D): each stored row after its tier's quantization and dequantization. ``reads``: (R,)
     reads per stored row, to rank them hot-first as the stage will store them (None: already so)."""
     if reads is None:
@@ -60,22 +60,24 @@ def simulate(rows: torch.Tensor, spec: str, reads: Optional[np.ndarray] = None) 
     tiers = parse_tiers(spec)
     s = tier_starts(tiers, int(rows.shape[0]))
     for t, tier in enumerate(tiers):
-        w, sb = QR.quantize_rows(ranked[s[t]: s[t + 1]], tier.dtype)
+        w, sb = QR.quantize_rows(ranked[s[t]: s[t + 1]], tier.dtype, quantizer)
         out[order[s[t]: s[t + 1]]] = QR.dequantize_rows(w, sb, tier.dtype)
     return out
 
 
-def qtable(feature: str, rows: torch.Tensor, dtype: str, remap: Optional[torch.Tensor]) -> QR.QTable:
+def qtable(feature: str, rows: torch.Tensor, dtype: str, remap: Optional[torch.Tensor],
+           quantizer: str = "minmax") -> QR.QTable:
     """Stored rows (R, D) of one table in ``dtype`` (plain or tiered) -> its QTable."""
     r = None if remap is None else remap.to(torch.int32)
     if is_tiered(dtype):
-        parts = quantize_tiered(rows, dtype)
+        parts = quantize_tiered(rows, dtype, quantizer)
         return QR.QTable(feature, dtype, int(rows.shape[1]), torch.empty(0, 0, dtype=torch.uint8), None, r,
                          [QR.QTable(feature, p.dtype, p.dim, p.weight, p.scale_bias, None) for p in parts])
-    w, sb = QR.quantize_rows(rows, dtype)
+    w, sb = QR.quantize_rows(rows, dtype, quantizer)
     return QR.QTable(feature, dtype, int(rows.shape[1]), w, sb, r)
 
 
-def qtables_of(pruned: Mapping[str, PrunedTable], dtypes: Mapping[str, str], keys: List[str]) -> dict[str, QR.QTable]:
+def qtables_of(pruned: Mapping[str, PrunedTable], dtypes: Mapping[str, str], keys: List[str],
+               quantizer: str = "minmax") -> dict[str, QR.QTable]:
     """feature -> QTable of every table in ``keys`` (its pruned rows in its dtype, plain or tiered)."""
-    return {f: qtable(f, pruned[f].weight, dtypes[f], pruned[f].remap) for f in keys}
+    return {f: qtable(f, pruned[f].weight, dtypes[f], pruned[f].remap, quantizer) for f in keys}

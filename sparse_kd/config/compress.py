@@ -47,6 +47,9 @@ class CompressConfig:
     # stored row order: frequency = hot rows first (fewer cache lines and pages per lookup; exact,
     # scores unchanged; sparse_kd/compress/layout.py), id = the trained order
     row_order: Literal["frequency", "id"] = "frequency"
+    # how a row's fp16 scale and bias are set for int8/int4/int2: minmax = FBGEMM's own (range of
+    # the row), mse = fitted per row to squared error, never worse row by row (sparse_kd/compress/row_fit.py)
+    quantizer: Literal["minmax", "mse"] = "minmax"
     # where the artifact is served: cpu -> PyTorch's quantized EmbeddingBag ops (FBGEMM CPU kernels),
     # cuda -> FBGEMM's TBE on the GPU (see sparse_kd/compress/tbe.py)
     serve_device: Literal["cpu", "cuda"] = "cpu"

@@ -103,6 +103,8 @@ def validate(cfg: ExperimentConfig) -> None:
              f"precision tiers ({tiered[0]}) put the most-read rows in the first tier and need row_order: frequency")
         need(c.serve_device == "cpu", "compress.serve_device",
              f"precision tiers ({tiered[0]}) are served by the CPU kernel only; use serve_device: cpu")
+    need(c.quantizer == "minmax" or c.serve_device == "cpu", "compress.quantizer",
+         f"{c.quantizer!r} is built for the CPU kernel; with serve_device: cuda the TBE quantizes rows itself (use minmax)")
     for spec in c.planner_tiers:
         need(is_tiered(spec) and dtype_problem(spec, "compress.planner_tiers") is None, "compress.planner_tiers",
              str(dtype_problem(spec, "compress.planner_tiers") or f"{spec!r} is one dtype, not precision tiers"))

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from sparse_kd.config.dtypes import is_tiered
 from sparse_kd.config import StudyConfig
 from sparse_kd.metrics import EVAL_SPLITS
 from sparse_kd.report import markdown_table
@@ -46,11 +47,13 @@ def mark_pareto(rows: list[dict]) -> None:
 
 
 def _series(row: dict, rows: list[dict]) -> str:
-    """Series name: the variant, plus the fill when several fills were swept (plans: their own)."""
+    """Series name: the variant, plus the fill when several fills were swept, plus ``tiers`` for
+    precision-tier points (plans: their own)."""
     if row["kind"] == "plan":
         return f"{row['variant']}/plan"
     several = len({r["fill"] for r in rows if r["kind"] == "grid"}) > 1
-    return f"{row['variant']}/{row['fill']}" if several else row["variant"]
+    name = f"{row['variant']}/{row['fill']}" if several else row["variant"]
+    return f"{name}/tiers" if is_tiered(str(row["dtype"])) else name
 
 
 

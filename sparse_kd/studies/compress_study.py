@@ -137,7 +137,8 @@ def run_compress_study(
 
         def measure(settings: dict, remap: str):
             comp = compress_model(model, inp.ds, settings, cfg0.importance, remap, inp.text, imps, cfg0.dense_int8,
-                                  cfg0.row_alignment, cfg0.serve_device, row_order=cfg0.row_order)
+                                  cfg0.row_alignment, cfg0.serve_device, row_order=cfg0.row_order,
+                                  quantizer=cfg0.quantizer)
             m = evaluate(serving_forward(comp.serving), serving_dataset(inp.ds, comp),
                          serving_builder(inp.ds, comp, inp.builder))
             return comp, m, _both_bytes(comp, remap, cfg0.row_alignment, kernel)
@@ -163,7 +164,7 @@ def run_compress_study(
                                dtypes=tuple(dict.fromkeys(tuple(study_cfg.dtypes) + tuple(cfg0.planner_tiers))),
                                cold_weight=cfg0.cold_weight, row_alignment=cfg0.row_alignment, kernel=kernel,
                                max_examples=cfg0.planner_max_examples, confidence=cfg0.planner_confidence,
-                               bootstrap=cfg0.planner_bootstrap)
+                               bootstrap=cfg0.planner_bootstrap, quantizer=cfg0.quantizer)
             log.info("[%s] planner sensitivity: %d options in %.0fs", variant,
                      sum(len(o) for o in sens.options.values()), time.perf_counter() - t0)
             fp32_bytes = sum(int(w.numel() * w.element_size()) for w in weights.values())
