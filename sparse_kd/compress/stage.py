@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
+import numpy as np
 import torch
 
 from sparse_kd.compress import kernel as K
@@ -30,6 +31,7 @@ from sparse_kd.compress import rows as QR
 from sparse_kd.compress import table_bytes as TB
 from sparse_kd.compress import tbe as TBE
 from sparse_kd.compress.artifact import Compressed, check_out_dir, save_artifact
+from sparse_kd.compress.finetune import finetune
 from sparse_kd.compress.importance import RowImportance, table_importance
 from sparse_kd.compress.planner import MB, Plan, plan_budget
 from sparse_kd.compress.layout import reorder_tables
@@ -260,6 +262,11 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
     serve_ds = serving_dataset(ds, comp)
     log.info("compress: evaluating the compressed model")
     after = evaluate(serving_forward(comp.serving), serve_ds, serving_builder(ds, comp, builder))
+    finetuned = None
+    if cfg.finetune.enabled:
+        comp, after, finetuned = finetune_and_choose(model, ds, builder, settings, imps, inp.text, cfg, comp, after,
+                                                     dense_int8)
+        serve_ds = serving_dataset(ds, comp)
     fp32_total, total = comp.fp32_bytes, comp.embedding_bytes
     report = {
         "variant": variant,
@@ -270,6 +277,7 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
         "metrics": {"before": before, "after": after},
         "plan": plan.to_dict() if plan is not None else None,
         "notes": comp.notes,
+        "finetune": finetuned,
     }
     mappings = _mappings(serve_ds)
     config = {"compress": to_dict(cfg), "dense_int8": dense_int8, "source": {"run_dir": str(run_dir), "variant": variant},
@@ -282,6 +290,41 @@ def compress_run(run_dir: Path, variant: str, cfg: CompressConfig, out_dir: Path
         text = plan.table() + "\n\n" + text
     print(f"\n[compress] {variant} -> {out_dir}\n{text}\n", flush=True)
     return report
+
+
+def valid_score(metrics: Mapping[str, dict], cold_weight: float) -> float:
+    """valid AUC + cold_weight x valid_cold AUC (where the dataset has valid_cold): the planner's
+    objective, used to choose on validation only."""
+    score = metrics["valid"]["auc"]
+    cold = metrics.get("valid_cold", {}).get("auc", float("nan"))
+    return score + (cold_weight * cold if np.isfinite(cold) else 0.0)
+
+
+def finetune_and_choose(model, ds: RecDataset, builder, settings: Mapping[str, dict], imps, text,
+                        cfg: CompressConfig, comp: Compressed, after: dict, dense_int8: bool) -> tuple:
+    """``compress.finetune``: train the compressed model to the student (:mod:`~.finetune`),
+    compress the result with the same settings and importances, and keep it when its validation
+    score (:func:`valid_score`) is at least the plain compression's. Returns (compressed model,
+    its metrics, the record)."""
+    ft = cfg.finetune
+    pruned = prune_tables(model_weights(model), imps, {f: s["keep_ratio"] for f, s in settings.items()},
+                          {f: s["fill"] for f, s in settings.items()}, text,
+                          {f: s.get("cluster_ratio", DEFAULT_CLUSTER_RATIO) for f, s in settings.items()})
+    log.info("compress: distillation after compression (%d epoch(s))", ft.epochs)
+    res = finetune(model, ds, builder, pruned, {f: s["dtype"] for f, s in settings.items()},
+                   {f: imps[f].freq for f in pruned}, quantizer=cfg.quantizer, epochs=ft.epochs,
+                   batch_size=ft.batch_size, dense_lr=ft.dense_lr, row_lr=ft.row_lr, kd_weight=ft.kd_weight,
+                   temperature=ft.temperature, seed=ft.seed, max_steps=ft.max_steps or None)
+    tuned = compress_model(res.model, ds, settings, cfg.importance, cfg.remap, text, imps, dense_int8,
+                           cfg.row_alignment, cfg.serve_device, row_order=cfg.row_order, quantizer=cfg.quantizer)
+    tuned_after = evaluate(serving_forward(tuned.serving), serving_dataset(ds, tuned), serving_builder(ds, tuned, builder))
+    s0, s1 = valid_score(after, cfg.cold_weight), valid_score(tuned_after, cfg.cold_weight)
+    kept = s1 >= s0
+    log.info("compress.finetune: valid score %.4f -> %.4f (valid + %g x valid_cold): %s", s0, s1, cfg.cold_weight,
+             "kept" if kept else "not kept, the plain compression is written")
+    record = {"kept": kept, "valid_score_before": s0, "valid_score_after": s1, "history": res.history,
+              "seconds": round(res.seconds, 1), "metrics_without": after, "metrics_with": tuned_after}
+    return (tuned, tuned_after, record) if kept else (comp, after, record)
 
 
 def _mappings(ds: RecDataset) -> dict:

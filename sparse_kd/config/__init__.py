@@ -15,7 +15,7 @@ The sections live one stage per module (``data``, ``model``, ``compress``), the 
 """
 
 from sparse_kd.config.base import FILLS, QUANT_DTYPES, SHARDING_TYPES, ConfigError
-from sparse_kd.config.compress import CompressConfig, StudyConfig
+from sparse_kd.config.compress import CompressConfig, FinetuneConfig, StudyConfig
 from sparse_kd.config.data import DataConfig, SyntheticConfig, TeacherConfig
 from sparse_kd.config.experiment import ExperimentConfig
 from sparse_kd.config.loader import config_from_dict, load_config, replace
@@ -25,7 +25,7 @@ from sparse_kd.config.overrides import parse_overrides, to_dict
 
 __all__ = [
     "FILLS", "QUANT_DTYPES", "SHARDING_TYPES", "AlignConfig", "CompressConfig", "ConfigError", "DataConfig", "DistillConfig",
-    "ExperimentConfig", "LogitKDConfig", "PairKDConfig", "PlannerConfig", "StudentConfig", "StudyConfig", "SyntheticConfig",
+    "ExperimentConfig", "FinetuneConfig", "LogitKDConfig", "PairKDConfig", "PlannerConfig", "StudentConfig", "StudyConfig", "SyntheticConfig",
     "TeacherConfig", "TeacherRankerConfig", "TrainConfig", "TransferConfig", "config_from_dict", "load_config",
     "parse_overrides", "replace", "to_dict",
 ]

@@ -6,6 +6,24 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Distillation after compression (sparse_kd/compress/finetune.py): train the compressed model
+    (kept rows through a straight-through quantizer, dense layers) to the uncompressed student's
+    soft predictions and the labels, quantize again, keep it if valid (+ cold_weight x valid_cold)
+    is not worse."""
+
+    enabled: bool = False
+    epochs: int = 1
+    batch_size: int = 1024
+    dense_lr: float = 1e-4  # Adam on the dense and over archs
+    row_lr: float = 0.01  # row-wise Adagrad on the kept rows
+    kd_weight: float = 0.5  # share of the soft-prediction loss (the rest: labels)
+    temperature: float = 2.0
+    seed: int = 0  # order of the training examples
+    max_steps: int = 0  # a cap on the steps (0: none)
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     """Row pruning + quantization of the student's embedding tables.
 
@@ -50,6 +68,7 @@ class CompressConfig:
     # how a row's fp16 scale and bias are set for int8/int4/int2: minmax = FBGEMM's own (range of
     # the row), mse = fitted per row to squared error, never worse row by row (sparse_kd/compress/row_fit.py)
     quantizer: Literal["minmax", "mse"] = "minmax"
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # where the artifact is served: cpu -> PyTorch's quantized EmbeddingBag ops (FBGEMM CPU kernels),
     # cuda -> FBGEMM's TBE on the GPU (see sparse_kd/compress/tbe.py)
     serve_device: Literal["cpu", "cuda"] = "cpu"

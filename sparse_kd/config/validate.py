@@ -105,6 +105,15 @@ def validate(cfg: ExperimentConfig) -> None:
              f"precision tiers ({tiered[0]}) are served by the CPU kernel only; use serve_device: cpu")
     need(c.quantizer == "minmax" or c.serve_device == "cpu", "compress.quantizer",
          f"{c.quantizer!r} is built for the CPU kernel; with serve_device: cuda the TBE quantizes rows itself (use minmax)")
+    ft = c.finetune
+    need(ft.epochs >= 1, "compress.finetune.epochs", "must be >= 1")
+    need(ft.batch_size >= 1, "compress.finetune.batch_size", "must be >= 1")
+    need(ft.dense_lr > 0 and ft.row_lr > 0, "compress.finetune.dense_lr", "learning rates must be > 0")
+    need(0.0 <= ft.kd_weight <= 1.0, "compress.finetune.kd_weight", "must be in [0, 1]")
+    need(ft.temperature > 0, "compress.finetune.temperature", "must be > 0")
+    need(ft.max_steps >= 0, "compress.finetune.max_steps", "must be >= 0 (0: no cap)")
+    need(not ft.enabled or c.serve_device == "cpu", "compress.finetune.enabled",
+         "distillation after compression builds the CPU kernel's artifact; use serve_device: cpu")
     for spec in c.planner_tiers:
         need(is_tiered(spec) and dtype_problem(spec, "compress.planner_tiers") is None, "compress.planner_tiers",
              str(dtype_problem(spec, "compress.planner_tiers") or f"{spec!r} is one dtype, not precision tiers"))
