@@ -49,8 +49,8 @@ def mark_pareto(rows: list[dict]) -> None:
 def _series(row: dict, rows: list[dict]) -> str:
     """Series name: the variant, plus the fill when several fills were swept, plus ``tiers`` for
     precision-tier points (plans: their own)."""
-    if row["kind"] == "plan":
-        return f"{row['variant']}/plan"
+    if row["kind"].startswith("plan"):
+        return f"{row['variant']}/{row['kind']}"
     several = len({r["fill"] for r in rows if r["kind"] == "grid"}) > 1
     name = f"{row['variant']}/{row['fill']}" if several else row["variant"]
     return f"{name}/tiers" if is_tiered(str(row["dtype"])) else name
@@ -67,7 +67,7 @@ def study_table(rows: list[dict], seeds: bool = False) -> str:
         [f"{s} AUC" for s in SPLITS] + ["Δ valid", "Δ valid_cold", "Δ test", "Δ test_cold", "Pareto"]
     body = []
     for r in rows:
-        fill = f"plan {r['budget_ratio']:g}x {r['remap']}" if r["kind"] == "plan" else r["fill"]
+        fill = f"{r['kind']} {r['budget_ratio']:g}x {r['remap']}" if r["kind"].startswith("plan") else r["fill"]
         body.append([r["variant"], fill, _fmt_keep(r), r["dtype"], f"{r['embedding_mb']:.5f}", f"{r['ratio']:.2f}x",
                      f"{r['ratio_array']:.2f}x", f"{r['ratio_fold']:.2f}x"] + [r[f"{s}_auc"] for s in SPLITS]
                     + [f"{r[f'd_{s}']:+.4f}" + (f" ± {r[f'd_{s}_std']:.4f}" if seeds and f"d_{s}_std" in r else "")
@@ -80,11 +80,12 @@ def _plans_table(rows: list[dict]) -> str:
     """Each plan of each run: what it chose and its changes on every split."""
     body = []
     for r in rows:
-        if r["kind"] != "plan":
+        if not r["kind"].startswith("plan"):
             continue
         for j, plan in enumerate(r.get("plans", [r["plan"]])):
             d = [r.get(f"d_{s}_runs", [r[f"d_{s}"]])[j] for s in SPLITS]
-            body.append([f"{r['budget_ratio']:g}x {r['remap']}", j, *(f"{x:+.4f}" for x in d), plan])
+            body.append([f"{r['budget_ratio']:g}x {r['remap']}" + (" + finetune" if r["kind"] == "plan+ft" else ""), j,
+                         *(f"{x:+.4f}" for x in d), plan])
     if not body:
         return ""
     return markdown_table(["plan", "run", *(f"Δ {s}" for s in SPLITS), "choice per table (keep+fill(clusters) dtype)"], body)
@@ -136,7 +137,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         for k, name in enumerate(names):
             mine = [r for r in rows if _series(r, rows) == name]
             color = f"C{k}"
-            if mine[0]["kind"] == "plan":
+            if mine[0]["kind"].startswith("plan"):
                 ax.scatter([r["embedding_mb"] for r in mine], [r[f"{split}_auc"] for r in mine], marker="*", s=160,
                            color=color, edgecolors="black", lw=0.6, zorder=5, label=name)
                 for j, r in enumerate(mine):

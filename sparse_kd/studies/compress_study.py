@@ -110,7 +110,8 @@ def run_compress_study(
     from sparse_kd.compress.importance import table_importance
     from sparse_kd.compress.planner import sensitivity
     from sparse_kd.compress.prune import table_settings
-    from sparse_kd.compress.stage import compress_model, load_run, model_weights, serving_builder, serving_dataset
+    from sparse_kd.compress.stage import (compress_model, finetune_and_choose, load_run, model_weights, serving_builder,
+                                          serving_dataset)
     from sparse_kd.metrics import evaluate, fp32_forward, serving_forward
     from sparse_kd.student.export import load_dlrm
 
@@ -178,6 +179,16 @@ def run_compress_study(
                                      _plan_summary(settings, comp)))
                     log.info("[%s] plan %gx %s: %.2fx, test %+.4f, test_cold %+.4f (%s)", variant, ratio, remap,
                              rows[-1]["ratio"], rows[-1]["d_test"], rows[-1]["d_test_cold"], rows[-1]["plan"])
+                    if cfg0.finetune.enabled:  # the same plan, distilled after compression (compress.finetune)
+                        t0 = time.perf_counter()
+                        _, _, rec = finetune_and_choose(model, inp.ds, inp.builder, settings, imps, inp.text,
+                                                        dataclasses.replace(cfg0, remap=remap), comp, m, cfg0.dense_int8)
+                        rows.append(_row(variant, "plan+ft", "plan", "plan", "plan", comp, rec["metrics_with"], fp32, t0,
+                                         ba, bf, ratio, remap, _plan_summary(settings, comp)
+                                         + ("" if rec["kept"] else " (not kept on valid)")))
+                        log.info("[%s] plan %gx %s + finetune: test %+.4f, test_cold %+.4f; valid score %.4f -> %.4f",
+                                 variant, ratio, remap, rows[-1]["d_test"], rows[-1]["d_test_cold"],
+                                 rec["valid_score_before"], rec["valid_score_after"])
     mark_pareto(rows)
     write_study(rows, out_dir, run_dir, variants, study_cfg, base, pruned_here)
     return rows
@@ -230,7 +241,7 @@ def average_runs(per_run: list[list[dict]]) -> list[dict]:
             if k.startswith("d_"):
                 row[f"{k}_runs"] = vals.tolist()
         row["seeds"] = len(same)
-        if first["kind"] == "plan":
+        if first["kind"].startswith("plan"):
             row["plans"] = [r["plan"] for r in same]
         rows.append(row)
     return rows
@@ -302,9 +313,9 @@ def targets(rows: list[dict], variant: str, cold_weight: float, n_runs: int) -> 
         for acc in ("array", "fold"):
             cands = []
             for r in mine:
-                if r["kind"] == "plan" and r["remap"] != acc:
+                if r["kind"].startswith("plan") and r["remap"] != acc:
                     continue
-                ratio = r["ratio"] if r["kind"] == "plan" else r[f"ratio_{acc}"]
+                ratio = r["ratio"] if r["kind"].startswith("plan") else r[f"ratio_{acc}"]
                 if ratio >= min_ratio:
                     cands.append((r, ratio))
             goal = f"{name} ({acc} remaps): test drop <= {test_lim}" + (f", test_cold drop <= {cold_lim}" if cold_lim else "")
@@ -313,7 +324,7 @@ def targets(rows: list[dict], variant: str, cold_weight: float, n_runs: int) -> 
                 continue
             r, ratio = max(cands, key=lambda c: (_objective(c[0], cold_weight), c[1]))
             ok = r["d_test"] >= -test_lim and (cold_lim is None or r["d_test_cold"] >= -cold_lim)
-            what = (f"plan {r['budget_ratio']:g}x" if r["kind"] == "plan" else
+            what = (f"{r['kind']} {r['budget_ratio']:g}x" if r["kind"].startswith("plan") else
                     f"{r['fill']} keep {r['keep_ratio']:g} {r['dtype']}")
             lines.append([goal, f"{ratio:.2f}x ({what})", fmt(r), "met" if ok else "missed"])
     head = (f"## Targets\n\nMeans over {n_runs} run(s) of each point's change against the uncompressed `{variant}` "

@@ -75,3 +75,25 @@ def test_finetune_config_is_checked():
                      ({"finetune": {"enabled": True}, "serve_device": "cuda"}, "compress.finetune.enabled")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             config_from_dict({"compress": raw})
+
+
+def test_study_shows_tiered_and_finetuned_points(run_folder, tmp_path):
+    """The compression study's grid takes precision tiers as dtypes (their own plot series), and
+    with compress.finetune each plan also appears distilled after compression (kind plan+ft),
+    with the same bytes as its plan."""
+    from sparse_kd.config import StudyConfig
+    from sparse_kd.studies.compress_study import run_compress_study
+
+    run, _, _ = run_folder
+    study = StudyConfig(keep_ratios=(1.0,), dtypes=("fp32", "int4", "int4:0.3,int2"), compress_budgets=(6,),
+                        compress_remaps=("fold",))
+    base = CompressConfig(finetune=FinetuneConfig(enabled=True, epochs=1, batch_size=64), planner_bootstrap=5)
+    rows = run_compress_study(run, ["distilled"], study, tmp_path, base=base)
+    kinds = [(r["kind"], r["dtype"]) for r in rows]
+    assert ("grid", "int4:0.3,int2") in kinds and ("plan", "plan") in kinds and ("plan+ft", "plan") in kinds
+    plan = next(r for r in rows if r["kind"] == "plan")
+    ft = next(r for r in rows if r["kind"] == "plan+ft")
+    assert ft["embedding_bytes"] == plan["embedding_bytes"] and ft["test_auc"] != plan["test_auc"]
+    md = (tmp_path / "compress_study.md").read_text()
+    assert "plan+ft" in md and "+ finetune" in md
+    assert (tmp_path / "compress_study.png").stat().st_size > 5000
