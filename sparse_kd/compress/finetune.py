@@ -7,9 +7,11 @@ pruning and quantization only approximate S's rows; this stage trains M itself, 
 
 * **what M computes**: every table as it will be served: pruned ids on their fill rows, each
   stored row read through its dtype's quantization (a tiered table's row through its tier's:
-  :mod:`~.tiers`, tiers by training reads as the stage stores them), by the configured quantizer
-  (``compress.quantizer``). The quantization is straight-through: its forward is the
-  quantize-dequantize of the rows a batch reads, its gradient passes to the fp32 rows unchanged;
+  :mod:`~.tiers`, tiers by training reads as the stage stores them), by FBGEMM's min/max
+  quantizer (the rows are quantized again at every step: ``compress.quantizer: mse`` would cost
+  most of the step; the final quantization uses it). The quantization is straight-through: its
+  forward is the quantize-dequantize of the rows a batch reads, its gradient passes to the fp32
+  rows unchanged;
 * **what is trained**: the kept rows (row-wise Adagrad on the rows a batch reads, as the student
   trained) and the dense and over archs (Adam). Fill rows (zero, mean, cluster, text) stay as
   pruning made them, so the same compression settings rebuild the same fills;
@@ -72,12 +74,11 @@ class _Table:
     """One table of the compressed model being trained: stored rows (R, D), the remap, the dtype
     of each row, which rows train (the kept ones), and row-wise Adagrad state."""
 
-    def __init__(self, pt: PrunedTable, dtype: str, freq: np.ndarray, quantizer: str) -> None:
+    def __init__(self, pt: PrunedTable, dtype: str, freq: np.ndarray) -> None:
         self.pt = pt
         self.rows = pt.weight.detach().clone().float()
         self.remap = None if pt.remap is None else pt.remap.long()
         self.dtypes, self.which = _row_dtypes(pt, dtype, freq)
-        self.quantizer = quantizer
         self.state = torch.zeros(pt.num_rows)
 
     def stored(self, ids: torch.Tensor) -> torch.Tensor:
@@ -94,8 +95,9 @@ class _Table:
         w = self.which[u]
         for k, dt in enumerate(self.dtypes):
             sel = (w == k).nonzero().squeeze(1)
-            if sel.numel():
-                codes, sb = QR.quantize_rows(x[sel], dt, self.quantizer)
+            if sel.numel():  # FBGEMM's own min/max quantizer while training (fast); the final
+                # quantization uses compress.quantizer (mse is never worse row by row)
+                codes, sb = QR.quantize_rows(x[sel], dt)
                 out[sel] = QR.dequantize_rows(codes, sb, dt)
         return out
 
@@ -150,7 +152,7 @@ def _kd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, 
 
 
 def finetune(model: nn.Module, ds: RecDataset, builder: BatchBuilder, pruned: Mapping[str, PrunedTable],
-             dtypes: Mapping[str, str], freqs: Mapping[str, np.ndarray], *, quantizer: str = "minmax",
+             dtypes: Mapping[str, str], freqs: Mapping[str, np.ndarray], *,
              epochs: int = 1, batch_size: int = 1024, dense_lr: float = 1e-4, row_lr: float = 0.01,
              kd_weight: float = 0.5, temperature: float = 2.0, seed: int = 0,
              max_steps: Optional[int] = None) -> FinetuneResult:
@@ -163,7 +165,7 @@ def finetune(model: nn.Module, ds: RecDataset, builder: BatchBuilder, pruned: Ma
     for c in ebc.embedding_bag_configs():
         if "SUM" not in str(c.pooling):
             raise ValueError(f"compress.finetune: table {c.name} pools by {c.pooling}; only sum pooling is supported")
-    tables = {f: _Table(pruned[f], dtypes[f], freqs[f], quantizer) for f in keys}
+    tables = {f: _Table(pruned[f], dtypes[f], freqs[f]) for f in keys}
     m = _FakeQuantDLRM(model, tables, keys)
     opt = torch.optim.Adam(list(m.parameters()), lr=dense_lr)
     teacher = copy.deepcopy(model).eval()

@@ -312,7 +312,7 @@ def finetune_and_choose(model, ds: RecDataset, builder, settings: Mapping[str, d
                           {f: s.get("cluster_ratio", DEFAULT_CLUSTER_RATIO) for f, s in settings.items()})
     log.info("compress: distillation after compression (%d epoch(s))", ft.epochs)
     res = finetune(model, ds, builder, pruned, {f: s["dtype"] for f, s in settings.items()},
-                   {f: imps[f].freq for f in pruned}, quantizer=cfg.quantizer, epochs=ft.epochs,
+                   {f: imps[f].freq for f in pruned}, epochs=ft.epochs,
                    batch_size=ft.batch_size, dense_lr=ft.dense_lr, row_lr=ft.row_lr, kd_weight=ft.kd_weight,
                    temperature=ft.temperature, seed=ft.seed, max_steps=ft.max_steps or None)
     tuned = compress_model(res.model, ds, settings, cfg.importance, cfg.remap, text, imps, dense_int8,
