@@ -32,6 +32,7 @@ from the file, plus the history rows), even in a baseline-only run.
     python benchmarks/bench_scale.py --dim 32       # 5.2 GB
     python benchmarks/bench_scale.py --quick        # seconds; used by the tests
     python benchmarks/bench_scale.py --variants "" --text-users 1000000   # the text stages only
+    python benchmarks/bench_scale.py --variants "" --text-users 10000000 --baseline-only-above 1000000
 """
 
 from __future__ import annotations
@@ -302,6 +303,10 @@ def text_worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
                old_text_mb=round((2 * ds.num_users + ds.num_items) * StandInEncoder.dim * 4 / 2**20, 1))
     assert not P.uses_text(cfg, ("baseline",))
     held.append(stage("baseline_only", lambda: P.baseline_spec(ds)))
+    if not opts["text_stages"]:  # --baseline-only-above: the text stages would not fit this machine
+        rec["peak_rss_mb"] = rss_mb()["ru_maxrss_mb"]
+        rec["text_stages"] = "not run (--baseline-only-above)"
+        return long_all_gather_object(rec)
 
     def text_stage() -> tuple:
         user, item = P.text_embeddings(cfg, ds, env)
@@ -322,13 +327,20 @@ def run_text(args: argparse.Namespace, launch: Callable[..., Any]) -> List[Dict[
     for users in args.text_user_list:
         tmp = Path(tempfile.mkdtemp(prefix="bench_scale_text_"))
         try:
-            opts = {"users": users, "encoder": args.encoder, "run_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache")}
+            opts = {"users": users, "encoder": args.encoder, "run_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"),
+                    "text_stages": not (args.baseline_only_above and users > args.baseline_only_above)}
             t0 = time.time()
             ranks = launch(text_worker, 2, opts)[0]
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         for r in ranks:
             r["wall_s"] = round(time.time() - t0, 1)
+            if "teacher_text" not in r:
+                print(f"# {users:,} users, rank {r['rank']}: data {r['data']['held_mb']:.0f} MB held, peak "
+                      f"{r['data']['peak_above_start_mb']:.0f} MB above the start; baseline-only "
+                      f"{r['baseline_only']['peak_above_start_mb']:.0f} MB; process peak {r['peak_rss_mb']:.0f} MB; "
+                      f"text stages not run (before: {r['old_text_mb']:.0f} MB of text on every rank)", flush=True)
+                continue
             print(f"# text stages, {users:,} users, rank {r['rank']}: data {r['data']['held_mb']:.0f} MB; peak above "
                   f"the data: baseline-only {r['baseline_only']['peak_above_start_mb']:.0f} MB, teacher text "
                   f"{r['teacher_text']['peak_above_start_mb']:.0f} MB (held {r['teacher_text']['held_mb']:.0f}), "
@@ -357,6 +369,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/bench/scale.json")
     p.add_argument("--text-users", default="1000000,10000000",
                    help="comma list of user counts for the per-rank memory of the text stages ('' to skip)")
+    p.add_argument("--baseline-only-above", type=int, default=0,
+                   help="above this many users measure only the data and baseline-only stages (the text stages "
+                        "hold every user's teacher row on every rank: 10M users need ~21 GB per rank); 0: all stages")
     p.add_argument("--encoder", choices=("stand-in", "teacher"), default="stand-in",
                    help="teacher for --text-users: a random stand-in (default) or the configured MiniLM")
     p.add_argument("--quick", action="store_true", help="small tables, few steps: seconds (used by the tests)")

@@ -15,10 +15,16 @@ pytestmark = pytest.mark.slow  # launches a 2-process run
 def test_text_stage_memory_quick(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--quick", "--variants", "",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--text-users", "2000,3000", "--baseline-only-above", "2500", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = json.loads(out.read_text())["text_memory"]
-    assert [r["rank"] for r in recs] == [0, 1] and all(r["users"] == 2000 for r in recs)
+    # above --baseline-only-above: the data and baseline-only stages alone, said so
+    big = [r for r in recs if r["users"] == 3000]
+    assert [r["rank"] for r in big] == [0, 1] and all("teacher_text" not in r and r["text_stages"] for r in big)
+    assert all(r["baseline_only"]["peak_mb"] > 0 for r in big)
+    recs = [r for r in recs if r["users"] == 2000]
+    assert [r["rank"] for r in recs] == [0, 1]
     for r in recs:
         for stage in ("data", "baseline_only", "teacher_text", "distilled_spec"):
             assert r[stage]["peak_mb"] > 0 and r[stage]["peak_above_start_mb"] >= 0, (stage, r)
