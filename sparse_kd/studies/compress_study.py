@@ -327,6 +327,13 @@ def targets(rows: list[dict], variant: str, cold_weight: float, n_runs: int) -> 
             what = (f"{r['kind']} {r['budget_ratio']:g}x" if r["kind"].startswith("plan") else
                     f"{r['fill']} keep {r['keep_ratio']:g} {r['dtype']}")
             lines.append([goal, f"{ratio:.2f}x ({what})", fmt(r), "met" if ok else "missed"])
+    for r in mine:  # does validation predict test? (the planner chooses on validation)
+        if not r["kind"].startswith("plan"):
+            continue
+        gap = r["d_test"] - r["d_valid"]
+        lines.append([f"{r['kind']} {r['budget_ratio']:g}x ({r['remap']} remaps): mean Δtest within 0.002 of mean "
+                      f"Δvalid", f"{r['ratio']:.2f}x", f"valid {r['d_valid']:+.4f}, test {r['d_test']:+.4f} "
+                      f"(gap {gap:+.4f})", "met" if abs(gap) <= 0.002 else "missed"])
     head = (f"## Targets\n\nMeans over {n_runs} run(s) of each point's change against the uncompressed `{variant}` "
             f"of the same run. Points at a size are chosen by the validation objective Δvalid + {cold_weight:g} x "
             "Δvalid_cold (never by test).\n\n")

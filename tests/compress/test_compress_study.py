@@ -117,6 +117,12 @@ def test_targets_choose_on_validation_never_on_test():
     assert "plan 30x" in thirty and "missed" in thirty  # test -0.0035 is over the limit
     assert "no point reaches 30x" in lines[">= 30x smaller (array remaps): test drop <= 0.003"]
     assert "never by test" in md
+    # validation predicts test within 0.002 per plan: valid -0.002, test -0.0035 -> gap -0.0015, met
+    gap = lines["plan 30x (fold remaps): mean Δtest within 0.002 of mean Δvalid"]
+    assert "gap -0.0015" in gap and "| met" in gap
+    rows[-1]["d_test"] = -0.005
+    md = targets(rows, "distilled", 0.5, 3)
+    assert "gap -0.0030" in md and "missed" in [ln for ln in md.splitlines() if "within 0.002" in ln][0]
 
 
 def test_average_runs_means_and_spread():
