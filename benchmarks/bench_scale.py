@@ -260,6 +260,12 @@ class StandInEncoder:
         return torch.nn.functional.normalize(torch.randn(len(texts), self.dim, generator=g), dim=1)
 
 
+def _process_peak(rec: Dict[str, Any]) -> float:
+    """The process's peak RSS: the highest of its stages' peaks (each stage resets VmHWM, and on
+    Linux that resets getrusage's ru_maxrss too, so neither holds the whole life's peak)."""
+    return max(v["peak_mb"] for v in rec.values() if isinstance(v, dict) and "peak_mb" in v)
+
+
 def text_worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Peak RSS of each stage of a run's preparation in this rank (see the module doc); every
     rank's record, in rank order."""
@@ -304,7 +310,7 @@ def text_worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
     assert not P.uses_text(cfg, ("baseline",))
     held.append(stage("baseline_only", lambda: P.baseline_spec(ds)))
     if not opts["text_stages"]:  # --baseline-only-above: the text stages would not fit this machine
-        rec["peak_rss_mb"] = rss_mb()["ru_maxrss_mb"]
+        rec["peak_rss_mb"] = _process_peak(rec)
         rec["text_stages"] = "not run (--baseline-only-above)"
         return long_all_gather_object(rec)
 
@@ -315,7 +321,7 @@ def text_worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
 
     user, item, t_spec = stage("teacher_text", text_stage)
     held.append(stage("distilled_spec", lambda: P.distilled_spec(cfg, ds, user, item, None, env=env)))
-    rec["peak_rss_mb"] = rss_mb()["ru_maxrss_mb"]
+    rec["peak_rss_mb"] = _process_peak(rec)
     return long_all_gather_object(rec)
 
 
