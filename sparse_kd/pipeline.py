@@ -141,8 +141,8 @@ def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv,
 
 
 def distilled_uses_text(dc: DistillConfig) -> bool:
-    """Whether a distilled student reads text embeddings itself (alignment, weight transfer)."""
-    return dc.align.enabled or dc.transfer.enabled
+    """Whether a distilled student reads text embeddings itself (alignment to text, weight transfer)."""
+    return (dc.align.enabled and dc.align.target == "text") or dc.transfer.enabled
 
 
 def uses_text(cfg: ExperimentConfig, variants: tuple[str, ...]) -> bool:
@@ -188,7 +188,10 @@ def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "loader_workers"}  # how batches are built, not which
     student = {k: v for k, v in to_dict(cfg.student).items() if k != "planner"}  # memory caps: same training
     # a ranker without distillation (the baseline) does not depend on the distill settings
-    fp = {"data": data, "student": student, "train": train, "seed": seed, "distill": to_dict(distill) if distill.any_enabled else {}}
+    dist = to_dict(distill) if distill.any_enabled else {}
+    if dist and dist["align"].get("target") == "text":  # the default, added later: runs trained before it still match
+        del dist["align"]["target"]
+    fp = {"data": data, "student": student, "train": train, "seed": seed, "distill": dist}
     if name == TEACHER or distill.any_enabled:
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
     if name == TEACHER:
@@ -310,7 +313,12 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
         spec.kd_pool_logits = predict_checkpoint(cfg, ds, teacher_ranker_spec, teacher.checkpoint, pool, env, seed)
         if env.is_main:
             log.info("[%s] sampled-pair KD pool: %s", name, describe_pool(ds, pool))
-    if dc.align.enabled:
+    if dc.align.enabled and dc.align.target == "teacher":
+        if teacher is None:
+            raise ValueError(f"{name}: distill.align.target 'teacher' needs the trained teacher ranker's rows; "
+                             "train it first (run_training does)")
+        spec.user_text, spec.item_text = _teacher_rows(cfg, teacher)
+    elif dc.align.enabled:
         spec.user_text, spec.item_text = user_text, item_text
     user_counts, item_counts = ds.train_counts()
     if dc.transfer.enabled and dc.transfer.refit:
@@ -358,9 +366,26 @@ def _learned_maps(cfg: ExperimentConfig, ds: RecDataset, teacher: RankerResult, 
     return on_main(fit)
 
 
+def _teacher_rows(cfg: ExperimentConfig, teacher: RankerResult) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher ranker's user_id and item_id rows (U, Dt), (I, Dt), read on rank 0 from its
+    checkpoint (verified once) and sent to every rank: hint targets for ``distill.align``."""
+    from sparse_kd import checkpoint as ckpt
+    from sparse_kd.student.refit import read_table
+
+    def read() -> tuple:
+        path = teacher.checkpoint or ckpt.latest(_variant_dir(cfg, TEACHER) / "checkpoints")
+        if path is None:
+            raise FileNotFoundError(f"{_variant_dir(cfg, TEACHER) / 'checkpoints'}: no complete checkpoint of the teacher ranker")
+        ckpt.verify(path)
+        return read_table(path, "user_id"), read_table(path, "item_id")
+
+    return on_main(read)
+
+
 def needs_teacher_ranker(cfg: ExperimentConfig) -> bool:
     t = cfg.distill
-    return t.logit.enabled or t.pairs.enabled or (t.transfer.enabled and t.transfer.projection == "learned")
+    return (t.logit.enabled or t.pairs.enabled or (t.transfer.enabled and t.transfer.projection == "learned")
+            or (t.align.enabled and t.align.target == "teacher"))
 
 
 def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "baseline", "distilled"), seed: Optional[int] = None) -> dict:

@@ -86,3 +86,40 @@ def test_user_text_the_run_does_not_use_is_not_encoded(tmp_path, monkeypatch, on
 
     saved = load_file(str(tmp_path / "run" / "data" / "text_embeddings.safetensors"))
     assert saved["user"].shape == (ds.num_users, 8) and saved["item"].shape == (ds.num_items, 8)
+
+
+def test_hint_alignment_needs_the_teacher_ranker_not_the_text(tmp_path):
+    hint = tiny_config(str(tmp_path), distill={"logit": {"enabled": False}, "transfer": {"enabled": False},
+                                               "align": {"enabled": True, "target": "teacher"}})
+    assert P.needs_teacher_ranker(hint) and not P.distilled_uses_text(hint.distill)
+    # the default target leaves the fingerprint of runs trained before the option existed unchanged
+    text = tiny_config(str(tmp_path), distill={"align": {"enabled": True}})
+    assert "target" not in P.variant_fingerprint(text, "distilled", text.distill, 0)["distill"]["align"]
+    assert P.variant_fingerprint(hint, "distilled", hint.distill, 0)["distill"]["align"]["target"] == "teacher"
+
+
+@pytest.mark.slow
+def test_hint_alignment_targets_are_the_teacher_rankers_rows(tmp_path, monkeypatch, one_process):
+    """distill.align.target: teacher aligns the student's rows to the trained teacher ranker's own
+    user and item rows (read from its checkpoint), and the student trains with them."""
+    import torch
+
+    from sparse_kd import checkpoint as ckpt
+    from sparse_kd.student.refit import read_table
+
+    seen = {}
+    real = P.distilled_spec
+
+    def spy(*a, **k):
+        spec = real(*a, **k)
+        seen["user"], seen["item"] = spec.user_text, spec.item_text
+        return spec
+
+    monkeypatch.setattr(P, "distilled_spec", spy)
+    cfg = tiny_config(str(tmp_path / "run"), nproc=1, train={"epochs": 1},
+                      distill={"logit": {"enabled": True}, "transfer": {"enabled": False},
+                               "align": {"enabled": True, "target": "teacher", "weight": 0.5}})
+    metrics = P.run_training(cfg, (P.TEACHER, "distilled"))
+    assert set(metrics) >= {"distilled"} and 0.0 < metrics["distilled"]["valid"]["auc"] < 1.0
+    path = ckpt.latest(tmp_path / "run" / P.TEACHER / "checkpoints")
+    assert torch.equal(seen["user"], read_table(path, "user_id")) and torch.equal(seen["item"], read_table(path, "item_id"))

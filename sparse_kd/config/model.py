@@ -49,6 +49,10 @@ class AlignConfig:
     kind: Literal["cosine", "mse", "infonce"] = "cosine"
     temperature: float = 0.1
     features: tuple[str, ...] = ("item_id", "user_id")
+    # what the student's rows are aligned to: text = the teacher's text embeddings; teacher = the
+    # trained teacher ranker's own user / item ID rows (hints: the large ranker's hidden
+    # representations, wider than the student's, read from its checkpoint)
+    target: Literal["text", "teacher"] = "text"
 
 
 @dataclass(frozen=True)
