@@ -708,7 +708,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             torch.set_num_threads(prev_threads)
             if not torch.equal(ref, got):
                 raise SystemExit(f"{name}: {top} workers differ from 1 (max |diff| {(ref - got).abs().max()})")
-            if not args.no_profile and dt in ("int8", "int4") and mode == ("array" if pruned is not None else "whole"):
+            if not args.no_profile and (dt in ("int8", "int4") or is_tiered(dt)) and mode == ("array" if pruned is not None else "whole"):
                 # one worker: torch.profiler's result parser crashed now and then (SIGSEGV in
                 # _parse_kineto_results) on events of tasks forked onto the inter-op pool
                 n_prof = 3 if args.quick else 20

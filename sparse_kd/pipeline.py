@@ -353,30 +353,33 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
 def _learned_maps(cfg: ExperimentConfig, ds: RecDataset, teacher: RankerResult, texts: dict, warm: dict) -> dict:
     """feature -> the ``learned`` transfer map, fitted on rank 0 from the teacher ranker's table of
     that feature alone (read from its checkpoint, verified once) and sent to every rank."""
-    from sparse_kd import checkpoint as ckpt
     from sparse_kd.student.refit import read_table
 
     def fit() -> dict:
-        path = teacher.checkpoint or ckpt.latest(_variant_dir(cfg, TEACHER) / "checkpoints")
-        if path is None:
-            raise FileNotFoundError(f"{_variant_dir(cfg, TEACHER) / 'checkpoints'}: no complete checkpoint of the teacher ranker")
-        ckpt.verify(path)
+        path = _teacher_checkpoint(cfg, teacher)
         return {f: learned_map(texts[f], read_table(path, f), warm[f]) for f in texts}
 
     return on_main(fit)
 
 
+def _teacher_checkpoint(cfg: ExperimentConfig, teacher: RankerResult):
+    """The teacher ranker's checkpoint (its result's, or the newest complete one), verified."""
+    from sparse_kd import checkpoint as ckpt
+
+    path = teacher.checkpoint or ckpt.latest(_variant_dir(cfg, TEACHER) / "checkpoints")
+    if path is None:
+        raise FileNotFoundError(f"{_variant_dir(cfg, TEACHER) / 'checkpoints'}: no complete checkpoint of the teacher ranker")
+    ckpt.verify(path)
+    return path
+
+
 def _teacher_rows(cfg: ExperimentConfig, teacher: RankerResult) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher ranker's user_id and item_id rows (U, Dt), (I, Dt), read on rank 0 from its
     checkpoint (verified once) and sent to every rank: hint targets for ``distill.align``."""
-    from sparse_kd import checkpoint as ckpt
     from sparse_kd.student.refit import read_table
 
     def read() -> tuple:
-        path = teacher.checkpoint or ckpt.latest(_variant_dir(cfg, TEACHER) / "checkpoints")
-        if path is None:
-            raise FileNotFoundError(f"{_variant_dir(cfg, TEACHER) / 'checkpoints'}: no complete checkpoint of the teacher ranker")
-        ckpt.verify(path)
+        path = _teacher_checkpoint(cfg, teacher)
         return read_table(path, "user_id"), read_table(path, "item_id")
 
     return on_main(read)

@@ -71,7 +71,9 @@ class Compressed:
     keep_ratio, importance, bytes {...}, fp32_bytes). remaps: table -> (N,) int32.
     text_maps: feature -> (H + 1, D). dense_fp32: fp32 state of the dense layers.
     model_info: keys, owners, dense_in_features, embedding_dim, dense_arch, over_arch,
-    dense_int8, remap, row_alignment, kernel, device.
+    dense_int8, remap, row_alignment, kernel, device. pruned: feature -> the fp32 pruned and
+    filled table as pruning made it, before the hot-first layout and folding (what distillation
+    after compression trains; not saved; empty for a loaded artifact).
     """
 
     serving: torch.nn.Module
@@ -81,6 +83,7 @@ class Compressed:
     dense_fp32: dict
     model_info: dict
     notes: list = field(default_factory=list)
+    pruned: dict = field(default_factory=dict, repr=False)
 
     @property
     def embedding_bytes(self) -> int:

@@ -43,7 +43,6 @@ from sparse_kd.compress import rows as QR
 from sparse_kd.compress import tiers as TI
 from sparse_kd.compress.layout import row_reads
 from sparse_kd.compress.prune import PrunedTable
-from sparse_kd.config.dtypes import is_tiered, parse_tiers
 from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
 
@@ -57,19 +56,6 @@ class FinetuneResult:
     seconds: float = 0.0
 
 
-def _row_dtypes(pt: PrunedTable, dtype: str, freq: np.ndarray) -> tuple[list[str], torch.Tensor]:
-    """(dtypes, (R,) index into them) of every stored row: one dtype, or its tier's (tiers by reads)."""
-    if not is_tiered(dtype):
-        return [dtype], torch.zeros(pt.num_rows, dtype=torch.long)
-    tiers = parse_tiers(dtype)
-    starts = TI.tier_starts(tiers, pt.num_rows)
-    order = torch.from_numpy(np.argsort(-row_reads(pt, freq), kind="stable"))
-    which = torch.empty(pt.num_rows, dtype=torch.long)
-    for t in range(len(tiers)):
-        which[order[starts[t]: starts[t + 1]]] = t
-    return [t.dtype for t in tiers], which
-
-
 class _Table:
     """One table of the compressed model being trained: stored rows (R, D), the remap, the dtype
     of each row, which rows train (the kept ones), and row-wise Adagrad state."""
@@ -78,7 +64,7 @@ class _Table:
         self.pt = pt
         self.rows = pt.weight.detach().clone().float()
         self.remap = None if pt.remap is None else pt.remap.long()
-        self.dtypes, self.which = _row_dtypes(pt, dtype, freq)
+        self.dtypes, self.which = TI.row_tiers(dtype, pt.num_rows, row_reads(pt, freq))
         self.state = torch.zeros(pt.num_rows)
 
     def stored(self, ids: torch.Tensor) -> torch.Tensor:
@@ -89,21 +75,10 @@ class _Table:
         return torch.where(r >= 0, r, torch.full_like(r, self.pt.num_rows))
 
     def quantized(self, u: torch.Tensor) -> torch.Tensor:
-        """Rows ``u`` (a sorted unique index) read through their dtypes (no gradient)."""
-        x = self.rows[u]
-        out = torch.empty_like(x)
-        w = self.which[u]
-        for k, dt in enumerate(self.dtypes):
-            sel = (w == k).nonzero().squeeze(1)
-            if sel.numel():  # FBGEMM's own min/max quantizer while training (fast); the final
-                # quantization uses compress.quantizer (mse is never worse row by row)
-                codes, sb = QR.quantize_rows(x[sel], dt)
-                out[sel] = QR.dequantize_rows(codes, sb, dt)
-        return out
-
-
-def _pool(rows: torch.Tensor, local: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.embedding_bag(local, rows, offsets[:-1], mode="sum", include_last_offset=False)
+        """Rows ``u`` read through their dtypes (no gradient), by FBGEMM's own min/max quantizer
+        while training (fast); the final quantization uses compress.quantizer (mse is never worse
+        row by row)."""
+        return TI.fake_quantize(self.rows[u], self.dtypes, self.which[u])
 
 
 class _FakeQuantDLRM:
@@ -136,7 +111,7 @@ class _FakeQuantDLRM:
             leaf = t.rows[u.clamp(max=max(zero - 1, 0))].clone() * real[:, None]
             leaf.requires_grad_(True)
             ste = leaf + (q - leaf).detach()  # straight through: forward q, gradient to the fp32 rows
-            pooled.append(_pool(ste, local, jt.offsets()))
+            pooled.append(nn.functional.embedding_bag(local, ste, jt.offsets(), mode="sum", include_last_offset=True))
             reads.append((t, u, leaf))
         dense = self.dense_arch(batch.dense_features)
         inter = self.inter_arch(dense, torch.stack(pooled, 1))

@@ -128,6 +128,7 @@ def compress_model(
     pruned = prune_tables(weights, imps, {f: s["keep_ratio"] for f, s in settings.items()},
                           {f: s["fill"] for f, s in settings.items()}, text,
                           {f: s.get("cluster_ratio", DEFAULT_CLUSTER_RATIO) for f, s in settings.items()})
+    as_pruned = dict(pruned)
     pruned, permuted = reorder_tables(pruned, {f: imps[f].freq for f in keys}, row_order)
     model_remap = remap
     if remap == "fold":
@@ -171,7 +172,7 @@ def compress_model(
         "folded": [f for f in keys if pruned[f].folded is not None],
         "row_alignment": int(row_alignment), "kernel": kernel, "device": serve_device, "row_order": row_order,
     }
-    return Compressed(serving, tables, remaps, text_maps, dense_fp32, info, notes)
+    return Compressed(serving, tables, remaps, text_maps, dense_fp32, info, notes, as_pruned)
 
 
 def serving_dataset(ds: RecDataset, comp: Compressed) -> RecDataset:
@@ -307,9 +308,7 @@ def finetune_and_choose(model, ds: RecDataset, builder, settings: Mapping[str, d
     score (:func:`valid_score`) is at least the plain compression's. Returns (compressed model,
     its metrics, the record)."""
     ft = cfg.finetune
-    pruned = prune_tables(model_weights(model), imps, {f: s["keep_ratio"] for f, s in settings.items()},
-                          {f: s["fill"] for f, s in settings.items()}, text,
-                          {f: s.get("cluster_ratio", DEFAULT_CLUSTER_RATIO) for f, s in settings.items()})
+    pruned = comp.pruned  # the tables the plain compression pruned and filled: not pruned again
     log.info("compress: distillation after compression (%d epoch(s))", ft.epochs)
     res = finetune(model, ds, builder, pruned, {f: s["dtype"] for f, s in settings.items()},
                    {f: imps[f].freq for f in pruned}, epochs=ft.epochs,

@@ -37,32 +37,47 @@ def tier_starts(tiers: list[Tier], num_rows: int) -> list[int]:
     return starts
 
 
-def quantize_tiered(rows: torch.Tensor, spec: str, quantizer: str = "minmax") -> list[QR.QTable]:
-    """Stored rows (R, D), hot-first -> one QTable per tier (no remap; feature left empty)."""
-    tiers = parse_tiers(spec)
-    s = tier_starts(tiers, int(rows.shape[0]))
+def quantize_tiered(feature: str, rows: torch.Tensor, spec: str, quantizer: str = "minmax") -> list[QR.QTable]:
+    """Stored rows (R, D), hot-first -> one QTable per tier (no remap)."""
+    s = tier_starts(parse_tiers(spec), int(rows.shape[0]))
     out = []
-    for t, tier in enumerate(tiers):
+    for t, tier in enumerate(parse_tiers(spec)):
         w, sb = QR.quantize_rows(rows[s[t]: s[t + 1]], tier.dtype, quantizer)
-        out.append(QR.QTable("", tier.dtype, int(rows.shape[1]), w, sb, None))
+        out.append(QR.QTable(feature, tier.dtype, int(rows.shape[1]), w, sb, None))
+    return out
+
+
+def row_tiers(dtype: str, num_rows: int, reads: Optional[np.ndarray] = None) -> tuple[list[str], torch.Tensor]:
+    """(dtypes, which (R,) int64): the dtype of every stored row is ``dtypes[which[r]]``: one dtype,
+    or its tier's. ``reads``: (R,) reads per stored row, to rank rows hot-first as the stage will
+    store them (None: the stored order already is)."""
+    if not is_tiered(dtype):
+        return [dtype], torch.zeros(num_rows, dtype=torch.long)
+    tiers = parse_tiers(dtype)
+    s = tier_starts(tiers, num_rows)
+    order = (torch.arange(num_rows) if reads is None else
+             torch.from_numpy(np.argsort(-np.asarray(reads, dtype=np.float64), kind="stable")))
+    which = torch.empty(num_rows, dtype=torch.long)
+    for t in range(len(tiers)):
+        which[order[s[t]: s[t + 1]]] = t
+    return [t.dtype for t in tiers], which
+
+
+def fake_quantize(rows: torch.Tensor, dtypes: list[str], which: torch.Tensor, quantizer: str = "minmax") -> torch.Tensor:
+    """(K, D): each row quantized to ``dtypes[which[k]]`` and dequantized (rows are quantized one
+    by one, so a row's result does not depend on the others)."""
+    out = torch.empty(rows.shape, dtype=torch.float32)
+    for k, dt in enumerate(dtypes):
+        sel = (which == k).nonzero().squeeze(1)
+        if sel.numel():
+            w, sb = QR.quantize_rows(rows[sel], dt, quantizer)
+            out[sel] = QR.dequantize_rows(w, sb, dt)
     return out
 
 
 def simulate(rows: torch.Tensor, spec: str, reads: Optional[np.ndarray] = None, quantizer: str = "minmax") -> torch.Tensor:
-    """(R, D): each stored row after its tier's quantization and dequantization. ``reads``: (R,)
-    reads per stored row, to rank them hot-first as the stage will store them (None: already so)."""
-    if reads is None:
-        order = torch.arange(rows.shape[0])
-    else:
-        order = torch.from_numpy(np.argsort(-np.asarray(reads, dtype=np.float64), kind="stable"))
-    ranked = rows[order]
-    out = torch.empty_like(rows, dtype=torch.float32)
-    tiers = parse_tiers(spec)
-    s = tier_starts(tiers, int(rows.shape[0]))
-    for t, tier in enumerate(tiers):
-        w, sb = QR.quantize_rows(ranked[s[t]: s[t + 1]], tier.dtype, quantizer)
-        out[order[s[t]: s[t + 1]]] = QR.dequantize_rows(w, sb, tier.dtype)
-    return out
+    """(R, D): each stored row after its tier's quantization and dequantization (:func:`row_tiers`)."""
+    return fake_quantize(rows, *row_tiers(spec, int(rows.shape[0]), reads), quantizer)
 
 
 def qtable(feature: str, rows: torch.Tensor, dtype: str, remap: Optional[torch.Tensor],
@@ -70,9 +85,8 @@ def qtable(feature: str, rows: torch.Tensor, dtype: str, remap: Optional[torch.T
     """Stored rows (R, D) of one table in ``dtype`` (plain or tiered) -> its QTable."""
     r = None if remap is None else remap.to(torch.int32)
     if is_tiered(dtype):
-        parts = quantize_tiered(rows, dtype, quantizer)
         return QR.QTable(feature, dtype, int(rows.shape[1]), torch.empty(0, 0, dtype=torch.uint8), None, r,
-                         [QR.QTable(feature, p.dtype, p.dim, p.weight, p.scale_bias, None) for p in parts])
+                         quantize_tiered(feature, rows, dtype, quantizer))
     w, sb = QR.quantize_rows(rows, dtype, quantizer)
     return QR.QTable(feature, dtype, int(rows.shape[1]), w, sb, r)
 

@@ -9,9 +9,6 @@ from typing import Optional
 
 from sparse_kd.config.base import QUANT_DTYPES
 
-BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
-
-
 @dataclass(frozen=True)
 class Tier:
     """One tier: its dtype and its share of the stored rows (None: the rest, the last tier)."""
@@ -65,12 +62,3 @@ def dtype_problem(dtype: str, where: str) -> Optional[str]:
         return (f"{dtype!r} is not valid; expected one of {', '.join(QUANT_DTYPES)}, or precision tiers such as "
                 "'int8:0.05,int4:0.25,int2'")
     return None
-
-
-def mean_bits(dtype: str) -> float:
-    """Code bits per value averaged over the rows (scale/bias not counted)."""
-    if not is_tiered(dtype):
-        return float(BITS[dtype])
-    tiers = parse_tiers(dtype)
-    rest = 1.0 - sum(t.share or 0.0 for t in tiers)
-    return sum((t.share if t.share is not None else rest) * BITS[t.dtype] for t in tiers)

@@ -94,8 +94,8 @@ def validate(cfg: ExperimentConfig) -> None:
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(t.collective_timeout_s >= 10, "train.collective_timeout_s", "must be >= 10")
     for feat, dt in c.dtype.items():
-        need(dtype_problem(dt, f"compress.dtype.{feat}") is None, f"compress.dtype.{feat}",
-             str(dtype_problem(dt, f"compress.dtype.{feat}")))
+        problem = dtype_problem(dt, f"compress.dtype.{feat}")
+        need(problem is None, f"compress.dtype.{feat}", str(problem))
     tiered = [f"compress.dtype.{f}" for f, dt in c.dtype.items() if is_tiered(dt)] + [
         "study.dtypes" for dt in cfg.study.dtypes if is_tiered(dt)] + (["compress.planner_tiers"] if c.planner_tiers else [])
     if tiered:
@@ -115,8 +115,9 @@ def validate(cfg: ExperimentConfig) -> None:
     need(not ft.enabled or c.serve_device == "cpu", "compress.finetune.enabled",
          "distillation after compression builds the CPU kernel's artifact; use serve_device: cpu")
     for spec in c.planner_tiers:
-        need(is_tiered(spec) and dtype_problem(spec, "compress.planner_tiers") is None, "compress.planner_tiers",
-             str(dtype_problem(spec, "compress.planner_tiers") or f"{spec!r} is one dtype, not precision tiers"))
+        problem = dtype_problem(spec, "compress.planner_tiers") or (
+            None if is_tiered(spec) else f"{spec!r} is one dtype, not precision tiers")
+        need(problem is None, "compress.planner_tiers", str(problem))
     need(0.0 < c.default_keep_ratio <= 1.0, "compress.default_keep_ratio", "must be in (0, 1]")
     for feat, r in c.keep_ratio.items():
         need(0.0 < r <= 1.0, f"compress.keep_ratio.{feat}", "must be in (0, 1]")
@@ -139,7 +140,8 @@ def validate(cfg: ExperimentConfig) -> None:
     for k in cfg.study.keep_ratios:
         need(0.0 < k <= 1.0, "study.keep_ratios", f"{k} is not in (0, 1]")
     for dt in cfg.study.dtypes:
-        need(dtype_problem(dt, "study.dtypes") is None, "study.dtypes", str(dtype_problem(dt, "study.dtypes")))
+        problem = dtype_problem(dt, "study.dtypes")
+        need(problem is None, "study.dtypes", str(problem))
     need(len(cfg.study.seeds) >= 1, "study.seeds", "needs at least one seed")
     need(len(cfg.study.select_on) >= 1 and all(s in ("valid", "valid_cold") for s in cfg.study.select_on),
          "study.select_on", f"{list(cfg.study.select_on)} is not valid; give one or both of valid, valid_cold")

@@ -165,7 +165,7 @@ def _sample_by_interest(rng: np.random.Generator, interest: np.ndarray, item_top
     U = interest.shape[0]
     out = np.empty((U, K), dtype=np.int64)
     keys = np.packbits(interest, axis=1, bitorder="little")
-    keys = keys.view(np.uint8).astype(np.int64) @ (256 ** np.arange(keys.shape[1], dtype=np.int64))
+    keys = keys.astype(np.int64) @ (256 ** np.arange(keys.shape[1], dtype=np.int64))
     for key in np.unique(keys):
         members = np.flatnonzero(keys == key)
         w = popularity * np.where(interest[members[0], item_topic], EXPOSURE_BOOST, 1.0)

@@ -3,14 +3,16 @@ pruned and folded, scripted, bytes, and the refusals."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 from sparse_kd.compress import rows as QR
 from sparse_kd.compress import tiers as TI
-from sparse_kd.compress.cpu_kernel import cpu_option_bytes, cpu_table_bytes, pack_table, unpack_table
-from sparse_kd.config.dtypes import is_tiered, mean_bits, parse_tiers
+from sparse_kd.compress.cpu_kernel import cpu_option_bytes, pack_table, unpack_table
+from sparse_kd.config.dtypes import is_tiered, parse_tiers
 from sparse_kd.serve.cpu_model import QuantizedLookup
 
 SPEC = "int8:0.1,int4:0.3,int2"
@@ -31,7 +33,7 @@ def test_parse_and_starts():
     t = parse_tiers(SPEC)
     assert [x.dtype for x in t] == ["int8", "int4", "int2"] and t[-1].share is None
     assert TI.tier_starts(t, 100) == [0, 10, 40, 100]
-    assert mean_bits(SPEC) == pytest.approx(0.1 * 8 + 0.3 * 4 + 0.6 * 2)
+    assert [x.share for x in t] == [0.1, 0.3, None]
     assert is_tiered(SPEC) and not is_tiered("int4")
     for bad, why in [("int8", "one tier"), ("int9:0.1,int2", "int9"), ("int8:0.6,int4:0.5,int2", "add up"),
                      ("int8:0.1,int2:0.2", "no share"), ("int8:x,int2", "share"), ("int8:1.5,int2", "share")]:
@@ -118,6 +120,7 @@ def test_tiered_artifact_scores_as_its_dequantized_rows_and_takes_new_items(tiny
     from sparse_kd.compress.importance import table_importance
     from sparse_kd.compress.planner import _with_rows, simulated_rows
     from sparse_kd.compress.prune import prune_tables
+    from sparse_kd.compress.quantize import extract_qtables
     from sparse_kd.compress.stage import artifact_mappings, compress_model, model_weights
     from sparse_kd.metrics import fp32_forward
     from sparse_kd.serve import Predictor
@@ -142,7 +145,6 @@ def test_tiered_artifact_scores_as_its_dequantized_rows_and_takes_new_items(tiny
     imps = table_importance("frequency", model_weights(model), ds, text)
     pruned = prune_tables(model_weights(model), imps, {f: s["keep_ratio"] for f, s in settings.items()},
                           {f: s["fill"] for f, s in settings.items()}, text)
-    import contextlib
     with contextlib.ExitStack() as stack:
         for f, s in settings.items():
             stack.enter_context(_with_rows(model, f, simulated_rows(pruned[f], s["dtype"], imps[f].freq)))
@@ -154,7 +156,7 @@ def test_tiered_artifact_scores_as_its_dequantized_rows_and_takes_new_items(tiny
     assert m["tables"]["t_user_id"]["dtype"] == "int8:0.2,int4:0.3,int2"
     # add-items: the new item's row lands in the last tier of the tiered item table
     A.add_items(out, ["fresh-item"], text["item"][3:4])
-    q = __import__("sparse_kd.compress.quantize", fromlist=["x"]).extract_qtables(torch.jit.load(str(out / "model.pt")))
+    q = extract_qtables(torch.jit.load(str(out / "model.pt")))
     it = q["item_id"]
     assert it.parts is not None and it.parts[-1].dtype == "int2"
     assert it.num_rows == len(ds.item_ids) + 1
