@@ -94,9 +94,9 @@ class TieredTable(nn.Module):
     other ids are gathered once (in order, each bag's bounds among them by binary search), and
     each colder tier reads all of them, its rows sitting between two all-zero rows (local 0 and
     n_t + 1): stored row r is read at ``clamp(r - starts[t] + 1, 0, n_t + 1)``, so rows of other
-    tiers, and R, add nothing. The tiers' sums are added. Measured per id, a 4- or 2-bit kernel
-    costs about as much on a cached zero row as on a real one, hence tier 0 alone reads every id
-    and the colder tiers only the colder ids (``benchmarks/bench_lookup.py``)."""
+    tiers, and R, add nothing. The tiers' sums are added. A 4- or 2-bit kernel spends about as long
+    on a cached zero row as on a real one, hence tier 0 alone reads every id and the colder tiers
+    only the colder ids (docs/BENCHMARKS.md, section 1b)."""
 
     def __init__(self, feature: str, qtype: str, dim: int, tiers: List[PackedTable], starts: List[int],
                  mapping: Optional[Tensor], zero_row: bool = False) -> None:
