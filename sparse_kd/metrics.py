@@ -82,11 +82,11 @@ def split_batches(ds: RecDataset, builder: BatchBuilder, split: str, batch_size:
     ``batch_size`` (the last one shorter, not padded), i.e. the same batches as
     ``Predictor.score`` makes with ``max_batch=batch_size``, so the logits agree to the bit."""
     sp = ds.splits[split]
-    user, item, label = (torch.from_numpy(a) for a in (sp.user, sp.item, sp.label))
+    user, item, label, ts = (torch.from_numpy(a) for a in (sp.user, sp.item, sp.label, sp.timestamp))
     out = []
     for lo in range(0, len(sp), batch_size):
         hi = min(len(sp), lo + batch_size)
-        out.append((builder.build(user[lo:hi], item[lo:hi], label[lo:hi]), hi - lo))
+        out.append((builder.build(user[lo:hi], item[lo:hi], label[lo:hi], timestamp=ts[lo:hi]), hi - lo))
     return out
 
 

@@ -39,6 +39,7 @@ from sparse_kd.data.batching import count_dense
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import check_logit_kd, train_source
 from sparse_kd.dist import DistEnv, barrier, init_distributed, long_barrier, long_broadcast_object, on_main, raise_if_any
+from sparse_kd.distill.attention import HistoryAttention, PairFeatures
 from sparse_kd.distill.history import HistoryPairFeature, resolve_mode, resolve_user_text
 from sparse_kd.distill.pairs import describe_pool, pool_batch, sample_pool
 from sparse_kd.distill.transfer import learned_map, pca_reduce, transfer_map
@@ -162,7 +163,7 @@ def train_variant(
     other settings (:func:`fingerprint`), write its model_meta.json, train (resuming if a
     checkpoint is there), log the result. Used by :func:`run_training` and the studies."""
     d = _variant_dir(cfg, spec.name)
-    fp = fingerprint(cfg, spec, seed)
+    fp = variant_fingerprint(cfg, spec.name, spec.distill, seed)
     check_on_main(env, lambda: check_fingerprint(d, fp))  # rank 0 reads, every rank stops with the same error
     if env.is_main:
         num_emb = {f.name: f.num_embeddings for f in ds.features}
@@ -177,13 +178,9 @@ def train_variant(
     return res
 
 
-def fingerprint(cfg: ExperimentConfig, spec: RankerSpec, seed: int) -> dict:
-    """The settings that change what a ranker's training produces (not epochs: more epochs continue)."""
-    return variant_fingerprint(cfg, spec.name, spec.distill, seed)
-
-
 def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig, seed: int) -> dict:
-    """:func:`fingerprint` of the ranker ``name`` trained with ``distill``."""
+    """The settings that change what the ranker ``name``, trained with ``distill``, produces (not
+    epochs: more epochs continue)."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size", "collective_timeout_s")}
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "loader_workers"}  # how batches are built, not which
     student = {k: v for k, v in to_dict(cfg.student).items() if k != "planner"}  # memory caps: same training
@@ -196,6 +193,8 @@ def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
     if name == TEACHER:
         fp["teacher_ranker"] = {"user_text": cfg.distill.user_text, **to_dict(cfg.distill.teacher_ranker)}
+        if not cfg.distill.teacher_ranker.history_attention.enabled:  # added later: runs trained before it still match
+            del fp["teacher_ranker"]["history_attention"]
     return fp
 
 
@@ -271,22 +270,23 @@ def user_text_for(cfg: ExperimentConfig, ds: RecDataset, user_text: torch.Tensor
 
 
 def teacher_spec(cfg, ds, user_text, item_text) -> RankerSpec:
-    """The teacher ranker sees the students' inputs plus text embeddings as dense features (PCA-reduced,
-    or every dim with ``distill.teacher_ranker.text_dim: -1``; ``user_text`` as given by
-    :func:`user_text_for`), and with ``distill.teacher_ranker.history_pair`` the user-item history
-    similarity (:class:`~sparse_kd.distill.history.HistoryPairFeature`). Its architecture is
-    ``distill.teacher_ranker``'s (:func:`~sparse_kd.student.model.teacher_arch`)."""
+    """The teacher ranker (architecture: ``distill.teacher_ranker``, :func:`~sparse_kd.student.model.teacher_arch`)
+    sees the students' inputs plus text embeddings as dense features (PCA-reduced, or every dim with
+    ``text_dim: -1``; ``user_text`` as given by :func:`user_text_for`), with ``history_pair`` the
+    user-item history similarity (:class:`~sparse_kd.distill.history.HistoryPairFeature`), with
+    ``history_attention`` target attention over the user's earlier clicks (:class:`~sparse_kd.distill.attention.HistoryAttention`)."""
     ub, ib = count_dense(ds)
     tr = cfg.distill.teacher_ranker
     k = cfg.student.teacher_text_dim if tr.text_dim == 0 else tr.text_dim
-
-    def text(x: torch.Tensor) -> torch.Tensor:
-        return x.float() if k == -1 else pca_reduce(x, k)
-
-    spec = RankerSpec(TEACHER, torch.cat([ub, text(user_text)], 1), torch.cat([ib, text(item_text)], 1),
+    text = (lambda x: x.float()) if k == -1 else (lambda x: pca_reduce(x, k))  # noqa: E731
+    item_t = text(item_text)
+    spec = RankerSpec(TEACHER, torch.cat([ub, text(user_text)], 1), torch.cat([ib, item_t], 1),
                       arch=teacher_arch(cfg.student, tr))
-    if cfg.distill.teacher_ranker.history_pair:
-        spec.pair_feature = HistoryPairFeature(ds, item_text)
+    ha = tr.history_attention
+    parts = ([HistoryPairFeature(ds, item_text)] if tr.history_pair else []) + (
+        [HistoryAttention(ds, item_t, ha.max_len, ha.dim, ha.kind, ha.hidden, ha.item_ids)] if ha.enabled else [])
+    if parts:
+        spec.pair_feature = parts[0] if len(parts) == 1 else PairFeatures(parts)
     return spec
 
 

@@ -2,7 +2,7 @@
 
 A run folder (``output_dir``) belongs to one experiment: the settings that change what training
 produces. They are recorded twice, in ``config.yaml`` (the resolved config) and in each trained
-variant's ``model_meta.json`` (its fingerprint, see :func:`sparse_kd.pipeline.fingerprint`).
+variant's ``model_meta.json`` (its fingerprint, see :func:`sparse_kd.pipeline.variant_fingerprint`).
 A command whose settings differ from the folder's is refused with :class:`StaleRunError`,
 one message that names every changed key (old -> new) and how to fix it, so two experiments
 never mix: nothing of the old run is rewritten and nothing of the new one is written.

@@ -24,3 +24,18 @@ def _no_leaked_process_group():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """A 1-process group for this test only: its environment restored, the group destroyed."""
+    import torch.distributed as dist
+
+    from sparse_kd.dist import free_port
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()

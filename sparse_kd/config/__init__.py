@@ -19,13 +19,13 @@ from sparse_kd.config.compress import CompressConfig, FinetuneConfig, StudyConfi
 from sparse_kd.config.data import DataConfig, SyntheticConfig, TeacherConfig
 from sparse_kd.config.experiment import ExperimentConfig
 from sparse_kd.config.loader import config_from_dict, load_config, replace
-from sparse_kd.config.model import (AlignConfig, DistillConfig, LogitKDConfig, PairKDConfig, PlannerConfig, StudentConfig,
+from sparse_kd.config.model import (AlignConfig, DistillConfig, HistoryAttentionConfig, LogitKDConfig, PairKDConfig, PlannerConfig, StudentConfig,
                                     TeacherRankerConfig, TrainConfig, TransferConfig)
 from sparse_kd.config.overrides import parse_overrides, to_dict
 
 __all__ = [
     "FILLS", "QUANT_DTYPES", "SHARDING_TYPES", "AlignConfig", "CompressConfig", "ConfigError", "DataConfig", "DistillConfig",
-    "ExperimentConfig", "FinetuneConfig", "LogitKDConfig", "PairKDConfig", "PlannerConfig", "StudentConfig", "StudyConfig", "SyntheticConfig",
+    "ExperimentConfig", "FinetuneConfig", "HistoryAttentionConfig", "LogitKDConfig", "PairKDConfig", "PlannerConfig", "StudentConfig", "StudyConfig", "SyntheticConfig",
     "TeacherConfig", "TeacherRankerConfig", "TrainConfig", "TransferConfig", "config_from_dict", "load_config",
     "parse_overrides", "replace", "to_dict",
 ]

@@ -98,6 +98,21 @@ class PairKDConfig:
 
 
 @dataclass(frozen=True)
+class HistoryAttentionConfig:
+    """The teacher ranker's target attention over the user's earlier train clicks (DIN-style; see
+    :mod:`sparse_kd.distill.attention`): ``max_len`` most recent clicks, attention dim ``dim``,
+    ``kind`` din (activation-unit MLP of ``hidden`` units) or dot, ``item_ids``: a learned ID row
+    per item beside its text."""
+
+    enabled: bool = False
+    max_len: int = 50
+    dim: int = 32
+    kind: Literal["din", "dot"] = "din"
+    hidden: int = 32
+    item_ids: bool = True
+
+
+@dataclass(frozen=True)
 class TeacherRankerConfig:
     """The teacher ranker the students learn from (logits, sampled pairs, learned transfer).
 
@@ -114,6 +129,8 @@ class TeacherRankerConfig:
     -1 -> every dim of the text embedding (no PCA cut), k > 0 -> PCA to k.
     history_pair: add a dense pair feature, the mean cosine between the item's text and the
     texts of the other items the user clicked in train (see :mod:`sparse_kd.distill.history`).
+    history_attention: the user's behaviour as a sequence, target attention over the items the
+    user clicked before (:class:`HistoryAttentionConfig`).
     """
 
     history_pair: bool = False
@@ -124,6 +141,7 @@ class TeacherRankerConfig:
     dcn_layers: int = 3
     dcn_rank: int = 64
     text_dim: int = 0
+    history_attention: HistoryAttentionConfig = field(default_factory=HistoryAttentionConfig)
 
 
 @dataclass(frozen=True)

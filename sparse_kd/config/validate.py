@@ -61,6 +61,9 @@ def validate(cfg: ExperimentConfig) -> None:
     need(not tr_.over_arch or tr_.over_arch[-1] == 1, "distill.teacher_ranker.over_arch", "the last layer must be 1 (one logit)")
     need(tr_.dcn_layers >= 1 and tr_.dcn_rank >= 1, "distill.teacher_ranker.dcn_layers", "dcn_layers and dcn_rank must be >= 1")
     need(tr_.text_dim >= -1, "distill.teacher_ranker.text_dim", "must be -1 (every text dim), 0 (student.teacher_text_dim) or > 0")
+    ha = tr_.history_attention
+    for key, v in (("max_len", ha.max_len), ("dim", ha.dim), ("hidden", ha.hidden)):
+        need(v >= 1, f"distill.teacher_ranker.history_attention.{key}", f"must be >= 1, got {v}")
     need(not (cfg.distill.transfer.enabled and cfg.distill.transfer.projection == "learned") or t_dim == s.embedding_dim,
          "distill.transfer.projection", f"'learned' maps text to the teacher ranker's rows, which must then have the "
          f"student's dim ({s.embedding_dim}), not {t_dim}: use projection: pca with a wider teacher")

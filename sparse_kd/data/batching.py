@@ -22,6 +22,8 @@ from sparse_kd.data.schema import Interactions, RecDataset
 
 log = logging.getLogger(__name__)
 
+NO_TIME = torch.iinfo(torch.int64).max  # the timestamp of a pair with no interaction: after every click
+
 
 @dataclass
 class KDBatch(Batch):
@@ -29,11 +31,15 @@ class KDBatch(Batch):
 
     user, item: (B,) int64 entity indices (for text-embedding lookups in distillation losses).
     teacher_logits: (B,) float32 soft targets of the teacher ranker (zeros when unused).
+    timestamp: (B,) int64 time of each example (its interaction's; for pairs that have none, such
+        as sampled pairs, :data:`NO_TIME`, later than every click), for features that may only look
+        at earlier clicks (the teacher ranker's history attention); None: every click is earlier.
     """
 
     user: torch.Tensor
     item: torch.Tensor
     teacher_logits: torch.Tensor
+    timestamp: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "KDBatch":
         return KDBatch(
@@ -43,6 +49,7 @@ class KDBatch(Batch):
             user=self.user.to(device=device, non_blocking=non_blocking),
             item=self.item.to(device=device, non_blocking=non_blocking),
             teacher_logits=self.teacher_logits.to(device=device, non_blocking=non_blocking),
+            timestamp=None if self.timestamp is None else self.timestamp.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:  # pragma: no cover - CUDA only
@@ -50,6 +57,8 @@ class KDBatch(Batch):
         self.user.record_stream(stream)
         self.item.record_stream(stream)
         self.teacher_logits.record_stream(stream)
+        if self.timestamp is not None:
+            self.timestamp.record_stream(stream)
 
     def pin_memory(self) -> "KDBatch":  # pragma: no cover - CUDA only
         return KDBatch(
@@ -59,6 +68,7 @@ class KDBatch(Batch):
             user=self.user.pin_memory(),
             item=self.item.pin_memory(),
             teacher_logits=self.teacher_logits.pin_memory(),
+            timestamp=None if self.timestamp is None else self.timestamp.pin_memory(),
         )
 
 
@@ -139,6 +149,7 @@ class BatchBuilder:
         item: torch.Tensor,
         labels: torch.Tensor,
         teacher_logits: Optional[torch.Tensor] = None,
+        timestamp: Optional[torch.Tensor] = None,
     ) -> KDBatch:
         if self.all_single:  # one id per bag in every feature: all lengths are 1
             values = [csr.single_ids(user if owner == "user" else item) for owner, csr in zip(self.owners, self.csr)]
@@ -162,6 +173,7 @@ class BatchBuilder:
             user=user,
             item=item,
             teacher_logits=teacher_logits.float(),
+            timestamp=timestamp,
         )
 
 
@@ -209,6 +221,7 @@ def eval_batches(
     user = torch.from_numpy(split.user)
     item = torch.from_numpy(split.item)
     label = torch.from_numpy(split.label)
+    ts = torch.from_numpy(split.timestamp)
     per = max(1, global_batch // world_size)
     for start in range(0, n, per * world_size):
         lo = min(n, start + rank * per)
@@ -216,4 +229,4 @@ def eval_batches(
         if idx.shape[0] < per:
             pad_from = idx[:1] if idx.shape[0] else torch.tensor([0])
             idx = torch.cat([idx, pad_from.repeat(per - idx.shape[0])])
-        yield builder.build(user[idx], item[idx], label[idx])
+        yield builder.build(user[idx], item[idx], label[idx], timestamp=ts[idx])

@@ -120,10 +120,10 @@ class ParquetBlocks:
 
     def block(self, b: int) -> Rows:
         path, g = self.index[b]
-        t = self._file(path).read_row_group(g, columns=["user", "item", "label"], use_threads=False)
+        t = self._file(path).read_row_group(g, columns=["user", "item", "label", "timestamp"], use_threads=False)
         lo = b * self.block_rows
         return Rows(t.column("user").to_numpy(), t.column("item").to_numpy(), t.column("label").to_numpy(),
-                    np.arange(lo, lo + t.num_rows, dtype=np.int64))
+                    np.arange(lo, lo + t.num_rows, dtype=np.int64), t.column("timestamp").to_numpy())
 
     def __getstate__(self):  # picklable for spawned workers: drop open files
         d = dict(self.__dict__)

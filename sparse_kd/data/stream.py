@@ -48,24 +48,26 @@ log = logging.getLogger(__name__)
 @dataclass
 class Rows:
     """Training rows. user, item: (M,) int64; label: (M,) float32; row: (M,) int64 stored row
-    number in the train split (-1 for negatives sampled on the fly)."""
+    number in the train split (-1 for negatives sampled on the fly); timestamp: (M,) int64
+    (a sampled negative has its positive's)."""
 
     user: np.ndarray
     item: np.ndarray
     label: np.ndarray
     row: np.ndarray
+    timestamp: np.ndarray
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
 
     def take(self, idx) -> "Rows":
-        return Rows(self.user[idx], self.item[idx], self.label[idx], self.row[idx])
+        return Rows(self.user[idx], self.item[idx], self.label[idx], self.row[idx], self.timestamp[idx])
 
     @staticmethod
     def concat(parts: list["Rows"]) -> "Rows":
         if len(parts) == 1:
             return parts[0]
-        return Rows(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("user", "item", "label", "row")))
+        return Rows(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("user", "item", "label", "row", "timestamp")))
 
 
 class BlockSource(Protocol):
@@ -86,7 +88,7 @@ class ArrayBlocks:
     def block(self, b: int) -> Rows:
         lo, hi = b * self.block_rows, min(self.num_rows, (b + 1) * self.block_rows)
         sp = self.split
-        return Rows(sp.user[lo:hi], sp.item[lo:hi], sp.label[lo:hi], np.arange(lo, hi, dtype=np.int64))
+        return Rows(sp.user[lo:hi], sp.item[lo:hi], sp.label[lo:hi], np.arange(lo, hi, dtype=np.int64), sp.timestamp[lo:hi])
 
     def users(self) -> np.ndarray:
         return self.split.user
@@ -150,7 +152,8 @@ class TrainStream:
         m = int(keep.sum())
         return Rows(np.concatenate([pos.user, np.repeat(pos.user, k)[keep]]), np.concatenate([pos.item, neg[keep]]),
                     np.concatenate([pos.label, np.zeros(m, dtype=np.float32)]),
-                    np.concatenate([pos.row, np.full(m, -1, dtype=np.int64)]))
+                    np.concatenate([pos.row, np.full(m, -1, dtype=np.int64)]),
+                    np.concatenate([pos.timestamp, np.repeat(pos.timestamp, k)[keep]]))
 
     def global_batches(self, epoch: int, seed: int, global_batch: int, start_step: int = 0) -> Iterator[Rows]:
         """Global batches ``start_step ..`` of the epoch, each exactly ``global_batch`` rows."""
@@ -240,7 +243,8 @@ def rank_batches(stream: TrainStream, builder, global_batch: int, rank: int, wor
         tl = None
         if teacher_logits is not None:
             tl = teacher_logits.index_select(0, torch.from_numpy(mine.row))
-        yield builder.build(torch.from_numpy(mine.user), torch.from_numpy(mine.item), torch.from_numpy(mine.label), tl)
+        yield builder.build(torch.from_numpy(mine.user), torch.from_numpy(mine.item), torch.from_numpy(mine.label), tl,
+                            torch.from_numpy(mine.timestamp))
 
 
 def check_logit_kd(logit_kd: bool, per_epoch_negatives: bool) -> None:

@@ -18,6 +18,8 @@ itself, and training, valid and test pairs are scored by the same rule.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -150,5 +152,6 @@ class HistoryPairFeature(nn.Module):
         dir_cos = torch.where(has & (norm > 1e-6), dot / norm.clamp_min(1e-6), torch.zeros_like(dot))
         return torch.stack([mean_cos, dir_cos], 1)
 
-    def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+    def forward(self, user: torch.Tensor, item: torch.Tensor, timestamp: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 2); ``timestamp`` is not used (the history is every train click but the example's own)."""
         return (self.raw(user, item) - self.shift) / self.scale

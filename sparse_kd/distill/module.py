@@ -26,8 +26,8 @@ class RankerTrain(nn.Module):
         distill: which distillation losses are on.
         feature_names: the DLRM's sparse feature order (the KJT keys).
         user_text, item_text: (U, H), (I, H) teacher embeddings for feature alignment, or None.
-        pair_feature: a module (user (B,), item (B,)) -> (B, P) whose output is appended to the
-            dense features (the teacher ranker's history pair feature), or None.
+        pair_feature: a module (user (B,), item (B,), timestamp (B,) or None) -> (B, P) whose
+            output is appended to the dense features (the teacher ranker's history features), or None.
         embedding_l2: weight of :func:`sparse_kd.distill.losses.embedding_l2` on the pooled
             embeddings (``train.embedding_l2``; 0: none).
 
@@ -78,7 +78,7 @@ class RankerTrain(nn.Module):
         m = self.model
         dense_in = batch.dense_features  # (B, Du + Di)
         if self.pair_feature is not None:
-            dense_in = torch.cat([dense_in, self.pair_feature(batch.user, batch.item)], 1)  # (B, Du + Di + P)
+            dense_in = torch.cat([dense_in, self.pair_feature(batch.user, batch.item, batch.timestamp)], 1)  # (B, Du + Di + P)
         dense = m.dense_arch(dense_in)  # (B, D)
         sparse = m.sparse_arch(batch.sparse_features)  # (B, F, D)
         logits = m.over_arch(m.inter_arch(dense, sparse)).squeeze(-1)  # (B,)

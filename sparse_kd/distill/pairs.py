@@ -24,7 +24,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from sparse_kd.config import ConfigError, PairKDConfig
-from sparse_kd.data.batching import BatchBuilder, KDBatch
+from sparse_kd.data.batching import NO_TIME, BatchBuilder, KDBatch
 from sparse_kd.data.schema import Interactions, RecDataset
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,8 @@ def sample_pool(ds: RecDataset, pc: PairKDConfig, size: int, seed: int) -> Inter
             "distill.pairs: could not draw enough (user, item) pairs outside the training interactions; "
             "the data is too dense for sampled-pair KD: set distill.pairs.enabled: false"
         )
-    z = np.zeros(size, dtype=np.int64)
-    return Interactions(users[:size], items[:size], np.zeros(size, dtype=np.float32), z)
+    never = np.full(size, NO_TIME, dtype=np.int64)  # no interaction: every click is earlier
+    return Interactions(users[:size], items[:size], np.zeros(size, dtype=np.float32), never)
 
 
 def concat_batches(a: KDBatch, b: KDBatch) -> KDBatch:
@@ -100,7 +100,13 @@ def concat_batches(a: KDBatch, b: KDBatch) -> KDBatch:
         user=torch.cat([a.user, b.user]),
         item=torch.cat([a.item, b.item]),
         teacher_logits=torch.cat([a.teacher_logits, b.teacher_logits]),
+        timestamp=None if a.timestamp is None and b.timestamp is None else torch.cat([_times(a), _times(b)]),
     )
+
+
+def _times(b: KDBatch) -> torch.Tensor:
+    """The batch's timestamps, :data:`NO_TIME` (after every click) where it has none."""
+    return b.timestamp if b.timestamp is not None else torch.full((b.user.shape[0],), NO_TIME, dtype=torch.int64)
 
 
 def with_sampled_pairs(
@@ -130,7 +136,8 @@ def with_sampled_pairs(
             idx = torch.cat([idx, perm[: per_batch - idx.shape[0]]])
         mine = idx[rank * per : (rank + 1) * per]
         sampled = builder.build(user.index_select(0, mine), item.index_select(0, mine),
-                                torch.full((per,), SAMPLED), pool_logits.index_select(0, mine))
+                                torch.full((per,), SAMPLED), pool_logits.index_select(0, mine),
+                                torch.full((per,), NO_TIME, dtype=torch.int64))
         yield concat_batches(batch, sampled)
 
 

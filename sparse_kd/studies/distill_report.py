@@ -17,8 +17,8 @@ from sparse_kd.atomic import write_text
 from sparse_kd.config import ExperimentConfig
 from sparse_kd.metrics import EVAL_SPLITS as SPLITS
 from sparse_kd.report import markdown_table
-from sparse_kd.studies.distill_study import (MF_TARGET_SPLITS, TARGET_COLD_GAIN, TARGET_TEACHER_SHARE, TARGET_TEST_GAIN,
-                                             seed_dir)
+from sparse_kd.studies.distill_study import (MF_TARGET_SPLITS, TARGET_COLD_GAIN, TARGET_TEACHER_GAIN, TARGET_TEACHER_SHARE,
+                                             TARGET_TEST_GAIN, seed_dir)
 
 
 def targets(per_seed: dict, student: str = "chosen") -> dict:
@@ -32,7 +32,10 @@ def targets(per_seed: dict, student: str = "chosen") -> dict:
     need_test = base + max(TARGET_TEST_GAIN, TARGET_TEACHER_SHARE * (tea - base))
     cold_base, cold_stu = mean("baseline", "test_cold"), mean(student, "test_cold")
     below = [s for s in seeds if per_seed[s][student]["test"]["auc"] < per_seed[s]["baseline"]["test"]["auc"]]
+    t_below = [s for s in seeds if per_seed[s]["teacher_ranker"]["test"]["auc"] <= per_seed[s]["baseline"]["test"]["auc"]]
     return {
+        "teacher": {"gain": tea - base, "needed": TARGET_TEACHER_GAIN, "met": tea - base >= TARGET_TEACHER_GAIN,
+                    "seeds_not_above": t_below, "above_every_seed": not t_below},
         "test": {"student": stu, "baseline": base, "teacher_ranker": tea, "needed": need_test, "met": stu >= need_test},
         "test_cold": {"student": cold_stu, "baseline": cold_base, "needed": cold_base + TARGET_COLD_GAIN,
                       "met": cold_stu >= cold_base + TARGET_COLD_GAIN},
@@ -168,6 +171,9 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
         yes = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
         sections.append(
             "Targets (chosen student against the baseline, means over seeds):\n\n"
+            f"- teacher ranker test AUC ≥ baseline + {TARGET_TEACHER_GAIN}: {t['teacher']['gain']:+.4f}: "
+            f"{yes(t['teacher']['met'])}; above the baseline on every seed: seeds not above: "
+            f"{t['teacher']['seeds_not_above'] or 'none'}: {yes(t['teacher']['above_every_seed'])}\n"
             f"- test AUC ≥ baseline + max({TARGET_TEST_GAIN}, {TARGET_TEACHER_SHARE} × (teacher ranker − baseline)): "
             f"{t['test']['student']:.4f} vs needed {t['test']['needed']:.4f} "
             f"(baseline {t['test']['baseline']:.4f}, teacher ranker {t['test']['teacher_ranker']:.4f}): {yes(t['test']['met'])}\n"

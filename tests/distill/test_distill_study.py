@@ -58,10 +58,14 @@ def test_targets():
     t = R.targets(_per_seed([(0.72, 0.6), (0.72, 0.6)], [(0.70, 0.6), (0.70, 0.6)], [(0.711, 0.64), (0.709, 0.62)]))
     assert t["test"]["needed"] == pytest.approx(0.71) and t["test"]["met"]
     assert t["test_cold"]["met"] and t["no_seed_below_baseline"]["met"]
+    assert t["teacher"]["gain"] == pytest.approx(0.02) and t["teacher"]["met"] and t["teacher"]["above_every_seed"]
     # teacher barely better: 0.005 is the bar; one seed below its baseline
     t = R.targets(_per_seed([(0.701, 0.6), (0.701, 0.6)], [(0.70, 0.6), (0.70, 0.6)], [(0.708, 0.62), (0.699, 0.62)]))
     assert t["test"]["needed"] == pytest.approx(0.705) and not t["test"]["met"]
     assert not t["test_cold"]["met"] and t["no_seed_below_baseline"]["seeds_below"] == [1]
+    assert not t["teacher"]["met"] and t["teacher"]["above_every_seed"]
+    t = R.targets(_per_seed([(0.72, 0.6), (0.70, 0.6)], [(0.70, 0.6), (0.70, 0.6)], [(0.70, 0.6), (0.70, 0.6)]))
+    assert t["teacher"]["met"] and t["teacher"]["seeds_not_above"] == [1]  # equal is not above
 
 
 def test_summarize_reports_per_seed_choice_and_targets(tmp_path):
