@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="key=value overrides")
     sp.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     sp.add_argument("--docs", default="docs", help="where the study writes its tables and plots (default docs/)")
+    sp.add_argument("--report-only", action="store_true",
+                    help="distill: train nothing; write the report again from every seed's study_metrics.json (all "
+                         "seeds must have run), e.g. after the report gained a section")
     sp.set_defaults(fn=cmd_study)
     return p
 

@@ -172,6 +172,9 @@ def cmd_study(args) -> int:
     if args.kind == "distill":
         from sparse_kd.studies import distill_report, distill_study
 
+        if getattr(args, "report_only", False):
+            distill_report.summarize(cfg, Path(args.docs))
+            return 0
         if not launched and args.seed is None and (n := nproc(cfg)) > 1:
             for seed in cfg.study.seeds:  # refuse before torchrun starts
                 distill_study.check_seed(cfg, seed)

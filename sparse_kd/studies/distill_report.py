@@ -189,7 +189,7 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
     stem = f"distill_study_{cfg.name}"
     write_text(docs / f"{stem}.json", json.dumps(doc, indent=1))
 
-    command = "sparse-kd " + " ".join(a for a in sys.argv[1:] if not a.startswith("--seed"))
+    command = "sparse-kd " + " ".join(a for a in sys.argv[1:] if not a.startswith(("--seed", "--report-only")))
     write_text(docs / f"{stem}.md",
            f"# Distillation study: {cfg.name}\n\nProduced by `{command}`. Seeds: {list(per_seed)} (each sets "
            f"train.seed and data.seed); {cfg.nproc} process(es); data: {cfg.data.source}. AUC per split, mean ± std "
@@ -212,14 +212,24 @@ def baseline_search_note(b_search: dict) -> str:
 
 
 def cost_note(cost: dict) -> str:
-    """Teacher ranker and student side by side: parameters and multiply-adds per example."""
+    """Teacher ranker and student side by side: parameters, fp32 bytes (what serving the model
+    uncompressed holds), multiply-adds per example and training examples/s (the first seed's; a
+    study run before it was recorded shows n/a)."""
     t, s = cost["teacher_ranker"], cost["student"]
+
+    def speed(c: dict) -> str:
+        v = c.get("train_examples_per_s")
+        return f"{v:,.0f}" if v else "n/a"
+
     rows = [[name, c["embedding_dim"], f"{c['params']:,}", f"{c['table_params']:,}", f"{c['dense_params']:,}",
-             f"{c['macs_per_example']:,}"] for name, c in (("teacher ranker", t), ("student (every variant)", s))]
-    return ("Cost (parameters and multiply-adds per example, `sparse_kd/student/cost.py`; the served student needs "
-            f"none of the teacher): the teacher ranker is {t['params'] / max(1, s['params']):.1f}x the student in "
+             f"{4 * c['params'] / 1e6:.2f}", f"{c['macs_per_example']:,}", speed(c)]
+            for name, c in (("teacher ranker", t), ("student (every variant)", s))]
+    return ("Cost (parameters and multiply-adds per example, `sparse_kd/student/cost.py`; fp32 bytes are what the "
+            "model holds served uncompressed; the served student needs none of the teacher; training examples/s on "
+            f"this study's machine): the teacher ranker is {t['params'] / max(1, s['params']):.1f}x the student in "
             f"parameters and {t['macs_per_example'] / max(1, s['macs_per_example']):.1f}x in multiply-adds.\n\n"
-            + markdown_table(["ranker", "D", "params", "table params", "dense params", "MACs / example"], rows))
+            + markdown_table(["ranker", "D", "params", "table params", "dense params", "fp32 MB", "MACs / example",
+                              "train examples/s"], rows))
 
 
 def transferability(summary: dict) -> dict:

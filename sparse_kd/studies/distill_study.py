@@ -155,6 +155,7 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     t_spec = P.teacher_spec(cfg, ds, user_text, item_text)
     teacher = P.train_variant(cfg, ds, t_spec, env, seed, want_train_logits=True)
     out: dict = {P.TEACHER: teacher.metrics}
+    speed = {P.TEACHER: teacher.examples_per_s}  # training examples/s of each ranker
 
     def train(vcfg: ExperimentConfig, name: str) -> dict:
         if not vcfg.distill.any_enabled:
@@ -162,7 +163,9 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
         else:
             spec = P.distilled_spec(vcfg, ds, user_text, item_text, teacher, name=name, teacher_ranker_spec=t_spec,
                                     env=env, seed=seed)
-        return P.train_variant(vcfg, ds, spec, env, seed).metrics
+        res = P.train_variant(vcfg, ds, spec, env, seed)
+        speed[name] = res.examples_per_s
+        return res.metrics
 
     for v in cfg.study.variants:
         out[v] = train(dataclasses.replace(cfg, distill=variant_distill(cfg, v)), v)
@@ -187,7 +190,8 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
             log.info("[seed %d] baseline chosen on validation: %s (scores %s)", seed, b_chosen,
                      {k: round(v, 4) for k, v in b_scores.items()})
     # what the teacher and the student cost (every student of the study has the baseline's architecture)
-    out["cost"] = {P.TEACHER: P.spec_cost(cfg, ds, t_spec), "student": P.spec_cost(cfg, ds, P.baseline_spec(ds))}
+    out["cost"] = {P.TEACHER: {**P.spec_cost(cfg, ds, t_spec), "train_examples_per_s": speed[P.TEACHER]},
+                   "student": {**P.spec_cost(cfg, ds, P.baseline_spec(ds)), "train_examples_per_s": speed.get("baseline_default", speed.get("baseline", 0.0))}}
     out["data_facts"] = data_facts(ds)
     out["search"] = {"chosen": chosen, "scores": scores, "overrides": overrides,
                      "select_on": [s for s in cfg.study.select_on if s in out[chosen]]}

@@ -130,7 +130,7 @@ def test_choose_among_variants_lets_a_single_method_win_on_validation(tmp_path):
 def test_summary_reports_the_baselines_search_cost_and_transferability(tmp_path):
     cfg = tiny_config(str(tmp_path / "study"), nproc=1, study={"seeds": [0, 1]})
     cost = {"teacher_ranker": {"params": 1000, "table_params": 400, "dense_params": 600, "macs_per_example": 900,
-                               "embedding_dim": 32},
+                               "embedding_dim": 32, "train_examples_per_s": 1234.0},
             "student": {"params": 100, "table_params": 80, "dense_params": 20, "macs_per_example": 30, "embedding_dim": 8}}
     for s in (0, 1):
         d = S.seed_dir(cfg, s)
@@ -148,6 +148,8 @@ def test_summary_reports_the_baselines_search_cost_and_transferability(tmp_path)
     md = (tmp_path / "docs" / "distill_study_tiny.md").read_text()
     assert "train.dense_lr=0.01" in md and "0.7100 *" in md  # the tuned baseline, marked
     assert "10.0x the student in parameters and 30.0x in multiply-adds" in md
+    assert "| teacher ranker          | 32 | 1,000  | 400          | 600          | 0.00    | 900            | 1,234" in md
+    assert md.rstrip().count("n/a") >= 1  # the student's speed was not recorded here
     doc = json.loads((tmp_path / "docs" / "distill_study_tiny.json").read_text())
     # teacher +0.04 over the tuned baseline, chosen +0.02: half of the teacher's gain carried over
     assert doc["transferability"]["value"] == pytest.approx(0.5)
@@ -167,3 +169,25 @@ def test_baseline_search_takes_training_settings_only():
         tiny_config("unused", nproc=1, study={"baseline_search": [["distill.logit.enabled=true"]]})
     with pytest.raises(ConfigError, match=r"study\.baseline_search\[0\].*train\.weight_decay: must be >= 0"):
         tiny_config("unused", nproc=1, study={"baseline_search": [["train.weight_decay=-1"]]})
+
+
+def test_report_only_rewrites_the_report_from_the_seeds_results(tmp_path):
+    """`sparse-kd study distill CONFIG --report-only` trains nothing and writes the same report."""
+    import yaml
+
+    from sparse_kd.cli import main
+    from sparse_kd.config import to_dict
+
+    cfg = tiny_config(str(tmp_path / "study"), nproc=1, study={"seeds": [0]})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert main(["study", "distill", str(path), "--report-only", "--docs", str(tmp_path / "docs")]) != 0  # no seed ran
+    d = S.seed_dir(cfg, 0)
+    d.mkdir(parents=True)
+    m = {"teacher_ranker": _m(0.72, 0.73, 0.65, 0.64), "baseline": _m(0.70, 0.70, 0.60, 0.61),
+         "combined": _m(0.71, 0.72, 0.64, 0.66)}
+    m["chosen"] = m["combined"]
+    (d / "study_metrics.json").write_text(json.dumps(m))
+    assert main(["study", "distill", str(path), "--report-only", "--docs", str(tmp_path / "docs")]) == 0
+    md = (tmp_path / "docs" / "distill_study_tiny.md").read_text()
+    assert "--report-only" not in md and "| chosen" in md
