@@ -103,27 +103,49 @@ class HistoryAttention(nn.Module):
         later = ok.flip(1).long().cumsum(1).flip(1)  # (B, L + 1) kept entries at or after each position
         return ids, ok & (later <= self.max_len)
 
+    def table(self) -> torch.Tensor:
+        """(I, d) every item's representation: projected text plus the learned ID row."""
+        v = self.proj(self.item_text)
+        return v + self.item_emb.weight if self.item_emb is not None else v
+
     def represent(self, ids: torch.Tensor) -> torch.Tensor:
-        """(...) item ids -> (..., d): projected text plus the learned ID row."""
+        """(...) item ids -> (..., d), gathering only the rows asked for."""
         flat = ids.reshape(-1)
-        if flat.shape[0] > self.item_text.shape[0]:  # project the whole (smaller) table, then gather
-            v = self.proj(self.item_text).index_select(0, flat)
-        else:
-            v = self.proj(self.item_text.index_select(0, flat))
+        v = self.proj(self.item_text.index_select(0, flat))
         if self.item_emb is not None:
             v = v + self.item_emb(flat)
         return v.view(*ids.shape, self.d)
 
+    def scores(self, q: torch.Tensor, k: torch.Tensor, k_proj: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, L + 1) attention logits of the target q (B, d) over the history k (B, L + 1, d).
+
+        DIN's unit is MLP([q, k, q * k, q - k]); its first layer is linear, so with W = [W1 W2 W3 W4]
+        it equals (W1 + W4) q + (W2 - W4) k + W3 (q * k) + b: the q part is computed once per example
+        instead of once per history entry, and the k part once per item (``k_proj``, gathered) where
+        the catalogue is smaller than the batch's history. The same function and gradients as
+        ``unit(cat([q, k, q * k, q - k]))``, without building the (B, L + 1, 4 d) input.
+        """
+        if self.unit is None:
+            return (q[:, None, :] * k).sum(-1) / math.sqrt(self.d)
+        first, last = self.unit[0], self.unit[2]
+        w1, w2, w3, w4 = first.weight.split(self.d, dim=1)  # (h, d) each
+        kw = k_proj if k_proj is not None else k @ (w2 - w4).T  # (B, L + 1, h)
+        pre = (q @ (w1 + w4).T + first.bias)[:, None, :] + kw + (q[:, None, :] * k) @ w3.T
+        return last(torch.relu(pre)).squeeze(-1)
+
     def forward(self, user: torch.Tensor, item: torch.Tensor, timestamp: Optional[torch.Tensor] = None) -> torch.Tensor:
         ids, mask = self.window(user, item, timestamp)
-        both = self.represent(torch.cat([item.long()[:, None], ids], 1))  # (B, L + 2, d)
-        q, k = both[:, 0], both[:, 1:]  # (B, d), (B, L + 1, d)
-        if self.unit is not None:
-            qe = q[:, None, :].expand_as(k)
-            score = self.unit(torch.cat([qe, k, qe * k, qe - k], -1)).squeeze(-1)  # (B, L + 1)
+        k_proj = None
+        if ids.numel() > self.item_text.shape[0]:  # more history entries than items: work per item, then gather
+            t = self.table()  # (I, d)
+            q, k = t.index_select(0, item.long()), t.index_select(0, ids.reshape(-1)).view(*ids.shape, self.d)
+            if self.unit is not None:
+                w = self.unit[0].weight.split(self.d, dim=1)
+                k_proj = (t @ (w[1] - w[3]).T).index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
         else:
-            score = (q[:, None, :] * k).sum(-1) / math.sqrt(self.d)
-        score = score.masked_fill(~mask, float("-inf"))
+            both = self.represent(torch.cat([item.long()[:, None], ids], 1))  # (B, L + 2, d)
+            q, k = both[:, 0], both[:, 1:]  # (B, d), (B, L + 1, d)
+        score = self.scores(q, k, k_proj).masked_fill(~mask, float("-inf"))
         has = mask.any(1, keepdim=True)
         w = torch.softmax(torch.where(has, score, torch.zeros_like(score)), 1) * mask  # no history: all 0
         pooled = (w[:, :, None] * k).sum(1)  # (B, d)

@@ -124,3 +124,36 @@ def test_teacher_with_history_attention_trains_and_scores_from_its_checkpoint(tm
     with_att = P.spec_cost(cfg, ds, spec)
     spec.pair_feature = None
     assert with_att["dense_params"] > P.spec_cost(cfg, ds, spec)["dense_params"]
+
+
+def _naive(att: HistoryAttention, user, item, ts):
+    """The attention as written in DIN: the unit MLP over cat([q, k, q * k, q - k]), per entry."""
+    ids, mask = att.window(user, item, ts)
+    both = att.represent(torch.cat([item[:, None], ids], 1))
+    q, k = both[:, 0], both[:, 1:]
+    qe = q[:, None, :].expand_as(k)
+    score = att.unit(torch.cat([qe, k, qe * k, qe - k], -1)).squeeze(-1).masked_fill(~mask, float("-inf"))
+    has = mask.any(1, keepdim=True)
+    w = torch.softmax(torch.where(has, score, torch.zeros_like(score)), 1) * mask
+    pooled = (w[:, :, None] * k).sum(1)
+    return torch.cat([pooled, pooled * q, torch.log1p(mask.sum(1, keepdim=True).float())], 1)
+
+
+@pytest.mark.parametrize("batch", [2, 40])  # fewer history entries than items, and more: both paths
+def test_factored_din_unit_equals_the_unit_on_concatenated_inputs(batch):
+    torch.manual_seed(0)
+    ds = _ds(True)
+    att = HistoryAttention(ds, torch.randn(I, 6), max_len=4, dim=5, hidden=7)
+    g = torch.Generator().manual_seed(1)
+    user, item = torch.randint(0, U, (batch,), generator=g), torch.randint(0, I, (batch,), generator=g)
+    ts = torch.full((batch,), NO_TIME)
+    assert (batch * (att.max_len + 1) > I) == (batch == 40)
+    grads = []
+    for fn in (att, lambda u, i, t: _naive(att, u, i, t)):
+        att.zero_grad()
+        out = fn(user, item, ts)
+        (out * torch.arange(out.shape[1])).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in att.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
