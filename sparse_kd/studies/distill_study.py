@@ -68,6 +68,13 @@ def variant_distill(cfg: ExperimentConfig, variant: str):
     raise ValueError(f"study.variants: unknown variant {variant!r}; expected baseline, {', '.join(METHODS)}, combined")
 
 
+def baseline_candidate(cfg: ExperimentConfig, overrides) -> ExperimentConfig:
+    """The config of one ``study.baseline_search`` candidate: its ``train.*`` overrides, and the
+    baseline's distill section (every method off), whatever the config's own distill section says."""
+    c = replace(cfg, list(overrides))
+    return dataclasses.replace(c, distill=variant_distill(c, "baseline"))
+
+
 def candidates(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, list[str]]]:
     """``combined`` and the ``study.search`` candidates: name -> (config, overrides); candidates
     whose distill settings equal an earlier one's are left out."""
@@ -136,6 +143,9 @@ def check_seed(cfg: ExperimentConfig, seed: int) -> None:
            for v in (P.TEACHER, *cfg.study.variants)}
     for name, (ccfg, _) in candidates(cfg).items():
         fps.setdefault(name, P.variant_fingerprint(ccfg, name, ccfg.distill, seed))
+    for i, ovs in enumerate(cfg.study.baseline_search):
+        bcfg = baseline_candidate(cfg, ovs)
+        fps[f"baseline_search_{i}"] = P.variant_fingerprint(bcfg, f"baseline_search_{i}", bcfg.distill, seed)
     P.check_run_folder(cfg, fps)
 
 
@@ -180,7 +190,7 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
         b_cands = {"baseline_default": []}
         out["baseline_default"] = out["baseline"]
         for i, ovs in enumerate(cfg.study.baseline_search):
-            out[f"baseline_search_{i}"] = train(replace(cfg, list(ovs)), f"baseline_search_{i}")
+            out[f"baseline_search_{i}"] = train(baseline_candidate(cfg, ovs), f"baseline_search_{i}")
             b_cands[f"baseline_search_{i}"] = list(ovs)
         b_scores = {n: selection_score(out[n], tuple(cfg.study.select_on)) for n in b_cands}
         b_chosen = choose(b_scores)

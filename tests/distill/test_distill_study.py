@@ -191,3 +191,34 @@ def test_report_only_rewrites_the_report_from_the_seeds_results(tmp_path):
     assert main(["study", "distill", str(path), "--report-only", "--docs", str(tmp_path / "docs")]) == 0
     md = (tmp_path / "docs" / "distill_study_tiny.md").read_text()
     assert "--report-only" not in md and "| chosen" in md
+
+
+def test_baseline_candidates_train_as_baselines(tmp_path, monkeypatch, one_process):
+    """A study.baseline_search candidate is the baseline with other training settings: no
+    distillation, whatever the config's distill section enables (it once trained as `combined`)."""
+    import torch
+
+    from sparse_kd import pipeline as P
+    from sparse_kd.student.spec import RankerResult
+
+    cfg = tiny_config(str(tmp_path / "study"), nproc=1,
+                      distill={"logit": {"enabled": True}, "transfer": {"enabled": True}},
+                      study={"seeds": [0], "variants": ["baseline", "combined"], "mf_reference": False,
+                             "baseline_search": [["train.embedding_l2=0.001"]]})
+    cand = S.baseline_candidate(cfg, ["train.embedding_l2=0.001"])
+    assert not cand.distill.any_enabled and cand.train.embedding_l2 == 0.001
+    specs = {}
+
+    def fake_train(vcfg, ds, spec, env, seed, want_train_logits=False):
+        specs[spec.name] = (spec, vcfg)
+        n = len(ds.splits["train"])
+        return RankerResult(spec.name, {"valid": {"auc": 0.7}, "valid_cold": {"auc": 0.6}}, None,
+                            torch.zeros(n) if want_train_logits else None, 1.0)
+
+    monkeypatch.setattr(P, "train_variant", fake_train)
+    monkeypatch.setattr(P, "text_embeddings", lambda c, ds, env: (torch.randn(ds.num_users, 8), torch.randn(ds.num_items, 8)))
+    S.run_seed(cfg, 0)
+    base, bcfg = specs["baseline_search_0"]
+    assert bcfg.train.embedding_l2 == 0.001 and not bcfg.distill.any_enabled
+    assert base.teacher_logits is None and not base.init_rows and base.refit is None
+    assert specs["combined"][0].teacher_logits is not None  # the students still distill
