@@ -172,7 +172,7 @@ def cmd_study(args) -> int:
     if args.kind == "distill":
         from sparse_kd.studies import distill_report, distill_study
 
-        if getattr(args, "report_only", False):
+        if args.report_only:
             distill_report.summarize(cfg, Path(args.docs))
             return 0
         if not launched and args.seed is None and (n := nproc(cfg)) > 1:

@@ -71,10 +71,10 @@ class HistoryAttention(nn.Module):
         # key of a click: user * M + rank of its time among the distinct click times, sorted as
         # the clicks are; an example's end = the first click of its user at or after its time
         self.m = int(times.shape[0]) + 1
-        keys = u * self.m + np.searchsorted(times, t) if self.timed else u
+        keys = u * self.m + np.searchsorted(times, t) if self.timed else np.zeros(0, dtype=np.int64)  # untimed: unused
         # non-persistent buffers: they follow the module's device and stay out of checkpoints
         self.register_buffer("hist_item", torch.from_numpy(np.concatenate([i, [0]])), persistent=False)  # (P + 1,)
-        self.register_buffer("hist_key", torch.from_numpy(keys), persistent=False)  # (P,)
+        self.register_buffer("hist_key", torch.from_numpy(keys), persistent=False)  # (P,) or (0,)
         self.register_buffer("times", torch.from_numpy(times), persistent=False)
         starts = np.searchsorted(u, np.arange(ds.num_users + 1))
         self.register_buffer("user_start", torch.from_numpy(starts.astype(np.int64)), persistent=False)  # (U + 1,)
@@ -116,6 +116,11 @@ class HistoryAttention(nn.Module):
             v = v + self.item_emb(flat)
         return v.view(*ids.shape, self.d)
 
+    def key_weight(self) -> torch.Tensor:
+        """(h, d) the weight DIN's first layer applies to a history entry k alone: W2 - W4."""
+        _, w2, _, w4 = self.unit[0].weight.split(self.d, dim=1)
+        return w2 - w4
+
     def scores(self, q: torch.Tensor, k: torch.Tensor, k_proj: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, L + 1) attention logits of the target q (B, d) over the history k (B, L + 1, d).
 
@@ -128,8 +133,8 @@ class HistoryAttention(nn.Module):
         if self.unit is None:
             return (q[:, None, :] * k).sum(-1) / math.sqrt(self.d)
         first, last = self.unit[0], self.unit[2]
-        w1, w2, w3, w4 = first.weight.split(self.d, dim=1)  # (h, d) each
-        kw = k_proj if k_proj is not None else k @ (w2 - w4).T  # (B, L + 1, h)
+        w1, _, w3, w4 = first.weight.split(self.d, dim=1)  # (h, d) each
+        kw = k_proj if k_proj is not None else k @ self.key_weight().T  # (B, L + 1, h)
         pre = (q @ (w1 + w4).T + first.bias)[:, None, :] + kw + (q[:, None, :] * k) @ w3.T
         return last(torch.relu(pre)).squeeze(-1)
 
@@ -140,8 +145,7 @@ class HistoryAttention(nn.Module):
             t = self.table()  # (I, d)
             q, k = t.index_select(0, item.long()), t.index_select(0, ids.reshape(-1)).view(*ids.shape, self.d)
             if self.unit is not None:
-                w = self.unit[0].weight.split(self.d, dim=1)
-                k_proj = (t @ (w[1] - w[3]).T).index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
+                k_proj = (t @ self.key_weight().T).index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
         else:
             both = self.represent(torch.cat([item.long()[:, None], ids], 1))  # (B, L + 2, d)
             q, k = both[:, 0], both[:, 1:]  # (B, d), (B, L + 1, d)

@@ -201,7 +201,7 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
                      {k: round(v, 4) for k, v in b_scores.items()})
     # what the teacher and the student cost (every student of the study has the baseline's architecture)
     out["cost"] = {P.TEACHER: {**P.spec_cost(cfg, ds, t_spec), "train_examples_per_s": speed[P.TEACHER]},
-                   "student": {**P.spec_cost(cfg, ds, P.baseline_spec(ds)), "train_examples_per_s": speed.get("baseline_default", speed.get("baseline", 0.0))}}
+                   "student": {**P.spec_cost(cfg, ds, P.baseline_spec(ds)), "train_examples_per_s": speed.get("baseline", 0.0)}}
     out["data_facts"] = data_facts(ds)
     out["search"] = {"chosen": chosen, "scores": scores, "overrides": overrides,
                      "select_on": [s for s in cfg.study.select_on if s in out[chosen]]}
