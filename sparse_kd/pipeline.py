@@ -189,9 +189,10 @@ def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig
     if dist and dist["align"].get("target") == "text":  # the default, added later: runs trained before it still match
         del dist["align"]["target"]
     fp = {"data": data, "student": student, "train": train, "seed": seed, "distill": dist}
-    if name == TEACHER or distill.any_enabled:
+    teacher = name == TEACHER or name.startswith(TEACHER + "_search_")  # the study's teacher candidates too
+    if teacher or distill.any_enabled:
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
-    if name == TEACHER:
+    if teacher:
         fp["teacher_ranker"] = {"user_text": cfg.distill.user_text, **to_dict(cfg.distill.teacher_ranker)}
         if not cfg.distill.teacher_ranker.history_attention.enabled:  # added later: runs trained before it still match
             del fp["teacher_ranker"]["history_attention"]
@@ -269,7 +270,7 @@ def user_text_for(cfg: ExperimentConfig, ds: RecDataset, user_text: torch.Tensor
     return emb
 
 
-def teacher_spec(cfg, ds, user_text, item_text) -> RankerSpec:
+def teacher_spec(cfg, ds, user_text, item_text, name: str = TEACHER) -> RankerSpec:
     """The teacher ranker (architecture: ``distill.teacher_ranker``, :func:`~sparse_kd.student.model.teacher_arch`)
     sees the students' inputs plus text embeddings as dense features (PCA-reduced, or every dim with
     ``text_dim: -1``; ``user_text`` as given by :func:`user_text_for`), with ``history_pair`` the
@@ -280,7 +281,7 @@ def teacher_spec(cfg, ds, user_text, item_text) -> RankerSpec:
     k = cfg.student.teacher_text_dim if tr.text_dim == 0 else tr.text_dim
     text = (lambda x: x.float()) if k == -1 else (lambda x: pca_reduce(x, k))  # noqa: E731
     item_t = text(item_text)
-    spec = RankerSpec(TEACHER, torch.cat([ub, text(user_text)], 1), torch.cat([ib, item_t], 1),
+    spec = RankerSpec(name, torch.cat([ub, text(user_text)], 1), torch.cat([ib, item_t], 1),
                       arch=teacher_arch(cfg.student, tr))
     ha = tr.history_attention
     parts = ([HistoryPairFeature(ds, item_text)] if tr.history_pair else []) + (

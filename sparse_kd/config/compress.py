@@ -97,6 +97,10 @@ class StudyConfig:
     # it is and these, by the same validation score as ``chosen`` -- the same search budget as
     # the students get, so that a student's gain is not a weak baseline's loss
     baseline_search: tuple[tuple[str, ...], ...] = ()
+    # distillation study: candidate settings for the teacher ranker, each a list of ``train.*`` or
+    # ``distill.teacher_ranker.*`` overrides; per seed the students learn from the best of the
+    # config as it is and these, by the same validation score (a teacher trained to its best too)
+    teacher_search: tuple[tuple[str, ...], ...] = ()
     # validation splits whose mean AUC picks the ``chosen`` candidate per seed (those the dataset
     # has): valid alone ranks by warm items, as the study's main target (test AUC) does; adding
     # valid_cold trades warm AUC for cold-start AUC

@@ -151,6 +151,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_search(cfg, "search", "distill.", (), "the search varies distillation settings only")
     _check_search(cfg, "baseline_search", "train.", ("train.seed", "train.backend"),
                   "the baseline's search varies its training settings only")
+    _check_search(cfg, "teacher_search", ("train.", "distill.teacher_ranker."), ("train.seed", "train.backend"),
+                  "the teacher's search varies its training settings and its architecture only")
     for fill in cfg.study.compress_fills:
         need(fill in FILLS, "study.compress_fills", f"{fill!r} is not valid; expected one of {', '.join(FILLS)}")
     for r in cfg.study.compress_budgets:
@@ -159,14 +161,15 @@ def validate(cfg: ExperimentConfig) -> None:
         need(rk in ("array", "fold"), "study.compress_remaps", f"{rk!r} is not valid; expected array or fold")
 
 
-def _check_search(cfg: ExperimentConfig, key: str, prefix: str, excluded: tuple[str, ...], why: str) -> None:
+def _check_search(cfg: ExperimentConfig, key: str, prefix: str | tuple[str, ...], excluded: tuple[str, ...], why: str) -> None:
     """Every candidate of ``study.<key>`` overrides only ``<prefix>*`` keys (not ``excluded``) and
     gives a valid config on top of ``cfg``; errors name the candidate."""
     for i, cand in enumerate(getattr(cfg.study, key)):
         for ov in cand:
             name = ov.split("=", 1)[0].strip()
             if "=" not in ov or not name.startswith(prefix) or name in excluded:
-                raise ConfigError(f"study.{key}[{i}]: {ov!r}: expected {prefix}KEY=VALUE ({why})")
+                expected = " or ".join(f"{p}KEY=VALUE" for p in ((prefix,) if isinstance(prefix, str) else prefix))
+                raise ConfigError(f"study.{key}[{i}]: {ov!r}: expected {expected} ({why})")
         try:
             raw = merge(to_dict(cfg), parse_overrides(list(cand)))
             raw["study"][key] = []

@@ -90,6 +90,7 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
     facts = {s: per_seed[s].pop("data_facts", None) for s in per_seed}
     mf = {s: per_seed[s].pop("mf_reference", None) for s in per_seed}
     b_search = {s: per_seed[s].pop("baseline_search", None) for s in per_seed}
+    t_search = {s: per_seed[s].pop("teacher_search", None) for s in per_seed}
     costs = {s: per_seed[s].pop("cost", None) for s in per_seed}
     mf_ok = all(m and all(sp in m for sp in MF_TARGET_SPLITS) for m in mf.values())
     if mf_ok:  # a row of the quality table (split metrics only; the detail stays in doc["mf_reference"])
@@ -124,9 +125,11 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
 
     sections = [table]
     doc: dict = {"seeds": list(per_seed), "summary": summary, "per_seed": per_seed, "search": search, "data_facts": facts,
-                 "mf_reference": mf, "baseline_search": b_search, "cost": costs}
+                 "mf_reference": mf, "baseline_search": b_search, "teacher_search": t_search, "cost": costs}
     if any(b_search.values()):
         sections.append(baseline_search_note(b_search))
+    if any(t_search.values()):
+        sections.append(baseline_search_note(t_search, "teacher ranker", "its training settings and architecture"))
     cost = next((c for c in costs.values() if c), None)
     if cost:
         sections.append(cost_note(cost))
@@ -199,15 +202,15 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
     return summary
 
 
-def baseline_search_note(b_search: dict) -> str:
-    """Which training settings the baseline was given, per seed, and their validation scores."""
+def baseline_search_note(b_search: dict, who: str = "baseline", what: str = "its training settings") -> str:
+    """Which settings the baseline (or the teacher ranker) was given, per seed, and their validation scores."""
     first = next(v for v in b_search.values() if v)
     rows = [[n, " ".join(ovs) or "(the config as is)"]
             + [f"{b_search[s]['scores'].get(n, float('nan')):.4f}" + (" *" if b_search[s]["chosen"] == n else "")
                if b_search[s] else "" for s in b_search]
             for n, ovs in first["overrides"].items()]
-    return ("The baseline's own search (its training settings, chosen per seed on validation as `chosen` is; "
-            "* = the baseline reported above):\n\n"
+    return (f"The {who}'s own search ({what}, chosen per seed on validation as `chosen` is; "
+            f"* = the {who} reported above):\n\n"
             + markdown_table(["candidate", "overrides"] + [f"seed {s}" for s in b_search], rows))
 
 

@@ -75,6 +75,17 @@ def baseline_candidate(cfg: ExperimentConfig, overrides) -> ExperimentConfig:
     return dataclasses.replace(c, distill=variant_distill(c, "baseline"))
 
 
+def teacher_candidates(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, list[str]]]:
+    """The teacher ranker as configured and each ``study.teacher_search`` candidate (``train.*`` /
+    ``distill.teacher_ranker.*`` overrides): name -> (config, overrides)."""
+    from sparse_kd import pipeline as P
+
+    out = {P.TEACHER: (cfg, [])}
+    for i, ovs in enumerate(cfg.study.teacher_search):
+        out[f"{P.TEACHER}_search_{i}"] = (replace(cfg, list(ovs)), list(ovs))
+    return out
+
+
 def candidates(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, list[str]]]:
     """``combined`` and the ``study.search`` candidates: name -> (config, overrides); candidates
     whose distill settings equal an earlier one's are left out."""
@@ -146,6 +157,8 @@ def check_seed(cfg: ExperimentConfig, seed: int) -> None:
     for i, ovs in enumerate(cfg.study.baseline_search):
         bcfg = baseline_candidate(cfg, ovs)
         fps[f"baseline_search_{i}"] = P.variant_fingerprint(bcfg, f"baseline_search_{i}", bcfg.distill, seed)
+    for name, (tcfg, _) in teacher_candidates(cfg).items():
+        fps[name] = P.variant_fingerprint(tcfg, name, DistillConfig(), seed)
     P.check_run_folder(cfg, fps)
 
 
@@ -162,9 +175,8 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     ds = P.prepare_data(cfg, env)
     user_text, item_text = P.text_embeddings(cfg, ds, env)
     user_text = P.user_text_for(cfg, ds, user_text, item_text, env)
-    t_spec = P.teacher_spec(cfg, ds, user_text, item_text)
-    teacher = P.train_variant(cfg, ds, t_spec, env, seed, want_train_logits=True)
-    out: dict = {P.TEACHER: teacher.metrics}
+    out: dict = {}
+    teacher, t_spec = train_teacher(cfg, ds, user_text, item_text, env, seed, out)
     speed = {P.TEACHER: teacher.examples_per_s}  # training examples/s of each ranker
 
     def train(vcfg: ExperimentConfig, name: str) -> dict:
@@ -213,6 +225,37 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
         log.info("[seed %d] chosen on validation: %s (scores %s)", seed, chosen, {k: round(v, 4) for k, v in scores.items()})
         write_text(Path(cfg.output_dir) / "study_metrics.json", json.dumps(out, indent=1))
     return out
+
+
+def train_teacher(cfg: ExperimentConfig, ds, user_text, item_text, env, seed: int, out: dict):
+    """Train the teacher ranker, and with ``study.teacher_search`` each candidate, into this
+    seed's folder; the teacher the students learn from is the one with the best selection score
+    on validation (as ``chosen`` is). Writes ``out[teacher_ranker]`` (the chosen one's metrics)
+    and, with a search, ``out["teacher_search"]`` and each candidate's metrics. Returns (result,
+    spec) of the chosen teacher."""
+    from sparse_kd import pipeline as P
+
+    cands = teacher_candidates(cfg)
+    trained, overrides = {}, {}
+    for name, (tcfg, ovs) in cands.items():
+        spec = P.teacher_spec(tcfg, ds, user_text, item_text, name=name)  # a fresh spec: its modules are trained
+        trained[name] = (P.train_variant(tcfg, ds, spec, env, seed, want_train_logits=True), spec)
+        overrides[name] = ovs
+    out[P.TEACHER] = trained[P.TEACHER][0].metrics
+    if len(cands) == 1:
+        return trained[P.TEACHER]
+    scores = {n: selection_score(r.metrics, tuple(cfg.study.select_on)) for n, (r, _) in trained.items()}
+    chosen = choose(scores)
+    out["teacher_default"] = out[P.TEACHER]
+    for n, (r, _) in trained.items():
+        if n != P.TEACHER:
+            out[n] = r.metrics
+    out[P.TEACHER] = trained[chosen][0].metrics
+    out["teacher_search"] = {"chosen": chosen, "scores": scores, "overrides": overrides}
+    if env.is_main:
+        log.info("[seed %d] teacher ranker chosen on validation: %s (scores %s)", seed, chosen,
+                 {k: round(v, 4) for k, v in scores.items()})
+    return trained[chosen]
 
 
 def mf_reference(cfg: ExperimentConfig, ds, seed: int) -> dict:

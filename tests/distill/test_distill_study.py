@@ -142,11 +142,15 @@ def test_summary_reports_the_baselines_search_cost_and_transferability(tmp_path)
         m["search"] = {"chosen": "combined", "scores": {"combined": 0.73}, "overrides": {"combined": []}, "select_on": ["valid"]}
         m["baseline_search"] = {"chosen": "baseline_search_0", "scores": {"baseline_default": 0.70, "baseline_search_0": 0.71},
                                 "overrides": {"baseline_default": [], "baseline_search_0": ["train.dense_lr=0.01"]}}
+        m["teacher_search"] = {"chosen": "teacher_ranker_search_0",
+                               "scores": {"teacher_ranker": 0.73, "teacher_ranker_search_0": 0.7400},
+                               "overrides": {"teacher_ranker": [], "teacher_ranker_search_0": ["train.embedding_l2=0.0003"]}}
         m["cost"] = cost
         (d / "study_metrics.json").write_text(json.dumps(m))
     R.summarize(cfg, tmp_path / "docs")
     md = (tmp_path / "docs" / "distill_study_tiny.md").read_text()
     assert "train.dense_lr=0.01" in md and "0.7100 *" in md  # the tuned baseline, marked
+    assert "The teacher ranker's own search" in md and "train.embedding_l2=0.0003" in md and "0.7400 *" in md
     assert "10.0x the student in parameters and 30.0x in multiply-adds" in md
     assert "| teacher ranker          | 32 | 1,000  | 400          | 600          | 0.00    | 900            | 1,234" in md
     assert md.rstrip().count("n/a") >= 1  # the student's speed was not recorded here
@@ -222,3 +226,50 @@ def test_baseline_candidates_train_as_baselines(tmp_path, monkeypatch, one_proce
     assert bcfg.train.embedding_l2 == 0.001 and not bcfg.distill.any_enabled
     assert base.teacher_logits is None and not base.init_rows and base.refit is None
     assert specs["combined"][0].teacher_logits is not None  # the students still distill
+
+
+def test_teacher_search_trains_each_candidate_and_students_learn_from_the_valid_choice(tmp_path, monkeypatch, one_process):
+    """study.teacher_search: the teacher ranker as configured and each candidate are trained (a
+    fresh spec each, its own folder and fingerprint); the one best on valid is the teacher the
+    students distill from, and the teacher_ranker row of the study."""
+    import torch
+
+    from sparse_kd import pipeline as P
+    from sparse_kd.student.spec import RankerResult
+
+    cfg = tiny_config(str(tmp_path / "study"), nproc=1, distill={"logit": {"enabled": True}},
+                      study={"seeds": [0], "variants": ["baseline", "combined"], "mf_reference": False,
+                             "select_on": ["valid"],
+                             "teacher_search": [["train.embedding_l2=0.001"], ["distill.teacher_ranker.text_dim=-1"]]})
+    valid = {P.TEACHER: 0.70, f"{P.TEACHER}_search_0": 0.75, f"{P.TEACHER}_search_1": 0.72}
+    specs, logits = {}, {}
+
+    def fake_train(vcfg, ds, spec, env, seed, want_train_logits=False):
+        specs[spec.name] = (spec, vcfg)
+        n = len(ds.splits["train"])
+        logits[spec.name] = torch.full((n,), float(len(logits))) if want_train_logits else None
+        return RankerResult(spec.name, {"valid": {"auc": valid.get(spec.name, 0.6)}, "test": {"auc": 0.5}}, None,
+                            logits[spec.name], 1.0)
+
+    monkeypatch.setattr(P, "train_variant", fake_train)
+    monkeypatch.setattr(P, "text_embeddings", lambda c, ds, env: (torch.randn(ds.num_users, 8), torch.randn(ds.num_items, 8)))
+    out = S.run_seed(cfg, 0)
+    assert specs[f"{P.TEACHER}_search_0"][1].train.embedding_l2 == 0.001
+    assert specs[f"{P.TEACHER}_search_1"][1].distill.teacher_ranker.text_dim == -1
+    # three distinct specs: a candidate's modules are never the ones another teacher trained
+    assert len({id(specs[n][0]) for n in valid}) == 3
+    assert out["teacher_search"]["chosen"] == f"{P.TEACHER}_search_0"
+    assert out[P.TEACHER]["valid"]["auc"] == 0.75 and out["teacher_default"]["valid"]["auc"] == 0.70
+    assert torch.equal(specs["combined"][0].teacher_logits, logits[f"{P.TEACHER}_search_0"])
+    # every candidate folder is fingerprinted with the teacher's settings, its overrides included
+    fp0 = P.variant_fingerprint(specs[f"{P.TEACHER}_search_1"][1], f"{P.TEACHER}_search_1", cfg.distill, 0)
+    assert fp0["teacher_ranker"]["text_dim"] == -1
+
+
+def test_teacher_search_takes_training_and_teacher_ranker_settings_only():
+    cfg = tiny_config("unused", nproc=1, study={"teacher_search": [["train.dense_lr=0.01", "distill.teacher_ranker.dcn_layers=2"]]})
+    assert cfg.study.teacher_search == (("train.dense_lr=0.01", "distill.teacher_ranker.dcn_layers=2"),)
+    with pytest.raises(ConfigError, match=r"study\.teacher_search\[0\].*distill\.teacher_ranker\.KEY=VALUE"):
+        tiny_config("unused", nproc=1, study={"teacher_search": [["distill.logit.enabled=true"]]})
+    with pytest.raises(ConfigError, match=r"study\.teacher_search\[0\].*train\.seed"):
+        tiny_config("unused", nproc=1, study={"teacher_search": [["train.seed=3"]]})
