@@ -38,6 +38,8 @@ def validate(cfg: ExperimentConfig) -> None:
     need(len(s.dense_arch) >= 1 and s.dense_arch[-1] == s.embedding_dim, "student.dense_arch",
          f"the last layer must equal student.embedding_dim ({s.embedding_dim}) for the DLRM interaction")
     need(len(s.over_arch) >= 1 and s.over_arch[-1] == 1, "student.over_arch", "the last layer must be 1 (one logit)")
+    # torchrec's OverArch: "OverArch must have multiple layers." (raised only inside the ranks)
+    need(len(s.over_arch) >= 2, "student.over_arch", f"{list(s.over_arch)}: needs at least two layers, e.g. [16, 1]")
     for feat, st in s.sharding.items():
         need(st in SHARDING_TYPES, f"student.sharding.{feat}", f"{st!r} is not valid; expected one of {', '.join(SHARDING_TYPES)}")
     need(s.teacher_text_dim >= 1, "student.teacher_text_dim", "must be >= 1")
@@ -59,6 +61,8 @@ def validate(cfg: ExperimentConfig) -> None:
          f"the last layer must equal the teacher ranker's embedding dim ({t_dim}) for the DLRM interaction"
          + ("" if tr_.dense_arch else "; set distill.teacher_ranker.dense_arch too when you widen its tables"))
     need(not tr_.over_arch or tr_.over_arch[-1] == 1, "distill.teacher_ranker.over_arch", "the last layer must be 1 (one logit)")
+    need(not tr_.over_arch or len(tr_.over_arch) >= 2, "distill.teacher_ranker.over_arch",
+         f"{list(tr_.over_arch)}: needs at least two layers, e.g. [64, 1]")
     need(tr_.dcn_layers >= 1 and tr_.dcn_rank >= 1, "distill.teacher_ranker.dcn_layers", "dcn_layers and dcn_rank must be >= 1")
     need(tr_.text_dim >= -1, "distill.teacher_ranker.text_dim", "must be -1 (every text dim), 0 (student.teacher_text_dim) or > 0")
     ha = tr_.history_attention

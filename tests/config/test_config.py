@@ -41,6 +41,8 @@ def test_overrides_apply_and_parse_yaml_values():
         ("student.sharding.item_id=grid", "student.sharding.item_id: 'grid' is not valid"),
         ("student.embedding_dim=10", "student.embedding_dim: must be a multiple of 4"),
         ("student.over_arch=[8, 2]", "student.over_arch: the last layer must be 1"),
+        ("student.over_arch=[1]", "student.over_arch: [1]: needs at least two layers"),
+        ("distill.teacher_ranker.over_arch=[1]", "distill.teacher_ranker.over_arch: [1]: needs at least two layers"),
         ("train.batch_size=255", "train.batch_size: must be a positive multiple of nproc"),
         ("data.source=movielens", "data.path: required when data.source is 'movielens'"),
         ("distill.logit.kd_ratio=1.5", "distill.logit.kd_ratio: must be in [0, 1]"),
