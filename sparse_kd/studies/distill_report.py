@@ -237,11 +237,16 @@ def cost_note(cost: dict) -> str:
 
 def transferability(summary: dict) -> dict:
     """(chosen − baseline) / (teacher ranker − baseline) on mean test AUC: the share of the teacher's
-    gain the student keeps (undefined when the teacher is not above the baseline)."""
+    gain the student keeps. Undefined when the teacher is not above the baseline, on the mean or on
+    any seed (a ratio over a gain within seed noise says nothing: +0.0011 once gave "258%")."""
     b, t, c = (summary[v]["test"]["mean"] for v in ("baseline", "teacher_ranker", "chosen"))
     gap = t - b
+    per_seed = [ts - bs for ts, bs in zip(summary["teacher_ranker"]["test"].get("per_seed", []),
+                                          summary["baseline"]["test"].get("per_seed", []))]
+    out = {"value": None, "teacher_gain": gap, "student_gain": c - b, "teacher_gain_per_seed": per_seed}
     if gap <= 0:
-        return {"value": None, "teacher_gain": gap, "student_gain": c - b,
-                "text": f"undefined: the teacher ranker is not above the baseline ({gap:+.4f}; the student {c - b:+.4f})"}
-    return {"value": (c - b) / gap, "teacher_gain": gap, "student_gain": c - b,
-            "text": f"{(c - b) / gap:.0%} (teacher {gap:+.4f}, student {c - b:+.4f})"}
+        return {**out, "text": f"undefined: the teacher ranker is not above the baseline ({gap:+.4f}; the student {c - b:+.4f})"}
+    if any(d <= 0 for d in per_seed):
+        return {**out, "text": f"undefined: the teacher ranker is not above the baseline on every seed (mean {gap:+.4f}; "
+                               f"per seed {', '.join(f'{d:+.4f}' for d in per_seed)}; the student {c - b:+.4f})"}
+    return {**out, "value": (c - b) / gap, "text": f"{(c - b) / gap:.0%} (teacher {gap:+.4f}, student {c - b:+.4f})"}

@@ -166,6 +166,18 @@ def test_transferability_is_undefined_without_a_teacher_gain():
     assert t["value"] is None and "not above the baseline" in t["text"]
 
 
+def test_transferability_is_undefined_when_the_teacher_is_not_above_on_every_seed():
+    """A mean teacher gain of +0.0011 made of one seed above and two below once gave "258%"."""
+    s = {"baseline": {"test": {"mean": 0.8516, "per_seed": [0.8459, 0.8553, 0.8536]}},
+         "teacher_ranker": {"test": {"mean": 0.8527, "per_seed": [0.8497, 0.8549, 0.8535]}},
+         "chosen": {"test": {"mean": 0.8544}}}
+    t = R.transferability(s)
+    assert t["value"] is None and "on every seed" in t["text"] and "-0.0004" in t["text"]
+    s["teacher_ranker"]["test"]["per_seed"] = [0.8497, 0.8563, 0.8546]  # above on every seed: defined
+    s["teacher_ranker"]["test"]["mean"] = 0.8535
+    assert R.transferability(s)["value"] == pytest.approx((0.8544 - 0.8516) / (0.8535 - 0.8516))
+
+
 def test_baseline_search_takes_training_settings_only():
     cfg = tiny_config("unused", nproc=1, study={"baseline_search": [["train.dense_lr=0.01", "train.weight_decay=0.001"]]})
     assert cfg.study.baseline_search == (("train.dense_lr=0.01", "train.weight_decay=0.001"),)
