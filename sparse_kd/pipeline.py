@@ -36,6 +36,7 @@ from sparse_kd import atomic
 from sparse_kd.config import DistillConfig, ExperimentConfig, to_dict
 from sparse_kd.data import load_dataset
 from sparse_kd.data.batching import count_dense
+from sparse_kd.data.heldout import write_heldout_pairs
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import check_logit_kd, train_source
 from sparse_kd.dist import DistEnv, barrier, init_distributed, long_barrier, long_broadcast_object, on_main, raise_if_any
@@ -46,6 +47,7 @@ from sparse_kd.distill.transfer import learned_map, pca_reduce, transfer_map
 from sparse_kd.report import metrics_table
 from sparse_kd.run_folder import StaleRunError, check_run_folder, check_shared_run_folder
 from sparse_kd.student.cost import cost_table, ranker_cost
+from sparse_kd.student.ensemble import combine, member_name, member_seed
 from sparse_kd.student.export import check_fingerprint, write_model_meta
 from sparse_kd.student.model import arch_of, teacher_arch
 from sparse_kd.student.spec import RankerResult, RankerSpec, RefitSpec
@@ -83,23 +85,6 @@ def prepare_data(cfg: ExperimentConfig, env: DistEnv) -> RecDataset:
         log.info("data: skipped or changed while loading: %s (also in metrics.json data_report)", skipped or "nothing")
     long_barrier()  # rank 0's writes take minutes at production sizes: not inside train.collective_timeout_s
     return ds
-
-
-def write_heldout_pairs(ds: RecDataset, path: Path) -> None:
-    """The test and test_cold interactions as raw-id CSV (split,user_id,item_id,label), so a serving
-    process can score them without the data loaders."""
-    import csv
-    from itertools import repeat
-
-    import numpy as np
-
-    user_ids, item_ids = np.asarray(ds.user_ids, dtype=object), np.asarray(ds.item_ids, dtype=object)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["split", "user_id", "item_id", "label"])
-        for split in ("test", "test_cold"):
-            sp = ds.splits[split]
-            w.writerows(zip(repeat(split), user_ids[sp.user], item_ids[sp.item], np.asarray(sp.label).astype(np.int64).tolist()))
 
 
 def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv,
@@ -189,20 +174,22 @@ def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig
     if dist and dist["align"].get("target") == "text":  # the default, added later: runs trained before it still match
         del dist["align"]["target"]
     fp = {"data": data, "student": student, "train": train, "seed": seed, "distill": dist}
-    teacher = name == TEACHER or name.startswith(TEACHER + "_search_")  # the study's teacher candidates too
+    teacher = name.startswith(TEACHER)  # the study's teacher candidates and ensemble members too
     if teacher or distill.any_enabled:
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
     if teacher:
         fp["teacher_ranker"] = {"user_text": cfg.distill.user_text, **to_dict(cfg.distill.teacher_ranker)}
+        del fp["teacher_ranker"]["ensemble"]  # one member is one model whatever K (its seed tells them apart)
         if not cfg.distill.teacher_ranker.history_attention.enabled:  # added later: runs trained before it still match
             del fp["teacher_ranker"]["history_attention"]
     return fp
 
 
-def spec_cost(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec) -> dict:
-    """Parameters and multiply-adds per example of the ranker ``spec`` describes (:mod:`sparse_kd.student.cost`)."""
-    return ranker_cost({f.name: f.num_embeddings for f in ds.features}, spec.dense_dim, spec.arch or arch_of(cfg.student),
-                       spec.pair_feature)
+def spec_cost(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, copies: int = 1) -> dict:
+    """Parameters and multiply-adds per example of ``spec``'s ranker (:mod:`sparse_kd.student.cost`) x ``copies``."""
+    c = ranker_cost({f.name: f.num_embeddings for f in ds.features}, spec.dense_dim, spec.arch or arch_of(cfg.student),
+                    spec.pair_feature)
+    return {k: v * copies if k in ("params", "table_params", "dense_params", "macs_per_example") else v for k, v in c.items()}
 
 
 def baseline_spec(ds: RecDataset, name: str = "baseline") -> RankerSpec:
@@ -228,6 +215,8 @@ def check_before_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TE
     seed = cfg.train.seed if seed is None else seed
     fps = {v: variant_fingerprint(cfg, v, cfg.distill if v == "distilled" else DistillConfig(), seed)
            for v in trained_variants(cfg, variants)}
+    for k in range(1, cfg.distill.teacher_ranker.ensemble if TEACHER in fps else 1):  # an ensemble's other members
+        fps[member_name(TEACHER, k)] = variant_fingerprint(cfg, member_name(TEACHER, k), DistillConfig(), member_seed(seed, k))
     check_run_folder(cfg, fps)
     if uses_text(cfg, variants):  # a baseline-only run needs no teacher model
         resolve_model_path(cfg.teacher.model, allow_pickle_weights=cfg.teacher.allow_pickle_weights)
@@ -291,6 +280,18 @@ def teacher_spec(cfg, ds, user_text, item_text, name: str = TEACHER) -> RankerSp
     return spec
 
 
+def train_teacher(cfg, ds, user_text, item_text, env: DistEnv, seed: int, name: str = TEACHER) -> tuple[RankerResult, RankerSpec]:
+    """Train the teacher ranker ``name`` (every rank), with ``distill.teacher_ranker.ensemble`` K > 1 as
+    K members combined (:mod:`sparse_kd.student.ensemble`). Returns (result, member 0's spec)."""
+    members = []
+    for k in range(cfg.distill.teacher_ranker.ensemble):
+        spec = teacher_spec(cfg, ds, user_text, item_text, name=member_name(name, k))  # a fresh model each
+        members.append((train_variant(cfg, ds, spec, env, member_seed(seed, k), want_train_logits=True), spec))
+    if len(members) == 1:
+        return members[0]
+    return combine(name, members, ds, lambda sp, ck, rows: predict_checkpoint(cfg, ds, sp, ck, rows, env, seed)), members[0][1]
+
+
 def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult], name: str = "distilled",
                    teacher_ranker_spec: Optional[RankerSpec] = None, env: Optional[DistEnv] = None, seed: int = 0) -> RankerSpec:
     """A distilled student: ``cfg.distill``'s methods, fed by the teacher ranker's result.
@@ -311,7 +312,8 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
         steps = train_source(ds, cfg.data).steps_per_epoch(cfg.train.batch_size)  # sampled negatives included
         pool = sample_pool(ds, dc.pairs, steps * pool_batch(dc.pairs, cfg.train.batch_size), seed)
         spec.kd_pool = pool
-        spec.kd_pool_logits = predict_checkpoint(cfg, ds, teacher_ranker_spec, teacher.checkpoint, pool, env, seed)
+        members = teacher.members or [(teacher_ranker_spec, teacher.checkpoint)]  # an ensemble: its mean logit
+        spec.kd_pool_logits = torch.stack([predict_checkpoint(cfg, ds, s, c, pool, env, seed) for s, c in members]).mean(0)
         if env.is_main:
             log.info("[%s] sampled-pair KD pool: %s", name, describe_pool(ds, pool))
     if dc.align.enabled and dc.align.target == "teacher":
@@ -413,9 +415,8 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
     results: dict[str, RankerResult] = {}
     costs: dict[str, dict] = {}  # what each ranker costs (parameters, multiply-adds per example)
     if TEACHER in trained_variants(cfg, variants):
-        t_spec = teacher_spec(cfg, ds, user_text, item_text)
-        teacher = train_variant(cfg, ds, t_spec, env, seed, want_train_logits=True)
-        results[TEACHER], costs[TEACHER] = teacher, spec_cost(cfg, ds, t_spec)
+        teacher, t_spec = train_teacher(cfg, ds, user_text, item_text, env, seed)
+        results[TEACHER], costs[TEACHER] = teacher, spec_cost(cfg, ds, t_spec, cfg.distill.teacher_ranker.ensemble)
     if not ("distilled" in variants and distilled_uses_text(cfg.distill)):
         user_text = item_text = None  # the teacher ranker keeps only its PCA features of them
     if not ("distilled" in variants and cfg.distill.pairs.enabled):

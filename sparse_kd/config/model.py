@@ -131,6 +131,8 @@ class TeacherRankerConfig:
     texts of the other items the user clicked in train (see :mod:`sparse_kd.distill.history`).
     history_attention: the user's behaviour as a sequence, target attention over the items the
     user clicked before (:class:`HistoryAttentionConfig`).
+    ensemble: K members of this teacher, each trained from its own seed; the teacher is their mean
+    logit (:mod:`sparse_kd.student.ensemble`). K times the cost; 1: one model.
     """
 
     history_pair: bool = False
@@ -142,6 +144,7 @@ class TeacherRankerConfig:
     dcn_rank: int = 64
     text_dim: int = 0
     history_attention: HistoryAttentionConfig = field(default_factory=HistoryAttentionConfig)
+    ensemble: int = 1
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ def validate(cfg: ExperimentConfig) -> None:
     need(not tr_.over_arch or tr_.over_arch[-1] == 1, "distill.teacher_ranker.over_arch", "the last layer must be 1 (one logit)")
     need(not tr_.over_arch or len(tr_.over_arch) >= 2, "distill.teacher_ranker.over_arch",
          f"{list(tr_.over_arch)}: needs at least two layers, e.g. [64, 1]")
+    need(1 <= tr_.ensemble <= 32, "distill.teacher_ranker.ensemble", f"{tr_.ensemble} is not valid; give 1 (one model) to 32 members")
     need(tr_.dcn_layers >= 1 and tr_.dcn_rank >= 1, "distill.teacher_ranker.dcn_layers", "dcn_layers and dcn_rank must be >= 1")
     need(tr_.text_dim >= -1, "distill.teacher_ranker.text_dim", "must be -1 (every text dim), 0 (student.teacher_text_dim) or > 0")
     ha = tr_.history_attention

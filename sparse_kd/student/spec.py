@@ -80,7 +80,8 @@ class RankerSpec:
 class RankerResult:
     """metrics: split -> {"auc", "logloss", "n"} ({} when the run was stopped early);
     checkpoint: the last complete checkpoint; train_logits: (N_train,) when requested;
-    history: one row per epoch (global_step, valid AUC and log loss)."""
+    history: one row per epoch (global_step, valid AUC and log loss); members: an ensemble's
+    (spec, checkpoint) per member (:mod:`sparse_kd.student.ensemble`), empty for one model."""
 
     name: str
     metrics: dict
@@ -88,3 +89,4 @@ class RankerResult:
     train_logits: Optional[torch.Tensor] = None
     examples_per_s: float = 0.0
     history: list = field(default_factory=list)
+    members: list = field(default_factory=list)

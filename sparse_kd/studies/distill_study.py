@@ -40,6 +40,7 @@ import numpy as np
 from sparse_kd.atomic import write_text
 from sparse_kd.config import DistillConfig, ExperimentConfig, replace, to_dict
 from sparse_kd.run_folder import check_shared_run_folder
+from sparse_kd.student.ensemble import member_name, member_seed
 from sparse_kd.metrics import EVAL_SPLITS as SPLITS
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,9 @@ def check_seed(cfg: ExperimentConfig, seed: int) -> None:
     for i, ovs in enumerate(cfg.study.baseline_search):
         bcfg = baseline_candidate(cfg, ovs)
         fps[f"baseline_search_{i}"] = P.variant_fingerprint(bcfg, f"baseline_search_{i}", bcfg.distill, seed)
-    for name, (tcfg, _) in teacher_candidates(cfg).items():
-        fps[name] = P.variant_fingerprint(tcfg, name, DistillConfig(), seed)
+    for name, (tcfg, _) in teacher_candidates(cfg).items():  # every member of an ensemble teacher
+        for k in range(tcfg.distill.teacher_ranker.ensemble):
+            fps[member_name(name, k)] = P.variant_fingerprint(tcfg, member_name(name, k), DistillConfig(), member_seed(seed, k))
     P.check_run_folder(cfg, fps)
 
 
@@ -212,7 +214,8 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
             log.info("[seed %d] baseline chosen on validation: %s (scores %s)", seed, b_chosen,
                      {k: round(v, 4) for k, v in b_scores.items()})
     # what the teacher and the student cost (every student of the study has the baseline's architecture)
-    out["cost"] = {P.TEACHER: {**P.spec_cost(cfg, ds, t_spec), "train_examples_per_s": speed[P.TEACHER]},
+    copies = len(teacher.members) or 1  # an ensemble costs its members together
+    out["cost"] = {P.TEACHER: {**P.spec_cost(cfg, ds, t_spec, copies), "train_examples_per_s": speed[P.TEACHER]},
                    "student": {**P.spec_cost(cfg, ds, P.baseline_spec(ds)), "train_examples_per_s": speed.get("baseline", 0.0)}}
     out["data_facts"] = data_facts(ds)
     out["search"] = {"chosen": chosen, "scores": scores, "overrides": overrides,
@@ -237,9 +240,8 @@ def train_teacher(cfg: ExperimentConfig, ds, user_text, item_text, env, seed: in
 
     cands = teacher_candidates(cfg)
     trained, overrides = {}, {}
-    for name, (tcfg, ovs) in cands.items():
-        spec = P.teacher_spec(tcfg, ds, user_text, item_text, name=name)  # a fresh spec: its modules are trained
-        trained[name] = (P.train_variant(tcfg, ds, spec, env, seed, want_train_logits=True), spec)
+    for name, (tcfg, ovs) in cands.items():  # a fresh spec each: its modules are trained
+        trained[name] = P.train_teacher(tcfg, ds, user_text, item_text, env, seed, name=name)
         overrides[name] = ovs
     out[P.TEACHER] = trained[P.TEACHER][0].metrics
     if len(cands) == 1:
