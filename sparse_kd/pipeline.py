@@ -289,7 +289,7 @@ def train_teacher(cfg, ds, user_text, item_text, env: DistEnv, seed: int, name: 
         members.append((train_variant(cfg, ds, spec, env, member_seed(seed, k), want_train_logits=True), spec))
     if len(members) == 1:
         return members[0]
-    return combine(name, members, ds, lambda sp, ck, rows: predict_checkpoint(cfg, ds, sp, ck, rows, env, seed)), members[0][1]
+    return combine(name, members, ds), members[0][1]
 
 
 def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult], name: str = "distilled",
@@ -416,7 +416,7 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
     costs: dict[str, dict] = {}  # what each ranker costs (parameters, multiply-adds per example)
     if TEACHER in trained_variants(cfg, variants):
         teacher, t_spec = train_teacher(cfg, ds, user_text, item_text, env, seed)
-        results[TEACHER], costs[TEACHER] = teacher, spec_cost(cfg, ds, t_spec, cfg.distill.teacher_ranker.ensemble)
+        results[TEACHER], costs[TEACHER] = teacher, spec_cost(cfg, ds, t_spec, len(teacher.members) or 1)
     if not ("distilled" in variants and distilled_uses_text(cfg.distill)):
         user_text = item_text = None  # the teacher ranker keeps only its PCA features of them
     if not ("distilled" in variants and cfg.distill.pairs.enabled):

@@ -56,6 +56,24 @@ def predict_sharded(
     return torch.cat(result)[:n]
 
 
+def split_logits(
+    pipeline: TrainPipelineSparseDist,
+    model: torch.nn.Module,
+    ds: RecDataset,
+    builder: BatchBuilder,
+    eval_batch_size: int,
+    env: DistEnv,
+    splits=EVAL_SPLITS,
+) -> dict[str, torch.Tensor]:
+    """split -> logits (N_split,) of every row (the same on every rank)."""
+    return {s: predict_sharded(pipeline, model, ds.splits[s], builder, eval_batch_size, env) for s in splits}
+
+
+def split_metrics(ds: RecDataset, logits: dict[str, torch.Tensor]) -> dict:
+    """split -> {"auc", "logloss", "n"} of ``logits`` (split -> (N_split,)) against the split's labels."""
+    return {s: binary_metrics(v, torch.from_numpy(ds.splits[s].label)) for s, v in logits.items()}
+
+
 def evaluate_sharded(
     pipeline: TrainPipelineSparseDist,
     model: torch.nn.Module,
@@ -66,9 +84,4 @@ def evaluate_sharded(
     splits=EVAL_SPLITS,
 ) -> dict:
     """split -> {"auc", "logloss", "n"} (the same on every rank)."""
-    out = {}
-    for s in splits:
-        sp = ds.splits[s]
-        logits = predict_sharded(pipeline, model, sp, builder, eval_batch_size, env)
-        out[s] = binary_metrics(logits, torch.from_numpy(sp.label))
-    return out
+    return split_metrics(ds, split_logits(pipeline, model, ds, builder, eval_batch_size, env, splits))

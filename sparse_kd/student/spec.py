@@ -81,7 +81,8 @@ class RankerResult:
     """metrics: split -> {"auc", "logloss", "n"} ({} when the run was stopped early);
     checkpoint: the last complete checkpoint; train_logits: (N_train,) when requested;
     history: one row per epoch (global_step, valid AUC and log loss); members: an ensemble's
-    (spec, checkpoint) per member (:mod:`sparse_kd.student.ensemble`), empty for one model."""
+    (spec, checkpoint) per member (:mod:`sparse_kd.student.ensemble`), empty for one model;
+    eval_logits: split -> (N_split,) logits behind ``metrics``, kept where train logits are."""
 
     name: str
     metrics: dict
@@ -90,3 +91,4 @@ class RankerResult:
     examples_per_s: float = 0.0
     history: list = field(default_factory=list)
     members: list = field(default_factory=list)
+    eval_logits: Optional[dict] = None

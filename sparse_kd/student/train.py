@@ -42,7 +42,7 @@ from sparse_kd.student.refit import refit_rows
 from sparse_kd.student.init import write_tables
 from sparse_kd.student.model import arch_of, build_dlrm
 from sparse_kd.student.optim import combined_optimizer, sparse_optimizer
-from sparse_kd.student.predict import evaluate_sharded, predict_sharded
+from sparse_kd.student.predict import evaluate_sharded, predict_sharded, split_logits, split_metrics
 from sparse_kd.student.reshard import check_resume
 from sparse_kd.student.selection import BEST_DIR, EpochSelector
 from sparse_kd.student.sharding import build_plan, describe_plan
@@ -228,12 +228,15 @@ def train_ranker(
             if env.is_main:
                 log.info("[%s] weight transfer refit: rows of rarely seen entities set from text: %s", spec.name, written)
             last_saved = save(tc.epochs, 0)
-    metrics = evaluate_sharded(pipeline, r.dmp, ds, r.builder, tc.eval_batch_size, env)
+    eval_logits = split_logits(pipeline, r.dmp, ds, r.builder, tc.eval_batch_size, env)
+    metrics = split_metrics(ds, eval_logits)
     train_logits = predict_sharded(pipeline, r.dmp, ds.splits["train"], r.builder, tc.eval_batch_size, env) if want_train_logits else None
     if writer:
         writer.close()
     eps = n_seen / t_train if t_train > 0 else 0.0
-    return RankerResult(spec.name, metrics, last_saved or ckpt.latest(ck_dir), train_logits, eps, history)
+    # a teacher (want_train_logits) keeps its split logits too: an ensemble averages them
+    return RankerResult(spec.name, metrics, last_saved or ckpt.latest(ck_dir), train_logits, eps, history,
+                        eval_logits=eval_logits if want_train_logits else None)
 
 
 def use_deterministic(setting, device_type: str, environ=None) -> bool:

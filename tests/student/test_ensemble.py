@@ -12,28 +12,34 @@ from sparse_kd.student.spec import RankerResult
 
 def test_combine_scores_the_mean_logit_of_the_members():
     """Two members, each wrong on its own half of every split, are right together: the ensemble's
-    AUC is computed from the mean logit (not averaged from the members' AUCs)."""
+    AUC is computed from the mean of the logits the members kept (not averaged from their AUCs)."""
     ds = tiny_dataset(tiny_config("unused", nproc=1))
-    noise = {}
 
-    def predict(spec, checkpoint, rows):
-        y = torch.from_numpy(rows.label).float() * 2 - 1  # (N,) +-1
-        g = torch.Generator().manual_seed(len(rows))
-        e = noise.setdefault(len(rows), 3.0 * torch.randn(len(rows), generator=g))
-        return y + (e if spec == "a" else -e)  # the errors cancel in the mean
+    def logits(sign: float) -> dict:
+        out = {}
+        for s in EVAL_SPLITS:
+            sp = ds.splits[s]
+            y = torch.from_numpy(sp.label).float() * 2 - 1  # (N,) +-1
+            e = 3.0 * torch.randn(len(sp), generator=torch.Generator().manual_seed(len(sp)))
+            out[s] = y + sign * e  # the errors cancel in the mean
+        return out
 
-    members = [(RankerResult("t", {}, f"ck{k}", torch.full((5,), float(k)), 100.0), s) for k, s in enumerate("ab")]
-    res = combine("t", members, ds, predict)
+    members = [(RankerResult("t", {}, f"ck{k}", torch.full((5,), float(k)), 100.0, eval_logits=logits(sign)), s)
+               for k, (s, sign) in enumerate((("a", 1.0), ("b", -1.0)))]
+    res = combine("t", members, ds)
     for s in EVAL_SPLITS:
         sp = ds.splits[s]
         if len(sp) and 0 < sp.label.mean() < 1:
-            one = binary_metrics(predict("a", None, sp), torch.from_numpy(sp.label))["auc"]
+            one = binary_metrics(members[0][0].eval_logits[s], torch.from_numpy(sp.label))["auc"]
             assert res.metrics[s]["auc"] == pytest.approx(1.0) and one < 0.9
     assert torch.equal(res.train_logits, torch.full((5,), 0.5))  # the mean of 0 and 1
     assert res.members == [("a", "ck0"), ("b", "ck1")] and res.checkpoint == "ck0"
     assert res.examples_per_s == pytest.approx(50.0)  # members train one after the other
     with pytest.raises(ValueError, match="at least one"):
-        combine("t", [], ds, predict)
+        combine("t", [], ds)
+    members[1][0].eval_logits = None  # a member trained without keeping its logits: refused, not skipped
+    with pytest.raises(ValueError, match="kept no split logits"):
+        combine("t", members, ds)
 
 
 def test_members_have_their_own_folder_and_seed():
@@ -58,10 +64,11 @@ def test_ensemble_teacher_in_a_study_seed(tmp_path, monkeypatch, one_process):
         specs[spec.name] = spec
         n = len(ds.splits["train"])
         k = 1.0 if spec.name.endswith("member_1") else 0.0
+        split_logits = {s: torch.full((len(ds.splits[s]),), k) for s in EVAL_SPLITS} if want_train_logits else None
         return RankerResult(spec.name, {"valid": {"auc": 0.7}, "test": {"auc": 0.7}}, tmp_path / spec.name,
-                            torch.full((n,), k) if want_train_logits else None, 10.0)
+                            torch.full((n,), k) if want_train_logits else None, 10.0, eval_logits=split_logits)
 
-    def fake_predict(cfg_, ds, spec, checkpoint, rows, env, seed):
+    def fake_predict(cfg_, ds, spec, checkpoint, rows, env, seed):  # the teacher members on the sampled-pair pool
         return torch.full((len(rows),), 4.0 if checkpoint.name.endswith("member_1") else 2.0)
 
     monkeypatch.setattr(P, "train_variant", fake_train)
@@ -75,6 +82,7 @@ def test_ensemble_teacher_in_a_study_seed(tmp_path, monkeypatch, one_process):
     assert torch.allclose(student.teacher_logits, torch.full_like(student.teacher_logits, 0.5))
     assert torch.allclose(student.kd_pool_logits, torch.full_like(student.kd_pool_logits, 3.0))
     assert set(out[P.TEACHER]) == set(EVAL_SPLITS)  # the ensemble's own metrics, from the mean logit
+    assert out[P.TEACHER]["test"]["n"] == len(tiny_dataset(cfg).splits["test"])
     single = P.spec_cost(cfg, tiny_dataset(cfg), specs[P.TEACHER])
     assert out["cost"][P.TEACHER]["params"] == 2 * single["params"]
     assert out["cost"][P.TEACHER]["macs_per_example"] == 2 * single["macs_per_example"]
