@@ -23,7 +23,9 @@ training run builds besides the model (``text_memory`` in the JSON): the synthet
 (items U/5, 5 interactions per user; user texts blanked as in a log without users.csv), then a
 baseline-only run's inputs (no text at all), then the teacher-text stage (distinct texts encoded
 across the ranks, the click-history stand-in for user text, the teacher ranker's PCA features),
-then a distilled student's spec (alignment and PCA weight transfer). The teacher is a stand-in
+then a distilled student's spec (alignment and PCA weight transfer), then the student's sharded
+model with its alignment targets sharded row_wise and replicated (``distill.align.layout``;
+``target_mb``: the target rows this rank holds). The teacher is a stand-in
 (random unit vectors, H=384) unless ``--encoder teacher``: 10M texts through MiniLM would take
 hours on CPU. ``old_text_mb`` is what every rank held before (user and item embeddings read back
 from the file, plus the history rows), even in a baseline-only run.
@@ -320,7 +322,24 @@ def text_worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
         return user, item, P.teacher_spec(cfg, ds, user, item)
 
     user, item, t_spec = stage("teacher_text", text_stage)
-    held.append(stage("distilled_spec", lambda: P.distilled_spec(cfg, ds, user, item, None, env=env)))
+    spec = stage("distilled_spec", lambda: P.distilled_spec(cfg, ds, user, item, None, env=env))
+    held.append(spec)
+    for layout in ("sharded", "replicated"):  # the distilled student's sharded model, per target layout
+        from dataclasses import replace
+
+        from sparse_kd.checkpoint import frozen
+        from sparse_kd.student.train import build_sharded
+
+        c = replace(cfg, distill=replace(cfg.distill, align=replace(cfg.distill.align, layout=layout)))
+        spec.distill = c.distill
+        dmp = stage(f"student_model_{layout}", lambda: build_sharded(c, ds, spec, env, 0).dmp)
+        module = dmp.module
+        targets = [b for n, b in module.named_buffers() if n in ("user_text", "item_text")]
+        targets += [s.tensor for k, v in dmp.state_dict().items() if frozen(k) and k.endswith(".weight")
+                    for s in v.local_shards()]
+        rec[f"student_model_{layout}"]["target_mb"] = round(sum(t.numel() * t.element_size() for t in targets) / 2**20, 1)
+        del dmp, module, targets
+        gc.collect()
     rec["peak_rss_mb"] = _process_peak(rec)
     return long_all_gather_object(rec)
 
@@ -351,7 +370,11 @@ def run_text(args: argparse.Namespace, launch: Callable[..., Any]) -> List[Dict[
                   f"the data: baseline-only {r['baseline_only']['peak_above_start_mb']:.0f} MB, teacher text "
                   f"{r['teacher_text']['peak_above_start_mb']:.0f} MB (held {r['teacher_text']['held_mb']:.0f}), "
                   f"distilled spec {r['distilled_spec']['peak_above_start_mb']:.0f} MB; process peak "
-                  f"{r['peak_rss_mb']:.0f} MB (before: {r['old_text_mb']:.0f} MB of text on every rank)", flush=True)
+                  f"{r['peak_rss_mb']:.0f} MB (before: {r['old_text_mb']:.0f} MB of text on every rank); the student's "
+                  f"model holds {r['student_model_sharded']['target_mb']:.0f} MB of alignment targets sharded "
+                  f"(held {r['student_model_sharded']['held_mb']:.0f} MB), "
+                  f"{r['student_model_replicated']['target_mb']:.0f} MB replicated "
+                  f"(held {r['student_model_replicated']['held_mb']:.0f} MB)", flush=True)
         out += ranks
     return out
 

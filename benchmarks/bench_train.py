@@ -113,7 +113,7 @@ def _config(opts: Dict[str, Any], sharding: str, world: int, distill: bool):
         on = opts["distill_parts"]
         raw["distill"] = {
             "logit": {"enabled": "logit" in on, "kd_ratio": 0.5, "temperature": 2.0},
-            "align": {"enabled": "align" in on, "weight": 0.1, "kind": opts["align_kind"]},
+            "align": {"enabled": "align" in on, "weight": 0.1, "kind": opts["align_kind"], "layout": opts["align_layout"]},
             "transfer": {"enabled": "transfer" in on, "projection": "pca", "scale": 0.05},
         }
     return config_from_dict(raw, "<bench_train>")
@@ -310,6 +310,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=16, help="embedding dim")
     p.add_argument("--text-dim", type=int, default=384, help="stand-in teacher embedding dim (MiniLM: 384)")
     p.add_argument("--align-kind", default="cosine", choices=("cosine", "mse", "infonce"))
+    p.add_argument("--align-layout", default="replicated", choices=("replicated", "sharded"),
+                   help="distill.align.layout: alignment targets on every rank, or in a row_wise sharded table")
     p.add_argument("--distill", default="logit,align,transfer", help="distillation methods on in the distill variant")
     p.add_argument("--nprocs", default="1,2")
     p.add_argument("--threads", type=int, default=1,
@@ -385,7 +387,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(
         f"# synthetic data: {ds.num_users} users, {ds.num_items} items, {n_train} train examples, "
         f"{len(ds.features)} sparse features ({time.time() - t0:.1f}s); global batch {args.batch}, dim {args.dim}, "
-        f"text {args.text_dim}, distill {'+'.join(args.distill_parts)}; {info['usable_cpus']} cores, torch {info['torch']}, torchrec {info['torchrec']}, "
+        f"text {args.text_dim}, distill {'+'.join(args.distill_parts)} (align targets {args.align_layout}); {info['usable_cpus']} cores, torch {info['torch']}, torchrec {info['torchrec']}, "
         f"fbgemm {info['fbgemm_gpu']}",
         flush=True,
     )
@@ -396,6 +398,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for n in sorted(args.nproc_list, key=lambda n: (n == 1, n)):
         opts = {
             "synthetic": syn, "batch": args.batch, "dim": args.dim, "align_kind": args.align_kind,
+            "align_layout": args.align_layout,
             "distill_parts": args.distill_parts,
             "shardings": args.sharding_list, "variants": args.variant_list, "warmup": args.warmup,
             "steps": args.steps, "rounds": args.rounds, "prebuilt": args.prebuilt, "threads": args.threads or max(1, cores // n),
@@ -464,7 +467,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "config": {
             "synthetic": syn, "train_examples": n_train, "features": ds.feature_names,
             "table_rows": {f.name: f.num_embeddings for f in ds.features}, "global_batch": args.batch,
-            "dim": args.dim, "text_dim": args.text_dim, "align_kind": args.align_kind,
+            "dim": args.dim, "text_dim": args.text_dim, "align_kind": args.align_kind, "align_layout": args.align_layout,
             "distill": args.distill_parts, "nprocs": args.nproc_list,
             "shardings": args.sharding_list, "variants": args.variant_list, "warmup": args.warmup,
             "steps": args.steps, "rounds": args.rounds, "prebuilt": args.prebuilt, "quick": args.quick,

@@ -219,7 +219,10 @@ def _valid_auc(metrics: Dict[str, Any], variant: str) -> float:
 
 def check_train(ctx: Ctx, name: str = "train_gpu", nproc: int = 1) -> Rows:
     t0, out = time.perf_counter(), ctx.out / name
-    run_cli(cli_command("train", out, *train_overrides(ctx, nproc), variants=("baseline", "distilled")))
+    # the distilled student's alignment targets in their sharded table: the planner's CUDA kernels,
+    # nccl's all-to-all of 384-dim rows (the replicated layout is a plain index_select)
+    run_cli(cli_command("train", out, *train_overrides(ctx, nproc), "distill.align.layout=sharded",
+                        variants=("baseline", "distilled")))
     metrics = json.loads((out / "metrics.json").read_text())
     rows = []
     for v in metrics["metrics"]:

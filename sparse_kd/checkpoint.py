@@ -10,7 +10,9 @@ during writing leaves only a ``.tmp`` folder (re-saving a step first moves the o
 Hashing is shared, never repeated: on save each rank hashes the shard files it wrote
 (``__<rank>_*.distcp``; rank 0 also ``.metadata``) and rank 0 gathers the digests; on a
 multi-rank load each rank checks every world-size-th file and all ranks raise the first
-mismatch. Waits on this work go through :func:`sparse_kd.dist.long_group`. Every rank writes
+mismatch. The weights of a module named :data:`FROZEN_MODULE` (rows rebuilt from their source
+at every start, never trained: the sharded alignment targets of :mod:`sparse_kd.distill.targets`)
+are not saved, and a load keeps the live ones. Waits on this work go through :func:`sparse_kd.dist.long_group`. Every rank writes
 and reads these folders: they must be on a filesystem all ranks share
 (:func:`sparse_kd.run_folder.check_shared_run_folder`).
 """
@@ -33,6 +35,17 @@ from sparse_kd.integrity import sha256_file
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+FROZEN_MODULE = "teacher_rows"
+
+
+def frozen(key: str) -> bool:
+    """Whether a state-dict key belongs to a :data:`FROZEN_MODULE` (left out of checkpoints)."""
+    return FROZEN_MODULE in key.split(".")
+
+
+def saved_state(model) -> dict:
+    """``model.state_dict()`` without the frozen modules' weights."""
+    return {k: v for k, v in model.state_dict().items() if not frozen(k)}
 
 
 class CheckpointError(RuntimeError):
@@ -49,7 +62,7 @@ def _world_size() -> int:
 
 def plan_sharding(plan) -> dict[str, str]:
     """table name -> sharding type, for every table of a torchrec ``ShardingPlan``."""
-    return {name: ps.sharding_type for mp in plan.plan.values() for name, ps in mp.items()}
+    return {name: ps.sharding_type for path, mp in plan.plan.items() if not frozen(path) for name, ps in mp.items()}
 
 
 def _sharding(model) -> dict[str, str]:
@@ -67,7 +80,7 @@ def save(ck_dir: Path, model, optimizer, epoch: int, step_in_epoch: int, global_
         if tmp.exists():
             shutil.rmtree(tmp)
     long_barrier()  # rank 0 may be deleting a large leftover
-    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    state = {"model": saved_state(model), "optim": optimizer.state_dict()}
     dcp.save(state, checkpoint_id=str(tmp))
     shares = long_all_gather_object(_hash_own_files(tmp, _rank(), _world_size()))  # also: every rank has written
     if _rank() == 0:
@@ -179,11 +192,12 @@ def load(path: Path, model, optimizer=None) -> dict:
         errors = [e for e in long_all_gather_object(err) if e]
         if errors:
             raise CheckpointError(errors[0])
-    state = {"model": model.state_dict()}
+    live = model.state_dict()
+    state = {"model": {k: v for k, v in live.items() if not frozen(k)}}
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()
     dcp.load(state, checkpoint_id=str(path))
-    model.load_state_dict(state["model"])
+    model.load_state_dict({**live, **state["model"]})  # frozen rows: the live ones
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
     return meta

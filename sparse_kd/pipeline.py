@@ -171,8 +171,8 @@ def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig
     student = {k: v for k, v in to_dict(cfg.student).items() if k != "planner"}  # memory caps: same training
     # a ranker without distillation (the baseline) does not depend on the distill settings
     dist = to_dict(distill) if distill.any_enabled else {}
-    if dist and dist["align"].get("target") == "text":  # the default, added later: runs trained before it still match
-        del dist["align"]["target"]
+    if dist:  # target text (the default, added later: older runs still match); layout: where targets are held, same loss
+        dist["align"] = {k: v for k, v in dist["align"].items() if k != "layout" and (k, v) != ("target", "text")}
     fp = {"data": data, "student": student, "train": train, "seed": seed, "distill": dist}
     teacher = name.startswith(TEACHER)  # the study's teacher candidates and ensemble members too
     if teacher or distill.any_enabled:

@@ -53,6 +53,10 @@ class AlignConfig:
     # trained teacher ranker's own user / item ID rows (hints: the large ranker's hidden
     # representations, wider than the student's, read from its checkpoint)
     target: Literal["text", "teacher"] = "text"
+    # where the target rows live during training: replicated = every rank holds all of them;
+    # sharded = a frozen row_wise table, each rank holds 1/W of the rows and a batch's rows come
+    # through the same all-to-all as the ID tables (sparse_kd.distill.targets). Same loss either way.
+    layout: Literal["replicated", "sharded"] = "replicated"
 
 
 @dataclass(frozen=True)

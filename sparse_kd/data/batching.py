@@ -23,6 +23,16 @@ from sparse_kd.data.schema import Interactions, RecDataset
 log = logging.getLogger(__name__)
 
 NO_TIME = torch.iinfo(torch.int64).max  # the timestamp of a pair with no interaction: after every click
+# sparse feature -> key of its row in the alignment-target table (sparse_kd.distill.targets)
+TARGET_KEYS = {"user_id": "teacher_user", "item_id": "teacher_item"}
+
+
+def target_ids(user: torch.Tensor, item: torch.Tensor) -> KeyedJaggedTensor:
+    """The KJT that looks up each example's alignment-target rows: one id per bag, the user's
+    index under ``teacher_user`` and the item's under ``teacher_item``."""
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=list(TARGET_KEYS.values()), values=torch.cat([user, item]).to(torch.int64),
+        lengths=torch.ones(2 * user.shape[0], dtype=torch.int32))
 
 
 @dataclass
@@ -34,12 +44,15 @@ class KDBatch(Batch):
     timestamp: (B,) int64 time of each example (its interaction's; for pairs that have none, such
         as sampled pairs, :data:`NO_TIME`, later than every click), for features that may only look
         at earlier clicks (the teacher ranker's history attention); None: every click is earlier.
+    teacher_ids: :func:`target_ids` of the batch, when the ranker holds its alignment targets
+        in a sharded table (``distill.align.layout: sharded``); else None.
     """
 
     user: torch.Tensor
     item: torch.Tensor
     teacher_logits: torch.Tensor
     timestamp: Optional[torch.Tensor] = None
+    teacher_ids: Optional[KeyedJaggedTensor] = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "KDBatch":
         return KDBatch(
@@ -50,6 +63,7 @@ class KDBatch(Batch):
             item=self.item.to(device=device, non_blocking=non_blocking),
             teacher_logits=self.teacher_logits.to(device=device, non_blocking=non_blocking),
             timestamp=None if self.timestamp is None else self.timestamp.to(device=device, non_blocking=non_blocking),
+            teacher_ids=None if self.teacher_ids is None else self.teacher_ids.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:  # pragma: no cover - CUDA only
@@ -59,6 +73,8 @@ class KDBatch(Batch):
         self.teacher_logits.record_stream(stream)
         if self.timestamp is not None:
             self.timestamp.record_stream(stream)
+        if self.teacher_ids is not None:
+            self.teacher_ids.record_stream(stream)
 
     def pin_memory(self) -> "KDBatch":  # pragma: no cover - CUDA only
         return KDBatch(
@@ -69,6 +85,7 @@ class KDBatch(Batch):
             item=self.item.pin_memory(),
             teacher_logits=self.teacher_logits.pin_memory(),
             timestamp=None if self.timestamp is None else self.timestamp.pin_memory(),
+            teacher_ids=None if self.teacher_ids is None else self.teacher_ids.pin_memory(),
         )
 
 
@@ -118,6 +135,8 @@ class BatchBuilder:
         ds: the dataset (its features define the KJT keys).
         user_dense: (U, Du) float32 per-user dense features.
         item_dense: (I, Di) float32 per-item dense features.
+        with_target_ids: give every batch its :func:`target_ids` (a ranker with sharded
+            alignment targets).
 
     Example::
 
@@ -127,7 +146,8 @@ class BatchBuilder:
         batch.dense_features.shape  # (2, 2)
     """
 
-    def __init__(self, ds: RecDataset, user_dense: torch.Tensor, item_dense: torch.Tensor) -> None:
+    def __init__(self, ds: RecDataset, user_dense: torch.Tensor, item_dense: torch.Tensor,
+                 with_target_ids: bool = False) -> None:
         if user_dense.shape[0] != ds.num_users or item_dense.shape[0] != ds.num_items:
             raise ValueError(f"dense features for {user_dense.shape[0]} users and {item_dense.shape[0]} items, but "
                              f"the dataset has {ds.num_users} users and {ds.num_items} items: build them from this "
@@ -138,6 +158,7 @@ class BatchBuilder:
         self.all_single = all(c.single for c in self.csr)
         self.user_dense = user_dense.float().contiguous()
         self.item_dense = item_dense.float().contiguous()
+        self.with_target_ids = with_target_ids
 
     @property
     def dense_dim(self) -> int:
@@ -174,6 +195,7 @@ class BatchBuilder:
             item=item,
             teacher_logits=teacher_logits.float(),
             timestamp=timestamp,
+            teacher_ids=target_ids(user, item) if self.with_target_ids else None,
         )
 
 

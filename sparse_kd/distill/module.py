@@ -16,6 +16,7 @@ from sparse_kd.config import DistillConfig
 from sparse_kd.data.batching import KDBatch
 from sparse_kd.distill import losses
 from sparse_kd.distill.pairs import SAMPLED
+from sparse_kd.distill.targets import COSINE_EPS, MODULE, lookup, target_collection, unit_rows
 
 
 class RankerTrain(nn.Module):
@@ -26,6 +27,9 @@ class RankerTrain(nn.Module):
         distill: which distillation losses are on.
         feature_names: the DLRM's sparse feature order (the KJT keys).
         user_text, item_text: (U, H), (I, H) teacher embeddings for feature alignment, or None.
+            With ``distill.align.layout: sharded`` only their shapes are read here: the rows go
+            into a sharded table (:mod:`sparse_kd.distill.targets`; the caller writes them after
+            sharding) and batches must carry ``teacher_ids``.
         pair_feature: a module (user (B,), item (B,), timestamp (B,) or None) -> (B, P) whose
             output is appended to the dense features (the teacher ranker's history features), or None.
         embedding_l2: weight of :func:`sparse_kd.distill.losses.embedding_l2` on the pooled
@@ -60,12 +64,16 @@ class RankerTrain(nn.Module):
         if al.enabled:
             if feature_names is None or user_text is None or item_text is None:
                 raise ValueError("distill.align is enabled: feature_names, user_text and item_text are all needed")
-            if al.kind == "cosine":
-                # cosine is blind to the target's length: keep unit rows, so the loss can be
-                # computed in the embedding space (:func:`cosine_align_from_head`)
-                user_text, item_text = unit_rows(user_text), unit_rows(item_text)
-            self.register_buffer("user_text", user_text.float(), persistent=False)
-            self.register_buffer("item_text", item_text.float(), persistent=False)
+            shapes = {f: tuple((user_text if f == "user_id" else item_text).shape) for f in al.features}
+            if al.layout == "sharded":
+                setattr(self, MODULE, target_collection(shapes))
+            else:
+                if al.kind == "cosine":
+                    # cosine is blind to the target's length: keep unit rows, so the loss can be
+                    # computed in the embedding space (:func:`cosine_align_from_head`)
+                    user_text, item_text = unit_rows(user_text), unit_rows(item_text)
+                self.register_buffer("user_text", user_text.float(), persistent=False)
+                self.register_buffer("item_text", item_text.float(), persistent=False)
             for f in al.features:
                 if f not in feature_names:
                     raise ValueError(f"distill.align.features: {f!r} is not a sparse feature ({feature_names})")
@@ -104,11 +112,13 @@ class RankerTrain(nn.Module):
             parts["kd_sampled"] = losses.masked_mean(kd_s, 1.0 - obs)
             loss = loss + pk.weight * parts["kd_sampled"]
         if self.align_heads and self.training:
+            sharded = getattr(self, MODULE, None)
+            targets = lookup(sharded, batch.teacher_ids, self.align_heads.keys()) if sharded is not None else {}
             for f, head in self.align_heads.items():
                 emb = sparse[:, self.align_index[f], :]  # (B, D)
                 ids = batch.user if f == "user_id" else batch.item
                 # index_select: a row gather, several times faster than advanced indexing
-                target = (self.user_text if f == "user_id" else self.item_text).index_select(0, ids)  # (B, H)
+                target = targets[f] if targets else (self.user_text if f == "user_id" else self.item_text).index_select(0, ids)  # (B, H)
                 if al.kind == "cosine":
                     part = cosine_align_from_head(head, emb, target)
                 else:
@@ -120,15 +130,6 @@ class RankerTrain(nn.Module):
             loss = loss + self.embedding_l2 * parts["embedding_l2"]
         self.last_parts = {k: v.detach() for k, v in parts.items()}
         return loss, (loss.detach(), logits.detach(), batch.labels)
-
-
-COSINE_EPS = 1e-8  # F.cosine_similarity's default eps
-
-
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm (zero rows stay zero), as ``F.cosine_similarity`` scales them."""
-    x = x.float()
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(COSINE_EPS)
 
 
 def cosine_align_from_head(head: nn.Linear, emb: torch.Tensor, unit_target: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from sparse_kd.config import ConfigError, PairKDConfig
-from sparse_kd.data.batching import NO_TIME, BatchBuilder, KDBatch
+from sparse_kd.data.batching import NO_TIME, BatchBuilder, KDBatch, target_ids
 from sparse_kd.data.schema import Interactions, RecDataset
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def concat_batches(a: KDBatch, b: KDBatch) -> KDBatch:
         item=torch.cat([a.item, b.item]),
         teacher_logits=torch.cat([a.teacher_logits, b.teacher_logits]),
         timestamp=None if a.timestamp is None and b.timestamp is None else torch.cat([_times(a), _times(b)]),
+        teacher_ids=None if a.teacher_ids is None else target_ids(torch.cat([a.user, b.user]), torch.cat([a.item, b.item])),
     )
 
 

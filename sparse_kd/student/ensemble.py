@@ -44,7 +44,8 @@ def combine(name: str, members: list[tuple[RankerResult, object]], ds: RecDatase
 
     Metrics come from the mean logit on each split the members were evaluated on; train logits
     are the members' mean (None if any member has none); examples/s is the ensemble's (members
-    train one after the other); checkpoint and history are member 0's.
+    train one after the other); checkpoint and history are member 0's; each member's own metrics
+    are kept (``member_metrics``).
     """
     if not members:
         raise ValueError(f"{name}: an ensemble needs at least one trained member")
@@ -59,4 +60,5 @@ def combine(name: str, members: list[tuple[RankerResult, object]], ds: RecDatase
     speed = 1.0 / sum(1.0 / v for v in speeds) if all(v > 0 for v in speeds) else 0.0
     first = members[0][0]
     return RankerResult(name, split_metrics(ds, logits), first.checkpoint, train_logits, speed, first.history,
-                        members=[(spec, r.checkpoint) for r, spec in members], eval_logits=logits)
+                        members=[(spec, r.checkpoint) for r, spec in members], eval_logits=logits,
+                        member_metrics=[r.metrics for r, _ in members])

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from sparse_kd.checkpoint import frozen
 from sparse_kd.student.model import feature_of
 
 INIT_CHUNK = 1 << 16
@@ -50,9 +51,10 @@ def init_rows_block(seed: int, table: str, num_rows: int, dim: int, row0: int, n
 def local_tables(state: dict):
     """Yield (table, shards, (N, D), sharded) for every embedding table of a (sharded or plain)
     model's state dict: shards is this rank's [((row offset, col offset), tensor)], the tensors
-    views of the live weights; sharded is False for a table every rank holds whole."""
+    views of the live weights; sharded is False for a table every rank holds whole. The frozen
+    alignment targets (:func:`sparse_kd.checkpoint.frozen`) are not ID tables: left out."""
     for key, value in state.items():
-        if "embedding_bags" not in key or not key.endswith(".weight"):
+        if "embedding_bags" not in key or not key.endswith(".weight") or frozen(key):
             continue
         table = key.split(".")[-2]
         if hasattr(value, "local_shards"):  # ShardedTensor

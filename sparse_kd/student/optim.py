@@ -18,6 +18,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from sparse_kd.checkpoint import frozen
 from sparse_kd.config import TrainConfig
 
 
@@ -28,9 +29,13 @@ def sparse_optimizer(tc: TrainConfig) -> tuple[type, dict]:
 
 
 def combined_optimizer(dmp: torch.nn.Module, tc: TrainConfig) -> tuple[CombinedOptimizer, KeyedOptimizerWrapper]:
-    """(the DMP's fused sparse optimizer + Adam over the dense parameters, the dense part alone)."""
+    """(the DMP's fused sparse optimizer + Adam over the dense parameters, the dense part alone).
+
+    The fused optimizers of frozen modules (:func:`sparse_kd.checkpoint.frozen`: sharded
+    alignment targets, never updated) are left out, so checkpoints do not hold their state."""
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: torch.optim.Adam(params, lr=tc.dense_lr, weight_decay=tc.weight_decay),
     )
-    return CombinedOptimizer([dmp.fused_optimizer, dense]), dense
+    sparse = CombinedOptimizer([(k, o) for k, o in dmp.fused_optimizer.optimizers if not frozen(k)])
+    return CombinedOptimizer([sparse, dense]), dense

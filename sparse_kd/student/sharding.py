@@ -35,6 +35,7 @@ from torchrec.distributed.sharding_plan import (
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from sparse_kd.checkpoint import frozen
 from sparse_kd.config import ConfigError, PlannerConfig, StudentConfig
 from sparse_kd.student.model import feature_of
 
@@ -112,9 +113,33 @@ def hand_built_plan(
     table_wise tables are placed greedily on the rank with the fewest rows so far; column_wise
     splits each table's columns over all ranks (dim must divide by world size); row_wise splits
     rows over all ranks; table_row_wise splits rows over the ranks of one host, each table on the
-    host with the fewest rows so far.
+    host with the fewest rows so far. The frozen alignment-target tables
+    (:mod:`sparse_kd.distill.targets`) are row_wise over all ranks.
     """
-    path, ebc = next((p, m) for p, m in model.named_modules() if isinstance(m, EmbeddingBagCollection))
+    plans = {}
+    for path, ebc in _collections(model):
+        if frozen(path):
+            per_param = {t.name: row_wise() for t in ebc.embedding_bag_configs()}
+        else:
+            per_param = _id_table_shardings(ebc, cfg, world_size, local_world_size)
+        module_plan = construct_module_sharding_plan(
+            ebc, per_param, local_size=local_world_size, world_size=world_size, device_type=device_type
+        )
+        for name, ps in module_plan.items():
+            if ps.sharding_type != "data_parallel":
+                ps.compute_kernel = EmbeddingComputeKernel.FUSED.value
+        plans[path] = module_plan
+    return ShardingPlan(plans)
+
+
+def _collections(model: torch.nn.Module) -> list[tuple[str, EmbeddingBagCollection]]:
+    """(path, module) of every EmbeddingBagCollection in ``model``: the ID tables, and the frozen
+    alignment targets where the ranker holds them sharded."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, EmbeddingBagCollection)]
+
+
+def _id_table_shardings(ebc: EmbeddingBagCollection, cfg: StudentConfig, world_size: int, local_world_size: int) -> dict:
+    """table -> torchrec's per-table sharding helper, for the ID tables (see :func:`hand_built_plan`)."""
     types = sharding_types(ebc, cfg)
     load = [0] * world_size
     host_load = [0] * (world_size // local_world_size)
@@ -139,13 +164,7 @@ def hand_built_plan(
             per_param[t.name] = data_parallel()
         else:  # validated in config; keep the error readable anyway
             raise ConfigError(f"student.sharding: unknown sharding type {st!r}")
-    module_plan = construct_module_sharding_plan(
-        ebc, per_param, local_size=local_world_size, world_size=world_size, device_type=device_type
-    )
-    for name, ps in module_plan.items():
-        if ps.sharding_type != "data_parallel":
-            ps.compute_kernel = EmbeddingComputeKernel.FUSED.value
-    return ShardingPlan({path: module_plan})
+    return per_param
 
 
 def memory_caps(
@@ -193,21 +212,13 @@ def planned_plan(
     from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
     from torchrec.distributed.planner.types import PlannerError
 
-    ebc = next(m for m in model.modules() if isinstance(m, EmbeddingBagCollection))
-    types = sharding_types(ebc, cfg)
     constraints = {}
-    for t in ebc.embedding_bag_configs():
-        st = types[t.name]
-        if st == "data_parallel":
-            constraints[t.name] = ParameterConstraints(
-                sharding_types=[st], compute_kernels=[EmbeddingComputeKernel.DENSE.value]
-            )
+    for path, ebc in _collections(model):
+        if frozen(path):  # alignment targets: row_wise over all ranks
+            for t in ebc.embedding_bag_configs():
+                constraints[t.name] = ParameterConstraints(sharding_types=["row_wise"], compute_kernels=list(CUDA_KERNELS))
         else:
-            constraints[t.name] = ParameterConstraints(
-                sharding_types=[st],
-                compute_kernels=list(CUDA_KERNELS),
-                min_partition=_column_split(t, world_size) if st == "column_wise" else None,
-            )
+            constraints.update(_id_table_constraints(ebc, cfg, world_size))
     hbm, ddr = memory_caps(cfg.planner, local_world_size, device_bytes, host_bytes)
     topology = Topology(
         world_size=world_size, compute_device="cuda", hbm_cap=hbm, ddr_cap=ddr, local_world_size=local_world_size
@@ -232,6 +243,27 @@ def planned_plan(
             "row_wise (student.sharding.FEATURE=row_wise), or raise student.planner.hbm_cap_gb / ddr_cap_gb if the "
             "machine has more."
         ) from None
+
+
+def _id_table_constraints(ebc: EmbeddingBagCollection, cfg: StudentConfig, world_size: int) -> dict:
+    """table -> the planner's constraints for the ID tables (see :func:`planned_plan`)."""
+    from torchrec.distributed.planner import ParameterConstraints
+
+    types = sharding_types(ebc, cfg)
+    constraints = {}
+    for t in ebc.embedding_bag_configs():
+        st = types[t.name]
+        if st == "data_parallel":
+            constraints[t.name] = ParameterConstraints(
+                sharding_types=[st], compute_kernels=[EmbeddingComputeKernel.DENSE.value]
+            )
+        else:
+            constraints[t.name] = ParameterConstraints(
+                sharding_types=[st],
+                compute_kernels=list(CUDA_KERNELS),
+                min_partition=_column_split(t, world_size) if st == "column_wise" else None,
+            )
+    return constraints
 
 
 def describe_plan(plan: ShardingPlan) -> list[dict]:

@@ -82,7 +82,8 @@ class RankerResult:
     checkpoint: the last complete checkpoint; train_logits: (N_train,) when requested;
     history: one row per epoch (global_step, valid AUC and log loss); members: an ensemble's
     (spec, checkpoint) per member (:mod:`sparse_kd.student.ensemble`), empty for one model;
-    eval_logits: split -> (N_split,) logits behind ``metrics``, kept where train logits are."""
+    eval_logits: split -> (N_split,) logits behind ``metrics``, kept where train logits are;
+    member_metrics: an ensemble's members' own metrics, in member order (empty for one model)."""
 
     name: str
     metrics: dict
@@ -92,3 +93,4 @@ class RankerResult:
     history: list = field(default_factory=list)
     members: list = field(default_factory=list)
     eval_logits: Optional[dict] = None
+    member_metrics: list = field(default_factory=list)

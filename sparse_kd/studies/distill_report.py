@@ -92,6 +92,7 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
     b_search = {s: per_seed[s].pop("baseline_search", None) for s in per_seed}
     t_search = {s: per_seed[s].pop("teacher_search", None) for s in per_seed}
     costs = {s: per_seed[s].pop("cost", None) for s in per_seed}
+    members = {s: per_seed[s].pop("teacher_members", None) for s in per_seed}  # an ensemble teacher's, each alone
     mf_ok = all(m and all(sp in m for sp in MF_TARGET_SPLITS) for m in mf.values())
     if mf_ok:  # a row of the quality table (split metrics only; the detail stays in doc["mf_reference"])
         for s in per_seed:
@@ -125,11 +126,14 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
 
     sections = [table]
     doc: dict = {"seeds": list(per_seed), "summary": summary, "per_seed": per_seed, "search": search, "data_facts": facts,
-                 "mf_reference": mf, "baseline_search": b_search, "teacher_search": t_search, "cost": costs}
+                 "mf_reference": mf, "baseline_search": b_search, "teacher_search": t_search, "cost": costs,
+                 "teacher_members": members}
     if any(b_search.values()):
         sections.append(baseline_search_note(b_search))
     if any(t_search.values()):
         sections.append(baseline_search_note(t_search, "teacher ranker", "its training settings and architecture"))
+    if all(members.values()) and "teacher_ranker" in summary:
+        sections.append(members_note(members, summary["teacher_ranker"]["test"]["mean"]))
     cost = next((c for c in costs.values() if c), None)
     if cost:
         sections.append(cost_note(cost))
@@ -212,6 +216,15 @@ def baseline_search_note(b_search: dict, who: str = "baseline", what: str = "its
     return (f"The {who}'s own search ({what}, chosen per seed on validation as `chosen` is; "
             f"* = the {who} reported above):\n\n"
             + markdown_table(["candidate", "overrides"] + [f"seed {s}" for s in b_search], rows))
+
+
+def members_note(members: dict, ensemble_test: float) -> str:
+    """One line: an ensemble teacher's members alone (test AUC over members and seeds) against the ensemble."""
+    aucs = [m["test"]["auc"] for ms in members.values() for m in ms if "test" in m]
+    k = {len(ms) for ms in members.values()}
+    return (f"Teacher ranker members ({'/'.join(map(str, sorted(k)))} per seed), each alone: test AUC mean "
+            f"{np.mean(aucs):.4f} (min {min(aucs):.4f}, max {max(aucs):.4f}); their mean logit, the teacher: "
+            f"{ensemble_test:.4f}.")
 
 
 def cost_note(cost: dict) -> str:

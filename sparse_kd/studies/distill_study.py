@@ -245,6 +245,7 @@ def train_teacher(cfg: ExperimentConfig, ds, user_text, item_text, env, seed: in
         overrides[name] = ovs
     out[P.TEACHER] = trained[P.TEACHER][0].metrics
     if len(cands) == 1:
+        _members(out, trained[P.TEACHER][0])
         return trained[P.TEACHER]
     scores = {n: selection_score(r.metrics, tuple(cfg.study.select_on)) for n, (r, _) in trained.items()}
     chosen = choose(scores)
@@ -253,11 +254,18 @@ def train_teacher(cfg: ExperimentConfig, ds, user_text, item_text, env, seed: in
         if n != P.TEACHER:
             out[n] = r.metrics
     out[P.TEACHER] = trained[chosen][0].metrics
+    _members(out, trained[chosen][0])
     out["teacher_search"] = {"chosen": chosen, "scores": scores, "overrides": overrides}
     if env.is_main:
         log.info("[seed %d] teacher ranker chosen on validation: %s (scores %s)", seed, chosen,
                  {k: round(v, 4) for k, v in scores.items()})
     return trained[chosen]
+
+
+def _members(out: dict, teacher) -> None:
+    """An ensemble teacher's members' own metrics, in member order, as ``out["teacher_members"]``."""
+    if teacher.member_metrics:
+        out["teacher_members"] = teacher.member_metrics
 
 
 def mf_reference(cfg: ExperimentConfig, ds, seed: int) -> dict:

@@ -30,4 +30,7 @@ def test_text_stage_memory_quick(tmp_path: Path) -> None:
             assert r[stage]["peak_mb"] > 0 and r[stage]["peak_above_start_mb"] >= 0, (stage, r)
         # a baseline-only run builds no text: far below the text the old code held on every rank
         assert r["baseline_only"]["peak_above_start_mb"] < r["old_text_mb"], r
+        # the student's alignment targets: about half per rank of 2 when sharded row_wise
+        sharded, replicated = r["student_model_sharded"]["target_mb"], r["student_model_replicated"]["target_mb"]
+        assert 0.4 * replicated <= sharded <= 0.6 * replicated, r
     assert "text stages, 2,000 users, rank 1" in proc.stdout

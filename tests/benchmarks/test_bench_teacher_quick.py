@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 def test_bench_teacher_quick(tmp_path):
     out = tmp_path / "teacher.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_teacher.py"), "--quick", "--no-shrunk", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_teacher.py"), "--quick", "--no-shrunk", "--texts", "32", "--reps", "1",
+                           "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())

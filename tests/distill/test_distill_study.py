@@ -146,9 +146,13 @@ def test_summary_reports_the_baselines_search_cost_and_transferability(tmp_path)
                                "scores": {"teacher_ranker": 0.73, "teacher_ranker_search_0": 0.7400},
                                "overrides": {"teacher_ranker": [], "teacher_ranker_search_0": ["train.embedding_l2=0.0003"]}}
         m["cost"] = cost
+        m["teacher_members"] = [_m(0.72, 0.72 + 0.02 * s, 0.6, 0.6), _m(0.72, 0.73, 0.6, 0.6)]  # an ensemble of 2
         (d / "study_metrics.json").write_text(json.dumps(m))
     R.summarize(cfg, tmp_path / "docs")
     md = (tmp_path / "docs" / "distill_study_tiny.md").read_text()
+    # the members alone, beside their ensemble; not a variant of the quality table
+    assert "members (2 per seed), each alone: test AUC mean 0.7300 (min 0.7200, max 0.7400)" in md, md
+    assert "| teacher_members" not in md
     assert "train.dense_lr=0.01" in md and "0.7100 *" in md  # the tuned baseline, marked
     assert "The teacher ranker's own search" in md and "train.embedding_l2=0.0003" in md and "0.7400 *" in md
     assert "10.0x the student in parameters and 30.0x in multiply-adds" in md

@@ -119,3 +119,30 @@ def sampled_pairs_worker(cfg: ExperimentConfig) -> dict:
     spec.kd_pool_logits = torch.from_numpy(np.sin(spec.kd_pool.user * 0.7 + spec.kd_pool.item * 1.3)).float() * 2.0
     res = train_ranker(cfg, ds, spec, Path(cfg.output_dir) / "pairs", env)
     return {"metrics": res.metrics}
+
+
+def sharded_targets_worker(cfg: ExperimentConfig) -> dict:
+    """Build the tiny distilled student with its alignment targets sharded
+    (distill.align.layout=sharded, random stand-in text of 12 dims) and look up rows that other
+    ranks hold. Returns the rows this rank holds per feature and the largest difference between
+    looked-up rows and the source rows scaled to unit norm."""
+    from sparse_kd.checkpoint import frozen
+    from sparse_kd.data.batching import target_ids
+    from sparse_kd.distill.targets import MODULE, lookup, unit_rows
+
+    _quiet()
+    env = init_distributed("gloo", 120)
+    ds = tiny_dataset(cfg)
+    g = torch.Generator().manual_seed(123)
+    ut, it = torch.randn(ds.num_users, 12, generator=g), torch.randn(ds.num_items, 12, generator=g)
+    dmp = build_sharded(cfg, ds, distilled_spec(cfg, ds, ut, it, None, name="distilled"), env, 0).dmp
+    held = {k.split(".")[-2]: sum(s.tensor.shape[0] for s in v.local_shards())
+            for k, v in dmp.state_dict().items() if frozen(k) and k.endswith(".weight")}
+    # every rank asks for rows from the whole table: most of them live on the other rank
+    user = torch.arange(ds.num_users).flip(0)[env.rank :: env.world_size]
+    item = torch.arange(ds.num_items)[env.rank :: env.world_size][: user.shape[0]]
+    user = user[: item.shape[0]]
+    rows = lookup(getattr(dmp.module, MODULE), target_ids(user, item), ("user_id", "item_id"))
+    err = max(float((rows["user_id"] - unit_rows(ut)[user]).abs().max()),
+              float((rows["item_id"] - unit_rows(it)[item]).abs().max()))
+    return {"held": held, "max_err": err, "n": int(user.shape[0])}

@@ -163,7 +163,7 @@ def test_rank0_work_longer_than_the_collective_timeout_waits_on_the_long_group(t
 
     cfg = tiny_config(str(tmp_path / "run"), nproc=2, train={"epochs": 1, "checkpoint_every": 0},
                       teacher={"cache_dir": str(tmp_path / "cache")},
-                      distill={"logit": {"enabled": True}, "align": {"enabled": True},
+                      distill={"logit": {"enabled": True}, "align": {"enabled": True, "layout": "sharded"},
                                "transfer": {"enabled": True, "projection": "learned"}})
     out = launch_local(slow_rank0_worker, 2, cfg, TIMEOUT_S)
     assert set(out[0]["metrics"]) == {"teacher_ranker", "baseline", "distilled"}

@@ -34,6 +34,7 @@ def test_combine_scores_the_mean_logit_of_the_members():
             assert res.metrics[s]["auc"] == pytest.approx(1.0) and one < 0.9
     assert torch.equal(res.train_logits, torch.full((5,), 0.5))  # the mean of 0 and 1
     assert res.members == [("a", "ck0"), ("b", "ck1")] and res.checkpoint == "ck0"
+    assert res.member_metrics == [{}, {}]  # each member's own metrics, kept beside the ensemble's
     assert res.examples_per_s == pytest.approx(50.0)  # members train one after the other
     with pytest.raises(ValueError, match="at least one"):
         combine("t", [], ds)
@@ -83,6 +84,7 @@ def test_ensemble_teacher_in_a_study_seed(tmp_path, monkeypatch, one_process):
     assert torch.allclose(student.kd_pool_logits, torch.full_like(student.kd_pool_logits, 3.0))
     assert set(out[P.TEACHER]) == set(EVAL_SPLITS)  # the ensemble's own metrics, from the mean logit
     assert out[P.TEACHER]["test"]["n"] == len(tiny_dataset(cfg).splits["test"])
+    assert out["teacher_members"] == [{"valid": {"auc": 0.7}, "test": {"auc": 0.7}}] * 2  # the members' own
     single = P.spec_cost(cfg, tiny_dataset(cfg), specs[P.TEACHER])
     assert out["cost"][P.TEACHER]["params"] == 2 * single["params"]
     assert out["cost"][P.TEACHER]["macs_per_example"] == 2 * single["macs_per_example"]

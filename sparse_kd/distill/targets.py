@@ -1,0 +1,98 @@
+"""Alignment targets held in a frozen, row-wise sharded torchrec table (``distill.align.layout``).
+
+Notation: U users, I items, H target dim, W ranks, B examples per rank and batch.
+
+The alignment loss (:mod:`sparse_kd.distill.module`) reads, for each example, the target row of
+its user and of its item: teacher text embeddings, or the teacher ranker's rows (hints).
+
+- ``replicated``: every rank holds all (U, H) and (I, H) rows as buffers and reads a batch's rows
+  with ``index_select``. At U = 1M and H = 384 that is 1.5 GB on every rank, whatever W.
+- ``sharded``: the rows are the weights of an EmbeddingBagCollection (:func:`target_collection`,
+  one table per aligned feature) planned row_wise over all ranks
+  (:func:`sparse_kd.student.sharding.build_plan`). Each rank holds about U/W rows. A batch's rows
+  come through torchrec's all-to-all, the path of the ID tables, looked up by the batch's
+  :func:`~sparse_kd.data.batching.target_ids`.
+
+The table is never trained:
+- its output is detached, so no backward reaches the kernel;
+- its in-backward optimizer is SGD at learning rate 0;
+- :func:`sparse_kd.student.optim.combined_optimizer` leaves it out;
+- checkpoints do not save it (:data:`sparse_kd.checkpoint.FROZEN_MODULE`).
+Its rows are written from their source at every start (:func:`write_targets`), each rank only
+its own shard. The loss is the same as with replicated targets (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from sparse_kd.checkpoint import FROZEN_MODULE, frozen
+from sparse_kd.data.batching import TARGET_KEYS
+
+MODULE = FROZEN_MODULE  # the training wrapper's attribute that holds the table
+WRITE_CHUNK = 1 << 16  # rows copied at a time: no temporary as large as a shard
+COSINE_EPS = 1e-8  # F.cosine_similarity's default eps
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (zero rows stay zero), as ``F.cosine_similarity`` scales them."""
+    x = x.float()
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(COSINE_EPS)
+
+
+def target_collection(shapes: Mapping[str, tuple[int, int]]) -> EmbeddingBagCollection:
+    """feature -> (rows, H) => an EmbeddingBagCollection on ``meta`` with one table per feature,
+    named and keyed ``TARGET_KEYS[feature]``, with a no-op in-backward optimizer (SGD, lr 0:
+    torchrec's fused kernels need one)."""
+    for f, (n, h) in shapes.items():
+        if h % 4:
+            raise ValueError(f"distill.align.layout=sharded: the {f} targets have {h} dims; torchrec's fused tables "
+                             "need a multiple of 4. Use distill.align.layout=replicated")
+    tables = [EmbeddingBagConfig(name=TARGET_KEYS[f], embedding_dim=h, num_embeddings=n, feature_names=[TARGET_KEYS[f]],
+                                 pooling=PoolingType.SUM) for f, (n, h) in shapes.items()]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.0})
+    return ebc
+
+
+def lookup(table: torch.nn.Module, ids: KeyedJaggedTensor, features) -> dict[str, torch.Tensor]:
+    """feature -> (B, H) target rows of the batch (detached: the table is never trained)."""
+    out = table(ids).to_dict()  # an attribute: waits on a sharded module's awaitable
+    return {f: out[TARGET_KEYS[f]].detach() for f in features}
+
+
+@torch.no_grad()
+def write_targets(dmp: torch.nn.Module, sources: Mapping[str, torch.Tensor], unit: bool = False) -> dict[str, int]:
+    """Write this rank's shards of the target tables from ``sources`` (feature -> (N, H)), scaled to
+    unit rows when ``unit`` (cosine alignment); returns feature -> rows this rank holds.
+
+    Only the rows of the local shards are read from each source, :data:`WRITE_CHUNK` at a time,
+    so a source that reads rows lazily (a memory map) is never read whole by any rank."""
+    by_key = {TARGET_KEYS[f]: f for f in sources}
+    held: dict[str, int] = {}
+    sd = dmp.state_dict()
+    for key, value in sd.items():
+        if not frozen(key) or not key.endswith(".weight"):
+            continue
+        f = by_key[key.split(".")[-2]]
+        src = sources[f]
+        shards = [(tuple(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()] \
+            if hasattr(value, "local_shards") else [((0, 0), value)]
+        held[f] = 0
+        for (r0, c0), t in shards:
+            n, d = t.shape
+            if c0 == 0:
+                held[f] += n
+            for lo in range(0, n, WRITE_CHUNK):
+                hi = min(n, lo + WRITE_CHUNK)
+                rows = src[r0 + lo : r0 + hi]
+                rows = unit_rows(rows) if unit else rows.float()
+                t[lo:hi].copy_(rows[:, c0 : c0 + d])  # onto the shard's device
+    dmp.load_state_dict(sd, strict=False)  # for kernels whose state_dict holds copies
+    return held
