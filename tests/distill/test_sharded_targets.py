@@ -52,7 +52,8 @@ def _close(a: dict, b: dict, tol: float) -> None:
 @pytest.mark.slow
 def test_sharded_targets_train_as_replicated_and_resume(tmp_path):
     """A run with sharded targets, stopped mid-epoch and resumed, ends with the metrics of an
-    uninterrupted run with replicated targets; its checkpoints hold no target rows."""
+    uninterrupted run with replicated targets; its checkpoints hold no target rows. (Also the
+    suite's test that in-memory training resumes mid-epoch to the uninterrupted result.)"""
     rep = launch_local(train_worker, 2, tiny_config(str(tmp_path / "rep"), nproc=2, **_distill("replicated")), "distilled")[0]
     cut = tiny_config(str(tmp_path / "cut"), nproc=2, train={"checkpoint_every": 5}, **_distill("sharded"))
     assert launch_local(train_worker, 2, cut, "distilled", 0, 7)[0]["metrics"] == {}

@@ -146,3 +146,16 @@ def sharded_targets_worker(cfg: ExperimentConfig) -> dict:
     err = max(float((rows["user_id"] - unit_rows(ut)[user]).abs().max()),
               float((rows["item_id"] - unit_rows(it)[item]).abs().max()))
     return {"held": held, "max_err": err, "n": int(user.shape[0])}
+
+
+def train_many_worker(cfgs: list) -> list[dict]:
+    """:func:`train_worker`'s baseline for each config in turn, in one launch (one process group,
+    one start-up): a list of {"metrics"}, in the order of ``cfgs``."""
+    _quiet()
+    env = init_distributed("gloo", 120)
+    out = []
+    for cfg in cfgs:
+        ds = tiny_dataset(cfg)
+        res = train_ranker(cfg, ds, baseline_spec(ds), Path(cfg.output_dir) / "baseline", env, seed=0)
+        out.append({"metrics": res.metrics})
+    return out
