@@ -55,8 +55,9 @@ class AlignConfig:
     target: Literal["text", "teacher"] = "text"
     # where the target rows live during training: replicated = every rank holds all of them;
     # sharded = a frozen row_wise table, each rank holds 1/W of the rows and a batch's rows come
-    # through the same all-to-all as the ID tables (sparse_kd.distill.targets). Same loss either way.
-    layout: Literal["replicated", "sharded"] = "replicated"
+    # through the same all-to-all as the ID tables (sparse_kd.distill.targets); auto = sharded when
+    # several ranks would each hold more than 1 GiB of them, else replicated. Same loss either way.
+    layout: Literal["auto", "replicated", "sharded"] = "auto"
 
 
 @dataclass(frozen=True)

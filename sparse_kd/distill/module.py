@@ -27,9 +27,11 @@ class RankerTrain(nn.Module):
         distill: which distillation losses are on.
         feature_names: the DLRM's sparse feature order (the KJT keys).
         user_text, item_text: (U, H), (I, H) teacher embeddings for feature alignment, or None.
-            With ``distill.align.layout: sharded`` only their shapes are read here: the rows go
-            into a sharded table (:mod:`sparse_kd.distill.targets`; the caller writes them after
+            With ``sharded_targets`` only their shapes are read here: the rows go into a
+            sharded table (:mod:`sparse_kd.distill.targets`; the caller writes them after
             sharding) and batches must carry ``teacher_ids``.
+        sharded_targets: hold the alignment targets in that table (``distill.align.layout``, as
+            :func:`sparse_kd.distill.targets.sharded_layout` resolves it), not as buffers.
         pair_feature: a module (user (B,), item (B,), timestamp (B,) or None) -> (B, P) whose
             output is appended to the dense features (the teacher ranker's history features), or None.
         embedding_l2: weight of :func:`sparse_kd.distill.losses.embedding_l2` on the pooled
@@ -51,6 +53,7 @@ class RankerTrain(nn.Module):
         embedding_dim: int = 0,
         pair_feature: Optional[nn.Module] = None,
         embedding_l2: float = 0.0,
+        sharded_targets: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -65,7 +68,7 @@ class RankerTrain(nn.Module):
             if feature_names is None or user_text is None or item_text is None:
                 raise ValueError("distill.align is enabled: feature_names, user_text and item_text are all needed")
             shapes = {f: tuple((user_text if f == "user_id" else item_text).shape) for f in al.features}
-            if al.layout == "sharded":
+            if sharded_targets:
                 setattr(self, MODULE, target_collection(shapes))
             else:
                 if al.kind == "cosine":

@@ -7,7 +7,7 @@ its user and of its item: teacher text embeddings, or the teacher ranker's rows 
 
 - ``replicated``: every rank holds all (U, H) and (I, H) rows as buffers and reads a batch's rows
   with ``index_select``. At U = 1M and H = 384 that is 1.5 GB on every rank, whatever W.
-- ``sharded``: the rows are the weights of an EmbeddingBagCollection (:func:`target_collection`,
+- ``sharded`` (``auto`` above 1 GiB per rank, :func:`sharded_layout`): the rows are the weights of an EmbeddingBagCollection (:func:`target_collection`,
   one table per aligned feature) planned row_wise over all ranks
   (:func:`sparse_kd.student.sharding.build_plan`). Each rank holds about U/W rows. A batch's rows
   come through torchrec's all-to-all, the path of the ID tables, looked up by the batch's
@@ -36,6 +36,7 @@ from sparse_kd.checkpoint import FROZEN_MODULE, frozen
 from sparse_kd.data.batching import TARGET_KEYS
 
 MODULE = FROZEN_MODULE  # the training wrapper's attribute that holds the table
+AUTO_SHARD_BYTES = 1 << 30  # layout auto: shard when a rank would hold more than this replicated
 WRITE_CHUNK = 1 << 16  # rows copied at a time: no temporary as large as a shard
 COSINE_EPS = 1e-8  # F.cosine_similarity's default eps
 
@@ -44,6 +45,17 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm (zero rows stay zero), as ``F.cosine_similarity`` scales them."""
     x = x.float()
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(COSINE_EPS)
+
+
+def sharded_layout(layout: str, shapes: Mapping[str, tuple[int, int]], world_size: int) -> bool:
+    """Whether ``distill.align.layout`` puts targets of ``shapes`` (feature -> (rows, H)) in the
+    sharded table on ``world_size`` ranks. ``auto``: when there are several ranks, every dim suits
+    the fused tables, and the replicated fp32 rows would exceed :data:`AUTO_SHARD_BYTES` per rank
+    (replicated is faster: one ``index_select``, no all-to-all)."""
+    if layout != "auto":
+        return layout == "sharded"
+    replicated = sum(n * h * 4 for n, h in shapes.values())
+    return world_size > 1 and all(h % 4 == 0 for _, h in shapes.values()) and replicated > AUTO_SHARD_BYTES
 
 
 def target_collection(shapes: Mapping[str, tuple[int, int]]) -> EmbeddingBagCollection:

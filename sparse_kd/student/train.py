@@ -38,7 +38,7 @@ from sparse_kd.data.stream import train_source
 from sparse_kd.dist import DistEnv, on_main
 from sparse_kd.distill.module import RankerTrain
 from sparse_kd.distill.pairs import check_pair_batch, pool_batch, with_sampled_pairs
-from sparse_kd.distill.targets import MODULE as TARGETS, write_targets
+from sparse_kd.distill.targets import sharded_layout, write_targets
 from sparse_kd.student.refit import refit_rows
 from sparse_kd.student.init import write_tables
 from sparse_kd.student.model import arch_of, build_dlrm
@@ -69,10 +69,12 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     num_emb = {f.name: f.num_embeddings for f in ds.features}
     arch = spec.arch or arch_of(sc)
     dlrm = build_dlrm(num_emb, spec.dense_dim, arch, device="meta")
+    al, texts = spec.distill.align, {"user_id": spec.user_text, "item_id": spec.item_text}
+    sharded_targets = al.enabled and all(texts.get(f) is not None for f in al.features) and sharded_layout(
+        al.layout, {f: tuple(texts[f].shape) for f in al.features}, env.world_size)
     module = RankerTrain(dlrm, spec.distill, ds.feature_names, spec.user_text, spec.item_text,
                          embedding_dim=arch.embedding_dim, pair_feature=spec.pair_feature,
-                         embedding_l2=cfg.train.embedding_l2)
-    sharded_targets = hasattr(module, TARGETS)
+                         embedding_l2=cfg.train.embedding_l2, sharded_targets=sharded_targets)
     builder = BatchBuilder(ds, spec.user_dense, spec.item_dense, with_target_ids=sharded_targets)
     opt_cls, opt_kwargs = sparse_optimizer(cfg.train)
     apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
@@ -85,9 +87,7 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     if written and env.is_main:
         log.info("[%s] weight transfer: rows seeded from text per feature: %s", spec.name, written)
     if sharded_targets:
-        al = spec.distill.align
-        held = write_targets(dmp, {f: spec.user_text if f == "user_id" else spec.item_text for f in al.features},
-                             unit=al.kind == "cosine")
+        held = write_targets(dmp, {f: texts[f] for f in al.features}, unit=al.kind == "cosine")
         log.info("[%s] alignment targets sharded row_wise: rank %d holds %s rows", spec.name, env.rank, held)
     optimizer, dense_optimizer = combined_optimizer(dmp, cfg.train)
     return ShardedRanker(builder, module, dmp, optimizer, dense_optimizer)

@@ -11,7 +11,7 @@ import torch
 from helpers import tiny_config
 from helpers.workers import sharded_targets_worker, train_worker
 from sparse_kd.dist import launch_local
-from sparse_kd.distill.targets import target_collection
+from sparse_kd.distill.targets import sharded_layout, target_collection
 
 ALIGN = {"align": {"enabled": True, "kind": "cosine", "weight": 0.5, "features": ["item_id", "user_id"]}}
 
@@ -25,6 +25,14 @@ def test_target_dims_must_suit_fused_tables():
         target_collection({"user_id": (5, 10)})
     ebc = target_collection({"item_id": (7, 12)})
     assert [t.name for t in ebc.embedding_bag_configs()] == ["teacher_item"]
+
+
+def test_auto_layout_shards_only_what_would_not_fit():
+    big = {"user_id": (1_000_000, 384), "item_id": (200_000, 384)}  # 1.76 GB of fp32 rows per rank
+    assert sharded_layout("auto", big, 2) and not sharded_layout("auto", big, 1)
+    assert not sharded_layout("auto", {"user_id": (20_000, 384)}, 8)  # 31 MB: the faster replicated rows
+    assert not sharded_layout("auto", {"user_id": (1_000_000, 385)}, 2)  # not for the fused tables
+    assert sharded_layout("sharded", {"user_id": (5, 8)}, 1) and not sharded_layout("replicated", big, 8)
 
 
 @pytest.mark.slow
