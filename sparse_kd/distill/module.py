@@ -67,8 +67,15 @@ class RankerTrain(nn.Module):
         if al.enabled:
             if feature_names is None or user_text is None or item_text is None:
                 raise ValueError("distill.align is enabled: feature_names, user_text and item_text are all needed")
-            shapes = {f: tuple((user_text if f == "user_id" else item_text).shape) for f in al.features}
+            for f in al.features:
+                if f not in feature_names:
+                    raise ValueError(f"distill.align.features: {f!r} is not a sparse feature ({feature_names})")
+                if f not in ("user_id", "item_id"):
+                    raise ValueError(f"distill.align.features: {f!r}: only user_id and item_id have text")
+                self.align_index[f] = feature_names.index(f)
+                self.align_heads[f] = nn.Linear(embedding_dim, (user_text if f == "user_id" else item_text).shape[1])
             if sharded_targets:
+                shapes = {f: tuple((user_text if f == "user_id" else item_text).shape) for f in al.features}
                 setattr(self, MODULE, target_collection(shapes))
             else:
                 if al.kind == "cosine":
@@ -77,13 +84,6 @@ class RankerTrain(nn.Module):
                     user_text, item_text = unit_rows(user_text), unit_rows(item_text)
                 self.register_buffer("user_text", user_text.float(), persistent=False)
                 self.register_buffer("item_text", item_text.float(), persistent=False)
-            for f in al.features:
-                if f not in feature_names:
-                    raise ValueError(f"distill.align.features: {f!r} is not a sparse feature ({feature_names})")
-                if f not in ("user_id", "item_id"):
-                    raise ValueError(f"distill.align.features: {f!r}: only user_id and item_id have text")
-                self.align_index[f] = feature_names.index(f)
-                self.align_heads[f] = nn.Linear(embedding_dim, (user_text if f == "user_id" else item_text).shape[1])
 
     def forward(self, batch: KDBatch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         m = self.model
