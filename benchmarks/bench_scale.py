@@ -324,12 +324,12 @@ def text_worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
     user, item, t_spec = stage("teacher_text", text_stage)
     spec = stage("distilled_spec", lambda: P.distilled_spec(cfg, ds, user, item, None, env=env))
     held.append(spec)
+    from dataclasses import replace
+
+    from sparse_kd.checkpoint import frozen
+    from sparse_kd.student.train import build_sharded
+
     for layout in ("sharded", "replicated"):  # the distilled student's sharded model, per target layout
-        from dataclasses import replace
-
-        from sparse_kd.checkpoint import frozen
-        from sparse_kd.student.train import build_sharded
-
         c = replace(cfg, distill=replace(cfg.distill, align=replace(cfg.distill.align, layout=layout)))
         spec.distill = c.distill
         dmp = stage(f"student_model_{layout}", lambda: build_sharded(c, ds, spec, env, 0).dmp)

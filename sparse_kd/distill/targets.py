@@ -88,10 +88,8 @@ def write_targets(dmp: torch.nn.Module, sources: Mapping[str, torch.Tensor], uni
     so a source that reads rows lazily (a memory map) is never read whole by any rank."""
     by_key = {TARGET_KEYS[f]: f for f in sources}
     held: dict[str, int] = {}
-    sd = dmp.state_dict()
+    sd = {k: v for k, v in dmp.state_dict().items() if frozen(k) and k.endswith(".weight")}
     for key, value in sd.items():
-        if not frozen(key) or not key.endswith(".weight"):
-            continue
         f = by_key[key.split(".")[-2]]
         src = sources[f]
         shards = [(tuple(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()] \
@@ -106,5 +104,5 @@ def write_targets(dmp: torch.nn.Module, sources: Mapping[str, torch.Tensor], uni
                 rows = src[r0 + lo : r0 + hi]
                 rows = unit_rows(rows) if unit else rows.float()
                 t[lo:hi].copy_(rows[:, c0 : c0 + d])  # onto the shard's device
-    dmp.load_state_dict(sd, strict=False)  # for kernels whose state_dict holds copies
+    dmp.load_state_dict(sd, strict=False)  # the target tables only, for kernels whose state_dict holds copies
     return held

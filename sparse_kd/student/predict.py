@@ -73,15 +73,3 @@ def split_metrics(ds: RecDataset, logits: dict[str, torch.Tensor]) -> dict:
     """split -> {"auc", "logloss", "n"} of ``logits`` (split -> (N_split,)) against the split's labels."""
     return {s: binary_metrics(v, torch.from_numpy(ds.splits[s].label)) for s, v in logits.items()}
 
-
-def evaluate_sharded(
-    pipeline: TrainPipelineSparseDist,
-    model: torch.nn.Module,
-    ds: RecDataset,
-    builder: BatchBuilder,
-    eval_batch_size: int,
-    env: DistEnv,
-    splits=EVAL_SPLITS,
-) -> dict:
-    """split -> {"auc", "logloss", "n"} (the same on every rank)."""
-    return split_metrics(ds, split_logits(pipeline, model, ds, builder, eval_batch_size, env, splits))

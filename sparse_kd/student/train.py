@@ -43,7 +43,7 @@ from sparse_kd.student.refit import refit_rows
 from sparse_kd.student.init import write_tables
 from sparse_kd.student.model import arch_of, build_dlrm
 from sparse_kd.student.optim import combined_optimizer, sparse_optimizer
-from sparse_kd.student.predict import evaluate_sharded, predict_sharded, split_logits, split_metrics
+from sparse_kd.student.predict import predict_sharded, split_logits, split_metrics
 from sparse_kd.student.reshard import check_resume
 from sparse_kd.student.selection import BEST_DIR, EpochSelector
 from sparse_kd.student.sharding import build_plan, describe_plan
@@ -259,7 +259,7 @@ def use_deterministic(setting, device_type: str, environ=None) -> bool:
 
 
 def _valid(pipeline, r: ShardedRanker, ds: RecDataset, tc, env: DistEnv) -> dict:
-    return evaluate_sharded(pipeline, r.dmp, ds, r.builder, tc.eval_batch_size, env, splits=("valid",))["valid"]
+    return split_metrics(ds, split_logits(pipeline, r.dmp, ds, r.builder, tc.eval_batch_size, env, ("valid",)))["valid"]
 
 
 def _select(sel: EpochSelector, epoch: int, score: float, checkpoint: Path, env: DistEnv, epochs: int) -> bool:

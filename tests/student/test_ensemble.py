@@ -24,7 +24,8 @@ def test_combine_scores_the_mean_logit_of_the_members():
             out[s] = y + sign * e  # the errors cancel in the mean
         return out
 
-    members = [(RankerResult("t", {}, f"ck{k}", torch.full((5,), float(k)), 100.0, eval_logits=logits(sign)), s)
+    members = [(RankerResult("t", {"test": {"auc": 0.6 + k / 10}}, f"ck{k}", torch.full((5,), float(k)), 100.0,
+                             eval_logits=logits(sign)), s)
                for k, (s, sign) in enumerate((("a", 1.0), ("b", -1.0)))]
     res = combine("t", members, ds)
     for s in EVAL_SPLITS:
@@ -34,7 +35,7 @@ def test_combine_scores_the_mean_logit_of_the_members():
             assert res.metrics[s]["auc"] == pytest.approx(1.0) and one < 0.9
     assert torch.equal(res.train_logits, torch.full((5,), 0.5))  # the mean of 0 and 1
     assert res.members == [("a", "ck0"), ("b", "ck1")] and res.checkpoint == "ck0"
-    assert res.member_metrics == [{}, {}]  # each member's own metrics, kept beside the ensemble's
+    assert res.member_metrics == [{"test": {"auc": 0.6}}, {"test": {"auc": 0.7}}]  # each member's own, in order
     assert res.examples_per_s == pytest.approx(50.0)  # members train one after the other
     with pytest.raises(ValueError, match="at least one"):
         combine("t", [], ds)
