@@ -186,7 +186,7 @@ def train_worker(data: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def child_train(spec_json: str) -> Dict[str, Any]:
-    from sparse_kd.dist import launch_local as launch
+    from sparse_kd.local_launch import spawned as launch
 
     spec = json.loads(spec_json)
     res = launch(train_worker, spec["opts"]["nproc"], spec["data"], spec["opts"])

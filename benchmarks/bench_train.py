@@ -21,7 +21,7 @@ examples/s over rounds (global batch x steps / seconds) and the median of per-ro
 ratios ``project / plain`` (target >= 0.9) and ``distill / project`` (target >= 0.9, i.e.
 distillation costs <= 10%). ``--profile`` adds ``torch.profiler`` tables of the steps.
 Processes run 1 intra-op thread each by default (``--threads``); 2 processes are launched with
-``sparse_kd.dist.launch_local``, 1 process runs in this one.
+``sparse_kd.local_launch.launch_local``, 1 process runs in this one.
 
     python benchmarks/bench_train.py                 # 20000 users x 5000 items x 50, batch 2048
     python benchmarks/bench_train.py --nprocs 2 --shardings row_wise --profile
@@ -371,7 +371,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_start = time.time()
     from sparse_kd.config import DataConfig, SyntheticConfig
     from sparse_kd.data import load_dataset
-    from sparse_kd.dist import launch_local as launch
+    from sparse_kd.local_launch import spawned as launch
 
     quiet()
     syn = {"num_users": args.users, "num_items": args.items, "interactions_per_user": args.per_user}
@@ -393,7 +393,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     cores = info["usable_cpus"]
     per_nproc: Dict[int, Dict[str, Any]] = {}
-    # multi-process runs under sparse_kd.dist.launch_local (fresh processes); 1 process last, in this
+    # multi-process runs under sparse_kd.local_launch.launch_local (fresh processes); 1 process last, in this
     # process (a launch costs ~10 s of process start-up and imports)
     for n in sorted(args.nproc_list, key=lambda n: (n == 1, n)):
         opts = {

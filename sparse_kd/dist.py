@@ -1,5 +1,5 @@
-"""Process-group set-up shared by every stage: the same code runs as 1 process or under torchrun;
-and :func:`launch_local`, N local CPU ranks in fresh processes (tests, benchmarks).
+"""Process-group set-up shared by every stage: the same code runs as 1 process or under torchrun
+(N local ranks for one function call: :mod:`sparse_kd.local_launch`).
 
 How many processes, and on which devices:
 
@@ -22,7 +22,6 @@ import datetime
 import logging
 import os
 import socket
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
@@ -333,37 +332,3 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def launch_local(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:
-    """Run ``fn(*args)`` on ``nproc`` fresh local CPU ranks (``elastic_launch``, as torchrec's own
-    tests do, each launch on a fresh rendezvous port); return {rank: return value}.
-
-    ``fn`` and ``args`` must be picklable (ranks are spawned). Each rank gets one OpenMP thread,
-    as torchrun gives it, unless OMP_NUM_THREADS is set: N ranks x default threads would
-    oversubscribe the cores and spin-wait on each other. The setting reaches only the ranks;
-    this process's environment is left as it was.
-    """
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    lc = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        rdzv_configs={"timeout": 120},
-        max_restarts=0,
-        monitor_interval=0.1,
-        start_method="spawn",
-    )
-    # the agent forwards OMP_NUM_THREADS from os.environ to the ranks it spawns
-    unset = "OMP_NUM_THREADS" not in os.environ
-    if unset:
-        os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        return elastic_launch(lc, entrypoint=fn)(*args)
-    finally:
-        if unset:
-            os.environ.pop("OMP_NUM_THREADS", None)

@@ -9,7 +9,6 @@ from sparse_kd import dist as sd
 from sparse_kd.cli import main
 from sparse_kd.config import ConfigError
 from helpers.tiny import tiny_config
-from helpers.workers import env_worker
 
 
 def test_nccl_group_also_has_a_cpu_backend():
@@ -113,13 +112,6 @@ def test_nproc_config_values(tmp_path):
         with pytest.raises(ConfigError, match=needle):
             load_config("configs/demo.yaml", [bad])
 
-
-
-@pytest.mark.slow
-def test_launch_local_sets_omp_threads_for_the_ranks_only(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert sd.launch_local(env_worker, 1, "OMP_NUM_THREADS") == {0: "1"}
-    assert "OMP_NUM_THREADS" not in os.environ  # later tests and their subprocesses keep the default
 
 
 def test_split_range_covers_every_item_once():

@@ -11,7 +11,7 @@ import pytest
 from sparse_kd.data import convert
 from helpers.tiny import tiny_config
 from helpers.workers import train_worker
-from sparse_kd.dist import launch_local as launch
+from sparse_kd.local_launch import launch_local as launch
 
 pytestmark = pytest.mark.slow
 

@@ -189,7 +189,7 @@ def _rank_worker(out_dir: str) -> dict:
 
 
 def test_ranks_wait_for_rank0s_reference_past_the_collective_timeout(tmp_path):
-    from sparse_kd.dist import launch_local
+    from sparse_kd.local_launch import launch_local
 
     res = launch_local(_rank_worker, 2, str(tmp_path))
     assert res[0]["test"] == res[1]["test"] and res[0]["settings"]["dim"] == 8

@@ -137,7 +137,7 @@ def test_sampled_rows_get_only_the_kd_loss():
 @pytest.mark.slow
 def test_sampled_pair_training_on_two_ranks_equals_one(tmp_path):
     from helpers.workers import sampled_pairs_worker
-    from sparse_kd.dist import launch_local
+    from sparse_kd.local_launch import launch_local
 
     kw = dict(distill={"pairs": {"enabled": True, "ratio": 0.5, "weight": 1.0}}, train={"epochs": 2})
     one = launch_local(sampled_pairs_worker, 1, tiny_config(str(tmp_path / "one"), nproc=1, **kw))[0]

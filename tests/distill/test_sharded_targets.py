@@ -10,7 +10,7 @@ import torch
 
 from helpers import tiny_config
 from helpers.workers import sharded_targets_worker, train_worker
-from sparse_kd.dist import launch_local
+from sparse_kd.local_launch import launch_local
 from sparse_kd.distill.targets import sharded_layout, target_collection
 
 ALIGN = {"align": {"enabled": True, "kind": "cosine", "weight": 0.5, "features": ["item_id", "user_id"]}}

@@ -5,7 +5,7 @@ import torch
 
 from helpers import tiny_config, tiny_dataset
 from helpers.workers import local_tables_worker
-from sparse_kd.dist import launch_local
+from sparse_kd.local_launch import launch_local
 from sparse_kd.distill.transfer import pca_projection, transfer_rows
 from sparse_kd.ridge import ridge_fit, ridge_predict
 from sparse_kd.student.init import init_rows_block

@@ -1,4 +1,4 @@
-"""Functions each rank runs under :func:`sparse_kd.dist.launch_local` in the multi-rank tests."""
+"""Functions each rank runs under :func:`sparse_kd.local_launch.launch_local` in the multi-rank tests."""
 
 from __future__ import annotations
 
@@ -81,9 +81,11 @@ def hang_worker(cfg: ExperimentConfig, step: int) -> str:
 
 
 
-def env_worker(name: str) -> str | None:
-    """This rank's value of the environment variable ``name``."""
-    return os.environ.get(name)
+def env_worker(*names: str) -> dict:
+    """This rank's values of the environment variables ``names``, and torch's thread count."""
+    import torch
+
+    return {**{n: os.environ.get(n) for n in names}, "threads": torch.get_num_threads()}
 
 
 def selection_worker(cfg: ExperimentConfig, valid_scores: list[float]) -> dict:

@@ -15,7 +15,7 @@ import pytest
 from helpers import tiny_config
 from helpers.workers import train_worker
 from sparse_kd import checkpoint as ckpt
-from sparse_kd.dist import launch_local
+from sparse_kd.local_launch import launch_local
 
 pytestmark = pytest.mark.slow
 

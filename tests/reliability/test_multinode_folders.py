@@ -159,7 +159,7 @@ def slow_rank0_worker(cfg, timeout_s: int) -> dict:
 
 
 def test_rank0_work_longer_than_the_collective_timeout_waits_on_the_long_group(tmp_path):
-    from sparse_kd.dist import launch_local
+    from sparse_kd.local_launch import launch_local
 
     cfg = tiny_config(str(tmp_path / "run"), nproc=2, train={"epochs": 1, "checkpoint_every": 0},
                       teacher={"cache_dir": str(tmp_path / "cache")},

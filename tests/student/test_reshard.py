@@ -70,7 +70,7 @@ def test_row_wise_checkpoint_of_two_ranks_resumes_on_one(tmp_path):
     like the uninterrupted 2-rank run (the global batch, not the world size, sets the maths)."""
     from helpers.tiny import tiny_config
     from helpers.workers import train_worker
-    from sparse_kd.dist import launch_local as launch
+    from sparse_kd.local_launch import launch_local as launch
 
     kw = dict(student={"default_sharding": "row_wise"}, train={"checkpoint_every": 5})
     full = launch(train_worker, 2, tiny_config(str(tmp_path / "full"), nproc=2, **kw))[0]["metrics"]

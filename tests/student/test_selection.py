@@ -11,7 +11,7 @@ import torch
 from helpers import tiny_config, tiny_dataset
 from helpers.workers import selection_worker
 from sparse_kd.student.selection import FILE, EpochSelector
-from sparse_kd.dist import launch_local
+from sparse_kd.local_launch import launch_local
 
 
 def test_best_epoch_and_patience(tmp_path):

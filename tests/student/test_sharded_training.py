@@ -8,7 +8,7 @@ import pytest
 
 from helpers import tiny_config
 from helpers.workers import train_many_worker
-from sparse_kd.dist import launch_local
+from sparse_kd.local_launch import launch_local
 
 pytestmark = pytest.mark.slow
 
