@@ -30,7 +30,6 @@ from typing import Optional
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from sparse_kd import atomic
 from sparse_kd.config import DistillConfig, ExperimentConfig, to_dict
@@ -41,7 +40,7 @@ from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import check_logit_kd, train_source
 from sparse_kd.dist import DistEnv, barrier, init_distributed, long_barrier, long_broadcast_object, on_main, raise_if_any
 from sparse_kd.distill.attention import HistoryAttention, PairFeatures
-from sparse_kd.distill.history import HistoryPairFeature, resolve_mode, resolve_user_text
+from sparse_kd.distill.history import HistoryPairFeature, as_tensor, resolve_mode, resolve_user_text
 from sparse_kd.distill.pairs import describe_pool, pool_batch, sample_pool
 from sparse_kd.distill.transfer import learned_map, pca_reduce, transfer_map
 from sparse_kd.report import metrics_table
@@ -98,9 +97,9 @@ def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv,
     the teacher cache). Rank 0 writes ``data/text_embeddings.safetensors`` for the compression
     stage; its ``user`` rows are the click-history embeddings when user text is not used.
     """
-    from sparse_kd.distill.history import history_text
+    from sparse_kd.distill.history import HistoryRows
     from sparse_kd.teacher import TextEncoder
-    from sparse_kd.teacher.cache import encode_across_ranks
+    from sparse_kd.teacher.cache import encode_across_ranks, write_rows
     from sparse_kd.teacher.encoder import TeacherModelError
 
     if users is None:
@@ -120,9 +119,8 @@ def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv,
     item = encode(ds.item_text, "items")
     user = encode(ds.user_text, "users") if users else None
     if env.is_main:
-        with atomic.replacing(Path(cfg.output_dir) / "data" / "text_embeddings.safetensors") as tmp:
-            save_file({"user": (user if user is not None else history_text(ds, item)).contiguous(),
-                       "item": item.contiguous()}, str(tmp))
+        with atomic.replacing(Path(cfg.output_dir) / "data" / "text_embeddings.safetensors") as tmp, open(tmp, "wb") as f:
+            write_rows(f, {"user": user if user is not None else HistoryRows(ds, item), "item": item})
     return user, item
 
 
@@ -268,7 +266,7 @@ def teacher_spec(cfg, ds, user_text, item_text, name: str = TEACHER) -> RankerSp
     ub, ib = count_dense(ds)
     tr = cfg.distill.teacher_ranker
     k = cfg.student.teacher_text_dim if tr.text_dim == 0 else tr.text_dim
-    text = (lambda x: x.float()) if k == -1 else (lambda x: pca_reduce(x, k))  # noqa: E731
+    text = (lambda x: as_tensor(x).float()) if k == -1 else (lambda x: pca_reduce(x, k))  # noqa: E731
     item_t = text(item_text)
     spec = RankerSpec(name, torch.cat([ub, text(user_text)], 1), torch.cat([ib, item_t], 1),
                       arch=teacher_arch(cfg.student, tr))

@@ -42,6 +42,7 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 
 CLICK_CHUNK = 1 << 16  # clicks gathered at a time: a (P, H) gather would outweigh the (U, H) result
+ROW_CHUNK = 1 << 14  # users per block when a whole (U, H) history tensor is built
 
 
 def history_sums(ds: RecDataset, item_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,9 +58,71 @@ def history_sums(ds: RecDataset, item_text: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def history_text(ds: RecDataset, item_text: torch.Tensor) -> torch.Tensor:
-    """(U, H) history embedding of every user: mean unit item embedding of the train clicks."""
-    sums, counts = history_sums(ds, item_text)
-    return sums.div_(counts.clamp_min(1.0)[:, None])
+    """(U, H) history embedding of every user: mean unit item embedding of the train clicks
+    (:class:`HistoryRows` computes the same rows a block at a time)."""
+    return HistoryRows(ds, item_text).materialize()
+
+
+class HistoryRows:
+    """The (U, H) history embeddings of :func:`history_text`, computed for the rows asked for and
+    never held whole: what stands for user text in ``history`` mode, at any number of users.
+
+    It stands in for the tensor where rows are read a block at a time: ``rows[r0:r1]``,
+    ``rows[r0:r1, c0:c1]``, ``rows[bool mask]``, ``rows[index tensor]``, ``rows.shape``, ``len``,
+    and :meth:`materialize` where a consumer needs the whole tensor. It holds the unit item
+    embeddings (I, H) and the train clicks by user (P int64 + U + 1 offsets): at 1M users,
+    200k items and 5M clicks, 0.35 GB instead of the 1.5 GB of (U, H) fp32.
+
+    Example::
+
+        rows = HistoryRows(ds, item_text)
+        rows[0:1000]  # (1000, H), computed now; equal to history_text(ds, item_text)[0:1000]
+    """
+
+    def __init__(self, ds: RecDataset, item_text: torch.Tensor) -> None:
+        u, i = train_clicks(ds)
+        self.item_unit = unit(item_text)
+        self.items = torch.from_numpy(i)  # clicked items, grouped by user
+        self.offsets = torch.from_numpy(np.searchsorted(u, np.arange(ds.num_users + 1)))  # (U + 1,)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.offsets.shape[0] - 1, self.item_unit.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        rows, cols = idx if isinstance(idx, tuple) else (idx, slice(None))
+        if isinstance(rows, slice):
+            if rows.step not in (None, 1):
+                raise TypeError("HistoryRows: a row slice must be contiguous, e.g. rows[r0:r1]")
+            users = torch.arange(*rows.indices(len(self))[:2])
+        else:
+            users = torch.as_tensor(rows)
+            users = users.nonzero().flatten() if users.dtype == torch.bool else users.long().flatten()
+        return self._rows(users)[:, cols]
+
+    def _rows(self, users: torch.Tensor) -> torch.Tensor:
+        start, counts = self.offsets[users], self.offsets[users + 1] - self.offsets[users]
+        out = torch.zeros(len(users), self.item_unit.shape[1])
+        # click k of the selection belongs to output row owner[k] and sits at clicks[k] in self.items
+        owner = torch.repeat_interleave(torch.arange(len(users)), counts)
+        first = torch.cumsum(counts, 0) - counts
+        clicks = torch.repeat_interleave(start - first, counts) + torch.arange(int(counts.sum()))
+        for lo in range(0, len(owner), CLICK_CHUNK):
+            out.index_add_(0, owner[lo : lo + CLICK_CHUNK],
+                           self.item_unit.index_select(0, self.items[clicks[lo : lo + CLICK_CHUNK]]))
+        return out.div_(counts.clamp_min(1).float()[:, None])
+
+    def materialize(self) -> torch.Tensor:
+        """The whole (U, H) tensor, for consumers that need it (replicated alignment targets)."""
+        return torch.cat([self[lo : lo + ROW_CHUNK] for lo in range(0, len(self), ROW_CHUNK)]) if len(self) else self[0:0]
+
+
+def as_tensor(rows) -> torch.Tensor:
+    """``rows`` as a tensor: a lazy row source (:class:`HistoryRows`) materialised, a tensor as it is."""
+    return rows.materialize() if hasattr(rows, "materialize") else rows
 
 
 def has_user_text(ds: RecDataset) -> bool:
@@ -74,17 +137,18 @@ def resolve_mode(mode: str, ds: RecDataset) -> str:
     return mode
 
 
-def resolve_user_text(mode: str, ds: RecDataset, user_text: torch.Tensor, item_text: torch.Tensor) -> tuple[torch.Tensor, str]:
+def resolve_user_text(mode: str, ds: RecDataset, user_text: torch.Tensor, item_text: torch.Tensor):
     """The (U, H') embeddings that stand for user text under ``distill.user_text`` = ``mode``,
-    and the mode actually used (``auto`` resolved)."""
+    and the mode actually used (``auto`` resolved). In ``history`` mode they are a
+    :class:`HistoryRows`, computed where read: no rank holds (U, H) of them."""
     mode = resolve_mode(mode, ds)
     if mode == "text":
         return user_text, mode
-    hist = history_text(ds, item_text)
+    hist = HistoryRows(ds, item_text)
     if mode == "history":
         return hist, mode
     if mode == "both":
-        return torch.cat([unit(user_text), hist], 1), mode
+        return torch.cat([unit(user_text), hist.materialize()], 1), mode
     raise ValueError(f"distill.user_text: unknown {mode!r}; expected auto, text, history or both")
 
 

@@ -73,8 +73,8 @@ class ProjectedRows:
 
 def pca_projection(text: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (H,) and the top-``dim`` principal directions (H, dim) of text (N, H)."""
-    mean = text.double().mean(0) if text.shape[0] <= CHUNK else sum(
-        text[lo : lo + CHUNK].double().sum(0) for lo in range(0, text.shape[0], CHUNK)) / text.shape[0]
+    # text may be a row source read by blocks (e.g. :class:`~sparse_kd.distill.history.HistoryRows`)
+    mean = sum(text[lo : lo + CHUNK].double().sum(0) for lo in range(0, text.shape[0], CHUNK)) / max(1, text.shape[0])
     # (H, H) covariance eigen-decomposition: cheap for H = 384 and exact; summed over row chunks,
     # so no centred (N, H) float64 copy is held (3 GB at 1M users)
     cov = torch.zeros(text.shape[1], text.shape[1], dtype=torch.float64)

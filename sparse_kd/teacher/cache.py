@@ -158,6 +158,27 @@ def write_atomic(path: Path, emb: torch.Tensor, metadata: dict[str, str]) -> Non
     _remove_stale_temps(path.parent)
 
 
+ROW_BLOCK = 1 << 16  # rows written at a time by write_rows
+
+
+def write_rows(f, rows: dict[str, Any]) -> None:
+    """Write fp32 (N, H) ``rows`` as a safetensors file to the open binary file ``f``, a block of
+    :data:`ROW_BLOCK` rows at a time: a source read lazily (``rows[lo:hi]``, ``rows.shape``, e.g.
+    :class:`~sparse_kd.distill.history.HistoryRows`) is never held whole. ``safetensors.torch.load_file``
+    reads it back."""
+    header, offset = {}, 0
+    for name, r in rows.items():
+        n, h = (int(x) for x in r.shape)
+        header[name] = {"dtype": "F32", "shape": [n, h], "data_offsets": [offset, offset + 4 * n * h]}
+        offset += 4 * n * h
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    f.write(len(head).to_bytes(8, "little") + head)
+    for name, r in rows.items():
+        for lo in range(0, header[name]["shape"][0], ROW_BLOCK):
+            f.write(r[lo : lo + ROW_BLOCK].float().contiguous().numpy().tobytes())
+
+
 def _remove_stale_temps(folder: Path) -> None:
     """Delete temp files left by killed writers (older than an hour: never a live write)."""
     now = time.time()

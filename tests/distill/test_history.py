@@ -7,7 +7,8 @@ import torch
 
 from sparse_kd.data.schema import Interactions, RecDataset
 from sparse_kd.data.split import id_feature
-from sparse_kd.distill.history import HistoryPairFeature, history_text, resolve_mode, resolve_user_text, unit
+from sparse_kd.distill.history import (HistoryPairFeature, HistoryRows, as_tensor, history_sums, history_text, resolve_mode,
+                                       resolve_user_text, unit)
 
 
 def _ds(user_text=None) -> RecDataset:
@@ -75,3 +76,48 @@ def test_pair_feature_leaves_the_pair_itself_out():
     out = pf(torch.from_numpy(tr.user), torch.from_numpy(tr.item))
     assert out.shape == (len(tr), HistoryPairFeature.dim)
     torch.testing.assert_close(out.mean(0), torch.zeros(2), atol=1e-5, rtol=0)
+
+
+def _whole(ds, it):
+    """The history rows by the other route: the pair feature's sums over every click at once."""
+    sums, counts = history_sums(ds, it)
+    return sums / counts.clamp_min(1.0)[:, None]
+
+
+def test_history_rows_read_by_block_equal_the_whole_tensor():
+    ds, it = _ds(), _item_text()
+    whole = _whole(ds, it)
+    rows = HistoryRows(ds, it)
+    assert rows.shape == tuple(whole.shape) and len(rows) == 4
+    torch.testing.assert_close(rows[0:4], whole, rtol=0, atol=0)
+    torch.testing.assert_close(rows[1:3, 2:4], whole[1:3, 2:4], rtol=0, atol=0)
+    mask = torch.tensor([True, False, False, True])
+    torch.testing.assert_close(rows[mask], whole[mask], rtol=0, atol=0)
+    torch.testing.assert_close(rows[torch.tensor([3, 0, 0])], whole[[3, 0, 0]], rtol=0, atol=0)
+    assert rows[2:2].shape == (0, it.shape[1])
+    torch.testing.assert_close(as_tensor(rows), whole, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="contiguous"):
+        rows[0:4:2]
+
+
+def test_history_rows_chunked_clicks_match(monkeypatch):
+    """Blocks of clicks smaller than a user's history give the same rows."""
+    import sparse_kd.distill.history as H
+
+    ds, it = _ds(), _item_text()
+    whole = _whole(ds, it)
+    monkeypatch.setattr(H, "CLICK_CHUNK", 2)
+    torch.testing.assert_close(HistoryRows(ds, it)[0:4], whole)
+
+
+def test_pca_transfer_and_ridge_read_history_rows_as_they_read_the_tensor():
+    from sparse_kd.distill.transfer import learned_map, pca_reduce, transfer_map
+
+    ds, it = _ds(), _item_text()
+    lazy, whole = HistoryRows(ds, it), _whole(ds, it)
+    torch.testing.assert_close(pca_reduce(lazy, 2), pca_reduce(whole, 2))
+    torch.testing.assert_close(transfer_map(lazy, 3, "pca", 0.1, basis_text=it).materialize(),
+                               transfer_map(whole, 3, "pca", 0.1, basis_text=it).materialize())
+    warm, rows = torch.tensor([True, True, False, True]), torch.randn(4, 3)
+    torch.testing.assert_close(learned_map(lazy, rows, warm), learned_map(whole, rows, warm))
+    assert isinstance(resolve_user_text("history", ds, None, it)[0], HistoryRows)  # never built whole

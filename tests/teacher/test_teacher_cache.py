@@ -211,3 +211,24 @@ def test_encode_texts_uses_config_cache_dir(tiny_bert: Path, texts: list[str], t
 def test_bad_cache_name(encoder: CountingEncoder, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cache name"):
         encode_cached(encoder, ["x"], tmp_path, "../escape")
+
+
+def test_write_rows_streams_blocks_that_safetensors_reads_back(tmp_path, monkeypatch):
+    import sparse_kd.teacher.cache as C
+    from safetensors.torch import load_file
+
+    class Lazy:  # a row source that refuses to be read whole
+        shape = (5, 3)
+
+        def __getitem__(self, idx):
+            assert idx.stop - idx.start <= 2, idx
+            return torch.arange(15, dtype=torch.float64).reshape(5, 3)[idx]
+
+    monkeypatch.setattr(C, "ROW_BLOCK", 2)
+    item = torch.randn(4, 3)
+    with open(tmp_path / "t.safetensors", "wb") as f:
+        C.write_rows(f, {"user": Lazy(), "item": item, "none": torch.zeros(0, 3)})
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert back["user"].dtype == torch.float32 and back["none"].shape == (0, 3)
+    torch.testing.assert_close(back["user"], torch.arange(15.0).reshape(5, 3), rtol=0, atol=0)
+    torch.testing.assert_close(back["item"], item, rtol=0, atol=0)
