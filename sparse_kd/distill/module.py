@@ -15,9 +15,8 @@ from torchrec.models.dlrm import DLRM
 from sparse_kd.config import DistillConfig
 from sparse_kd.data.batching import KDBatch
 from sparse_kd.distill import losses
-from sparse_kd.distill.history import as_tensor
 from sparse_kd.distill.pairs import SAMPLED
-from sparse_kd.distill.targets import COSINE_EPS, MODULE, lookup, target_collection, unit_rows
+from sparse_kd.distill.targets import COSINE_EPS, MODULE, held_rows, lookup, target_collection
 
 
 class RankerTrain(nn.Module):
@@ -79,13 +78,11 @@ class RankerTrain(nn.Module):
                 shapes = {f: tuple((user_text if f == "user_id" else item_text).shape) for f in al.features}
                 setattr(self, MODULE, target_collection(shapes))
             else:
-                user_text, item_text = as_tensor(user_text), as_tensor(item_text)  # held whole: small runs
-                if al.kind == "cosine":
-                    # cosine is blind to the target's length: keep unit rows, so the loss can be
-                    # computed in the embedding space (:func:`cosine_align_from_head`)
-                    user_text, item_text = unit_rows(user_text), unit_rows(item_text)
-                self.register_buffer("user_text", user_text.float(), persistent=False)
-                self.register_buffer("item_text", item_text.float(), persistent=False)
+                # cosine is blind to the target's length: keep unit rows, so the loss can be
+                # computed in the embedding space (:func:`cosine_align_from_head`)
+                unit = al.kind == "cosine"
+                self.register_buffer("user_text", held_rows(user_text, unit), persistent=False)
+                self.register_buffer("item_text", held_rows(item_text, unit), persistent=False)
 
     def forward(self, batch: KDBatch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         m = self.model

@@ -47,6 +47,19 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(COSINE_EPS)
 
 
+def held_rows(rows, unit: bool) -> torch.Tensor:
+    """Replicated targets: ``rows`` (N, H) as one fp32 tensor, unit rows when ``unit``. A row
+    source read by blocks (:class:`~sparse_kd.distill.history.HistoryRows`) is written into the
+    result :data:`WRITE_CHUNK` rows at a time, with no second (N, H) copy."""
+    if isinstance(rows, torch.Tensor):
+        return unit_rows(rows) if unit else rows.float()
+    out = torch.empty(tuple(rows.shape))
+    for lo in range(0, out.shape[0], WRITE_CHUNK):
+        block = rows[lo : lo + WRITE_CHUNK]
+        out[lo : lo + block.shape[0]] = unit_rows(block) if unit else block
+    return out
+
+
 def sharded_layout(layout: str, shapes: Mapping[str, tuple[int, int]], world_size: int) -> bool:
     """Whether ``distill.align.layout`` puts targets of ``shapes`` (feature -> (rows, H)) in the
     sharded table on ``world_size`` ranks. ``auto``: when there are several ranks, every dim suits

@@ -121,3 +121,12 @@ def test_pca_transfer_and_ridge_read_history_rows_as_they_read_the_tensor():
     warm, rows = torch.tensor([True, True, False, True]), torch.randn(4, 3)
     torch.testing.assert_close(learned_map(lazy, rows, warm), learned_map(whole, rows, warm))
     assert isinstance(resolve_user_text("history", ds, None, it)[0], HistoryRows)  # never built whole
+
+
+def test_replicated_targets_from_history_rows_equal_those_from_the_tensor(monkeypatch):
+    import sparse_kd.distill.targets as T
+
+    ds, it = _ds(), _item_text()
+    monkeypatch.setattr(T, "WRITE_CHUNK", 3)  # blocks that end inside the table
+    for unit_ in (True, False):
+        torch.testing.assert_close(T.held_rows(HistoryRows(ds, it), unit_), T.held_rows(_whole(ds, it), unit_))

@@ -5,7 +5,8 @@ import torch
 
 from sparse_kd.config import AlignConfig, DistillConfig, StudentConfig
 from sparse_kd.distill import losses
-from sparse_kd.distill.module import RankerTrain, cosine_align_from_head, unit_rows
+from sparse_kd.distill.module import RankerTrain, cosine_align_from_head
+from sparse_kd.distill.targets import unit_rows
 from sparse_kd.student.model import build_dlrm
 
 
