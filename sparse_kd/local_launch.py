@@ -6,9 +6,10 @@ and fbgemm_gpu once: a 2-rank launch then starts in ~0.3 s instead of ~5 s of im
 spawned rank (measured on the 2-core CI machine). ``start_method="spawn"`` gives ranks that import
 everything themselves, for benchmarks that measure a rank's own peak memory.
 
-A forkserver starts once per parent process and its children inherit *its* environment, taken
-when it started, not the parent's at launch time. So each rank re-adopts the parent's environment
-as it was when :func:`launch_local` was called (what a spawned rank would have seen), keeping the
+A forkserver starts once per parent process. multiprocessing hands each new process the parent's
+working folder and ``sys.path`` as they are at that start, but not its environment: the children
+inherit the *server's*, taken when it started. So each rank re-adopts the parent's environment as
+it was when :func:`launch_local` was called (what a spawned rank would have seen), keeping the
 variables the elastic agent set for it (RANK, MASTER_PORT, ...), and sets torch's thread count from
 OMP_NUM_THREADS, which libgomp read once, in the server.
 """

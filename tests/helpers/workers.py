@@ -85,7 +85,7 @@ def env_worker(*names: str) -> dict:
     """This rank's values of the environment variables ``names``, and torch's thread count."""
     import torch
 
-    return {**{n: os.environ.get(n) for n in names}, "threads": torch.get_num_threads()}
+    return {**{n: os.environ.get(n) for n in names}, "threads": torch.get_num_threads(), "cwd": os.getcwd()}
 
 
 def selection_worker(cfg: ExperimentConfig, valid_scores: list[float]) -> dict:
