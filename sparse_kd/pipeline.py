@@ -40,7 +40,8 @@ from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import check_logit_kd, train_source
 from sparse_kd.dist import DistEnv, barrier, init_distributed, long_barrier, long_broadcast_object, on_main, raise_if_any
 from sparse_kd.distill.attention import HistoryAttention, PairFeatures
-from sparse_kd.distill.history import HistoryPairFeature, as_tensor, resolve_mode, resolve_user_text
+from sparse_kd.distill.history import HistoryPairFeature, resolve_mode, resolve_user_text
+from sparse_kd.distill.rows import IndexedRows, as_tensor
 from sparse_kd.distill.pairs import describe_pool, pool_batch, sample_pool
 from sparse_kd.distill.transfer import learned_map, pca_reduce, transfer_map
 from sparse_kd.report import metrics_table
@@ -89,7 +90,8 @@ def prepare_data(cfg: ExperimentConfig, env: DistEnv) -> RecDataset:
 def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv,
                     users: Optional[bool] = None) -> tuple[Optional[torch.Tensor], torch.Tensor]:
     """Teacher embeddings of user text (U, H), or None when the run does not use the users' own
-    text (``users`` None: decided by ``distill.user_text``), and of item text (I, H).
+    text (``users`` None: decided by ``distill.user_text``; an ``IndexedRows`` where texts repeat),
+    and of item text (I, H).
 
     A collective: identical texts (blank ones included) are encoded once, each rank encodes a share
     of the distinct texts and the rows are gathered over the process group, so no rank reads a
@@ -111,13 +113,13 @@ def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv,
         err = str(e)
     raise_if_any(err, TeacherModelError)
 
-    def encode(texts, name: str) -> torch.Tensor:
+    def encode(texts, name: str):
         emb, inverse = encode_across_ranks(encoder, texts, cfg.teacher.cache_dir, name, encoder.dim)
         return emb if emb.shape[0] == inverse.shape[0] and bool((inverse == torch.arange(len(inverse))).all()) \
-            else emb.index_select(0, inverse)
+            else IndexedRows(emb, inverse)
 
-    item = encode(ds.item_text, "items")
-    user = encode(ds.user_text, "users") if users else None
+    item = as_tensor(encode(ds.item_text, "items"))
+    user = encode(ds.user_text, "users") if users else None  # repeated texts stay one row each
     if env.is_main:
         with atomic.replacing(Path(cfg.output_dir) / "data" / "text_embeddings.safetensors") as tmp, open(tmp, "wb") as f:
             write_rows(f, {"user": user if user is not None else HistoryRows(ds, item), "item": item})

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_kd.data.schema import RecDataset
+from sparse_kd.distill.rows import as_tensor, row_selection
 
 
 def train_clicks(ds: RecDataset) -> tuple[np.ndarray, np.ndarray]:
@@ -93,14 +94,7 @@ class HistoryRows:
         return self.shape[0]
 
     def __getitem__(self, idx) -> torch.Tensor:
-        rows, cols = idx if isinstance(idx, tuple) else (idx, slice(None))
-        if isinstance(rows, slice):
-            if rows.step not in (None, 1):
-                raise TypeError("HistoryRows: a row slice must be contiguous, e.g. rows[r0:r1]")
-            users = torch.arange(*rows.indices(len(self))[:2])
-        else:
-            users = torch.as_tensor(rows)
-            users = users.nonzero().flatten() if users.dtype == torch.bool else users.long().flatten()
+        users, cols = row_selection(idx, len(self))
         return self._rows(users)[:, cols]
 
     def _rows(self, users: torch.Tensor) -> torch.Tensor:
@@ -119,10 +113,6 @@ class HistoryRows:
         """The whole (U, H) tensor, for consumers that need it (replicated alignment targets)."""
         return torch.cat([self[lo : lo + ROW_CHUNK] for lo in range(0, len(self), ROW_CHUNK)]) if len(self) else self[0:0]
 
-
-def as_tensor(rows) -> torch.Tensor:
-    """``rows`` as a tensor: a lazy row source (:class:`HistoryRows`) materialised, a tensor as it is."""
-    return rows.materialize() if hasattr(rows, "materialize") else rows
 
 
 def has_user_text(ds: RecDataset) -> bool:
@@ -148,7 +138,7 @@ def resolve_user_text(mode: str, ds: RecDataset, user_text: torch.Tensor, item_t
     if mode == "history":
         return hist, mode
     if mode == "both":
-        return torch.cat([unit(user_text), hist.materialize()], 1), mode
+        return torch.cat([unit(as_tensor(user_text)), hist.materialize()], 1), mode
     raise ValueError(f"distill.user_text: unknown {mode!r}; expected auto, text, history or both")
 
 

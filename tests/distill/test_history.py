@@ -7,8 +7,9 @@ import torch
 
 from sparse_kd.data.schema import Interactions, RecDataset
 from sparse_kd.data.split import id_feature
-from sparse_kd.distill.history import (HistoryPairFeature, HistoryRows, as_tensor, history_sums, history_text, resolve_mode,
+from sparse_kd.distill.history import (HistoryPairFeature, HistoryRows, history_sums, history_text, resolve_mode,
                                        resolve_user_text, unit)
+from sparse_kd.distill.rows import as_tensor
 
 
 def _ds(user_text=None) -> RecDataset:
