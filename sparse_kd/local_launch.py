@@ -2,9 +2,9 @@
 
 Ranks start through torch's ``elastic_launch``, as torchrec's own tests do, each launch on a fresh
 rendezvous port. By default they are forked from a *forkserver* that has imported torch, torchrec
-and fbgemm_gpu once: a 2-rank launch then starts in ~0.3 s instead of ~5 s of imports per
-spawned rank (measured on the 2-core CI machine). ``start_method="spawn"`` gives ranks that import
-everything themselves, for benchmarks that measure a rank's own peak memory.
+and fbgemm_gpu once: a 2-rank launch then takes 0.30 s instead of 4.11 s with spawned ranks
+(medians, ``benchmarks/bench_launch.py``, docs/BENCHMARKS.md section 9). ``start_method="spawn"``
+gives ranks that import everything themselves, for benchmarks that measure a rank's own peak memory.
 
 A forkserver starts once per parent process. multiprocessing hands each new process the parent's
 working folder and ``sys.path`` as they are at that start, but not its environment: the children
