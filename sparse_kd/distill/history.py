@@ -71,8 +71,8 @@ class HistoryRows:
     It stands in for the tensor where rows are read a block at a time: ``rows[r0:r1]``,
     ``rows[r0:r1, c0:c1]``, ``rows[bool mask]``, ``rows[index tensor]``, ``rows.shape``, ``len``,
     and :meth:`materialize` where a consumer needs the whole tensor. It holds the unit item
-    embeddings (I, H) and the train clicks by user (P int64 + U + 1 offsets): at 1M users,
-    200k items and 5M clicks, 0.35 GB instead of the 1.5 GB of (U, H) fp32.
+    embeddings (I x H fp32) and the train clicks by user (8 bytes per click, 8 per user), not
+    U x H fp32 (docs/BENCHMARKS.md, 4b).
 
     Example::
 
@@ -112,7 +112,6 @@ class HistoryRows:
     def materialize(self) -> torch.Tensor:
         """The whole (U, H) tensor, for consumers that need it (replicated alignment targets)."""
         return torch.cat([self[lo : lo + ROW_CHUNK] for lo in range(0, len(self), ROW_CHUNK)]) if len(self) else self[0:0]
-
 
 
 def has_user_text(ds: RecDataset) -> bool:
