@@ -11,7 +11,7 @@ skew (hot rows scattered over the table), generated directly as KJT batches. Var
 * ``2proc_row_wise``   2 processes, every table split by rows over both;
 * ``2proc_data_parallel`` (opt-in, ``--variants``) 2 processes each holding a replica.
 
-Each multi-process variant runs in fresh processes (``sparse_kd.local_launch.launch_local``) so that peak
+Each multi-process variant runs in freshly spawned processes (``sparse_kd.local_launch.spawned``) so that peak
 memory is its own; ``1proc`` runs last in this process (no launch). Per rank it records the
 bytes of the local table shards (``state_dict`` ``local_shards``) and of the fused optimizer
 state, RSS after building the model and peak RSS (``getrusage``) after ``--steps`` timed
@@ -442,7 +442,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         flush=True,
     )
     cores = usable_cpus()
-    # multi-process variants under sparse_kd.local_launch.launch_local: one launch per variant (fresh
+    # multi-process variants under sparse_kd.local_launch.spawned: one launch per variant (fresh
     # processes, so the peaks are the variant's own), or all in one launch with --share-processes
     # (peak RSS reset between variants; the quick mode: a launch costs ~10 s); 1proc last, in
     # this process.

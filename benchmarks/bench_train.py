@@ -21,7 +21,7 @@ examples/s over rounds (global batch x steps / seconds) and the median of per-ro
 ratios ``project / plain`` (target >= 0.9) and ``distill / project`` (target >= 0.9, i.e.
 distillation costs <= 10%). ``--profile`` adds ``torch.profiler`` tables of the steps.
 Processes run 1 intra-op thread each by default (``--threads``); 2 processes are launched with
-``sparse_kd.local_launch.launch_local``, 1 process runs in this one.
+``sparse_kd.local_launch.spawned``, 1 process runs in this one.
 
     python benchmarks/bench_train.py                 # 20000 users x 5000 items x 50, batch 2048
     python benchmarks/bench_train.py --nprocs 2 --shardings row_wise --profile
@@ -393,7 +393,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     cores = info["usable_cpus"]
     per_nproc: Dict[int, Dict[str, Any]] = {}
-    # multi-process runs under sparse_kd.local_launch.launch_local (fresh processes); 1 process last, in this
+    # multi-process runs under sparse_kd.local_launch.spawned (fresh processes); 1 process last, in this
     # process (a launch costs ~10 s of process start-up and imports)
     for n in sorted(args.nproc_list, key=lambda n: (n == 1, n)):
         opts = {

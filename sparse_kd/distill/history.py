@@ -48,14 +48,7 @@ ROW_CHUNK = 1 << 14  # users per block when a whole (U, H) history tensor is bui
 
 def history_sums(ds: RecDataset, item_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum (U, H) of the unit item embeddings each user clicked in train, and the count (U,)."""
-    u, i = train_clicks(ds)
-    e = unit(item_text)
-    sums = torch.zeros(ds.num_users, e.shape[1])
-    uu, ii = torch.from_numpy(u), torch.from_numpy(i)
-    for lo in range(0, len(u), CLICK_CHUNK):
-        sums.index_add_(0, uu[lo : lo + CLICK_CHUNK], e.index_select(0, ii[lo : lo + CLICK_CHUNK]))
-    counts = torch.from_numpy(np.bincount(u, minlength=ds.num_users)).float()
-    return sums, counts
+    return HistoryRows(ds, item_text).sums(torch.arange(ds.num_users))
 
 
 def history_text(ds: RecDataset, item_text: torch.Tensor) -> torch.Tensor:
@@ -95,9 +88,11 @@ class HistoryRows:
 
     def __getitem__(self, idx) -> torch.Tensor:
         users, cols = row_selection(idx, len(self))
-        return self._rows(users)[:, cols]
+        sums, counts = self.sums(users)
+        return sums.div_(counts.clamp_min(1.0)[:, None])[:, cols]
 
-    def _rows(self, users: torch.Tensor) -> torch.Tensor:
+    def sums(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, H) sums of the unit item rows each of ``users`` (n,) clicked in train, and the counts (n,)."""
         start, counts = self.offsets[users], self.offsets[users + 1] - self.offsets[users]
         out = torch.zeros(len(users), self.item_unit.shape[1])
         # click k of the selection belongs to output row owner[k] and sits at clicks[k] in self.items
@@ -107,7 +102,7 @@ class HistoryRows:
         for lo in range(0, len(owner), CLICK_CHUNK):
             out.index_add_(0, owner[lo : lo + CLICK_CHUNK],
                            self.item_unit.index_select(0, self.items[clicks[lo : lo + CLICK_CHUNK]]))
-        return out.div_(counts.clamp_min(1).float()[:, None])
+        return out, counts.float()
 
     def materialize(self) -> torch.Tensor:
         """The whole (U, H) tensor, for consumers that need it (replicated alignment targets)."""

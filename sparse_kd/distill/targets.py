@@ -47,6 +47,12 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(COSINE_EPS)
 
 
+def target_block(src, lo: int, hi: int, unit: bool) -> torch.Tensor:
+    """Rows ``lo:hi`` of a target source (a tensor or a row source) as fp32, unit rows when ``unit``."""
+    rows = src[lo:hi]
+    return unit_rows(rows) if unit else rows.float()
+
+
 def held_rows(rows, unit: bool) -> torch.Tensor:
     """Replicated targets: ``rows`` (N, H) as one fp32 tensor, unit rows when ``unit``. A row
     source read by blocks (:class:`~sparse_kd.distill.history.HistoryRows`) is written into the
@@ -55,8 +61,8 @@ def held_rows(rows, unit: bool) -> torch.Tensor:
         return unit_rows(rows) if unit else rows.float()
     out = torch.empty(tuple(rows.shape))
     for lo in range(0, out.shape[0], WRITE_CHUNK):
-        block = rows[lo : lo + WRITE_CHUNK]
-        out[lo : lo + block.shape[0]] = unit_rows(block) if unit else block
+        hi = min(out.shape[0], lo + WRITE_CHUNK)
+        out[lo:hi] = target_block(rows, lo, hi, unit)
     return out
 
 
@@ -114,8 +120,6 @@ def write_targets(dmp: torch.nn.Module, sources: Mapping[str, torch.Tensor], uni
                 held[f] += n
             for lo in range(0, n, WRITE_CHUNK):
                 hi = min(n, lo + WRITE_CHUNK)
-                rows = src[r0 + lo : r0 + hi]
-                rows = unit_rows(rows) if unit else rows.float()
-                t[lo:hi].copy_(rows[:, c0 : c0 + d])  # onto the shard's device
+                t[lo:hi].copy_(target_block(src, r0 + lo, r0 + hi, unit)[:, c0 : c0 + d])  # onto the shard's device
     dmp.load_state_dict(sd, strict=False)  # the target tables only, for kernels whose state_dict holds copies
     return held

@@ -176,7 +176,7 @@ def write_rows(f, rows: dict[str, Any]) -> None:
     f.write(len(head).to_bytes(8, "little") + head)
     for name, r in rows.items():
         for lo in range(0, header[name]["shape"][0], ROW_BLOCK):
-            f.write(r[lo : lo + ROW_BLOCK].float().contiguous().numpy().tobytes())
+            f.write(r[lo : lo + ROW_BLOCK].float().contiguous().numpy().astype("<f4", copy=False).tobytes())
 
 
 def _remove_stale_temps(folder: Path) -> None:

@@ -80,7 +80,7 @@ def test_pair_feature_leaves_the_pair_itself_out():
 
 
 def _whole(ds, it):
-    """The history rows by the other route: the pair feature's sums over every click at once."""
+    """The history rows of every user at once (the pair feature's sums), to compare blocks with."""
     sums, counts = history_sums(ds, it)
     return sums / counts.clamp_min(1.0)[:, None]
 
@@ -88,6 +88,10 @@ def _whole(ds, it):
 def test_history_rows_read_by_block_equal_the_whole_tensor():
     ds, it = _ds(), _item_text()
     whole = _whole(ds, it)
+    e, tr = unit(it), ds.splits["train"]
+    for u in range(4):  # by hand: the mean unit row of the user's distinct train clicks
+        clicked = sorted({int(i) for i, y, uu in zip(tr.item, tr.label, tr.user) if y > 0 and uu == u})
+        torch.testing.assert_close(whole[u], e[clicked].mean(0) if clicked else torch.zeros(it.shape[1]))
     rows = HistoryRows(ds, it)
     assert rows.shape == tuple(whole.shape) and len(rows) == 4
     torch.testing.assert_close(rows[0:4], whole, rtol=0, atol=0)
