@@ -9,6 +9,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# pytest-xdist workers: multi-rank tests spend much of their time starting processes and waiting,
+# so a second worker fills those gaps. `make test TEST_WORKERS=0` runs the tests one at a time.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist worksteal
 
 .PHONY: venv demo test test-fast bench gpu-check clean help
 
@@ -29,10 +33,10 @@ demo: $(STAMP)  ## teacher -> teacher ranker -> baseline + distilled student (2 
 
 test: $(STAMP)  ## the import contracts (pyproject.toml) and the whole test suite, as CI runs them
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest tests -q
+	$(PYTEST)
 
 test-fast: $(STAMP)  ## skip multi-process and end-to-end tests
-	$(PY) -m pytest tests -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)  ## quick variants of every benchmark
 	$(PY) benchmarks/run_all.py --quick
