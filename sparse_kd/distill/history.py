@@ -63,9 +63,10 @@ class HistoryRows:
 
     It stands in for the tensor where rows are read a block at a time: ``rows[r0:r1]``,
     ``rows[r0:r1, c0:c1]``, ``rows[bool mask]``, ``rows[index tensor]``, ``rows.shape``, ``len``,
-    and :meth:`materialize` where a consumer needs the whole tensor. It holds the unit item
-    embeddings (I x H fp32) and the train clicks by user (8 bytes per click, 8 per user), not
-    U x H fp32 (docs/BENCHMARKS.md, 4b).
+    and :meth:`materialize` where a consumer needs the whole tensor. It holds a reference to
+    the caller's item embeddings (no copy where they are fp32), their norms (4 bytes per item)
+    and the train clicks by user (8 bytes per click, 8 per user), not U x H fp32
+    (docs/BENCHMARKS.md, 4b).
 
     Example::
 
@@ -75,13 +76,16 @@ class HistoryRows:
 
     def __init__(self, ds: RecDataset, item_text: torch.Tensor) -> None:
         u, i = train_clicks(ds)
-        self.item_unit = unit(item_text)
+        # the caller's item rows, not a unit copy: a gathered block is divided by its rows' norms,
+        # exactly as F.normalize divides (the norm of the whole row, clamped at its eps)
+        self.item_rows = item_text.float()
+        self.item_norm = torch.linalg.vector_norm(self.item_rows, dim=1, keepdim=True).clamp_min(1e-12)  # (I, 1)
         self.items = torch.from_numpy(i)  # clicked items, grouped by user
         self.offsets = torch.from_numpy(np.searchsorted(u, np.arange(ds.num_users + 1)))  # (U + 1,)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.offsets.shape[0] - 1, self.item_unit.shape[1])
+        return (self.offsets.shape[0] - 1, self.item_rows.shape[1])
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -94,14 +98,15 @@ class HistoryRows:
     def sums(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, H) sums of the unit item rows each of ``users`` (n,) clicked in train, and the counts (n,)."""
         start, counts = self.offsets[users], self.offsets[users + 1] - self.offsets[users]
-        out = torch.zeros(len(users), self.item_unit.shape[1])
+        out = torch.zeros(len(users), self.item_rows.shape[1])
         # click k of the selection belongs to output row owner[k] and sits at clicks[k] in self.items
         owner = torch.repeat_interleave(torch.arange(len(users)), counts)
         first = torch.cumsum(counts, 0) - counts
         clicks = torch.repeat_interleave(start - first, counts) + torch.arange(int(counts.sum()))
         for lo in range(0, len(owner), CLICK_CHUNK):
-            out.index_add_(0, owner[lo : lo + CLICK_CHUNK],
-                           self.item_unit.index_select(0, self.items[clicks[lo : lo + CLICK_CHUNK]]))
+            items = self.items[clicks[lo : lo + CLICK_CHUNK]]
+            rows = self.item_rows.index_select(0, items).div_(self.item_norm.index_select(0, items))
+            out.index_add_(0, owner[lo : lo + CLICK_CHUNK], rows)
         return out, counts.float()
 
     def materialize(self) -> torch.Tensor:

@@ -105,6 +105,21 @@ def test_history_rows_read_by_block_equal_the_whole_tensor():
         rows[0:4:2]
 
 
+def test_history_rows_hold_no_copy_of_the_item_rows_and_sum_their_unit_rows_exactly():
+    """HistoryRows keeps the caller's (I, H) rows, not a unit copy, and divides each gathered row
+    by its norm: bit for bit the sums of F.normalize's rows."""
+    from sparse_kd.distill.history import train_clicks
+
+    ds, it = _ds(), _item_text()
+    rows = HistoryRows(ds, it)
+    assert rows.item_rows.data_ptr() == it.data_ptr()
+    assert rows.item_norm.numel() == it.shape[0]  # 4 bytes per item besides the caller's rows
+    u, i = train_clicks(ds)
+    want = torch.zeros(4, it.shape[1]).index_add_(0, torch.from_numpy(u), unit(it)[torch.from_numpy(i)])
+    sums, counts = rows.sums(torch.arange(4))
+    assert torch.equal(sums, want) and counts.tolist() == [3.0, 1.0, 0.0, 0.0]
+
+
 def test_history_rows_chunked_clicks_match(monkeypatch):
     """Blocks of clicks smaller than a user's history give the same rows."""
     import sparse_kd.distill.history as H
