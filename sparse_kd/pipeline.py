@@ -44,9 +44,9 @@ from sparse_kd.distill.history import HistoryPairFeature, resolve_mode, resolve_
 from sparse_kd.distill.rows import IndexedRows, as_tensor
 from sparse_kd.distill.pairs import describe_pool, pool_batch, sample_pool
 from sparse_kd.distill.transfer import learned_map, pca_reduce, transfer_map
-from sparse_kd.report import metrics_table
 from sparse_kd.run_folder import StaleRunError, check_run_folder, check_shared_run_folder
-from sparse_kd.student.cost import cost_table, ranker_cost
+from sparse_kd.run_report import write_run_report
+from sparse_kd.student.cost import ranker_cost
 from sparse_kd.student.ensemble import combine, member_name, member_seed
 from sparse_kd.student.export import check_fingerprint, write_model_meta
 from sparse_kd.student.model import arch_of, teacher_arch
@@ -166,7 +166,8 @@ def train_variant(
 def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig, seed: int) -> dict:
     """The settings that change what the ranker ``name``, trained with ``distill``, produces (not
     epochs: more epochs continue)."""
-    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size", "collective_timeout_s")}
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size", "collective_timeout_s",
+                                                                      "mf_reference")}
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "loader_workers"}  # how batches are built, not which
     student = {k: v for k, v in to_dict(cfg.student).items() if k != "planner"}  # memory caps: same training
     # a ranker without distillation (the baseline) does not depend on the distill settings
@@ -428,23 +429,6 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
         spec = distilled_spec(cfg, ds, user_text, item_text, teacher, teacher_ranker_spec=t_spec, env=env, seed=seed)
         results["distilled"], costs["distilled"] = train_variant(cfg, ds, spec, env, seed), spec_cost(cfg, ds, spec)
     metrics = {name: r.metrics for name, r in results.items()}
-    if env.is_main:
-        doc = {
-            "config": to_dict(cfg),
-            "seed": seed,
-            "world_size": env.world_size,
-            "data": ds.summary(),
-            "data_report": ds.report,
-            "metrics": metrics,
-            "examples_per_s": {n: r.examples_per_s for n, r in results.items()},
-            "cost": costs,
-            "history": {n: r.history for n, r in results.items()},
-        }
-        out = Path(cfg.output_dir)
-        atomic.write_text(out / "metrics.json", json.dumps(doc, indent=1))
-        table = metrics_table(metrics)
-        cost = cost_table(costs, doc["examples_per_s"], "distilled" if "distilled" in costs else "baseline")
-        text = table + "\n\nCost (the served student needs none of the teacher):\n\n" + cost
-        atomic.write_text(out / "metrics.md", text + "\n")
-        print("\n" + text + "\n", flush=True)
+    if env.is_main:  # with train.mf_reference rank 0 also trains the outside reference: the others wait below
+        write_run_report(cfg, ds, env.world_size, seed, results, costs)
     return long_broadcast_object(metrics)

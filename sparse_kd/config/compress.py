@@ -109,7 +109,7 @@ class StudyConfig:
     # only ``combined`` and the search candidates: the study trains them anyway
     choose_among_variants: bool = False
     # distillation study: also train the outside reference, plain matrix factorisation with biases
-    # on the same splits (sparse_kd/studies/mf_reference.py: student.embedding_dim dims, lr x
+    # on the same splits (sparse_kd/mf_reference.py: student.embedding_dim dims, lr x
     # weight_decay grid and best epoch chosen on valid), on rank 0 while the other ranks wait
     mf_reference: bool = True
     # planner points of the compression study: embedding storage = fp32 bytes / ratio, one plan per

@@ -204,3 +204,7 @@ class TrainConfig:
     # the result, and stop after ``early_stop_patience`` epochs without improvement (0: never)
     select_best: bool = False
     early_stop_patience: int = 0
+    # also train an outside reference on the same splits (rank 0, after the rankers): matrix
+    # factorisation with biases, student.embedding_dim dims, lr x weight_decay tuned and epochs
+    # stopped on valid (sparse_kd/mf_reference.py); a row of metrics.md, `mf_reference` in metrics.json
+    mf_reference: bool = False

@@ -72,7 +72,7 @@ def mf_note(mf: dict) -> str:
     dims = next((m["settings"]["dim"] for m in mf.values() if m and "settings" in m), "?")
     return ("`mf_reference`: not this project's model: plain matrix factorisation with user, item and global "
             f"biases ({dims} dims, binary cross-entropy, lazy Adam; learning rate × weight decay grid and best epoch "
-            "chosen on valid) on the same splits and negatives (`sparse_kd/studies/mf_reference.py`). Cold items keep "
+            "chosen on valid) on the same splits and negatives (`sparse_kd/mf_reference.py`). Cold items keep "
             "their random initial rows, so its cold AUC is about 0.5 by construction. " + "; ".join(parts) + ".")
 
 

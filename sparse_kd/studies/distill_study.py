@@ -20,7 +20,7 @@ compete too): the mean AUC over the validation splits of ``study.select_on``
 to choose.
 
 Outside reference (``study.mf_reference``, on by default): per seed, plain matrix factorisation
-with biases on the same splits (:mod:`sparse_kd.studies.mf_reference`, ``student.embedding_dim``
+with biases on the same splits (:mod:`sparse_kd.mf_reference`, ``student.embedding_dim``
 dims, its lr x weight_decay grid and best epoch chosen on valid), trained by rank 0 after the
 rankers while the other ranks wait on the long-wait group (:func:`sparse_kd.dist.on_main`). It is
 the row ``mf_reference`` of the quality table, and a target: the baseline at or above it on valid
@@ -269,21 +269,11 @@ def _members(out: dict, teacher) -> None:
 
 
 def mf_reference(cfg: ExperimentConfig, ds, seed: int) -> dict:
-    """The outside reference of one seed (:func:`sparse_kd.studies.mf_reference.tuned_mf` with
-    ``student.embedding_dim`` dims): its split metrics at the chosen setting's best epoch, the
-    settings and the grid's valid scores. {"error": message} if it fails: a reference never costs
-    the seed's trained rankers."""
-    from sparse_kd.studies.mf_reference import tuned_mf
+    """The outside reference of one seed (:func:`sparse_kd.mf_reference.reference` with
+    ``student.embedding_dim`` dims)."""
+    from sparse_kd.mf_reference import reference
 
-    try:
-        r = tuned_mf(ds, dim=cfg.student.embedding_dim, seed=seed)
-    except Exception as e:  # noqa: BLE001 (reported in study_metrics.json and the summary)
-        log.exception("[seed %d] MF reference failed", seed)
-        return {"error": f"{type(e).__name__}: {e}"}
-    log.info("[seed %d] MF reference (lr %g, weight_decay %g, best epoch %d of %d, %.0fs): valid AUC %.4f, test AUC %.4f",
-             seed, r["settings"]["lr"], r["settings"]["weight_decay"], r["best_epoch"], r["epochs"], r["seconds"],
-             r["valid"]["auc"], r["test"]["auc"])
-    return r
+    return reference(ds, cfg.student.embedding_dim, seed, label=f"[seed {seed}] ")
 
 
 def data_facts(ds) -> dict:

@@ -13,7 +13,7 @@ from sparse_kd.data.negatives import NegativeSampler
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.studies import distill_report as R
 from sparse_kd.studies import distill_study as S
-from sparse_kd.studies import mf_reference as M
+from sparse_kd import mf_reference as M
 
 
 def _split(user, item, label) -> Interactions:

@@ -225,3 +225,18 @@ def tuned_mf(ds, dim: int = 64, grid: Optional[dict] = None, batch_size: int = D
     if best is None:
         raise ValueError(f"tuned_mf: empty grid {grid}")
     return {**best, "grid": scores, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def reference(ds, dim: int, seed: int, label: str = "") -> dict:
+    """The outside-reference row: :func:`tuned_mf` with ``dim`` dims on ``ds``'s splits (its split
+    metrics at the chosen setting's best epoch, the settings and the grid's valid scores), or
+    {"error": message} if it fails: a reference never costs the rankers trained beside it."""
+    try:
+        r = tuned_mf(ds, dim=dim, seed=seed)
+    except Exception as e:  # noqa: BLE001 (reported beside the rankers' metrics)
+        log.exception("%sMF reference failed", label)
+        return {"error": f"{type(e).__name__}: {e}"}
+    log.info("%sMF reference (lr %g, weight_decay %g, best epoch %d of %d, %.0fs): valid AUC %.4f, test AUC %.4f",
+             label, r["settings"]["lr"], r["settings"]["weight_decay"], r["best_epoch"], r["epochs"], r["seconds"],
+             r["valid"]["auc"], r["test"]["auc"])
+    return r
