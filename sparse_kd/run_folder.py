@@ -40,7 +40,7 @@ from sparse_kd.config import ConfigError, ExperimentConfig, config_from_dict, to
 FREE_KEYS = (
     "name", "output_dir", "nproc",
     "train.epochs", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-    "train.eval_batch_size", "train.collective_timeout_s",
+    "train.eval_batch_size", "train.collective_timeout_s", "train.mf_reference",
     "teacher.batch_size", "teacher.cuda_batch_size", "teacher.cache_dir", "teacher.sort_by_length", "teacher.num_threads",
     "teacher.allow_pickle_weights", "distill.align.layout",
     "compress", "study",

@@ -32,8 +32,13 @@ def test_the_reference_row_is_mf_tuned_on_the_runs_own_splits(tmp_path, one_proc
 
 
 def test_mf_reference_does_not_change_what_a_ranker_is(tmp_path):
-    """Runs trained without the reference are reused with it (it is not in the fingerprint)."""
+    """Runs trained without the reference are reused with it: it is neither in a ranker's
+    fingerprint nor in the settings a run folder is checked against."""
+    from sparse_kd.config import to_dict
+    from sparse_kd.run_folder import identity
+
     off, on = tiny_config(str(tmp_path)), tiny_config(str(tmp_path), train={"mf_reference": True})
+    assert identity(to_dict(off)) == identity(to_dict(on))
     for name in ("baseline", P.TEACHER):
         assert P.variant_fingerprint(off, name, off.distill, 0) == P.variant_fingerprint(on, name, on.distill, 0)
 
