@@ -1,6 +1,6 @@
-"""An outside reference for the distillation study: plain matrix factorisation with biases,
-trained on the study's own splits (issue 21, item 3). It is not this project's model: a ranker
-that does not beat it has not been trained to its best.
+"""An outside reference for a training run (``train.mf_reference``) and the distillation study:
+plain matrix factorisation with biases, trained on the run's own splits (issue 21, item 3). It is
+not this project's model: a ranker that does not beat it has not been trained to its best.
 
 Notation: U users, I items, d = ``dim``, B batch size, N train examples of an epoch.
 

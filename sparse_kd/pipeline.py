@@ -22,7 +22,6 @@ group, and waits on one rank's long work over :func:`~sparse_kd.dist.long_group`
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -166,8 +165,8 @@ def train_variant(
 def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig, seed: int) -> dict:
     """The settings that change what the ranker ``name``, trained with ``distill``, produces (not
     epochs: more epochs continue)."""
-    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size", "collective_timeout_s",
-                                                                      "mf_reference")}
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints",
+             "log_every", "eval_batch_size", "collective_timeout_s", "mf_reference")}
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "loader_workers"}  # how batches are built, not which
     student = {k: v for k, v in to_dict(cfg.student).items() if k != "planner"}  # memory caps: same training
     # a ranker without distillation (the baseline) does not depend on the distill settings
