@@ -23,7 +23,7 @@ def test_probe_baseline_quick(tmp_path, monkeypatch):
     assert probe_baseline.main(["--set", *TINY, "--epochs", "2", "--out", str(out)]) == 0
     res = json.loads(out.read_text())["results"]
     assert list(res) == list(probe_baseline.VARIANTS)
-    for name in ("dlrm", "dlrm_bias_dot", "dlrm_bias_dot_l2"):
+    for name in ("dlrm", "dlrm_l2", "dlrm_bias_dot", "dlrm_bias_dot_l2"):
         r = res[name]
         assert 1 <= r["best_epoch"] <= r["epochs"] <= 2 and len(r["valid_auc_by_epoch"]) == r["epochs"]
         assert r["valid_auc"] == max(r["valid_auc_by_epoch"]) and 0 < r["test_auc"] < 1
