@@ -69,7 +69,7 @@ def test_training_commands():
                        "train.epochs=2", "--variants", "baseline"]
     ctx = gpu_check.Ctx(Path("/x"), ("data.synthetic.num_users=60",), device="cpu", backend="gloo")
     assert gpu_check.train_overrides(ctx, 2) == ("data.synthetic.num_users=60", "nproc=2", "train.backend=gloo",
-                                                 "train.epochs=1")
+                                                 "train.epochs=1", "train.mf_reference=false")
 
 
 def test_plan_writes_json_after_every_check_and_keeps_the_budget(tmp_path, capsys):
