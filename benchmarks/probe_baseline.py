@@ -87,14 +87,14 @@ def train_variant(ds, cfg, name: str, epochs: int, seed: int) -> dict:
 
     from sparse_kd.data.batching import count_dense
     from sparse_kd.metrics import binary_metrics
+    from sparse_kd.mf_reference import train_rows
 
     torch.manual_seed(seed)
     ub, ib = count_dense(ds)
 
-    def batch(split, idx=None):
-        sp = ds.splits[split]
-        u, i, y = (torch.from_numpy(np.asarray(a)) for a in (sp.user.astype(np.int64), sp.item.astype(np.int64),
-                                                              sp.label.astype(np.float32)))
+    def batch(rows, idx=None):
+        u, i, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in (rows[0].astype(np.int64), rows[1].astype(np.int64),
+                                                                        rows[2].astype(np.float32)))
         if idx is not None:
             u, i, y = u[idx], i[idx], y[idx]
         cols = [torch.from_numpy(f.values[f.offsets[(u if f.owner == "user" else i).numpy()]]) for f in ds.features]
@@ -106,13 +106,15 @@ def train_variant(ds, cfg, name: str, epochs: int, seed: int) -> dict:
     l2 = 0.03 if name.endswith("_l2") else 0.0
     opts = [torch.optim.Adam(rows, lr=0.01) if l2 else torch.optim.Adagrad(rows, lr=cfg.train.sparse_lr),
             torch.optim.Adam(dense, lr=cfg.train.dense_lr)]
-    n, g = len(ds.splits["train"]), torch.Generator().manual_seed(seed)
-    evals = {s: batch(s) for s in ("valid", "test")}
+    evals = {s: batch((ds.splits[s].user, ds.splits[s].item, ds.splits[s].label)) for s in ("valid", "test")}
     valid, test, losses, since = [], [], [], 0
-    for _ in range(epochs):
-        total, perm = 0.0, torch.randperm(n, generator=g)
+    for epoch in range(epochs):
+        # the examples MF and the rankers train on: the stored split, or its positives with this
+        # epoch's sampled negatives (per_epoch negatives), permuted
+        rows = train_rows(ds, seed, epoch)
+        total, n = 0.0, len(rows[0])
         for lo in range(0, n, cfg.train.batch_size):
-            cols, d, y = batch("train", perm[lo:lo + cfg.train.batch_size].numpy())
+            cols, d, y = batch(rows, np.arange(lo, min(n, lo + cfg.train.batch_size)))
             loss = torch.nn.functional.binary_cross_entropy_with_logits(net(cols, d), y)
             if l2:
                 loss = loss + l2 * sum((e(c) ** 2).sum(1).mean() for e, c in zip(net.emb[:2], cols[:2]))

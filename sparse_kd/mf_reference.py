@@ -122,7 +122,7 @@ class MF:
         return sum(t.numel() for t in self.w.values())
 
 
-def _train_rows(ds, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def train_rows(ds, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One epoch's training examples (user, item, label), permuted (stream ``seed``/epoch)."""
     from sparse_kd.data.stream import ArrayBlocks, TrainStream
 
@@ -173,7 +173,7 @@ def train_mf(ds, dim: int = 64, lr: float = 0.01, weight_decay: float = 0.03, ba
     best_auc, best_epoch, best_state, history, losses = -math.inf, None, None, [], []
     since, epoch, stopped = 0, 0, False
     for epoch in range(1, max_epochs + 1):
-        user, item, label = (torch.from_numpy(np.ascontiguousarray(a)) for a in _train_rows(ds, seed, epoch - 1))
+        user, item, label = (torch.from_numpy(np.ascontiguousarray(a)) for a in train_rows(ds, seed, epoch - 1))
         label = label.float()
         total = 0.0
         for lo in range(0, len(user), batch_size):

@@ -99,7 +99,7 @@ def test_per_epoch_negatives_are_the_rankers_examples():
     ds.sampler = NegativeSampler.build(code, ds.num_users, np.concatenate([p.user for p in allp]),
                                        np.concatenate([p.item for p in allp]), k=2)
     ds.splits["train"], ds.implicit, ds.negatives = pos["train"], True, 2
-    user, item, label = M._train_rows(ds, 5, 1)
+    user, item, label = M.train_rows(ds, 5, 1)
     cfg = tiny_config("unused", nproc=1)
     rows = Rows.concat(list(train_source(ds, replace(cfg, ["data.shuffle_block_rows=7"]).data).stream.windows(1, 5)))
     key = lambda u, i, y: sorted(zip(u.tolist(), i.tolist(), y.tolist()))  # noqa: E731
