@@ -92,30 +92,31 @@ def train_variant(ds, cfg, name: str, epochs: int, seed: int) -> dict:
     torch.manual_seed(seed)
     ub, ib = count_dense(ds)
 
-    def batch(rows, idx=None):
-        u, i, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in (rows[0].astype(np.int64), rows[1].astype(np.int64),
-                                                                        rows[2].astype(np.float32)))
-        if idx is not None:
-            u, i, y = u[idx], i[idx], y[idx]
+    def tensors(user, item, label):
+        return (torch.from_numpy(np.ascontiguousarray(user, dtype=np.int64)),
+                torch.from_numpy(np.ascontiguousarray(item, dtype=np.int64)),
+                torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32)))
+
+    def batch(u, i, y):
         cols = [torch.from_numpy(f.values[f.offsets[(u if f.owner == "user" else i).numpy()]]) for f in ds.features]
         return cols, torch.cat([ub[u], ib[i]], 1), y
 
     net = build(ds, cfg, bias_dot=name.startswith("dlrm_bias_dot"))
-    rows = list(net.emb.parameters()) + list(net.bias.parameters())
+    row_params = list(net.emb.parameters()) + list(net.bias.parameters())
     dense = list(net.dense.parameters()) + list(net.over.parameters())
     l2 = 0.03 if name.endswith("_l2") else 0.0
-    opts = [torch.optim.Adam(rows, lr=0.01) if l2 else torch.optim.Adagrad(rows, lr=cfg.train.sparse_lr),
+    opts = [torch.optim.Adam(row_params, lr=0.01) if l2 else torch.optim.Adagrad(row_params, lr=cfg.train.sparse_lr),
             torch.optim.Adam(dense, lr=cfg.train.dense_lr)]
-    evals = {s: batch((ds.splits[s].user, ds.splits[s].item, ds.splits[s].label)) for s in ("valid", "test")}
+    evals = {s: batch(*tensors(ds.splits[s].user, ds.splits[s].item, ds.splits[s].label)) for s in ("valid", "test")}
     valid, test, losses, since = [], [], [], 0
     for epoch in range(epochs):
         # the examples MF and the rankers train on: the stored split, or its positives with this
         # epoch's sampled negatives (per_epoch negatives), permuted
-        rows = train_rows(ds, seed, epoch)
-        total, n = 0.0, len(rows[0])
-        for lo in range(0, n, cfg.train.batch_size):
-            cols, d, y = batch(rows, np.arange(lo, min(n, lo + cfg.train.batch_size)))
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(cols, d), y)
+        u, i, y = tensors(*train_rows(ds, seed, epoch))
+        total, n, bs = 0.0, len(u), cfg.train.batch_size
+        for lo in range(0, n, bs):
+            cols, d, y_b = batch(u[lo:lo + bs], i[lo:lo + bs], y[lo:lo + bs])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(cols, d), y_b)
             if l2:
                 loss = loss + l2 * sum((e(c) ** 2).sum(1).mean() for e, c in zip(net.emb[:2], cols[:2]))
             for o in opts:
@@ -123,7 +124,7 @@ def train_variant(ds, cfg, name: str, epochs: int, seed: int) -> dict:
             loss.backward()
             for o in opts:
                 o.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y_b)
         losses.append(round(total / max(1, n), 4))
         with torch.no_grad():
             auc = {s: binary_metrics(net(*evals[s][:2]), evals[s][2])["auc"] for s in evals}
