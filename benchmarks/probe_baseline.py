@@ -1,19 +1,20 @@
-"""Why an ID-only DLRM baseline can sit far below matrix factorisation: the same architecture in
-plain PyTorch (no torchrec, no sharding), so that a gap here is the model's, not the training path's.
+"""Why an ID-only DLRM baseline can sit far below matrix factorisation: the student's own model
+(``sparse_kd.student.model.build_dlrm``, batches from ``BatchBuilder``) trained in one process with
+plain torch optimisers (no sharding, no fused optimiser, no training loop of the project), so that
+a gap here is the model's, not the training path's.
 
-On a config's splits (default: the demo's), each variant trains single-process with its best
-epoch on valid AUC (patience 3, ``--epochs`` as a cap), and reports valid / test AUC there:
+On a config's splits (default: the demo's), each variant trains on the examples MF trains on
+(:func:`sparse_kd.mf_reference.train_rows`) with its best epoch on valid AUC (patience 3,
+``--epochs`` as a cap), and reports valid / test AUC there:
 
-- ``dlrm``: the student's architecture (``student.dense_arch`` with ReLU; the pairwise dot
-  products of the dense output and every feature's embedding, upper triangle; ``student.over_arch``),
-  torchrec's default row init (uniform +-sqrt(1/rows)), full Adagrad at ``train.sparse_lr`` on the
-  rows (torchrec trains row-wise Adagrad: one accumulator per row) and Adam at ``train.dense_lr``;
+- ``dlrm``: the student's DLRM as ``student`` configures it, full Adagrad at ``train.sparse_lr``
+  on the rows (the project trains row-wise Adagrad: one accumulator per row) and Adam at
+  ``train.dense_lr`` on the MLPs;
 - ``dlrm_l2``: the same, with MF's optimiser on the rows: Adam lr 0.01 and an L2 of 0.03 on the
   user and item rows a batch reads;
 - ``dlrm_bias_dot``: ``dlrm``, plus a learned bias per user and per item and the user . item
   dot product added to the logit directly (what MF has);
-- ``dlrm_bias_dot_l2``: that, with MF's optimiser on the rows: Adam lr 0.01 and an L2 of 0.03
-  on the rows a batch reads;
+- ``dlrm_bias_dot_l2``: that, with MF's optimiser and row L2;
 - ``mf``: the run's outside reference (:func:`sparse_kd.mf_reference.tuned_mf`, its grid).
 
     python benchmarks/probe_baseline.py --out docs/bench/baseline_probe.json
@@ -38,96 +39,59 @@ from machine import machine_info, write_json  # noqa: E402
 VARIANTS = ("dlrm", "dlrm_l2", "dlrm_bias_dot", "dlrm_bias_dot_l2", "mf")
 
 
-def mlp(sizes: List[int], last_relu: bool):
-    import torch
-
-    layers = []
-    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if last_relu or k < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
-
-
-def build(ds, cfg, bias_dot: bool):
-    """The DLRM of ``cfg.student`` over ``ds``'s single-id features and its two count features."""
-    import torch
-
-    D, feats = cfg.student.embedding_dim, ds.features
-    F = len(feats) + 1
-
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = torch.nn.ModuleList(torch.nn.Embedding(len(f.vocab), D) for f in feats)
-            for e in self.emb:
-                torch.nn.init.uniform_(e.weight, -(1 / e.num_embeddings) ** 0.5, (1 / e.num_embeddings) ** 0.5)
-            self.dense = mlp([2] + list(cfg.student.dense_arch), last_relu=True)
-            self.over = mlp([D + F * (F - 1) // 2] + list(cfg.student.over_arch), last_relu=False)
-            self.bias = torch.nn.ModuleList(torch.nn.Embedding(len(f.vocab), 1) for f in feats[:2])
-            for b in self.bias:
-                torch.nn.init.zeros_(b.weight)
-            self.tri = torch.triu_indices(F, F, 1)
-
-        def forward(self, cols, dense):
-            d = self.dense(dense)
-            x = torch.stack([d] + [e(c) for e, c in zip(self.emb, cols)], 1)
-            z = x @ x.transpose(1, 2)
-            out = self.over(torch.cat([d, z[:, self.tri[0], self.tri[1]]], 1)).squeeze(1)
-            if bias_dot:  # feats[0], feats[1]: user_id, item_id
-                out = out + self.bias[0](cols[0]).squeeze(1) + self.bias[1](cols[1]).squeeze(1) + (x[:, 1] * x[:, 2]).sum(1)
-            return out
-
-    return Net()
-
-
 def train_variant(ds, cfg, name: str, epochs: int, seed: int) -> dict:
     import numpy as np
     import torch
 
-    from sparse_kd.data.batching import count_dense
+    from sparse_kd.data.batching import BatchBuilder, count_dense
     from sparse_kd.metrics import binary_metrics
     from sparse_kd.mf_reference import train_rows
+    from sparse_kd.student.model import build_dlrm
 
     torch.manual_seed(seed)
-    ub, ib = count_dense(ds)
+    bb = BatchBuilder(ds, *count_dense(ds))
+    model = build_dlrm({f.name: len(f.vocab) for f in ds.features}, bb.dense_dim, cfg.student, device="cpu")
+    bias_dot, l2 = name.startswith("dlrm_bias_dot"), 0.03 if name.endswith("_l2") else 0.0
+    biases = torch.nn.ModuleList(torch.nn.Embedding(n, 1) for n in (ds.num_users, ds.num_items))
+    for b in biases:
+        torch.nn.init.zeros_(b.weight)
+    ui = [bb.keys.index("user_id"), bb.keys.index("item_id")]
 
-    def tensors(user, item, label):
-        return (torch.from_numpy(np.ascontiguousarray(user, dtype=np.int64)),
-                torch.from_numpy(np.ascontiguousarray(item, dtype=np.int64)),
-                torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32)))
+    def logits(batch):
+        # DLRM.forward, split open (as sparse_kd.distill.module does) to reach the pooled rows
+        pooled = model.sparse_arch(batch.sparse_features)  # (B, F, D)
+        out = model.over_arch(model.inter_arch(model.dense_arch(batch.dense_features), pooled)).squeeze(-1)
+        if bias_dot:
+            out = out + biases[0](batch.user).squeeze(1) + biases[1](batch.item).squeeze(1) + (
+                pooled[:, ui[0]] * pooled[:, ui[1]]).sum(1)
+        return out, pooled[:, ui]
 
-    def batch(u, i, y):
-        cols = [torch.from_numpy(f.values[f.offsets[(u if f.owner == "user" else i).numpy()]]) for f in ds.features]
-        return cols, torch.cat([ub[u], ib[i]], 1), y
-
-    net = build(ds, cfg, bias_dot=name.startswith("dlrm_bias_dot"))
-    row_params = list(net.emb.parameters()) + list(net.bias.parameters())
-    dense = list(net.dense.parameters()) + list(net.over.parameters())
-    l2 = 0.03 if name.endswith("_l2") else 0.0
-    opts = [torch.optim.Adam(row_params, lr=0.01) if l2 else torch.optim.Adagrad(row_params, lr=cfg.train.sparse_lr),
-            torch.optim.Adam(dense, lr=cfg.train.dense_lr)]
-    evals = {s: batch(*tensors(ds.splits[s].user, ds.splits[s].item, ds.splits[s].label)) for s in ("valid", "test")}
+    rows = list(model.sparse_arch.parameters()) + (list(biases.parameters()) if bias_dot else [])
+    mlps = [p for n, p in model.named_parameters() if not n.startswith("sparse_arch.")]
+    opts = [torch.optim.Adam(rows, lr=0.01) if l2 else torch.optim.Adagrad(rows, lr=cfg.train.sparse_lr),
+            torch.optim.Adam(mlps, lr=cfg.train.dense_lr)]
+    evals = {s: bb.build(*(torch.from_numpy(np.ascontiguousarray(a)) for a in
+                           (ds.splits[s].user.astype(np.int64), ds.splits[s].item.astype(np.int64), ds.splits[s].label)))
+             for s in ("valid", "test")}
     valid, test, losses, since = [], [], [], 0
     for epoch in range(epochs):
-        # the examples MF and the rankers train on: the stored split, or its positives with this
-        # epoch's sampled negatives (per_epoch negatives), permuted
-        u, i, y = tensors(*train_rows(ds, seed, epoch))
-        total, n, bs = 0.0, len(u), cfg.train.batch_size
+        u, i, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in train_rows(ds, seed, epoch))
+        u, i, total, n, bs = u.long(), i.long(), 0.0, len(u), cfg.train.batch_size
         for lo in range(0, n, bs):
-            cols, d, y_b = batch(u[lo:lo + bs], i[lo:lo + bs], y[lo:lo + bs])
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(cols, d), y_b)
+            batch = bb.build(u[lo:lo + bs], i[lo:lo + bs], y[lo:lo + bs])
+            out, ids_rows = logits(batch)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(out, batch.labels)
             if l2:
-                loss = loss + l2 * sum((e(c) ** 2).sum(1).mean() for e, c in zip(net.emb[:2], cols[:2]))
+                loss = loss + l2 * (ids_rows ** 2).sum(-1).mean(0).sum()
             for o in opts:
                 o.zero_grad()
             loss.backward()
             for o in opts:
                 o.step()
-            total += loss.item() * len(y_b)
+            total += loss.item() * len(batch.labels)
         losses.append(round(total / max(1, n), 4))
         with torch.no_grad():
-            auc = {s: binary_metrics(net(*evals[s][:2]), evals[s][2])["auc"] for s in evals}
+            auc = {s: binary_metrics(logits(b)[0], b.labels)["auc"] for s, b in evals.items()}
         valid.append(round(auc["valid"], 4))
         test.append(round(auc["test"], 4))
         since = 0 if valid[-1] == max(valid) else since + 1

@@ -58,7 +58,7 @@ def held_rows(rows, unit: bool) -> torch.Tensor:
     source read by blocks (:class:`~sparse_kd.distill.history.HistoryRows`) is written into the
     result :data:`WRITE_CHUNK` rows at a time, with no second (N, H) copy."""
     if isinstance(rows, torch.Tensor):
-        return unit_rows(rows) if unit else rows.float()
+        return target_block(rows, 0, rows.shape[0], unit)
     out = torch.empty(tuple(rows.shape))
     for lo in range(0, out.shape[0], WRITE_CHUNK):
         hi = min(out.shape[0], lo + WRITE_CHUNK)
