@@ -15,6 +15,10 @@ On a config's splits (default: the demo's), each variant trains on the examples 
 - ``dlrm_bias_dot``: ``dlrm``, plus a learned bias per user and per item and the user . item
   dot product added to the logit directly (what MF has);
 - ``dlrm_bias_dot_l2``: that, with MF's optimiser and row L2;
+- ``dlrm_dot``, ``dlrm_dot_l2``: the student with ``student.dot_logit`` (the dot product alone, no
+  biases: no new parameters), with the rows' optimiser of ``dlrm`` / ``dlrm_l2``;
+- ``dlrm_skip``, ``dlrm_skip_l2``: a learned linear skip from the interaction's output to the logit
+  (zero at the start; its weight on the dot product is learned) instead of a fixed dot;
 - ``mf``: the run's outside reference (:func:`sparse_kd.mf_reference.tuned_mf`, its grid).
 
     python benchmarks/probe_baseline.py --out docs/bench/baseline_probe.json
@@ -23,6 +27,7 @@ On a config's splits (default: the demo's), each variant trains on the examples 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -36,7 +41,7 @@ for p in (ROOT, ROOT / "benchmarks"):
 
 from machine import machine_info, write_json  # noqa: E402
 
-VARIANTS = ("dlrm", "dlrm_l2", "dlrm_bias_dot", "dlrm_bias_dot_l2", "mf")
+VARIANTS = ("dlrm", "dlrm_l2", "dlrm_bias_dot", "dlrm_bias_dot_l2", "dlrm_dot", "dlrm_dot_l2", "dlrm_skip", "dlrm_skip_l2", "mf")
 
 
 def train_variant(ds, cfg, name: str, epochs: int, seed: int) -> dict:
@@ -50,8 +55,15 @@ def train_variant(ds, cfg, name: str, epochs: int, seed: int) -> dict:
 
     torch.manual_seed(seed)
     bb = BatchBuilder(ds, *count_dense(ds))
-    model = build_dlrm({f.name: len(f.vocab) for f in ds.features}, bb.dense_dim, cfg.student, device="cpu")
+    dot_only, skip_on = name.startswith("dlrm_dot"), name.startswith("dlrm_skip")
+    # dlrm_dot: the student with student.dot_logit (sparse_kd.student.model.DotOverArch)
+    student = dataclasses.replace(cfg.student, dot_logit=dot_only)
+    model = build_dlrm({f.name: len(f.vocab) for f in ds.features}, bb.dense_dim, student, device="cpu")
     bias_dot, l2 = name.startswith("dlrm_bias_dot"), 0.03 if name.endswith("_l2") else 0.0
+    nf = len(ds.features)
+    skip = torch.nn.Linear(cfg.student.embedding_dim + (nf + 1) * nf // 2, 1)
+    torch.nn.init.zeros_(skip.weight)
+    torch.nn.init.zeros_(skip.bias)
     biases = torch.nn.ModuleList(torch.nn.Embedding(n, 1) for n in (ds.num_users, ds.num_items))
     for b in biases:
         torch.nn.init.zeros_(b.weight)
@@ -60,14 +72,18 @@ def train_variant(ds, cfg, name: str, epochs: int, seed: int) -> dict:
     def logits(batch):
         # DLRM.forward, split open (as sparse_kd.distill.module does) to reach the pooled rows
         pooled = model.sparse_arch(batch.sparse_features)  # (B, F, D)
-        out = model.over_arch(model.inter_arch(model.dense_arch(batch.dense_features), pooled)).squeeze(-1)
+        inter = model.inter_arch(model.dense_arch(batch.dense_features), pooled)
+        out = model.over_arch(inter).squeeze(-1)
+        if skip_on:
+            out = out + skip(inter).squeeze(-1)
         if bias_dot:
             out = out + biases[0](batch.user).squeeze(1) + biases[1](batch.item).squeeze(1) + (
                 pooled[:, ui[0]] * pooled[:, ui[1]]).sum(1)
         return out, pooled[:, ui]
 
     rows = list(model.sparse_arch.parameters()) + (list(biases.parameters()) if bias_dot else [])
-    mlps = [p for n, p in model.named_parameters() if not n.startswith("sparse_arch.")]
+    mlps = [p for n, p in model.named_parameters() if not n.startswith("sparse_arch.")] + (
+        list(skip.parameters()) if skip_on else [])
     opts = [torch.optim.Adam(rows, lr=0.01) if l2 else torch.optim.Adagrad(rows, lr=cfg.train.sparse_lr),
             torch.optim.Adam(mlps, lr=cfg.train.dense_lr)]
     evals = {s: bb.build(*(torch.from_numpy(np.ascontiguousarray(a)) for a in

@@ -221,7 +221,7 @@ def _skeleton(model_info: dict, dense_fp32: dict):
     from sparse_kd.student.model import build_dlrm
 
     sc = StudentConfig(embedding_dim=model_info["embedding_dim"], dense_arch=tuple(model_info["dense_arch"]),
-                       over_arch=tuple(model_info["over_arch"]))
+                       over_arch=tuple(model_info["over_arch"]), dot_logit=bool(model_info.get("dot_logit", False)))
     m = build_dlrm({k: 1 for k in model_info["keys"]}, model_info["dense_in_features"], sc, device="cpu")
     missing, unexpected = m.load_state_dict(dense_fp32, strict=False)
     dense_missing = [k for k in missing if "embedding_bag" not in k]

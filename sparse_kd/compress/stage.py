@@ -41,6 +41,7 @@ from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.metrics import evaluate, fp32_forward, serving_forward
 from sparse_kd.report import markdown_table
+from sparse_kd.student.model import has_dot_logit
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,8 @@ def compress_model(
         "keys": keys, "owners": [owners[f] for f in keys], "dense_in_features": int(dense_in),
         "embedding_dim": int(next(iter(weights.values())).shape[1]),
         "dense_arch": [int(m._linear.out_features) for m in model.dense_arch.model._mlp],
-        "over_arch": _over_arch_sizes(model), "dense_int8": bool(dense_int8), "remap": model_remap,
+        "over_arch": _over_arch_sizes(model), "dot_logit": has_dot_logit(model), "dense_int8": bool(dense_int8),
+        "remap": model_remap,
         "folded": [f for f in keys if pruned[f].folded is not None],
         "row_alignment": int(row_alignment), "kernel": kernel, "device": serve_device, "row_order": row_order,
     }

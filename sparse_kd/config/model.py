@@ -33,6 +33,10 @@ class StudentConfig:
     sharding: dict[str, str] = field(default_factory=dict)
     teacher_text_dim: int = 64  # teacher ranker: text embeddings are PCA-reduced to this many dims
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    # add the user_id . item_id dot product to the logit, as matrix factorisation does (the DLRM
+    # only feeds it to the over MLP); no new parameters, served as is (sparse_kd.student.model.DotOverArch).
+    # The student and the baseline only: the teacher ranker keeps its own architecture
+    dot_logit: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ Manifest (version 2)::
     format          "sparse_kd.artifact"
     format_version  2
     serving         {"kernel": "torch_quantized" | "fbgemm_tbe", "device": "cpu" | "cuda"}
-    model           keys, owners, dense_in_features, embedding_dim, dense_arch, over_arch,
+    model           keys, owners, dense_in_features, embedding_dim, dense_arch, over_arch, dot_logit,
                     dense_int8, remap, folded, row_alignment, kernel, device, file, output
     tables          {table: {feature, owner, dtype, keep_ratio, rows_original, rows_kept,
                     rows_stored, fill, clusters, remap, importance, fp32_bytes, bytes: {dtype,
