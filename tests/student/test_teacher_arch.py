@@ -2,6 +2,8 @@
 interaction, every text dim), its size is measured, and a variant reloads with its own
 architecture (issue 21, item 1)."""
 
+import dataclasses
+
 import pytest
 import torch
 from torchrec.models.dlrm import DLRM_DCN
@@ -19,7 +21,9 @@ WIDE = ["distill.teacher_ranker.embedding_dim=64", "distill.teacher_ranker.dense
 
 def test_teacher_arch_defaults_to_the_students_and_widens_on_request():
     cfg = load_config("configs/demo.yaml")
-    assert teacher_arch(cfg.student, cfg.distill.teacher_ranker) == arch_of(cfg.student)
+    # the student's architecture, except student.dot_logit (the student's own; configs/demo.yaml sets it)
+    assert cfg.student.dot_logit
+    assert teacher_arch(cfg.student, cfg.distill.teacher_ranker) == dataclasses.replace(arch_of(cfg.student), dot_logit=False)
     wide = load_config("configs/demo.yaml", WIDE)
     a = teacher_arch(wide.student, wide.distill.teacher_ranker)
     assert (a.embedding_dim, a.dense_arch, a.over_arch, a.interaction) == (64, (128, 64), (256, 64, 1), "dcn")
