@@ -130,3 +130,24 @@ def test_the_artifact_serves_the_dot_and_keeps_it_after_add_items(dot_tiny, tmp_
     A.add_items(out, ["fresh-item"], text["item"][:1])  # rebuilds the model from the manifest
     assert verify_artifact(out)["model"]["dot_logit"] is True
     np.testing.assert_allclose(Predictor.load(out).score_logits(users, items), got, rtol=1e-5, atol=1e-5)
+
+
+def test_compression_finetuning_trains_the_model_with_the_dot(dot_tiny):
+    """compress.finetune's fake-quantized model (fp32 rows: no rounding) scores like the student,
+    the dot included, before any step."""
+    from sparse_kd.compress.finetune import _FakeQuantDLRM, _Table
+    from sparse_kd.compress.importance import table_importance
+    from sparse_kd.compress.prune import prune_tables
+    from sparse_kd.compress.stage import model_weights
+
+    ds, text, model, builder = dot_tiny
+    feats = [f.name for f in ds.features]
+    imps = table_importance("frequency", model_weights(model), ds, text)
+    pruned = prune_tables(model_weights(model), imps, {f: 1.0 for f in feats}, {f: "zero" for f in feats}, text)
+    fq = _FakeQuantDLRM(model, {f: _Table(pruned[f], "fp32", imps[f].freq) for f in feats}, feats)
+    assert has_dot_logit(fq.over_arch)
+    sp = ds.splits["test"]
+    b = builder.build(torch.from_numpy(sp.user), torch.from_numpy(sp.item), torch.from_numpy(sp.label))
+    with torch.no_grad():
+        torch.testing.assert_close(fq.forward(b)[0], model(b.dense_features, b.sparse_features).reshape(-1),
+                                   rtol=1e-5, atol=1e-5)
