@@ -55,18 +55,16 @@ def train_variant(ds, cfg, name: str, epochs: int, seed: int) -> dict:
 
     torch.manual_seed(seed)
     bb = BatchBuilder(ds, *count_dense(ds))
-    dot_only, skip_on = name.startswith("dlrm_dot"), name.startswith("dlrm_skip")
-    # dlrm_dot: the student with student.dot_logit (sparse_kd.student.model.DotOverArch)
-    student = dataclasses.replace(cfg.student, dot_logit=dot_only)
+    bias_dot, skip_on = name.startswith("dlrm_bias_dot"), name.startswith("dlrm_skip")
+    l2 = 0.03 if name.endswith("_l2") else 0.0
+    # the dot product in the logit: the student's own student.dot_logit (sparse_kd.student.model.DotOverArch)
+    student = dataclasses.replace(cfg.student, dot_logit=bias_dot or name.startswith("dlrm_dot"))
     model = build_dlrm({f.name: len(f.vocab) for f in ds.features}, bb.dense_dim, student, device="cpu")
-    bias_dot, l2 = name.startswith("dlrm_bias_dot"), 0.03 if name.endswith("_l2") else 0.0
     nf = len(ds.features)
-    skip = torch.nn.Linear(cfg.student.embedding_dim + (nf + 1) * nf // 2, 1)
-    torch.nn.init.zeros_(skip.weight)
-    torch.nn.init.zeros_(skip.bias)
+    skip = torch.nn.Linear(cfg.student.embedding_dim + (nf + 1) * nf // 2, 1)  # over the interaction's output
     biases = torch.nn.ModuleList(torch.nn.Embedding(n, 1) for n in (ds.num_users, ds.num_items))
-    for b in biases:
-        torch.nn.init.zeros_(b.weight)
+    for p in [*skip.parameters(), *biases.parameters()]:
+        torch.nn.init.zeros_(p)
     ui = [bb.keys.index("user_id"), bb.keys.index("item_id")]
 
     def logits(batch):
@@ -77,8 +75,7 @@ def train_variant(ds, cfg, name: str, epochs: int, seed: int) -> dict:
         if skip_on:
             out = out + skip(inter).squeeze(-1)
         if bias_dot:
-            out = out + biases[0](batch.user).squeeze(1) + biases[1](batch.item).squeeze(1) + (
-                pooled[:, ui[0]] * pooled[:, ui[1]]).sum(1)
+            out = out + biases[0](batch.user).squeeze(1) + biases[1](batch.item).squeeze(1)
         return out, pooled[:, ui]
 
     rows = list(model.sparse_arch.parameters()) + (list(biases.parameters()) if bias_dot else [])

@@ -168,16 +168,16 @@ def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("epochs", "checkpoint_every", "keep_checkpoints",
              "log_every", "eval_batch_size", "collective_timeout_s", "mf_reference")}
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "loader_workers"}  # how batches are built, not which
-    # planner: memory caps, same training; dot_logit off (added later): runs trained before it still match
-    student = {k: v for k, v in to_dict(cfg.student).items() if k != "planner" and (k, v) != ("dot_logit", False)}
+    teacher = name.startswith(TEACHER)  # the study's teacher candidates and ensemble members too
+    # planner: memory caps, same training; dot_logit: off (added later: runs trained before it still
+    # match), or a teacher's (its architecture is its own, sparse_kd.student.model.teacher_arch)
+    student = {k: v for k, v in to_dict(cfg.student).items()
+               if k != "planner" and not (k == "dot_logit" and (teacher or not v))}
     # a ranker without distillation (the baseline) does not depend on the distill settings
     dist = to_dict(distill) if distill.any_enabled else {}
     if dist:  # target text (the default, added later: older runs still match); layout: where targets are held, same loss
         dist["align"] = {k: v for k, v in dist["align"].items() if k != "layout" and (k, v) != ("target", "text")}
     fp = {"data": data, "student": student, "train": train, "seed": seed, "distill": dist}
-    teacher = name.startswith(TEACHER)  # the study's teacher candidates and ensemble members too
-    if teacher:  # its architecture is its own (sparse_kd.student.model.teacher_arch)
-        student.pop("dot_logit", None)
     if teacher or distill.any_enabled:
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
     if teacher:

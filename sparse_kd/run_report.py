@@ -57,7 +57,8 @@ def write_run_report(cfg: ExperimentConfig, ds: RecDataset, world_size: int, see
     if ref is not None:
         doc[REFERENCE] = ref
         if "error" not in ref:
-            shown[REFERENCE] = {s: ref[s] for s in metrics_splits(metrics) if s in ref}
+            # its split metrics, on the splits the rankers were evaluated on (metrics_table orders them)
+            shown[REFERENCE] = {s: ref[s] for s in {s for m in metrics.values() for s in m} if s in ref}
     out = Path(cfg.output_dir)
     atomic.write_text(out / "metrics.json", json.dumps(doc, indent=1))
     text = metrics_table(shown)
@@ -68,12 +69,4 @@ def write_run_report(cfg: ExperimentConfig, ds: RecDataset, world_size: int, see
     atomic.write_text(out / "metrics.md", text + "\n")
     print("\n" + text + "\n", flush=True)
     return ref
-
-
-def metrics_splits(metrics: dict) -> list[str]:
-    """The splits any ranker of ``metrics`` was evaluated on, in their first order."""
-    seen: list[str] = []
-    for m in metrics.values():
-        seen += [s for s in m if s not in seen]
-    return seen
 

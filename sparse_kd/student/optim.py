@@ -9,8 +9,8 @@ optimizer's ``weight_decay``: measured with fbgemm-gpu-cpu 1.8.0, the CPU kernel
 ``EXACT_ROWWISE_ADAGRAD`` makes the same update with ``weight_decay=0.5`` (modes L2 and DECOUPLE)
 as without it. Adam is not offered: torchrec maps it to FBGEMM's fused ``ADAM``, which the CPU
 training kernel of fbgemm-gpu-cpu 1.8.0 refuses ("not supported in CPU mode"; CPU takes exact
-Adagrad, row-wise Adagrad and SGD). :func:`combined_optimizer` joins both into the one ``CombinedOptimizer`` the train
-pipeline steps and checkpoints save.
+Adagrad, row-wise Adagrad and SGD). :func:`combined_optimizer` joins both into the one
+``CombinedOptimizer`` the train pipeline steps and checkpoints save.
 """
 
 from __future__ import annotations
