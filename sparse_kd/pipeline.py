@@ -37,10 +37,10 @@ from sparse_kd.data.batching import count_dense
 from sparse_kd.data.heldout import write_heldout_pairs
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import check_logit_kd, train_source
-from sparse_kd.dist import DistEnv, barrier, init_distributed, long_barrier, long_broadcast_object, on_main, raise_if_any
+from sparse_kd.dist import DistEnv, barrier, init_distributed, long_barrier, long_broadcast_object, on_main
 from sparse_kd.distill.attention import HistoryAttention, PairFeatures
-from sparse_kd.distill.history import HistoryPairFeature, resolve_mode, resolve_user_text
-from sparse_kd.distill.rows import IndexedRows, as_tensor
+from sparse_kd.distill.history import HistoryPairFeature, resolve_mode
+from sparse_kd.distill.rows import as_tensor
 from sparse_kd.distill.pairs import describe_pool, pool_batch, sample_pool
 from sparse_kd.distill.transfer import learned_map, pca_reduce, transfer_map
 from sparse_kd.run_folder import StaleRunError, check_run_folder, check_shared_run_folder
@@ -51,6 +51,7 @@ from sparse_kd.student.export import check_fingerprint, write_model_meta
 from sparse_kd.student.model import arch_of, teacher_arch
 from sparse_kd.student.spec import RankerResult, RankerSpec, RefitSpec
 from sparse_kd.student.train import predict_checkpoint, train_ranker
+from sparse_kd.text_stage import distilled_uses_text, text_embeddings, user_text_for, users_stay_sharded
 
 log = logging.getLogger(__name__)
 
@@ -84,50 +85,6 @@ def prepare_data(cfg: ExperimentConfig, env: DistEnv) -> RecDataset:
         log.info("data: skipped or changed while loading: %s (also in metrics.json data_report)", skipped or "nothing")
     long_barrier()  # rank 0's writes take minutes at production sizes: not inside train.collective_timeout_s
     return ds
-
-
-def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv,
-                    users: Optional[bool] = None) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-    """Teacher embeddings of user text (U, H), or None when the run does not use the users' own
-    text (``users`` None: decided by ``distill.user_text``; an ``IndexedRows`` where texts repeat),
-    and of item text (I, H).
-
-    A collective: identical texts (blank ones included) are encoded once, each rank encodes a share
-    of the distinct texts and the rows are gathered over the process group, so no rank reads a
-    file another wrote (:func:`~sparse_kd.teacher.cache.encode_across_ranks`; rank 0 alone uses
-    the teacher cache). Rank 0 writes ``data/text_embeddings.safetensors`` for the compression
-    stage; its ``user`` rows are the click-history embeddings when user text is not used.
-    """
-    from sparse_kd.distill.history import HistoryRows
-    from sparse_kd.teacher import TextEncoder
-    from sparse_kd.teacher.cache import encode_across_ranks, write_rows
-    from sparse_kd.teacher.encoder import TeacherModelError
-
-    if users is None:
-        users = resolve_mode(cfg.distill.user_text, ds) in ("text", "both")
-    encoder, err = None, None
-    try:  # every rank loads the teacher (a node without it must not leave the others waiting)
-        encoder = TextEncoder.from_config(cfg.teacher, show_progress=env.is_main)
-    except TeacherModelError as e:
-        err = str(e)
-    raise_if_any(err, TeacherModelError)
-
-    def encode(texts, name: str):
-        emb, inverse = encode_across_ranks(encoder, texts, cfg.teacher.cache_dir, name, encoder.dim)
-        return emb if emb.shape[0] == inverse.shape[0] and bool((inverse == torch.arange(len(inverse))).all()) \
-            else IndexedRows(emb, inverse)
-
-    item = as_tensor(encode(ds.item_text, "items"))
-    user = encode(ds.user_text, "users") if users else None  # repeated texts stay one row each
-    if env.is_main:
-        with atomic.replacing(Path(cfg.output_dir) / "data" / "text_embeddings.safetensors") as tmp, open(tmp, "wb") as f:
-            write_rows(f, {"user": user if user is not None else HistoryRows(ds, item), "item": item})
-    return user, item
-
-
-def distilled_uses_text(dc: DistillConfig) -> bool:
-    """Whether a distilled student reads text embeddings itself (alignment to text, weight transfer)."""
-    return (dc.align.enabled and dc.align.target == "text") or dc.transfer.enabled
 
 
 def uses_text(cfg: ExperimentConfig, variants: tuple[str, ...]) -> bool:
@@ -248,18 +205,6 @@ def check_on_main(env: DistEnv, check) -> None:
         err = kinds[refusal[0]](refusal[1])
         err.on_every_rank = True  # the CLI lets the ranks leave together, once rank 0 has said why
         raise err
-
-
-def user_text_for(cfg: ExperimentConfig, ds: RecDataset, user_text: torch.Tensor, item_text: torch.Tensor,
-                  env: Optional[DistEnv] = None) -> torch.Tensor:
-    """What stands for user text in the teacher ranker and the distillation methods
-    (``distill.user_text``: the users' own text, or their train-click history; see
-    :mod:`sparse_kd.distill.history`). (U, H) or (U, 2H) for ``both``."""
-    emb, mode = resolve_user_text(cfg.distill.user_text, ds, user_text, item_text)
-    if env is None or env.is_main:
-        log.info("user text: %s (distill.user_text=%s)", {"text": "the users' own text", "history": "mean teacher embedding "
-                 "of each user's train clicks", "both": "own text and train-click history"}[mode], cfg.distill.user_text)
-    return emb
 
 
 def teacher_spec(cfg, ds, user_text, item_text, name: str = TEACHER) -> RankerSpec:
@@ -413,7 +358,8 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
     ds = prepare_data(cfg, env)
     user_text = item_text = t_spec = teacher = None
     if uses_text(cfg, variants):  # a baseline-only run encodes and holds no text
-        user_text, item_text = text_embeddings(cfg, ds, env)
+        students = [cfg.distill] if "distilled" in variants else []
+        user_text, item_text = text_embeddings(cfg, ds, env, shard_users=users_stay_sharded(cfg, ds, students, env.world_size))
         user_text = user_text_for(cfg, ds, user_text, item_text, env)
     results: dict[str, RankerResult] = {}
     costs: dict[str, dict] = {}  # what each ranker costs (parameters, multiply-adds per example)

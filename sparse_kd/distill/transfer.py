@@ -82,19 +82,60 @@ def pca_projection(text: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Te
         x = text[lo : lo + CHUNK].double() - mean
         cov += x.T @ x
     cov /= max(1, text.shape[0] - 1)
-    mean = mean.float()
+    return mean.float(), top_directions(cov, dim)
+
+
+def top_directions(cov: torch.Tensor, dim: int) -> torch.Tensor:
+    """The top-``dim`` eigenvectors (H, dim) float32 of a covariance (H, H), zero columns past H."""
     evals, evecs = torch.linalg.eigh(cov)
     order = torch.argsort(evals, descending=True)[:dim]
     basis = evecs[:, order].float()
     if basis.shape[1] < dim:  # fewer text dims than embedding dims: pad with zeros
         basis = torch.cat([basis, torch.zeros(basis.shape[0], dim - basis.shape[1])], 1)
-    return mean, basis
+    return basis
 
 
 def pca_reduce(text: torch.Tensor, dim: int) -> torch.Tensor:
-    """Text (N, H) -> (N, dim) PCA coordinates, each column scaled to unit variance."""
+    """Text (N, H) -> (N, dim) PCA coordinates, each column scaled to unit variance.
+
+    Rows split over the ranks (a :class:`~sparse_kd.teacher.sharded_rows.ShardedRows`) are
+    reduced where they lie: a collective, the same (N, dim) on every rank."""
+    if hasattr(text, "map_gather"):
+        return _sharded_pca_reduce(text, dim)
     mean, basis = pca_projection(text, dim)
     z = ProjectedRows(text, lambda x: (x - mean) @ basis, basis.shape[1]).materialize()
+    return z / z.std(0, keepdim=True).clamp_min(1e-6)
+
+
+def _sharded_pca_reduce(rows, dim: int) -> torch.Tensor:
+    """:func:`pca_reduce` of a ``ShardedRows``: each distinct row weighted by how many of the N
+    rows it is, mean and covariance (float64) summed over the ranks, the basis decided on rank 0,
+    each rank's block projected where it lies and the (D, dim) projections gathered."""
+    import torch.distributed as dist
+
+    from sparse_kd.dist import long_broadcast_object, long_group
+
+    group, n, local = long_group(), rows.shape[0], rows.local
+    counts = rows.local_counts().double().unsqueeze(1)
+
+    def summed(t: torch.Tensor) -> torch.Tensor:
+        if group is not None:
+            dist.all_reduce(t, group=group)
+        return t
+
+    total = torch.zeros(rows.dim, dtype=torch.float64)
+    for lo in range(0, local.shape[0], CHUNK):
+        total += (local[lo : lo + CHUNK].double() * counts[lo : lo + CHUNK]).sum(0)
+    mean = summed(total) / max(1, n)
+    cov = torch.zeros(rows.dim, rows.dim, dtype=torch.float64)
+    for lo in range(0, local.shape[0], CHUNK):
+        x = local[lo : lo + CHUNK].double() - mean
+        cov += (x * counts[lo : lo + CHUNK]).T @ x
+    cov = summed(cov) / max(1, n - 1)
+    first = group is None or dist.get_rank() == 0
+    basis = long_broadcast_object(top_directions(cov, dim) if first else None)  # one basis, whatever each rank's LAPACK
+    mean_f = mean.float()
+    z = rows.map_gather(lambda x: (x - mean_f) @ basis, basis.shape[1]).index_select(0, rows.index)
     return z / z.std(0, keepdim=True).clamp_min(1e-6)
 
 

@@ -175,7 +175,9 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     P.check_on_main(env, lambda: check_seed(study_cfg, seed))
     check_shared_run_folder(cfg.output_dir)  # multi-node: every rank must see the folder rank 0 writes
     ds = P.prepare_data(cfg, env)
-    user_text, item_text = P.text_embeddings(cfg, ds, env)
+    students = [variant_distill(cfg, v) for v in cfg.study.variants] + [c.distill for c, _ in candidates(cfg).values()]
+    shard = P.users_stay_sharded(cfg, ds, students, env.world_size, [t for t, _ in teacher_candidates(cfg).values()])
+    user_text, item_text = P.text_embeddings(cfg, ds, env, shard_users=shard)
     user_text = P.user_text_for(cfg, ds, user_text, item_text, env)
     out: dict = {}
     teacher, t_spec = train_teacher(cfg, ds, user_text, item_text, env, seed, out)

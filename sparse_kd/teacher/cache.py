@@ -36,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
@@ -158,6 +158,80 @@ def write_atomic(path: Path, emb: torch.Tensor, metadata: dict[str, str]) -> Non
     _remove_stale_temps(path.parent)
 
 
+def write_blocks_atomic(path: Path, n: int, dim: int, metadata: dict[str, str], blocks: Iterable[torch.Tensor]) -> str:
+    """Write an (n, dim) fp32 cache file from its row ``blocks`` (in order), never holding it whole,
+    atomically as :func:`write_atomic`. The tensor's sha256 is hashed as the blocks pass and
+    written into the header's fixed-width field at the end. Returns it."""
+    meta = {**metadata, "sha256": "0" * 64}
+    header = {"__metadata__": meta, TENSOR_NAME: {"dtype": "F32", "shape": [n, dim], "data_offsets": [0, 4 * n * dim]}}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    field = b'"sha256":"' + b"0" * 64
+    if head.count(field) != 1:
+        raise ValueError(f"cache metadata for {path}: the sha256 field must appear once")
+    at = 8 + head.index(field) + len(field) - 64
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    digest, rows = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(head).to_bytes(8, "little") + head)
+            for b in blocks:
+                if b.dim() != 2 or b.shape[1] != dim:
+                    raise ValueError(f"cache file {path}: a block of {tuple(b.shape)}, expected (rows, {dim})")
+                data = b.float().contiguous().numpy().astype("<f4", copy=False).tobytes()
+                digest.update(data)
+                f.write(data)
+                rows += b.shape[0]
+            if rows != n:
+                raise ValueError(f"cache file {path}: {rows} rows written, expected {n}")
+            f.seek(at)
+            f.write(digest.hexdigest().encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _remove_stale_temps(path.parent)
+    return digest.hexdigest()
+
+
+def check_header(path: Path, key: str, num_texts: int) -> tuple[int | None, str, str]:
+    """(H, the stored sha256, "") if ``path``'s header is a matching cache file's, else (None, "", why
+    not). The tensor bytes are not read: :func:`read_rows` reads them, and the caller hashes them."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None, "", "no file"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format_version") != str(FORMAT_VERSION):
+                return None, "", f"format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+            if meta.get("key") != key:
+                return None, "", "key in metadata does not match"
+            if TENSOR_NAME not in f.keys():
+                return None, "", f"no tensor {TENSOR_NAME!r}"
+            sl = f.get_slice(TENSOR_NAME)
+            shape, dtype = sl.get_shape(), sl.get_dtype()
+    except Exception as e:  # safetensors raises several types on truncated / garbled files
+        return None, "", f"unreadable ({type(e).__name__}: {e})"
+    if dtype != "F32" or len(shape) != 2 or shape[0] != num_texts:
+        return None, "", f"tensor {tuple(shape)} {dtype}, expected ({num_texts}, H) F32"
+    if meta.get("num_texts") != str(num_texts) or meta.get("dim") != str(shape[1]):
+        return None, "", "num_texts/dim in metadata do not match the tensor"
+    return int(shape[1]), meta.get("sha256", ""), ""
+
+
+def read_rows(path: Path, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of a cache file's tensor, read from disk alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_slice(TENSOR_NAME)[r0:r1]
+
+
 ROW_BLOCK = 1 << 16  # rows written at a time by write_rows
 
 
@@ -190,13 +264,14 @@ def _remove_stale_temps(folder: Path) -> None:
             pass
 
 
-def _metadata(identity: dict[str, Any], key: str, emb: torch.Tensor, texts: Sequence[str]) -> dict[str, str]:
-    return {
+def _metadata(identity: dict[str, Any], key: str, emb: torch.Tensor | None, texts: Sequence[str],
+              dim: int = 0) -> dict[str, str]:
+    """The cache file's metadata; ``emb`` None: no sha256 (:func:`write_blocks_atomic` hashes the rows)."""
+    meta = {
         "format_version": str(FORMAT_VERSION),
         "key": key,
-        "sha256": tensor_sha256(emb),
         "num_texts": str(len(texts)),
-        "dim": str(emb.shape[1]),
+        "dim": str(emb.shape[1] if emb is not None else dim),
         "model": str(identity.get("model", "")),
         "model_fingerprint": str(identity.get("model_fingerprint", "")),
         "settings": json.dumps(identity, sort_keys=True),
@@ -204,6 +279,9 @@ def _metadata(identity: dict[str, Any], key: str, emb: torch.Tensor, texts: Sequ
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch": torch.__version__,
     }
+    if emb is not None:
+        meta["sha256"] = tensor_sha256(emb)
+    return meta
 
 
 def encode_cached_with_report(encoder: Encoder, texts: Sequence[str], cache_dir: str | Path,
@@ -237,66 +315,3 @@ def encode_cached(encoder: Encoder, texts: Sequence[str], cache_dir: str | Path,
     """Embeddings of ``texts`` (N, H) float32, read from ``cache_dir`` when an identical run cached them."""
     return encode_cached_with_report(encoder, texts, cache_dir, name)[0]
 
-
-def distinct(texts: Sequence[str]) -> tuple[list[str], torch.Tensor]:
-    """The distinct texts in first-seen order and, per text, its index among them (N,) int64."""
-    index: dict[str, int] = {}
-    inverse = torch.tensor([index.setdefault(t, len(index)) for t in texts], dtype=torch.int64)
-    return list(index), inverse
-
-
-def encode_across_ranks(encoder: Encoder, texts: Sequence[str], cache_dir: str | Path, name: str,
-                        dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings of the distinct ``texts`` (D, H) and each text's row (N,), on every rank.
-
-    Collective (every rank calls it with the same texts). Identical texts (the empty text of every
-    user without one included) are encoded once. Rank 0 alone reads and writes the cache
-    (``cache_dir`` need not be shared); on a miss each rank encodes a contiguous share of the
-    distinct texts and the rows are gathered on :func:`~sparse_kd.dist.long_group`, so ranks wait
-    for the slowest share, not for rank 0 encoding everything. A rank that fails makes every rank
-    raise. ``dim`` is H (what a rank with no share returns). One process: no collective.
-    """
-    import torch.distributed as dist
-
-    from sparse_kd.dist import all_gather_rows, long_broadcast_object, long_group, raise_if_any, split_range
-
-    uniq, inverse = distinct(texts)
-    multi = dist.is_initialized() and dist.get_world_size() > 1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if multi else (0, 1)
-    t0 = time.perf_counter()
-    hit, key, path, identity, err = None, "", None, {}, None
-    if rank == 0:
-        try:
-            identity = encoder.identity()
-            key = cache_key(identity, uniq)
-            path = cache_path(cache_dir, name, key)
-            hit, why = load_verified(path, key, len(uniq))
-            if hit is None and why != "no file":
-                logger.warning("teacher cache file %s is invalid (%s): recomputing it", path, why)
-        except Exception as e:  # the other ranks wait for this answer: give them the error
-            err = f"teacher cache lookup for {name} failed: {type(e).__name__}: {e}"
-    raise_if_any(err)
-    shape = long_broadcast_object(None if hit is None else tuple(hit.shape))
-    if shape is not None:
-        if multi:
-            hit = hit if rank == 0 else torch.empty(shape)
-            dist.broadcast(hit, src=0, group=long_group())
-        if rank == 0:
-            logger.info("teacher cache hit: %s (%d distinct of %d texts) in %.2fs", path, len(uniq), len(texts),
-                        time.perf_counter() - t0)
-        return hit, inverse
-    lo, hi = split_range(len(uniq), rank, world)
-    mine, err = None, None
-    try:
-        mine = encoder.encode(uniq[lo:hi]).detach().to("cpu", torch.float32).contiguous() if hi > lo else torch.zeros(0, dim)
-        if mine.dim() != 2 or mine.shape != (hi - lo, dim):
-            err = f"encoder returned {tuple(mine.shape)} for {hi - lo} texts of dim {dim}"
-    except Exception as e:  # every rank must hear of it, or the others wait for this share for hours
-        err = f"teacher encoding of {name} failed: {type(e).__name__}: {e}"
-    raise_if_any(err)
-    emb = all_gather_rows(mine, len(uniq))
-    if rank == 0:
-        write_atomic(path, emb, _metadata(identity, key, emb, uniq))
-        logger.info("teacher encoded %d distinct of %d texts for %s on %d rank(s) in %.2fs", len(uniq), len(texts),
-                    name, world, time.perf_counter() - t0)
-    return emb, inverse

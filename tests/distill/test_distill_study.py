@@ -236,7 +236,7 @@ def test_baseline_candidates_train_as_baselines(tmp_path, monkeypatch, one_proce
                             torch.zeros(n) if want_train_logits else None, 1.0)
 
     monkeypatch.setattr(P, "train_variant", fake_train)
-    monkeypatch.setattr(P, "text_embeddings", lambda c, ds, env: (torch.randn(ds.num_users, 8), torch.randn(ds.num_items, 8)))
+    monkeypatch.setattr(P, "text_embeddings", lambda c, ds, env, **kw: (torch.randn(ds.num_users, 8), torch.randn(ds.num_items, 8)))
     S.run_seed(cfg, 0)
     base, bcfg = specs["baseline_search_0"]
     assert bcfg.train.embedding_l2 == 0.001 and not bcfg.distill.any_enabled
@@ -268,7 +268,7 @@ def test_teacher_search_trains_each_candidate_and_students_learn_from_the_valid_
                             logits[spec.name], 1.0)
 
     monkeypatch.setattr(P, "train_variant", fake_train)
-    monkeypatch.setattr(P, "text_embeddings", lambda c, ds, env: (torch.randn(ds.num_users, 8), torch.randn(ds.num_items, 8)))
+    monkeypatch.setattr(P, "text_embeddings", lambda c, ds, env, **kw: (torch.randn(ds.num_users, 8), torch.randn(ds.num_items, 8)))
     out = S.run_seed(cfg, 0)
     assert specs[f"{P.TEACHER}_search_0"][1].train.embedding_l2 == 0.001
     assert specs[f"{P.TEACHER}_search_1"][1].distill.teacher_ranker.text_dim == -1

@@ -117,7 +117,7 @@ def test_skipped_and_truncated_rows_are_logged_and_written_to_metrics_json(tmp_p
                              f"data.path={data}", "data.max_text_chars=100", "data.cold_item_fraction=0.0"])
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(pipeline, "text_embeddings", lambda cfg, ds, env: (torch.zeros(ds.num_users, 4), torch.zeros(ds.num_items, 4)))
+    monkeypatch.setattr(pipeline, "text_embeddings", lambda cfg, ds, env, **kw: (torch.zeros(ds.num_users, 4), torch.zeros(ds.num_items, 4)))
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]

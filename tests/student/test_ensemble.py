@@ -75,7 +75,7 @@ def test_ensemble_teacher_in_a_study_seed(tmp_path, monkeypatch, one_process):
 
     monkeypatch.setattr(P, "train_variant", fake_train)
     monkeypatch.setattr(P, "predict_checkpoint", fake_predict)
-    monkeypatch.setattr(P, "text_embeddings", lambda c, ds, env: (torch.randn(ds.num_users, 8), torch.randn(ds.num_items, 8)))
+    monkeypatch.setattr(P, "text_embeddings", lambda c, ds, env, **kw: (torch.randn(ds.num_users, 8), torch.randn(ds.num_items, 8)))
     out = S.run_seed(cfg, 0)
     teachers = [c for c in calls if c[0].startswith(P.TEACHER)]
     assert teachers == [(P.TEACHER, 0), (f"{P.TEACHER}_member_1", member_seed(0, 1))]

@@ -4,7 +4,7 @@ tests/reliability/test_multinode_folders.py."""
 
 import torch
 
-from sparse_kd.teacher.cache import distinct, encode_across_ranks
+from sparse_kd.teacher.across_ranks import distinct, encode_across_ranks
 
 
 class Enc:

@@ -1,0 +1,118 @@
+"""The text stage of a run: the teacher's embeddings of item and user text, and what stands for
+user text in the teacher ranker and the distillation methods.
+
+Called by every rank (:func:`~sparse_kd.pipeline.run_training`, the distill study, the scale
+benchmark). Item rows (I x H) are held whole on every rank. The users' own texts grow with the
+user base: where the run reads them only through the teacher ranker's PCA features (the usual
+case, :func:`users_stay_sharded`) each rank keeps its share of them
+(:class:`~sparse_kd.teacher.sharded_rows.ShardedRows`); otherwise every rank holds them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from sparse_kd import atomic
+from sparse_kd.config import DistillConfig, ExperimentConfig
+from sparse_kd.data.schema import RecDataset
+from sparse_kd.dist import DistEnv, raise_if_any
+from sparse_kd.distill.history import resolve_mode, resolve_user_text
+from sparse_kd.distill.rows import IndexedRows, as_tensor
+
+log = logging.getLogger(__name__)
+
+
+def distilled_uses_text(dc: DistillConfig) -> bool:
+    """Whether a distilled student reads text embeddings itself (alignment to text, weight transfer)."""
+    return (dc.align.enabled and dc.align.target == "text") or dc.transfer.enabled
+
+
+def distilled_reads_user_rows(dc: DistillConfig) -> bool:
+    """Whether a distilled student reads the users' text rows themselves: alignment to text on
+    ``user_id``, weight transfer or the refit of ``user_id`` rows."""
+    tr = dc.transfer
+    return ((dc.align.enabled and dc.align.target == "text" and "user_id" in dc.align.features)
+            or (tr.enabled and tr.init and "user_id" in tr.features)
+            or (tr.enabled and tr.refit and "user_id" in tr.refit_features))
+
+
+def users_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, students: Iterable[DistillConfig], world: int,
+                       teachers: Iterable[ExperimentConfig] = ()) -> bool:
+    """Whether the users' own text rows can stay split over the ranks for this run: several ranks,
+    ``distill.user_text`` resolves to ``text`` (not ``both``: it concatenates them with the
+    history rows), the teacher ranker (``cfg``'s and each of ``teachers``, a study's teacher
+    candidates) reads them PCA-reduced (not ``text_dim: -1``), and no distilled student in
+    ``students`` reads them itself (:func:`distilled_reads_user_rows`)."""
+    return (world > 1 and resolve_mode(cfg.distill.user_text, ds) == "text"
+            and all(t.distill.teacher_ranker.text_dim != -1 for t in (cfg, *teachers))
+            and not any(distilled_reads_user_rows(dc) for dc in students))
+
+
+def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv, users: Optional[bool] = None,
+                    shard_users: bool = False) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Teacher embeddings of user text (U, H), or None when the run does not use the users' own
+    text (``users`` None: decided by ``distill.user_text``; an ``IndexedRows`` where texts repeat;
+    a ``ShardedRows``, each rank its share, with ``shard_users``), and of item text (I, H).
+
+    A collective: identical texts (blank ones included) are encoded once, each rank encodes a share
+    of the distinct texts and the rows go over the process group, so no rank reads a file another
+    wrote (:mod:`~sparse_kd.teacher.across_ranks`; rank 0 alone uses the teacher cache). Rank 0
+    writes ``data/text_embeddings.safetensors`` for the compression stage, a block at a time; its
+    ``user`` rows are the click-history embeddings when user text is not used.
+    """
+    from sparse_kd.distill.history import HistoryRows
+    from sparse_kd.teacher import TextEncoder
+    from sparse_kd.teacher.across_ranks import encode_across_ranks, encode_sharded
+    from sparse_kd.teacher.encoder import TeacherModelError
+    from sparse_kd.teacher.sharded_rows import write_rows_collective
+
+    if users is None:
+        users = resolve_mode(cfg.distill.user_text, ds) in ("text", "both")
+    encoder, err = None, None
+    try:  # every rank loads the teacher (a node without it must not leave the others waiting)
+        encoder = TextEncoder.from_config(cfg.teacher, show_progress=env.is_main)
+    except TeacherModelError as e:
+        err = str(e)
+    raise_if_any(err, TeacherModelError)
+
+    def encode(texts, name: str):
+        emb, inverse = encode_across_ranks(encoder, texts, cfg.teacher.cache_dir, name, encoder.dim)
+        return emb if emb.shape[0] == inverse.shape[0] and bool((inverse == torch.arange(len(inverse))).all()) \
+            else IndexedRows(emb, inverse)
+
+    item = as_tensor(encode(ds.item_text, "items"))
+    user = None
+    if users and shard_users and env.world_size > 1:
+        user = encode_sharded(encoder, ds.user_text, cfg.teacher.cache_dir, "users", encoder.dim)
+        if env.is_main:
+            log.info("users' text rows: each rank keeps its share (%d distinct of %d users over %d ranks)",
+                     user.n_distinct, len(user), env.world_size)
+    elif users:
+        user = encode(ds.user_text, "users")  # repeated texts stay one row each
+    path = Path(cfg.output_dir) / "data" / "text_embeddings.safetensors"
+
+    @contextlib.contextmanager
+    def replacing():
+        with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+            yield f
+
+    history = HistoryRows(ds, item) if user is None and env.is_main else None
+    write_rows_collective(replacing, {"user": user if user is not None else history, "item": item})  # every rank
+    return user, item
+
+
+def user_text_for(cfg: ExperimentConfig, ds: RecDataset, user_text: torch.Tensor, item_text: torch.Tensor,
+                  env: Optional[DistEnv] = None) -> torch.Tensor:
+    """What stands for user text in the teacher ranker and the distillation methods
+    (``distill.user_text``: the users' own text, or their train-click history; see
+    :mod:`sparse_kd.distill.history`). (U, H) or (U, 2H) for ``both``."""
+    emb, mode = resolve_user_text(cfg.distill.user_text, ds, user_text, item_text)
+    if env is None or env.is_main:
+        log.info("user text: %s (distill.user_text=%s)", {"text": "the users' own text", "history": "mean teacher embedding "
+                 "of each user's train clicks", "both": "own text and train-click history"}[mode], cfg.distill.user_text)
+    return emb

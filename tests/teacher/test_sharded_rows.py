@@ -1,0 +1,253 @@
+"""Users' text rows kept split over the ranks (issue 20, 4b): :func:`encode_sharded` leaves each
+rank its share, rank 0 streams the cache file (miss) or each rank's share from it (hit, verified
+as it passes), and the consumers (the teacher ranker's PCA features, rank 0's run file) give what
+the gathered rows give."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparse_kd.config import DistillConfig
+from sparse_kd.distill.transfer import pca_reduce
+from sparse_kd.teacher.across_ranks import distinct, encode_sharded
+from sparse_kd.teacher.sharded_rows import ShardedRows, ShardedRowsError
+
+DIM = 6
+TEXTS = [f"user {i % 170} likes films" if i % 7 else "" for i in range(300)]  # repeats and blanks
+
+
+def row_of(text: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(text.encode()))
+    return torch.randn(DIM, generator=g) * torch.linspace(3.0, 0.5, DIM)  # distinct variances: a stable PCA
+
+
+class Enc:
+    dim = DIM
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def identity(self):
+        return {"model": "stand-in", "model_fingerprint": "0" * 64}
+
+    def encode(self, texts):
+        self.calls += list(texts)
+        return torch.stack([row_of(t) for t in texts])
+
+
+def small_blocks(monkeypatch=None) -> None:
+    """Blocks of 16 rows, so every streamed path runs over several blocks."""
+    import sparse_kd.teacher.across_ranks as A
+    import sparse_kd.teacher.cache as C
+    import sparse_kd.teacher.sharded_rows as S
+
+    for mod, name in ((A, "CHUNK"), (S, "CHUNK"), (C, "ROW_BLOCK")):
+        if monkeypatch is None:
+            setattr(mod, name, 16)
+        else:
+            monkeypatch.setattr(mod, name, 16)
+
+
+def sharded_worker(cache_dir: str, out_file: str) -> dict:
+    import torch.distributed as dist
+
+    from sparse_kd.dist import init_distributed
+    from sparse_kd.teacher.cache import cache_key, cache_path
+    from sparse_kd.teacher.sharded_rows import write_rows_collective
+
+    small_blocks()
+    init_distributed("gloo", 120)
+    rank = dist.get_rank()
+    out: dict = {}
+    enc = Enc()
+    rows = encode_sharded(enc, TEXTS, cache_dir, "users", DIM)  # miss: each rank encodes its share
+    out["miss"] = (rows.lo, rows.hi, rows.local.clone(), list(enc.calls))
+    again = Enc()
+    hit = encode_sharded(again, TEXTS, cache_dir, "users", DIM)  # hit: rank 0 streams each share
+    out["hit"] = (hit.lo, hit.hi, hit.local.clone(), list(again.calls))
+    if rank == 0:  # flip one byte of the tensor (the last one): the header still matches, the sha256 does not
+        path = cache_path(cache_dir, "users", cache_key(enc.identity(), distinct(TEXTS)[0]))
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    dist.barrier()
+    third = Enc()
+    redo = encode_sharded(third, TEXTS, cache_dir, "users", DIM)
+    out["corrupt"] = (redo.local.clone(), list(third.calls))
+    out["pca"] = pca_reduce(rows, 3)
+    out["gather"] = rows.gather()
+    out["block"] = rows.block_on(37, 205, dst=1)
+    try:
+        rows[0:3]
+    except ShardedRowsError as e:
+        out["refused"] = str(e)
+
+    class Opener:
+        def __enter__(self):
+            self.f = open(out_file, "wb")
+            return self.f
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    write_rows_collective(Opener, {"user": rows, "item": torch.arange(12.0).reshape(4, 3)})
+    return out
+
+
+def expected() -> tuple[torch.Tensor, torch.Tensor]:
+    uniq, inverse = distinct(TEXTS)
+    return torch.stack([row_of(t) for t in uniq]), inverse
+
+
+def test_two_ranks_keep_their_shares_and_agree_with_the_gathered_rows(tmp_path):
+    from sparse_kd.local_launch import launch_local
+
+    out = launch_local(sharded_worker, 2, str(tmp_path / "cache"), str(tmp_path / "rows.safetensors"))
+    uniq_rows, inverse = expected()
+    n = uniq_rows.shape[0]
+    (lo0, hi0, loc0, calls0), (lo1, hi1, loc1, calls1) = out[0]["miss"], out[1]["miss"]
+    assert (lo0, hi0, lo1, hi1) == (0, n // 2, n // 2, n)  # each rank holds only its half
+    assert torch.equal(loc0, uniq_rows[:hi0]) and torch.equal(loc1, uniq_rows[lo1:])
+    assert len(calls0) + len(calls1) == n and not set(calls0) & set(calls1)  # each distinct text once
+    for r in (0, 1):  # the hit: same shares, no forward
+        lo, hi, loc, calls = out[r]["hit"]
+        assert calls == [] and torch.equal(loc, uniq_rows[lo:hi])
+    # a corrupted file is noticed from the streamed hash and encoded again, on every rank
+    assert out[0]["corrupt"][1] and out[1]["corrupt"][1]
+    assert torch.equal(torch.cat([out[0]["corrupt"][0], out[1]["corrupt"][0]]), uniq_rows)
+    full = uniq_rows.index_select(0, inverse)
+    # the teacher ranker's PCA features: the same on both ranks, and what the gathered rows give
+    assert torch.equal(out[0]["pca"], out[1]["pca"])
+    assert torch.allclose(out[0]["pca"], pca_reduce(full, 3), atol=1e-4)
+    assert torch.equal(out[0]["gather"], uniq_rows) and torch.equal(out[1]["gather"], uniq_rows)
+    assert out[0]["block"] is None and torch.equal(out[1]["block"], full[37:205])
+    assert "split over the ranks" in out[0]["refused"] and "gather()" in out[0]["refused"]
+    written = load_file(str(tmp_path / "rows.safetensors"))  # rank 0's file: every user's row, in order
+    assert torch.equal(written["user"], full) and torch.equal(written["item"], torch.arange(12.0).reshape(4, 3))
+
+
+def test_one_process_holds_every_row_and_reduces_like_the_plain_path(tmp_path, monkeypatch):
+    small_blocks(monkeypatch)
+    uniq_rows, inverse = expected()
+    rows = encode_sharded(Enc(), TEXTS, tmp_path, "users", DIM)
+    assert isinstance(rows, ShardedRows) and (rows.lo, rows.hi, rows.shape) == (0, len(uniq_rows), (300, DIM))
+    assert torch.equal(rows.local, uniq_rows)
+    again = Enc()
+    assert torch.equal(encode_sharded(again, TEXTS, tmp_path, "users", DIM).local, uniq_rows) and again.calls == []
+    assert torch.allclose(pca_reduce(rows, 3), pca_reduce(uniq_rows.index_select(0, inverse), 3), atol=1e-4)
+    with pytest.raises(ShardedRowsError, match="split over the ranks"):
+        rows.materialize()
+
+
+def test_a_cache_file_written_in_blocks_reads_back_and_verifies(tmp_path, monkeypatch):
+    """write_blocks_atomic's patched sha256 is the one load_verified checks."""
+    from sparse_kd.teacher.cache import load_verified, write_blocks_atomic
+
+    t = torch.randn(50, 4)
+    path = tmp_path / "x.safetensors"
+    sha = write_blocks_atomic(path, 50, 4, {"format_version": "1", "key": "k", "num_texts": "50", "dim": "4"},
+                              [t[:16], t[16:32], t[32:]])
+    got, why = load_verified(path, "k", 50)
+    assert why == "" and torch.equal(got, t) and len(sha) == 64
+    with pytest.raises(ValueError, match="49 rows written, expected 50"):
+        write_blocks_atomic(tmp_path / "y.safetensors", 50, 4, {"key": "k"}, [t[:49]])
+    assert not list(tmp_path.glob("*y.safetensors*"))  # no half-written file left
+
+
+def test_which_runs_keep_user_rows_sharded():
+    from helpers.tiny import tiny_config, tiny_dataset
+    from sparse_kd.text_stage import users_stay_sharded
+
+    cfg = tiny_config("/tmp/unused", distill={"user_text": "text"})
+    ds = tiny_dataset(cfg)
+    off = DistillConfig()
+    assert users_stay_sharded(cfg, ds, [off], world=2)
+    assert not users_stay_sharded(cfg, ds, [off], world=1)
+    transfer_users = DistillConfig(transfer=dataclass_replace(off.transfer, enabled=True))
+    assert not users_stay_sharded(cfg, ds, [off, transfer_users], world=2)  # seeds user rows from text
+    items_only = DistillConfig(transfer=dataclass_replace(off.transfer, enabled=True, features=("item_id",)))
+    assert users_stay_sharded(cfg, ds, [items_only], world=2)
+    align_items = DistillConfig(align=dataclass_replace(off.align, enabled=True, features=("item_id",)))
+    align_users = DistillConfig(align=dataclass_replace(off.align, enabled=True))
+    assert users_stay_sharded(cfg, ds, [align_items], world=2) and not users_stay_sharded(cfg, ds, [align_users], world=2)
+    full_text = tiny_config("/tmp/unused", distill={"user_text": "text", "teacher_ranker": {"text_dim": -1}})
+    assert not users_stay_sharded(full_text, ds, [off], world=2)
+    assert not users_stay_sharded(cfg, ds, [off], world=2, teachers=[full_text])  # a teacher candidate reads every dim
+    both = tiny_config("/tmp/unused", distill={"user_text": "both"})
+    assert not users_stay_sharded(both, ds, [off], world=2)
+
+
+def dataclass_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+class StandInTeacher(Enc):
+    dim = 16
+
+    def encode(self, texts):
+        rows = [torch.randn(16, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))) for t in texts]
+        return torch.stack(rows) if rows else torch.zeros(0, 16)
+
+    @classmethod
+    def from_config(cls, cfg, **overrides):
+        return cls()
+
+
+def run_worker(cfg, sharded: bool) -> dict:
+    """run_training on this rank with a stand-in teacher; ``sharded`` False forces the gathered
+    user rows. Returns the teacher ranker's user features, what the rows were and the metrics."""
+    import logging
+    import warnings
+
+    import sparse_kd.teacher as teacher
+    from sparse_kd import pipeline as P
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    teacher.TextEncoder = StandInTeacher
+    seen: dict = {}
+    real_spec, real_stay = P.teacher_spec, P.users_stay_sharded
+
+    def spec(cfg_, ds, user_text, item_text, name=P.TEACHER):
+        seen["rows"] = type(user_text).__name__
+        s = real_spec(cfg_, ds, user_text, item_text, name=name)
+        seen["user_dense"] = s.user_dense
+        return s
+
+    P.teacher_spec = spec
+    P.users_stay_sharded = real_stay if sharded else (lambda *a, **k: False)
+    metrics = P.run_training(cfg, ("teacher_ranker", "distilled"))
+    return {**seen, "metrics": metrics}
+
+
+def test_a_two_rank_run_keeps_user_rows_sharded_and_trains_the_same_teacher(tmp_path):
+    """Logit KD from a teacher ranker that reads the users' own text: the sharded run gives the
+    teacher the same user features as the gathered one, and rank 0's run file every user's row."""
+    from helpers.tiny import tiny_config
+    from sparse_kd.local_launch import launch_local
+
+    runs = {}
+    for sharded in (True, False):
+        cfg = tiny_config(str(tmp_path / f"run_{sharded}"), train={"epochs": 1},
+                          teacher={"cache_dir": str(tmp_path / f"cache_{sharded}")},
+                          distill={"user_text": "text", "logit": {"enabled": True}})
+        runs[sharded] = launch_local(run_worker, 2, cfg, sharded)
+    on, off = runs[True], runs[False]
+    assert on[0]["rows"] == on[1]["rows"] == "ShardedRows" and off[0]["rows"] != "ShardedRows"
+    assert torch.equal(on[0]["user_dense"], on[1]["user_dense"])
+    assert torch.allclose(on[0]["user_dense"], off[0]["user_dense"], atol=1e-4)
+    from helpers.tiny import tiny_dataset
+
+    ds = tiny_dataset(tiny_config(str(tmp_path / "x")))
+    want = StandInTeacher().encode(ds.user_text)
+    for sharded in (True, False):
+        written = load_file(str(tmp_path / f"run_{sharded}" / "data" / "text_embeddings.safetensors"))
+        assert torch.equal(written["user"], want)
+    for name in ("teacher_ranker", "distilled"):  # same features, same training: the same model, near enough
+        assert abs(on[0]["metrics"][name]["test"]["auc"] - off[0]["metrics"][name]["test"]["auc"]) < 0.01
