@@ -207,19 +207,27 @@ def check_on_main(env: DistEnv, check) -> None:
         raise err
 
 
-def teacher_spec(cfg, ds, user_text, item_text, name: str = TEACHER) -> RankerSpec:
-    """The teacher ranker (architecture: ``distill.teacher_ranker``, :func:`~sparse_kd.student.model.teacher_arch`)
-    sees the students' inputs plus text embeddings as dense features (PCA-reduced, or every dim with
-    ``text_dim: -1``; ``user_text`` as given by :func:`user_text_for`), with ``history_pair`` the
-    user-item history similarity (:class:`~sparse_kd.distill.history.HistoryPairFeature`), with
-    ``history_attention`` target attention over the user's earlier clicks (:class:`~sparse_kd.distill.attention.HistoryAttention`)."""
+def teacher_features(cfg, ds, user_text, item_text) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher ranker's dense inputs: (U, Du) and (I, Di) (the students' count features and the
+    text, PCA-reduced or every dim with ``text_dim: -1``), and the items' text part (I, k). Computed
+    once per teacher: an ensemble's members share them (K copies of U x k would be K times the memory)."""
     ub, ib = count_dense(ds)
     tr = cfg.distill.teacher_ranker
     k = cfg.student.teacher_text_dim if tr.text_dim == 0 else tr.text_dim
     text = (lambda x: as_tensor(x).float()) if k == -1 else (lambda x: pca_reduce(x, k))  # noqa: E731
     item_t = text(item_text)
-    spec = RankerSpec(name, torch.cat([ub, text(user_text)], 1), torch.cat([ib, item_t], 1),
-                      arch=teacher_arch(cfg.student, tr))
+    return torch.cat([ub, text(user_text)], 1), torch.cat([ib, item_t], 1), item_t
+
+
+def teacher_spec(cfg, ds, user_text, item_text, name: str = TEACHER, features=None) -> RankerSpec:
+    """The teacher ranker (architecture: ``distill.teacher_ranker``, :func:`~sparse_kd.student.model.teacher_arch`)
+    sees the students' inputs plus text embeddings as dense features (:func:`teacher_features`, or
+    ``features`` computed by it; ``user_text`` as given by :func:`user_text_for`), with ``history_pair`` the
+    user-item history similarity (:class:`~sparse_kd.distill.history.HistoryPairFeature`), with
+    ``history_attention`` target attention over the user's earlier clicks (:class:`~sparse_kd.distill.attention.HistoryAttention`)."""
+    tr = cfg.distill.teacher_ranker
+    user_d, item_d, item_t = features if features is not None else teacher_features(cfg, ds, user_text, item_text)
+    spec = RankerSpec(name, user_d, item_d, arch=teacher_arch(cfg.student, tr))
     ha = tr.history_attention
     parts = ([HistoryPairFeature(ds, item_text)] if tr.history_pair else []) + (
         [HistoryAttention(ds, item_t, ha.max_len, ha.dim, ha.kind, ha.hidden, ha.item_ids)] if ha.enabled else [])
@@ -231,9 +239,9 @@ def teacher_spec(cfg, ds, user_text, item_text, name: str = TEACHER) -> RankerSp
 def train_teacher(cfg, ds, user_text, item_text, env: DistEnv, seed: int, name: str = TEACHER) -> tuple[RankerResult, RankerSpec]:
     """Train the teacher ranker ``name`` (every rank), with ``distill.teacher_ranker.ensemble`` K > 1 as
     K members combined (:mod:`sparse_kd.student.ensemble`). Returns (result, member 0's spec)."""
-    members = []
+    members, features = [], teacher_features(cfg, ds, user_text, item_text)  # one copy for every member
     for k in range(cfg.distill.teacher_ranker.ensemble):
-        spec = teacher_spec(cfg, ds, user_text, item_text, name=member_name(name, k))  # a fresh model each
+        spec = teacher_spec(cfg, ds, user_text, item_text, name=member_name(name, k), features=features)  # a fresh model each
         members.append((train_variant(cfg, ds, spec, env, member_seed(seed, k), want_train_logits=True), spec))
     if len(members) == 1:
         return members[0]

@@ -101,7 +101,12 @@ def cache_path(cache_dir: str | Path, name: str, key: str) -> Path:
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    """sha256 of the tensor's bytes, hashed a block at a time (no second copy of a large tensor)."""
+    flat, h = t.detach().cpu().contiguous().reshape(-1), hashlib.sha256()
+    step = 1 << 22
+    for i in range(0, flat.numel(), step):
+        h.update(flat[i : i + step].numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_verified(path: Path, key: str, num_texts: int) -> tuple[torch.Tensor | None, str]:
@@ -132,30 +137,23 @@ def load_verified(path: Path, key: str, num_texts: int) -> tuple[torch.Tensor | 
 
 
 def write_atomic(path: Path, emb: torch.Tensor, metadata: dict[str, str]) -> None:
-    """Write ``emb`` to ``path`` via a fsynced temp file in the same folder and ``os.replace``."""
-    from safetensors.torch import save
+    """Write ``emb`` (N, H) to ``path`` via a fsynced temp file in the same folder and ``os.replace``,
+    a block of rows at a time (:func:`write_blocks_atomic`: no bytes copy of the whole tensor)."""
+    emb = emb.detach().cpu()
+    blocks = (emb[lo : lo + ROW_BLOCK] for lo in range(0, emb.shape[0], ROW_BLOCK))
+    write_blocks_atomic(path, emb.shape[0], emb.shape[1], metadata, blocks)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = save({TENSOR_NAME: emb.contiguous()}, metadata=metadata)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX); best effort elsewhere."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (POSIX); best effort elsewhere
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError:
         pass
-    _remove_stale_temps(path.parent)
 
 
 def write_blocks_atomic(path: Path, n: int, dim: int, metadata: dict[str, str], blocks: Iterable[torch.Tensor]) -> str:
@@ -193,6 +191,7 @@ def write_blocks_atomic(path: Path, n: int, dim: int, metadata: dict[str, str], 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     _remove_stale_temps(path.parent)
     return digest.hexdigest()
 

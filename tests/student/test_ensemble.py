@@ -80,6 +80,9 @@ def test_ensemble_teacher_in_a_study_seed(tmp_path, monkeypatch, one_process):
     teachers = [c for c in calls if c[0].startswith(P.TEACHER)]
     assert teachers == [(P.TEACHER, 0), (f"{P.TEACHER}_member_1", member_seed(0, 1))]
     assert specs[P.TEACHER] is not specs[f"{P.TEACHER}_member_1"]  # two models, not one trained twice
+    # ... over one copy of the text features (PCA reduced once, not once per member)
+    assert specs[P.TEACHER].user_dense is specs[f"{P.TEACHER}_member_1"].user_dense
+    assert specs[P.TEACHER].item_dense is specs[f"{P.TEACHER}_member_1"].item_dense
     student = specs["combined"]
     assert torch.allclose(student.teacher_logits, torch.full_like(student.teacher_logits, 0.5))
     assert torch.allclose(student.kd_pool_logits, torch.full_like(student.kd_pool_logits, 3.0))
