@@ -65,8 +65,10 @@ class RankerTrain(nn.Module):
         self.align_index: dict[str, int] = {}
         self.align_heads = nn.ModuleDict()
         if al.enabled:
-            if feature_names is None or user_text is None or item_text is None:
-                raise ValueError("distill.align is enabled: feature_names, user_text and item_text are all needed")
+            texts = {"user_id": user_text, "item_id": item_text}
+            if feature_names is None or any(texts.get(f) is None for f in al.features if f in texts):
+                raise ValueError("distill.align is enabled: feature_names and the text rows of every aligned feature "
+                                 f"({', '.join(al.features)}) are needed")
             for f in al.features:
                 if f not in feature_names:
                     raise ValueError(f"distill.align.features: {f!r} is not a sparse feature ({feature_names})")
@@ -81,8 +83,11 @@ class RankerTrain(nn.Module):
                 # cosine is blind to the target's length: keep unit rows, so the loss can be
                 # computed in the embedding space (:func:`cosine_align_from_head`)
                 unit = al.kind == "cosine"
-                self.register_buffer("user_text", held_rows(user_text, unit), persistent=False)
-                self.register_buffer("item_text", held_rows(item_text, unit), persistent=False)
+                # only the aligned features' rows (users' rows may be split over the ranks when unused)
+                self.register_buffer("user_text", held_rows(user_text, unit) if "user_id" in al.features else None,
+                                     persistent=False)
+                self.register_buffer("item_text", held_rows(item_text, unit) if "item_id" in al.features else None,
+                                     persistent=False)
 
     def forward(self, batch: KDBatch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         m = self.model

@@ -212,23 +212,24 @@ def run_worker(cfg, sharded: bool) -> dict:
     logging.getLogger("torchrec").setLevel(logging.ERROR)
     teacher.TextEncoder = StandInTeacher
     seen: dict = {}
-    real_spec, real_stay = P.teacher_spec, P.users_stay_sharded
+    real_features, real_stay = P.teacher_features, P.users_stay_sharded
 
-    def spec(cfg_, ds, user_text, item_text, name=P.TEACHER):
+    def features(cfg_, ds, user_text, item_text):
         seen["rows"] = type(user_text).__name__
-        s = real_spec(cfg_, ds, user_text, item_text, name=name)
-        seen["user_dense"] = s.user_dense
-        return s
+        out = real_features(cfg_, ds, user_text, item_text)
+        seen["user_dense"] = out[0]
+        return out
 
-    P.teacher_spec = spec
+    P.teacher_features = features
     P.users_stay_sharded = real_stay if sharded else (lambda *a, **k: False)
     metrics = P.run_training(cfg, ("teacher_ranker", "distilled"))
     return {**seen, "metrics": metrics}
 
 
 def test_a_two_rank_run_keeps_user_rows_sharded_and_trains_the_same_teacher(tmp_path):
-    """Logit KD from a teacher ranker that reads the users' own text: the sharded run gives the
-    teacher the same user features as the gathered one, and rank 0's run file every user's row."""
+    """Logit KD from a teacher ranker that reads the users' own text, alignment and transfer on the
+    items' text: the sharded run gives the teacher the same user features as the gathered one, and
+    rank 0's run file every user's row."""
     from helpers.tiny import tiny_config
     from sparse_kd.local_launch import launch_local
 
@@ -236,7 +237,9 @@ def test_a_two_rank_run_keeps_user_rows_sharded_and_trains_the_same_teacher(tmp_
     for sharded in (True, False):
         cfg = tiny_config(str(tmp_path / f"run_{sharded}"), train={"epochs": 1},
                           teacher={"cache_dir": str(tmp_path / f"cache_{sharded}")},
-                          distill={"user_text": "text", "logit": {"enabled": True}})
+                          distill={"user_text": "text", "logit": {"enabled": True},  # the students read item rows only
+                                   "align": {"enabled": True, "features": ["item_id"], "layout": "replicated"},
+                                   "transfer": {"enabled": True, "features": ["item_id"]}})
         runs[sharded] = launch_local(run_worker, 2, cfg, sharded)
     on, off = runs[True], runs[False]
     assert on[0]["rows"] == on[1]["rows"] == "ShardedRows" and off[0]["rows"] != "ShardedRows"
