@@ -3,9 +3,9 @@ user text in the teacher ranker and the distillation methods.
 
 Called by every rank (:func:`~sparse_kd.pipeline.run_training`, the distill study, the scale
 benchmark). Item rows (I x H) are held whole on every rank. The users' own texts grow with the
-user base: where the run reads them only through the teacher ranker's PCA features (the usual
-case, :func:`users_stay_sharded`) each rank keeps its share of them
-(:class:`~sparse_kd.teacher.sharded_rows.ShardedRows`); otherwise every rank holds them all.
+user base: each rank keeps its share of them (:class:`~sparse_kd.teacher.sharded_rows.ShardedRows`)
+wherever the run's consumers can read them so (:func:`users_stay_sharded`): the teacher ranker's
+PCA features, alignment targets, the ``pca`` weight transfer. Otherwise every rank holds them all.
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ def distilled_uses_text(dc: DistillConfig) -> bool:
     return (dc.align.enabled and dc.align.target == "text") or dc.transfer.enabled
 
 
-def distilled_reads_user_rows(dc: DistillConfig) -> bool:
-    """Whether a distilled student reads the users' text rows themselves: alignment to text on
-    ``user_id``, weight transfer or the refit of ``user_id`` rows."""
+def distilled_needs_user_rows_whole(dc: DistillConfig) -> bool:
+    """Whether a distilled student needs every user's text row on a rank: the ``learned`` weight
+    transfer of ``user_id`` (a ridge fit over every warm user) or the refit of ``user_id`` rows.
+    Alignment (each rank its target shard, or every row gathered for replicated targets) and the
+    ``pca`` transfer (each rank the rows of its table shards) read rows split over the ranks."""
     tr = dc.transfer
-    return ((dc.align.enabled and dc.align.target == "text" and "user_id" in dc.align.features)
-            or (tr.enabled and tr.init and "user_id" in tr.features)
-            or (tr.enabled and tr.refit and "user_id" in tr.refit_features))
+    return tr.enabled and ((tr.init and tr.projection == "learned" and "user_id" in tr.features)
+                           or (tr.refit and "user_id" in tr.refit_features))
 
 
 def users_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, students: Iterable[DistillConfig], world: int,
@@ -47,10 +48,10 @@ def users_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, students: Iterable
     ``distill.user_text`` resolves to ``text`` (not ``both``: it concatenates them with the
     history rows), the teacher ranker (``cfg``'s and each of ``teachers``, a study's teacher
     candidates) reads them PCA-reduced (not ``text_dim: -1``), and no distilled student in
-    ``students`` reads them itself (:func:`distilled_reads_user_rows`)."""
+    ``students`` needs them whole (:func:`distilled_needs_user_rows_whole`)."""
     return (world > 1 and resolve_mode(cfg.distill.user_text, ds) == "text"
             and all(t.distill.teacher_ranker.text_dim != -1 for t in (cfg, *teachers))
-            and not any(distilled_reads_user_rows(dc) for dc in students))
+            and not any(distilled_needs_user_rows_whole(dc) for dc in students))
 
 
 def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv, users: Optional[bool] = None,

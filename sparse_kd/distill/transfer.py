@@ -47,6 +47,15 @@ class ProjectedRows:
     def __len__(self) -> int:
         return self.text.shape[0]
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the text is split over the ranks: read it after :meth:`localize`."""
+        return bool(getattr(self.text, "sharded", False))
+
+    def localize(self, ranges: list[tuple[int, int]]) -> "ProjectedRows":
+        """Collective (sharded text): the same rows over this rank's ``ranges`` of the text."""
+        return ProjectedRows(self.text.localize(ranges), self.project, self.dim, self.factor, self.skip)
+
     def __getitem__(self, idx) -> torch.Tensor:
         rows, cols = idx if isinstance(idx, tuple) else (idx, slice(None))
         if not isinstance(rows, slice) or rows.step not in (None, 1):
@@ -108,35 +117,58 @@ def pca_reduce(text: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _sharded_pca_reduce(rows, dim: int) -> torch.Tensor:
-    """:func:`pca_reduce` of a ``ShardedRows``: each distinct row weighted by how many of the N
-    rows it is, mean and covariance (float64) summed over the ranks, the basis decided on rank 0,
+    """:func:`pca_reduce` of a ``ShardedRows``: the projection of :func:`sharded_pca_projection`,
     each rank's block projected where it lies and the (D, dim) projections gathered."""
+    mean, basis = sharded_pca_projection(rows, dim)
+    z = rows.map_gather(lambda x: (x - mean) @ basis, basis.shape[1]).index_select(0, rows.index)
+    return z / z.std(0, keepdim=True).clamp_min(1e-6)
+
+
+def _summed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (on the long group; one process: as it is)."""
     import torch.distributed as dist
 
-    from sparse_kd.dist import long_broadcast_object, long_group
+    from sparse_kd.dist import long_group
 
-    group, n, local = long_group(), rows.shape[0], rows.local
+    group = long_group()
+    if group is not None:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def sharded_pca_projection(rows, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pca_projection` of a ``ShardedRows`` (a collective): each distinct row weighted by how
+    many of the N rows it is, mean and covariance (float64) summed over the ranks, the basis
+    decided on rank 0 and sent to every rank (one basis, whatever each rank's LAPACK gives)."""
+    import torch.distributed as dist
+
+    from sparse_kd.dist import long_broadcast_object
+
+    n, local = rows.shape[0], rows.local
     counts = rows.local_counts().double().unsqueeze(1)
-
-    def summed(t: torch.Tensor) -> torch.Tensor:
-        if group is not None:
-            dist.all_reduce(t, group=group)
-        return t
-
     total = torch.zeros(rows.dim, dtype=torch.float64)
     for lo in range(0, local.shape[0], CHUNK):
         total += (local[lo : lo + CHUNK].double() * counts[lo : lo + CHUNK]).sum(0)
-    mean = summed(total) / max(1, n)
+    mean = _summed(total) / max(1, n)
     cov = torch.zeros(rows.dim, rows.dim, dtype=torch.float64)
     for lo in range(0, local.shape[0], CHUNK):
         x = local[lo : lo + CHUNK].double() - mean
         cov += (x * counts[lo : lo + CHUNK]).T @ x
-    cov = summed(cov) / max(1, n - 1)
-    first = group is None or dist.get_rank() == 0
-    basis = long_broadcast_object(top_directions(cov, dim) if first else None)  # one basis, whatever each rank's LAPACK
-    mean_f = mean.float()
-    z = rows.map_gather(lambda x: (x - mean_f) @ basis, basis.shape[1]).index_select(0, rows.index)
-    return z / z.std(0, keepdim=True).clamp_min(1e-6)
+    cov = _summed(cov) / max(1, n - 1)
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    return mean.float(), long_broadcast_object(top_directions(cov, dim) if first else None)
+
+
+def _sharded_rms(rows, project: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """Root mean square of ``project`` over every one of the N rows of a ``ShardedRows`` (a collective)."""
+    counts = rows.local_counts().double()
+    acc = torch.zeros(2, dtype=torch.float64)  # sum of squares, number of values
+    for lo in range(0, rows.local.shape[0], CHUNK):
+        z = project(rows.local[lo : lo + CHUNK]).double()
+        acc[0] += (z.pow(2).sum(1) * counts[lo : lo + CHUNK]).sum()
+        acc[1] += counts[lo : lo + CHUNK].sum() * z.shape[1]
+    acc = _summed(acc)
+    return float(acc[0] / acc[1].clamp_min(1)) ** 0.5
 
 
 def transfer_rows(
@@ -178,6 +210,14 @@ def transfer_map(text: torch.Tensor, dim: int, projection: str, scale: float, le
     ``learned``: the map of :func:`learned_map` (``learned`` only; fitted once, e.g. on rank 0,
     and shared). The RMS rescale is computed here, chunk by chunk, over every row.
     """
+    if getattr(text, "sharded", False):  # users' rows split over the ranks: a collective
+        if projection != "pca" or basis_text is not None:
+            raise ValueError("weight transfer from text rows split over the ranks supports projection 'pca' on the "
+                             "rows' own basis only (sparse_kd.text_stage.users_stay_sharded keeps the others gathered)")
+        mean, basis = sharded_pca_projection(text, dim)
+        rows = ProjectedRows(text, lambda x: (x - mean) @ basis, basis.shape[1])
+        rows.factor = scale / max(_sharded_rms(text, rows.project), 1e-12)
+        return rows
     if projection == "pca":
         mean, basis = pca_projection(text if basis_text is None else basis_text, dim)
         rows = ProjectedRows(text, lambda x: (x - mean) @ basis, basis.shape[1])

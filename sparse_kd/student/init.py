@@ -109,3 +109,34 @@ def write_tables(dmp: torch.nn.Module, seed: int, init_rows: dict[str, torch.Ten
         dist.all_reduce(counts)  # CPU tensor: the gloo side of a cpu:gloo,cuda:nccl group
         written = dict(zip(sorted(written), counts.tolist()))
     return written
+
+
+def shard_row_ranges(state: dict) -> dict[str, list[tuple[int, int]]]:
+    """table -> the row ranges [(r0, r1), ...] of this rank's shards (the whole table where every
+    rank holds it; none where another rank does), for every embedding table of a state dict,
+    the frozen alignment targets included."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for key, value in state.items():
+        if "embedding_bags" not in key or not key.endswith(".weight"):
+            continue
+        if hasattr(value, "local_shards"):
+            spans = {(s.metadata.shard_offsets[0], s.metadata.shard_offsets[0] + s.metadata.shard_sizes[0])
+                     for s in value.local_shards()}
+        else:
+            spans = {(0, value.shape[0])}
+        out[key.split(".")[-2]] = sorted(spans)
+    return out
+
+
+def localize_sources(dmp: torch.nn.Module, sources: dict, table_of) -> dict:
+    """feature -> source, where each source split over the ranks (``source.sharded``: the users' own
+    text rows, or a projection of them) becomes the rows of this rank's shards of the feature's
+    table ``table_of(feature)`` (:meth:`~sparse_kd.teacher.sharded_rows.ShardedRows.localize`).
+
+    A collective where any source is sharded: every rank calls it with the same features (a rank
+    with no shard of a table asks for no rows)."""
+    if not any(getattr(s, "sharded", False) for s in sources.values()):
+        return sources
+    ranges = shard_row_ranges(dmp.state_dict())
+    return {f: s.localize(ranges.get(table_of(f), [])) if getattr(s, "sharded", False) else s
+            for f, s in sorted(sources.items())}

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from sparse_kd import checkpoint as ckpt
 from sparse_kd.config import ExperimentConfig
-from sparse_kd.data.batching import BatchBuilder
+from sparse_kd.data.batching import TARGET_KEYS, BatchBuilder
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import train_source
 from sparse_kd.dist import DistEnv, on_main
@@ -40,8 +40,8 @@ from sparse_kd.distill.module import RankerTrain
 from sparse_kd.distill.pairs import check_pair_batch, pool_batch, with_sampled_pairs
 from sparse_kd.distill.targets import sharded_layout, write_targets
 from sparse_kd.student.refit import refit_rows
-from sparse_kd.student.init import write_tables
-from sparse_kd.student.model import arch_of, build_dlrm
+from sparse_kd.student.init import localize_sources, write_tables
+from sparse_kd.student.model import arch_of, build_dlrm, table_name
 from sparse_kd.student.optim import combined_optimizer, sparse_optimizer
 from sparse_kd.student.predict import predict_sharded, split_logits, split_metrics
 from sparse_kd.student.reshard import check_resume
@@ -70,9 +70,14 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     arch = spec.arch or arch_of(sc)
     dlrm = build_dlrm(num_emb, spec.dense_dim, arch, device="meta")
     al, texts = spec.distill.align, {"user_id": spec.user_text, "item_id": spec.item_text}
+    user_rows = spec.user_text
     sharded_targets = al.enabled and all(texts.get(f) is not None for f in al.features) and sharded_layout(
         al.layout, {f: tuple(texts[f].shape) for f in al.features}, env.world_size)
-    module = RankerTrain(dlrm, spec.distill, ds.feature_names, spec.user_text, spec.item_text,
+    if al.enabled and not sharded_targets and "user_id" in al.features and getattr(user_rows, "sharded", False):
+        user_rows = user_rows.full()  # replicated targets: every rank holds every user's row (a collective)
+        if env.is_main:
+            log.info("[%s] replicated alignment targets: every user's text row gathered on every rank", spec.name)
+    module = RankerTrain(dlrm, spec.distill, ds.feature_names, user_rows, spec.item_text,
                          embedding_dim=arch.embedding_dim, pair_feature=spec.pair_feature,
                          embedding_l2=cfg.train.embedding_l2, sharded_targets=sharded_targets)
     builder = BatchBuilder(ds, spec.user_dense, spec.item_dense, with_target_ids=sharded_targets)
@@ -83,11 +88,13 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan)
     if env.is_main:
         log.info("[%s] sharding plan: %s", spec.name, describe_plan(plan))
-    written = write_tables(dmp, seed, spec.init_rows)
+    # rows split over the ranks (users' own text) arrive for this rank's shards, in one all-to-all each
+    written = write_tables(dmp, seed, localize_sources(dmp, spec.init_rows, table_name))
     if written and env.is_main:
         log.info("[%s] weight transfer: rows seeded from text per feature: %s", spec.name, written)
     if sharded_targets:
-        held = write_targets(dmp, {f: texts[f] for f in al.features}, unit=al.kind == "cosine")
+        sources = localize_sources(dmp, {f: texts[f] for f in al.features}, lambda f: TARGET_KEYS[f])
+        held = write_targets(dmp, sources, unit=al.kind == "cosine")
         log.info("[%s] alignment targets sharded row_wise: rank %d holds %s rows", spec.name, env.rank, held)
     optimizer, dense_optimizer = combined_optimizer(dmp, cfg.train)
     return ShardedRanker(builder, module, dmp, optimizer, dense_optimizer)

@@ -10,7 +10,10 @@ row. Its consumers work on the blocks and exchange small results:
   covariance summed over the blocks, each block projected to k dims where it lies, the (D, k)
   projections gathered (k = 32: 12x less than the rows);
 - rank 0's ``data/text_embeddings.safetensors``: a block of rows at a time, each row sent by the
-  rank that holds it (:func:`write_rows_collective`).
+  rank that holds it (:func:`write_rows_collective`);
+- the student's own shards (alignment targets in a row_wise table, PCA weight transfer): each
+  rank asks for the row ranges of its table shards and gets them in one all-to-all
+  (:meth:`ShardedRows.localize` -> :class:`LocalRows`).
 
 Every method that talks to other ranks is a collective: every rank calls it, in the same order.
 Reading rows by index (``rows[i]``) is refused with a message, so a consumer that needs the whole
@@ -29,13 +32,42 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from sparse_kd.dist import all_gather_rows, long_group
+from sparse_kd.dist import all_gather_rows, long_all_gather_object, long_group, split_range
 
 CHUNK = 1 << 16  # rows handled at a time (reductions, projections, file blocks)
 
 
 class ShardedRowsError(TypeError):
     """A consumer read sharded rows as if it held them all."""
+
+
+class LocalRows:
+    """The rows of a few row ranges of an (N, H) matrix, held by this rank: ``rows[r0:r1]`` (and
+    ``rows[r0:r1, c0:c1]``) inside one of them; anything else is refused with the ranges named.
+
+    Args:
+        ranges: [(r0, r1), ...] disjoint row ranges.
+        blocks: the (r1 - r0, H) rows of each range.
+        shape: (N, H) of the whole matrix.
+    """
+
+    sharded = False
+
+    def __init__(self, ranges: list[tuple[int, int]], blocks: list[torch.Tensor], shape: tuple[int, int]) -> None:
+        self.ranges, self.blocks, self.shape = [tuple(r) for r in ranges], blocks, tuple(shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        rows, cols = idx if isinstance(idx, tuple) else (idx, slice(None))
+        if isinstance(rows, slice) and rows.step in (None, 1):
+            lo, hi, _ = rows.indices(self.shape[0])
+            for (r0, r1), block in zip(self.ranges, self.blocks):
+                if r0 <= lo and hi <= r1:
+                    return block[lo - r0 : hi - r0][:, cols]
+        raise ShardedRowsError(f"rows {idx} are not held by this rank: it holds row ranges {self.ranges} of "
+                               f"{self.shape[0]} (the ranges it asked for with ShardedRows.localize)")
 
 
 class ShardedRows:
@@ -93,6 +125,53 @@ class ShardedRows:
             mine[lo : lo + CHUNK] = fn(self.local[lo : lo + CHUNK])
         return all_gather_rows(mine, self.n_distinct)
 
+    sharded = True
+
+    def full(self) -> torch.Tensor:
+        """Collective: the whole (N, H) on every rank (replicated alignment targets need it)."""
+        return self.gather().index_select(0, self.index)
+
+    def owner(self, distinct_ids: torch.Tensor) -> torch.Tensor:
+        """The rank that holds each distinct row (the :func:`~sparse_kd.dist.split_range` blocks)."""
+        world = _world_size()
+        ends = torch.tensor([split_range(self.n_distinct, r, world)[1] for r in range(world)])
+        return torch.searchsorted(ends, distinct_ids, right=True)
+
+    def localize(self, ranges: list[tuple[int, int]]) -> LocalRows:
+        """Collective: the rows of this rank's ``ranges`` (e.g. its shards of a row_wise table), from
+        the ranks that hold them, in one ``all_to_all_single``: each rank receives exactly its
+        ranges' rows. Ranks ask for different ranges (none: an empty list)."""
+        import torch.distributed as dist
+
+        ranges = [(int(a), int(b)) for a, b in ranges if b > a]
+        g = long_group()
+        if g is None:
+            return LocalRows(ranges, [self.local.index_select(0, self.index[a:b] - self.lo) for a, b in ranges], self.shape)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        asked = long_all_gather_object(ranges)
+
+        def positions(rs: list) -> torch.Tensor:
+            return torch.cat([torch.arange(a, b) for a, b in rs]) if rs else torch.zeros(0, dtype=torch.int64)
+
+        send, send_counts = [], []
+        for d in range(world):  # the rows rank d asked for that this rank holds, in position order
+            ids = self.index[positions(asked[d])]
+            ids = ids[(ids >= self.lo) & (ids < self.hi)]
+            send.append(self.local.index_select(0, ids - self.lo))
+            send_counts.append(int(ids.shape[0]))
+        mine = positions(ranges)
+        src = self.owner(self.index[mine])  # who sends each of my rows
+        recv_counts = torch.bincount(src, minlength=world).tolist()
+        got = torch.empty(int(mine.shape[0]), self.dim)
+        dist.all_to_all_single(got, torch.cat(send), recv_counts, send_counts, group=g)
+        out = torch.empty_like(got)
+        out[torch.argsort(src, stable=True)] = got  # sources in rank order, each in position order
+        blocks, at = [], 0
+        for a, b in ranges:
+            blocks.append(out[at : at + b - a])
+            at += b - a
+        return LocalRows(ranges, blocks, self.shape)
+
     def block_on(self, r0: int, r1: int, dst: int = 0) -> Optional[torch.Tensor]:
         """Collective: rows ``r0:r1`` (of the N) on rank ``dst``, None elsewhere. Each rank fills the
         rows it holds and the blocks are summed on ``dst``: exactly one rank holds each row, so the
@@ -108,6 +187,12 @@ class ShardedRows:
             return buf
         dist.reduce(buf, dst=dst, op=dist.ReduceOp.SUM, group=g)
         return buf if dist.get_rank() == dst else None
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 class _RowsOn:

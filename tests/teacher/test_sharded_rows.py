@@ -81,6 +81,15 @@ def sharded_worker(cache_dir: str, out_file: str) -> dict:
     out["pca"] = pca_reduce(rows, 3)
     out["gather"] = rows.gather()
     out["block"] = rows.block_on(37, 205, dst=1)
+    asks = {0: [(5, 40), (100, 160)], 1: [(0, 300)]}  # rows held by both ranks, in any order of owners
+    loc = rows.localize(asks[rank])
+    out["local"] = [loc[a:b] for a, b in asks[rank]] + [loc[120:130, 1:3]]
+    out["local_outside"] = ""
+    try:
+        loc[38:45]
+    except ShardedRowsError as e:
+        out["local_outside"] = str(e)
+    out["local_none"] = rows.localize([] if rank == 0 else [(7, 9)]).ranges  # a rank may ask for nothing
     try:
         rows[0:3]
     except ShardedRowsError as e:
@@ -126,6 +135,12 @@ def test_two_ranks_keep_their_shares_and_agree_with_the_gathered_rows(tmp_path):
     assert torch.equal(out[0]["gather"], uniq_rows) and torch.equal(out[1]["gather"], uniq_rows)
     assert out[0]["block"] is None and torch.equal(out[1]["block"], full[37:205])
     assert "split over the ranks" in out[0]["refused"] and "gather()" in out[0]["refused"]
+    # localize: each rank gets exactly the rows of the ranges it asked for, whoever held them
+    a0 = out[0]["local"]
+    assert torch.equal(a0[0], full[5:40]) and torch.equal(a0[1], full[100:160]) and torch.equal(a0[2], full[120:130, 1:3])
+    assert torch.equal(out[1]["local"][0], full)
+    assert "not held by this rank" in out[0]["local_outside"] and "(5, 40)" in out[0]["local_outside"]
+    assert out[0]["local_none"] == [] and out[1]["local_none"] == [(7, 9)]
     written = load_file(str(tmp_path / "rows.safetensors"))  # rank 0's file: every user's row, in order
     assert torch.equal(written["user"], full) and torch.equal(written["item"], torch.arange(12.0).reshape(4, 3))
 
@@ -167,13 +182,15 @@ def test_which_runs_keep_user_rows_sharded():
     off = DistillConfig()
     assert users_stay_sharded(cfg, ds, [off], world=2)
     assert not users_stay_sharded(cfg, ds, [off], world=1)
-    transfer_users = DistillConfig(transfer=dataclass_replace(off.transfer, enabled=True))
-    assert not users_stay_sharded(cfg, ds, [off, transfer_users], world=2)  # seeds user rows from text
-    items_only = DistillConfig(transfer=dataclass_replace(off.transfer, enabled=True, features=("item_id",)))
-    assert users_stay_sharded(cfg, ds, [items_only], world=2)
-    align_items = DistillConfig(align=dataclass_replace(off.align, enabled=True, features=("item_id",)))
+    pca_users = DistillConfig(transfer=dataclass_replace(off.transfer, enabled=True))  # pca, users and items
     align_users = DistillConfig(align=dataclass_replace(off.align, enabled=True))
-    assert users_stay_sharded(cfg, ds, [align_items], world=2) and not users_stay_sharded(cfg, ds, [align_users], world=2)
+    assert users_stay_sharded(cfg, ds, [off, pca_users, align_users], world=2)  # read per shard (or gathered)
+    learned = DistillConfig(transfer=dataclass_replace(off.transfer, enabled=True, projection="learned"))
+    learned_items = DistillConfig(transfer=dataclass_replace(learned.transfer, features=("item_id",)))
+    assert not users_stay_sharded(cfg, ds, [off, learned], world=2)  # a ridge fit over every warm user
+    assert users_stay_sharded(cfg, ds, [learned_items], world=2)
+    refit_users = DistillConfig(transfer=dataclass_replace(off.transfer, enabled=True, refit_features=("user_id",)))
+    assert not users_stay_sharded(cfg, ds, [refit_users], world=2)
     full_text = tiny_config("/tmp/unused", distill={"user_text": "text", "teacher_ranker": {"text_dim": -1}})
     assert not users_stay_sharded(full_text, ds, [off], world=2)
     assert not users_stay_sharded(cfg, ds, [off], world=2, teachers=[full_text])  # a teacher candidate reads every dim
@@ -201,18 +218,24 @@ class StandInTeacher(Enc):
 
 def run_worker(cfg, sharded: bool) -> dict:
     """run_training on this rank with a stand-in teacher; ``sharded`` False forces the gathered
-    user rows. Returns the teacher ranker's user features, what the rows were and the metrics."""
+    user rows. Returns the teacher ranker's user features, the kind of rows it read, the rows the
+    student's shards were seeded with and aligned to (this rank's ranges), and the metrics."""
     import logging
     import warnings
 
+    import sparse_kd.student.train as T
     import sparse_kd.teacher as teacher
     from sparse_kd import pipeline as P
+    from sparse_kd.data.batching import TARGET_KEYS
+    from sparse_kd.student.init import shard_row_ranges
+    from sparse_kd.student.model import table_name
 
     warnings.filterwarnings("ignore")
     logging.getLogger("torchrec").setLevel(logging.ERROR)
     teacher.TextEncoder = StandInTeacher
-    seen: dict = {}
+    seen: dict = {"init": {}, "targets": {}}
     real_features, real_stay = P.teacher_features, P.users_stay_sharded
+    real_tables, real_targets = T.write_tables, T.write_targets
 
     def features(cfg_, ds, user_text, item_text):
         seen["rows"] = type(user_text).__name__
@@ -220,37 +243,65 @@ def run_worker(cfg, sharded: bool) -> dict:
         seen["user_dense"] = out[0]
         return out
 
-    P.teacher_features = features
+    def read(dmp, sources, table_of) -> dict:
+        ranges = shard_row_ranges(dmp.state_dict())
+        return {f: [src[a:b].float().clone() for a, b in ranges.get(table_of(f), [])] for f, src in sources.items()}
+
+    def tables(dmp, seed, init_rows, reinit=True):
+        if reinit and init_rows:  # the student's seeding (not the refit after training)
+            seen["init"] = read(dmp, init_rows, table_name)
+        return real_tables(dmp, seed, init_rows, reinit)
+
+    def targets(dmp, sources, unit=False):
+        seen["targets"] = read(dmp, sources, lambda f: TARGET_KEYS[f])
+        return real_targets(dmp, sources, unit)
+
+    P.teacher_features, T.write_tables, T.write_targets = features, tables, targets
     P.users_stay_sharded = real_stay if sharded else (lambda *a, **k: False)
     metrics = P.run_training(cfg, ("teacher_ranker", "distilled"))
     return {**seen, "metrics": metrics}
 
 
-def test_a_two_rank_run_keeps_user_rows_sharded_and_trains_the_same_teacher(tmp_path):
-    """Logit KD from a teacher ranker that reads the users' own text, alignment and transfer on the
-    items' text: the sharded run gives the teacher the same user features as the gathered one, and
-    rank 0's run file every user's row."""
+def run_config(tmp_path, tag: str, layout: str):
     from helpers.tiny import tiny_config
+
+    return tiny_config(str(tmp_path / f"run_{tag}"), train={"epochs": 1}, teacher={"cache_dir": str(tmp_path / f"cache_{tag}")},
+                       distill={"user_text": "text", "logit": {"enabled": True},
+                                "align": {"enabled": True, "layout": layout},  # users and items
+                                "transfer": {"enabled": True}})  # pca, users and items
+
+
+def test_a_two_rank_run_keeps_user_rows_sharded_and_trains_the_same_models(tmp_path):
+    """Logit KD from a teacher ranker that reads the users' own text, alignment (targets in a
+    row_wise table) and PCA transfer on users and items: with the users' rows split over the
+    ranks the teacher gets the same features, each rank's shards the same seeded rows and targets
+    as with every row gathered, and rank 0's run file every user's row."""
+    from helpers.tiny import tiny_dataset
     from sparse_kd.local_launch import launch_local
 
-    runs = {}
-    for sharded in (True, False):
-        cfg = tiny_config(str(tmp_path / f"run_{sharded}"), train={"epochs": 1},
-                          teacher={"cache_dir": str(tmp_path / f"cache_{sharded}")},
-                          distill={"user_text": "text", "logit": {"enabled": True},  # the students read item rows only
-                                   "align": {"enabled": True, "features": ["item_id"], "layout": "replicated"},
-                                   "transfer": {"enabled": True, "features": ["item_id"]}})
-        runs[sharded] = launch_local(run_worker, 2, cfg, sharded)
-    on, off = runs[True], runs[False]
+    on = launch_local(run_worker, 2, run_config(tmp_path, "on", "sharded"), True)
+    off = launch_local(run_worker, 2, run_config(tmp_path, "off", "sharded"), False)
     assert on[0]["rows"] == on[1]["rows"] == "ShardedRows" and off[0]["rows"] != "ShardedRows"
     assert torch.equal(on[0]["user_dense"], on[1]["user_dense"])
     assert torch.allclose(on[0]["user_dense"], off[0]["user_dense"], atol=1e-4)
-    from helpers.tiny import tiny_dataset
-
-    ds = tiny_dataset(tiny_config(str(tmp_path / "x")))
-    want = StandInTeacher().encode(ds.user_text)
-    for sharded in (True, False):
-        written = load_file(str(tmp_path / f"run_{sharded}" / "data" / "text_embeddings.safetensors"))
+    for r in (0, 1):  # this rank's shards: seeded rows and alignment targets, users and items
+        for what in ("init", "targets"):
+            assert set(on[r][what]) == set(off[r][what]) == {"user_id", "item_id"}, (what, on[r][what].keys())
+            for f in ("user_id", "item_id"):
+                a, b = on[r][what][f], off[r][what][f]
+                assert len(a) == len(b) and all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a, b)), (r, what, f)
+    assert sum(x.shape[0] for r in (0, 1) for x in on[r]["targets"]["user_id"]) == 60  # every user's row, once
+    want = StandInTeacher().encode(tiny_dataset(run_config(tmp_path, "x", "sharded")).user_text)
+    for tag in ("on", "off"):
+        written = load_file(str(tmp_path / f"run_{tag}" / "data" / "text_embeddings.safetensors"))
         assert torch.equal(written["user"], want)
-    for name in ("teacher_ranker", "distilled"):  # same features, same training: the same model, near enough
+    for name in ("teacher_ranker", "distilled"):  # same inputs, same training: the same model, near enough
         assert abs(on[0]["metrics"][name]["test"]["auc"] - off[0]["metrics"][name]["test"]["auc"]) < 0.01
+
+
+def test_replicated_alignment_targets_gather_sharded_user_rows(tmp_path):
+    from sparse_kd.local_launch import launch_local
+
+    out = launch_local(run_worker, 2, run_config(tmp_path, "rep", "replicated"), True)
+    assert out[0]["rows"] == "ShardedRows" and out[0]["targets"] == {}  # no target table: replicated buffers
+    assert set(out[0]["metrics"]) == {"teacher_ranker", "distilled"}
