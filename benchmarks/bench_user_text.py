@@ -2,18 +2,22 @@
 
 Two ranks prepare a run whose users each have their own distinct text (U users, U/5 items, 5
 interactions per user; the synthetic generator's user texts made distinct by the user's number)
-and whose teacher ranker reads them through its PCA features, with logit KD for the student
-(no student reads the user rows themselves: ``sparse_kd.text_stage.users_stay_sharded``). Per
-layout, in freshly spawned ranks:
+and whose teacher ranker reads them through its PCA features; the distilled student learns by
+logit KD, alignment to the text (targets in a row_wise table) and PCA weight transfer, on users
+and items (``sparse_kd.text_stage.users_stay_sharded`` keeps such rows sharded). Per layout, in
+freshly spawned ranks:
 
 * ``sharded``: each rank keeps its share of the distinct user rows (``ShardedRows``), the PCA is
-  reduced where the rows lie, rank 0 streams the cache file and the run's text file;
+  reduced where the rows lie, rank 0 streams the cache file and the run's text file, and each
+  rank gets the rows of its own table shards in one all-to-all;
 * ``gathered``: every rank holds every user's row (what every run did before).
 
 Stages, each with the peak RSS above what the rank held before it (VmHWM reset per stage), per
 rank: ``data`` (generate and split), ``teacher_text`` (encode on a cache miss, write the run's
 text file, the teacher ranker's features), ``teacher_text_hit`` (the same again, the cache file
-now there). The teacher is a stand-in (random unit vectors, H = 384, MiniLM's size): 1M texts
+now there), ``distilled_spec`` (the PCA transfer's statistics), ``student_model`` (the distilled
+student's sharded model, its rows seeded and its alignment targets written; ``target_mb``: the
+target rows this rank holds). The teacher is a stand-in (random unit vectors, H = 384, MiniLM's size): 1M texts
 through MiniLM take hours on CPU. Memory figures do not depend on the machine's load; seconds do.
 
     python benchmarks/bench_user_text.py                       # 1M users, both layouts
@@ -62,7 +66,8 @@ def worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
         "data": {"synthetic": {"num_users": users, "num_items": max(100, users // 5), "interactions_per_user": 5}},
         "teacher": {"cache_dir": opts["cache_dir"]},
         "student": {"teacher_text_dim": PCA_DIM},
-        "distill": {"user_text": "text", "logit": {"enabled": True}},
+        "distill": {"user_text": "text", "logit": {"enabled": True}, "align": {"enabled": True, "layout": "sharded"},
+                    "transfer": {"enabled": True}},
     }, "<bench_user_text>")
     Path(opts["run_dir"], "data").mkdir(parents=True, exist_ok=True)
     rec: Dict[str, Any] = {"rank": env.rank, "users": users, "layout": opts["layout"]}
@@ -95,9 +100,25 @@ def worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
 
     held = stage("teacher_text", text_stage)
     del held
-    held = stage("teacher_text_hit", text_stage)
+    user, item, t_spec = stage("teacher_text_hit", text_stage)
     rec["user_rows_mb_whole"] = round(users * StandInEncoder.dim * 4 / 2**20, 1)
-    rec["teacher_features_mb"] = round(held[2].user_dense.numel() * 4 / 2**20, 1)
+    rec["teacher_features_mb"] = round(t_spec.user_dense.numel() * 4 / 2**20, 1)
+    from dataclasses import replace
+
+    scfg = replace(cfg, distill=replace(cfg.distill, logit=replace(cfg.distill.logit, enabled=False)))  # no teacher trained here
+    spec = stage("distilled_spec", lambda: P.distilled_spec(scfg, ds, user, item, None, env=env))
+
+    def model() -> Any:
+        from sparse_kd.checkpoint import frozen
+        from sparse_kd.student.train import build_sharded
+
+        dmp = build_sharded(scfg, ds, spec, env, 0).dmp
+        shards = [s.tensor for k, v in dmp.state_dict().items() if frozen(k) and k.endswith(".weight")
+                  for s in v.local_shards()]
+        rec["target_mb"] = round(sum(t.numel() * t.element_size() for t in shards) / 2**20, 1)
+        return dmp
+
+    stage("student_model", model)
     return long_all_gather_object(rec)
 
 
@@ -121,12 +142,13 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 
 def summary(records: List[Dict[str, Any]]) -> List[str]:
-    lines = ["| users | layout | rank | user rows held | teacher text: peak above start (miss / hit) | held after | wall |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| users | layout | rank | teacher text: peak above start (miss / hit) | held after | distilled spec | "
+             "student model (targets held) | wall |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['users']:,} | {r['layout']} | {r['rank']} | {r['user_rows']} | "
+        lines.append(f"| {r['users']:,} | {r['layout']} | {r['rank']} | "
                      f"{r['teacher_text']['peak_above_start_mb']:.0f} / {r['teacher_text_hit']['peak_above_start_mb']:.0f} MB | "
-                     f"{r['teacher_text_hit']['held_mb']:.0f} MB | {r['wall_s']:.0f} s |")
+                     f"{r['teacher_text_hit']['held_mb']:.0f} MB | {r['distilled_spec']['peak_above_start_mb']:.0f} MB | "
+                     f"{r['student_model']['peak_above_start_mb']:.0f} MB ({r['target_mb']:.0f} MB) | {r['wall_s']:.0f} s |")
     return lines
 
 
