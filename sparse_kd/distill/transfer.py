@@ -53,8 +53,10 @@ class ProjectedRows:
         return bool(getattr(self.text, "sharded", False))
 
     def localize(self, ranges: list[tuple[int, int]]) -> "ProjectedRows":
-        """Collective (sharded text): the same rows over this rank's ``ranges`` of the text."""
-        return ProjectedRows(self.text.localize(ranges), self.project, self.dim, self.factor, self.skip)
+        """Collective (sharded text): the same rows over this rank's ``ranges``, projected where the
+        text lies (D dims travel, not H)."""
+        rows = self.text.mapped(lambda x: self.project(x).float(), self.dim).localize(ranges)
+        return ProjectedRows(rows, lambda x: x, self.dim, self.factor, self.skip)
 
     def __getitem__(self, idx) -> torch.Tensor:
         rows, cols = idx if isinstance(idx, tuple) else (idx, slice(None))

@@ -35,6 +35,7 @@ import torch
 from sparse_kd.dist import all_gather_rows, long_all_gather_object, long_group, split_range
 
 CHUNK = 1 << 16  # rows handled at a time (reductions, projections, file blocks)
+MIN_ROUND = 1024  # rows per rank in one localize round, at least
 
 
 class ShardedRowsError(TypeError):
@@ -137,10 +138,19 @@ class ShardedRows:
         ends = torch.tensor([split_range(self.n_distinct, r, world)[1] for r in range(world)])
         return torch.searchsorted(ends, distinct_ids, right=True)
 
+    def mapped(self, fn: Callable[[torch.Tensor], torch.Tensor], out_dim: int) -> "ShardedRows":
+        """``fn`` applied to this rank's block where it lies (CHUNK rows at a time): the same split,
+        e.g. D-dim projections to send instead of H-dim rows."""
+        out = torch.empty(self.local.shape[0], out_dim)
+        for lo in range(0, self.local.shape[0], CHUNK):
+            out[lo : lo + CHUNK] = fn(self.local[lo : lo + CHUNK])
+        return ShardedRows(out, self.index, self.lo, self.n_distinct)
+
     def localize(self, ranges: list[tuple[int, int]]) -> LocalRows:
         """Collective: the rows of this rank's ``ranges`` (e.g. its shards of a row_wise table), from
-        the ranks that hold them, in one ``all_to_all_single``: each rank receives exactly its
-        ranges' rows. Ranks ask for different ranges (none: an empty list)."""
+        the ranks that hold them, by ``all_to_all_single`` in rounds of at most CHUNK / W rows per
+        rank: each rank receives exactly its ranges' rows, straight into its result, and no rank
+        holds more than a round's rows beside it. Ranks ask for different ranges (none: [])."""
         import torch.distributed as dist
 
         ranges = [(int(a), int(b)) for a, b in ranges if b > a]
@@ -149,23 +159,22 @@ class ShardedRows:
             return LocalRows(ranges, [self.local.index_select(0, self.index[a:b] - self.lo) for a, b in ranges], self.shape)
         rank, world = dist.get_rank(), dist.get_world_size()
         asked = long_all_gather_object(ranges)
-
-        def positions(rs: list) -> torch.Tensor:
-            return torch.cat([torch.arange(a, b) for a, b in rs]) if rs else torch.zeros(0, dtype=torch.int64)
-
-        send, send_counts = [], []
-        for d in range(world):  # the rows rank d asked for that this rank holds, in position order
-            ids = self.index[positions(asked[d])]
-            ids = ids[(ids >= self.lo) & (ids < self.hi)]
-            send.append(self.local.index_select(0, ids - self.lo))
-            send_counts.append(int(ids.shape[0]))
-        mine = positions(ranges)
-        src = self.owner(self.index[mine])  # who sends each of my rows
-        recv_counts = torch.bincount(src, minlength=world).tolist()
-        got = torch.empty(int(mine.shape[0]), self.dim)
-        dist.all_to_all_single(got, torch.cat(send), recv_counts, send_counts, group=g)
-        out = torch.empty_like(got)
-        out[torch.argsort(src, stable=True)] = got  # sources in rank order, each in position order
+        pos = [torch.cat([torch.arange(a, b) for a, b in rs]) if rs else torch.zeros(0, dtype=torch.int64) for rs in asked]
+        step = max(MIN_ROUND, CHUNK // world)
+        out = torch.empty(int(pos[rank].shape[0]), self.dim)
+        for r0 in range(0, max(int(p.shape[0]) for p in pos), step):
+            sel, send_counts = [], []
+            for d in range(world):  # the rows of rank d's round that this rank holds, in position order
+                ids = self.index[pos[d][r0 : r0 + step]]
+                ids = ids[(ids >= self.lo) & (ids < self.hi)]
+                sel.append(ids - self.lo)
+                send_counts.append(int(ids.shape[0]))
+            mine = pos[rank][r0 : r0 + step]
+            src = self.owner(self.index[mine])  # who sends each of my rows this round
+            got = torch.empty(int(mine.shape[0]), self.dim)
+            dist.all_to_all_single(got, self.local.index_select(0, torch.cat(sel)),
+                                   torch.bincount(src, minlength=world).tolist(), send_counts, group=g)
+            out[r0 + torch.argsort(src, stable=True)] = got  # sources in rank order, each in position order
         blocks, at = [], 0
         for a, b in ranges:
             blocks.append(out[at : at + b - a])

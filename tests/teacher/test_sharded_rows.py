@@ -40,12 +40,12 @@ class Enc:
 
 
 def small_blocks(monkeypatch=None) -> None:
-    """Blocks of 16 rows, so every streamed path runs over several blocks."""
+    """Blocks of 16 rows (and localize rounds of 8 per rank), so every streamed path runs over several."""
     import sparse_kd.teacher.across_ranks as A
     import sparse_kd.teacher.cache as C
     import sparse_kd.teacher.sharded_rows as S
 
-    for mod, name in ((A, "CHUNK"), (S, "CHUNK"), (C, "ROW_BLOCK")):
+    for mod, name in ((A, "CHUNK"), (S, "CHUNK"), (C, "ROW_BLOCK"), (S, "MIN_ROUND")):
         if monkeypatch is None:
             setattr(mod, name, 16)
         else:
