@@ -12,8 +12,8 @@ freshly spawned ranks:
   rank gets the rows of its own table shards in one all-to-all;
 * ``gathered``: every rank holds every user's row (what every run did before).
 
-Stages, each with the peak RSS above what the rank held before it (VmHWM reset per stage), per
-rank: ``data`` (generate and split), ``teacher_text`` (encode on a cache miss, write the run's
+Stages, each with the peak RSS above what the rank held before it (VmHWM reset per stage) and
+the absolute peak, per rank, and the process peak (the highest stage peak): ``data`` (generate and split), ``teacher_text`` (encode on a cache miss, write the run's
 text file, the teacher ranker's features), ``teacher_text_hit`` (the same again, the cache file
 now there), ``distilled_spec`` (the PCA transfer's statistics), ``student_model`` (the distilled
 student's sharded model, its rows seeded and its alignment targets written; ``target_mb``: the
@@ -78,7 +78,7 @@ def worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
         before, t0 = rss_mb()["rss_mb"], time.perf_counter()
         out = fn()
         after = rss_mb()
-        rec[name] = {"peak_above_start_mb": round(after["peak_rss_mb"] - before, 1),
+        rec[name] = {"peak_mb": after["peak_rss_mb"], "peak_above_start_mb": round(after["peak_rss_mb"] - before, 1),
                      "held_mb": round(after["rss_mb"] - before, 1), "seconds": round(time.perf_counter() - t0, 1)}
         print(f"# rank {env.rank}, {users:,} users, {opts['layout']}: {name} {rec[name]}", flush=True)
         return out
@@ -119,6 +119,7 @@ def worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
         return dmp
 
     stage("student_model", model)
+    rec["peak_rss_mb"] = max(v["peak_mb"] for v in rec.values() if isinstance(v, dict) and "peak_mb" in v)
     return long_all_gather_object(rec)
 
 
@@ -143,12 +144,13 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 def summary(records: List[Dict[str, Any]]) -> List[str]:
     lines = ["| users | layout | rank | teacher text: peak above start (miss / hit) | held after | distilled spec | "
-             "student model (targets held) | wall |", "|---|---|---|---|---|---|---|---|"]
+             "student model (targets held) | process peak | wall |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['users']:,} | {r['layout']} | {r['rank']} | "
                      f"{r['teacher_text']['peak_above_start_mb']:.0f} / {r['teacher_text_hit']['peak_above_start_mb']:.0f} MB | "
                      f"{r['teacher_text_hit']['held_mb']:.0f} MB | {r['distilled_spec']['peak_above_start_mb']:.0f} MB | "
-                     f"{r['student_model']['peak_above_start_mb']:.0f} MB ({r['target_mb']:.0f} MB) | {r['wall_s']:.0f} s |")
+                     f"{r['student_model']['peak_above_start_mb']:.0f} MB ({r['target_mb']:.0f} MB) | {r['peak_rss_mb']:.0f} MB | "
+                     f"{r['wall_s']:.0f} s |")
     return lines
 
 

@@ -21,6 +21,6 @@ def test_quick_run_measures_both_layouts(monkeypatch, tmp_path):
     assert [r["user_rows"] for r in recs] == ["ShardedRows", "ShardedRows", "Tensor", "Tensor"]
     for r in recs:
         assert r["users"] == 2000 and r["user_rows_mb_whole"] == pytest.approx(2000 * 384 * 4 / 2**20, abs=0.1)
-        assert r["target_mb"] > 0  # the student's alignment targets, this rank's shard
+        assert r["target_mb"] > 0 and r["peak_rss_mb"] >= r["student_model"]["peak_mb"]  # the student's alignment targets, this rank's shard
         for stage in ("data", "teacher_text", "teacher_text_hit", "distilled_spec", "student_model"):
             assert r[stage]["peak_above_start_mb"] >= 0 and r[stage]["seconds"] >= 0
