@@ -108,7 +108,12 @@ def write_targets(dmp: torch.nn.Module, sources: Mapping[str, torch.Tensor], uni
     by_key = {TARGET_KEYS[f]: f for f in sources}
     held: dict[str, int] = {}
     sd = {k: v for k, v in dmp.state_dict().items() if frozen(k) and k.endswith(".weight")}
+    sources = dict(sources)
+    for f in sorted(f for f, s in sources.items() if getattr(s, "sharded", False)):  # a collective per feature
+        held[f] = _write_sharded(sd, TARGET_KEYS[f], sources.pop(f), unit)
     for key, value in sd.items():
+        if by_key[key.split(".")[-2]] not in sources:
+            continue
         f = by_key[key.split(".")[-2]]
         src = sources[f]
         shards = [(tuple(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()] \
@@ -123,3 +128,29 @@ def write_targets(dmp: torch.nn.Module, sources: Mapping[str, torch.Tensor], uni
                 t[lo:hi].copy_(target_block(src, r0 + lo, r0 + hi, unit)[:, c0 : c0 + d])  # onto the shard's device
     dmp.load_state_dict(sd, strict=False)  # the target tables only, for kernels whose state_dict holds copies
     return held
+
+
+def _write_sharded(sd: dict, table: str, src, unit: bool) -> int:
+    """Collective: this rank's shards of the target ``table`` from a source split over the ranks
+    (users' own text rows, :class:`~sparse_kd.teacher.sharded_rows.ShardedRows`), received by
+    ``localize``: straight into the shards where they are whole rows on the CPU, else through a
+    copy. Returns the rows this rank holds."""
+    value = next((v for k, v in sd.items() if k.split(".")[-2] == table), None)
+    shards = [] if value is None else [(tuple(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()] \
+        if hasattr(value, "local_shards") else [((0, 0), value)]
+    whole = all(c0 == 0 and t.shape[1] == src.shape[1] and t.device.type == "cpu" and t.dtype == torch.float32
+                and t.is_contiguous() for (_, c0), t in shards)
+    ranges = sorted({(r0, r0 + t.shape[0]) for (r0, _), t in shards})
+    if whole and len(ranges) == len(shards):
+        by_r0 = {r0: t for (r0, _), t in shards}
+        src.localize(ranges, into=[by_r0[a] for a, _ in ranges])
+        for t in by_r0.values():
+            for lo in range(0, t.shape[0], WRITE_CHUNK):
+                t[lo : lo + WRITE_CHUNK] = target_block(t, lo, lo + WRITE_CHUNK, unit)
+    else:
+        rows = src.localize(ranges)
+        for (r0, c0), t in shards:
+            for lo in range(0, t.shape[0], WRITE_CHUNK):
+                hi = min(t.shape[0], lo + WRITE_CHUNK)
+                t[lo:hi].copy_(target_block(rows, r0 + lo, r0 + hi, unit)[:, c0 : c0 + t.shape[1]])
+    return sum(t.shape[0] for (_, c0), t in shards if c0 == 0)

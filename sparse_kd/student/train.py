@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from sparse_kd import checkpoint as ckpt
 from sparse_kd.config import ExperimentConfig
-from sparse_kd.data.batching import TARGET_KEYS, BatchBuilder
+from sparse_kd.data.batching import BatchBuilder
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import train_source
 from sparse_kd.dist import DistEnv, on_main
@@ -93,8 +93,7 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     if written and env.is_main:
         log.info("[%s] weight transfer: rows seeded from text per feature: %s", spec.name, written)
     if sharded_targets:
-        sources = localize_sources(dmp, {f: texts[f] for f in al.features}, lambda f: TARGET_KEYS[f])
-        held = write_targets(dmp, sources, unit=al.kind == "cosine")
+        held = write_targets(dmp, {f: texts[f] for f in al.features}, unit=al.kind == "cosine")  # sharded rows: a collective
         log.info("[%s] alignment targets sharded row_wise: rank %d holds %s rows", spec.name, env.rank, held)
     optimizer, dense_optimizer = combined_optimizer(dmp, cfg.train)
     return ShardedRanker(builder, module, dmp, optimizer, dense_optimizer)

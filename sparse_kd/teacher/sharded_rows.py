@@ -146,22 +146,37 @@ class ShardedRows:
             out[lo : lo + CHUNK] = fn(self.local[lo : lo + CHUNK])
         return ShardedRows(out, self.index, self.lo, self.n_distinct)
 
-    def localize(self, ranges: list[tuple[int, int]]) -> LocalRows:
+    def localize(self, ranges: list[tuple[int, int]], into: Optional[list[torch.Tensor]] = None) -> LocalRows:
         """Collective: the rows of this rank's ``ranges`` (e.g. its shards of a row_wise table), from
         the ranks that hold them, by ``all_to_all_single`` in rounds of at most CHUNK / W rows per
         rank: each rank receives exactly its ranges' rows, straight into its result, and no rank
-        holds more than a round's rows beside it. Ranks ask for different ranges (none: [])."""
+        holds more than a round's rows beside it. Ranks ask for different ranges (none: []).
+
+        ``into``: CPU float32 tensors (r1 - r0, H), one per range, to receive the rows in place of
+        a new result (e.g. the shards of a frozen target table): no second copy of them."""
         import torch.distributed as dist
 
-        ranges = [(int(a), int(b)) for a, b in ranges if b > a]
+        keep = [i for i, (a, b) in enumerate(ranges) if b > a]
+        ranges = [(int(ranges[i][0]), int(ranges[i][1])) for i in keep]
+        into = None if into is None else [into[i] for i in keep]
         g = long_group()
         if g is None:
-            return LocalRows(ranges, [self.local.index_select(0, self.index[a:b] - self.lo) for a, b in ranges], self.shape)
+            blocks = [self.local.index_select(0, self.index[a:b] - self.lo) for a, b in ranges]
+            if into is not None:
+                for dst, block in zip(into, blocks):
+                    dst.copy_(block)
+                blocks = into
+            return LocalRows(ranges, blocks, self.shape)
         rank, world = dist.get_rank(), dist.get_world_size()
         asked = long_all_gather_object(ranges)
         pos = [torch.cat([torch.arange(a, b) for a, b in rs]) if rs else torch.zeros(0, dtype=torch.int64) for rs in asked]
         step = max(MIN_ROUND, CHUNK // world)
-        out = torch.empty(int(pos[rank].shape[0]), self.dim)
+        if into is None:
+            out = torch.empty(int(pos[rank].shape[0]), self.dim)
+        elif len(into) == 1:
+            out = into[0]  # one range (a row_wise shard): received where it belongs
+        else:
+            out = torch.empty(int(pos[rank].shape[0]), self.dim)
         for r0 in range(0, max(int(p.shape[0]) for p in pos), step):
             sel, send_counts = [], []
             for d in range(world):  # the rows of rank d's round that this rank holds, in position order
@@ -176,8 +191,11 @@ class ShardedRows:
                                    torch.bincount(src, minlength=world).tolist(), send_counts, group=g)
             out[r0 + torch.argsort(src, stable=True)] = got  # sources in rank order, each in position order
         blocks, at = [], 0
-        for a, b in ranges:
+        for k, (a, b) in enumerate(ranges):
             blocks.append(out[at : at + b - a])
+            if into is not None and blocks[-1].data_ptr() != into[k].data_ptr():
+                into[k].copy_(blocks[-1])
+                blocks[-1] = into[k]
             at += b - a
         return LocalRows(ranges, blocks, self.shape)
 

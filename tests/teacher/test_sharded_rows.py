@@ -253,8 +253,14 @@ def run_worker(cfg, sharded: bool) -> dict:
         return real_tables(dmp, seed, init_rows, reinit)
 
     def targets(dmp, sources, unit=False):
-        seen["targets"] = read(dmp, sources, lambda f: TARGET_KEYS[f])
-        return real_targets(dmp, sources, unit)
+        held = real_targets(dmp, sources, unit)
+        from sparse_kd.checkpoint import frozen
+
+        by_key = {TARGET_KEYS[f]: f for f in sources}
+        seen["targets"] = {by_key[k.split(".")[-2]]: [s.tensor.clone() for s in sorted(
+            v.local_shards(), key=lambda s: tuple(s.metadata.shard_offsets))]
+            for k, v in dmp.state_dict().items() if frozen(k) and k.endswith(".weight")}  # what the shards now hold
+        return held
 
     P.teacher_features, T.write_tables, T.write_targets = features, tables, targets
     P.users_stay_sharded = real_stay if sharded else (lambda *a, **k: False)
