@@ -217,6 +217,14 @@ def long_broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def long_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks in place (on :func:`long_group`; one process: as it is)."""
+    g = long_group()
+    if g is not None:
+        dist.all_reduce(t, group=g)
+    return t
+
+
 def long_all_gather_object(obj) -> list:
     """Every rank's ``obj``, in rank order, on every rank (on :func:`long_group`)."""
     g = long_group()

@@ -140,8 +140,8 @@ def _write_sharded(sd: dict, table: str, src, unit: bool) -> int:
         if hasattr(value, "local_shards") else [((0, 0), value)]
     whole = all(c0 == 0 and t.shape[1] == src.shape[1] and t.device.type == "cpu" and t.dtype == torch.float32
                 and t.is_contiguous() for (_, c0), t in shards)
-    ranges = sorted({(r0, r0 + t.shape[0]) for (r0, _), t in shards})
-    if whole and len(ranges) == len(shards):
+    ranges = sorted({(r0, r0 + t.shape[0]) for (r0, _), t in shards})  # column shards share their rows
+    if whole:  # one shard per row range
         by_r0 = {r0: t for (r0, _), t in shards}
         src.localize(ranges, into=[by_r0[a] for a, _ in ranges])
         for t in by_r0.values():

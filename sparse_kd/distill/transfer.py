@@ -85,15 +85,28 @@ class ProjectedRows:
 def pca_projection(text: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (H,) and the top-``dim`` principal directions (H, dim) of text (N, H)."""
     # text may be a row source read by blocks (e.g. :class:`~sparse_kd.distill.history.HistoryRows`)
-    mean = sum(text[lo : lo + CHUNK].double().sum(0) for lo in range(0, text.shape[0], CHUNK)) / max(1, text.shape[0])
-    # (H, H) covariance eigen-decomposition: cheap for H = 384 and exact; summed over row chunks,
-    # so no centred (N, H) float64 copy is held (3 GB at 1M users)
-    cov = torch.zeros(text.shape[1], text.shape[1], dtype=torch.float64)
-    for lo in range(0, text.shape[0], CHUNK):
-        x = text[lo : lo + CHUNK].double() - mean
-        cov += x.T @ x
-    cov /= max(1, text.shape[0] - 1)
+    n = text.shape[0]
+    mean, cov = _moments(lambda lo, hi: text[lo:hi], n, text.shape[1], n)
     return mean.float(), top_directions(cov, dim)
+
+
+def _moments(read: Callable[[int, int], torch.Tensor], n_here: int, dim: int, n: int,
+             weights: Optional[torch.Tensor] = None, summed: Callable[[torch.Tensor], torch.Tensor] = lambda t: t):
+    """Mean (H,) and covariance (H, H), float64, of N rows read here as ``read(lo, hi)`` over
+    ``n_here`` rows, each standing for ``weights`` rows (None: one), the sums taken over the ranks
+    by ``summed``. Two passes over row chunks of :data:`CHUNK`: the (H, H) covariance
+    eigen-decomposition is cheap for H = 384 and exact, and no centred (N, H) float64 copy is held
+    (3 GB at 1M users)."""
+    total = torch.zeros(dim, dtype=torch.float64)
+    for lo in range(0, n_here, CHUNK):
+        x = read(lo, lo + CHUNK).double()
+        total += (x if weights is None else x * weights[lo : lo + CHUNK]).sum(0)
+    mean = summed(total) / max(1, n)
+    cov = torch.zeros(dim, dim, dtype=torch.float64)
+    for lo in range(0, n_here, CHUNK):
+        x = read(lo, lo + CHUNK).double() - mean
+        cov += (x if weights is None else x * weights[lo : lo + CHUNK]).T @ x
+    return mean, summed(cov) / max(1, n - 1)
 
 
 def top_directions(cov: torch.Tensor, dim: int) -> torch.Tensor:
@@ -111,7 +124,7 @@ def pca_reduce(text: torch.Tensor, dim: int) -> torch.Tensor:
 
     Rows split over the ranks (a :class:`~sparse_kd.teacher.sharded_rows.ShardedRows`) are
     reduced where they lie: a collective, the same (N, dim) on every rank."""
-    if hasattr(text, "map_gather"):
+    if getattr(text, "sharded", False):
         return _sharded_pca_reduce(text, dim)
     mean, basis = pca_projection(text, dim)
     z = ProjectedRows(text, lambda x: (x - mean) @ basis, basis.shape[1]).materialize()
@@ -122,41 +135,21 @@ def _sharded_pca_reduce(rows, dim: int) -> torch.Tensor:
     """:func:`pca_reduce` of a ``ShardedRows``: the projection of :func:`sharded_pca_projection`,
     each rank's block projected where it lies and the (D, dim) projections gathered."""
     mean, basis = sharded_pca_projection(rows, dim)
-    z = rows.map_gather(lambda x: (x - mean) @ basis, basis.shape[1]).index_select(0, rows.index)
+    z = rows.mapped(lambda x: (x - mean) @ basis, basis.shape[1]).gather().index_select(0, rows.index)
     return z / z.std(0, keepdim=True).clamp_min(1e-6)
-
-
-def _summed(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over the ranks (on the long group; one process: as it is)."""
-    import torch.distributed as dist
-
-    from sparse_kd.dist import long_group
-
-    group = long_group()
-    if group is not None:
-        dist.all_reduce(t, group=group)
-    return t
 
 
 def sharded_pca_projection(rows, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`pca_projection` of a ``ShardedRows`` (a collective): each distinct row weighted by how
-    many of the N rows it is, mean and covariance (float64) summed over the ranks, the basis
-    decided on rank 0 and sent to every rank (one basis, whatever each rank's LAPACK gives)."""
+    many of the N rows it is, mean and covariance summed over the ranks, the basis decided on
+    rank 0 and sent to every rank (one basis, whatever each rank's LAPACK gives)."""
     import torch.distributed as dist
 
-    from sparse_kd.dist import long_broadcast_object
+    from sparse_kd.dist import long_all_reduce, long_broadcast_object
 
-    n, local = rows.shape[0], rows.local
     counts = rows.local_counts().double().unsqueeze(1)
-    total = torch.zeros(rows.dim, dtype=torch.float64)
-    for lo in range(0, local.shape[0], CHUNK):
-        total += (local[lo : lo + CHUNK].double() * counts[lo : lo + CHUNK]).sum(0)
-    mean = _summed(total) / max(1, n)
-    cov = torch.zeros(rows.dim, rows.dim, dtype=torch.float64)
-    for lo in range(0, local.shape[0], CHUNK):
-        x = local[lo : lo + CHUNK].double() - mean
-        cov += (x * counts[lo : lo + CHUNK]).T @ x
-    cov = _summed(cov) / max(1, n - 1)
+    mean, cov = _moments(lambda lo, hi: rows.local[lo:hi], rows.local.shape[0], rows.dim, rows.shape[0], counts,
+                         long_all_reduce)
     first = not dist.is_initialized() or dist.get_rank() == 0
     return mean.float(), long_broadcast_object(top_directions(cov, dim) if first else None)
 
@@ -169,7 +162,9 @@ def _sharded_rms(rows, project: Callable[[torch.Tensor], torch.Tensor]) -> float
         z = project(rows.local[lo : lo + CHUNK]).double()
         acc[0] += (z.pow(2).sum(1) * counts[lo : lo + CHUNK]).sum()
         acc[1] += counts[lo : lo + CHUNK].sum() * z.shape[1]
-    acc = _summed(acc)
+    from sparse_kd.dist import long_all_reduce
+
+    acc = long_all_reduce(acc)
     return float(acc[0] / acc[1].clamp_min(1)) ** 0.5
 
 

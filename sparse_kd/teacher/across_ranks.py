@@ -58,6 +58,24 @@ def _encode_share(encoder: Encoder, uniq: list[str], lo: int, hi: int, dim: int,
     return mine
 
 
+def _lookup(encoder: Encoder, uniq: list[str], cache_dir, name: str, rank: int, probe) -> tuple:
+    """Rank 0 looks the texts up in its cache: (identity, key, path, what ``probe(path, key, n)``
+    found, its reason left out); the other ranks get empties. Every rank raises a lookup error."""
+    identity, key, path, found, err = {}, "", None, (None, ""), None
+    if rank == 0:
+        try:
+            identity = encoder.identity()
+            key = cache_key(identity, uniq)
+            path = cache_path(cache_dir, name, key)
+            *found, why = probe(path, key, len(uniq))
+            if found[0] is None and why != "no file":
+                logger.warning("teacher cache file %s is invalid (%s): recomputing it", path, why)
+        except Exception as e:  # the other ranks wait for this answer: give them the error
+            err = f"teacher cache lookup for {name} failed: {type(e).__name__}: {e}"
+    raise_if_any(err)
+    return identity, key, path, tuple(found)
+
+
 def encode_across_ranks(encoder: Encoder, texts: Sequence[str], cache_dir, name: str,
                         dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings of the distinct ``texts`` (D, H) and each text's row (N,), on every rank.
@@ -72,18 +90,7 @@ def encode_across_ranks(encoder: Encoder, texts: Sequence[str], cache_dir, name:
     uniq, inverse = distinct(texts)
     multi, rank, world = _world()
     t0 = time.perf_counter()
-    hit, key, path, identity, err = None, "", None, {}, None
-    if rank == 0:
-        try:
-            identity = encoder.identity()
-            key = cache_key(identity, uniq)
-            path = cache_path(cache_dir, name, key)
-            hit, why = load_verified(path, key, len(uniq))
-            if hit is None and why != "no file":
-                logger.warning("teacher cache file %s is invalid (%s): recomputing it", path, why)
-        except Exception as e:  # the other ranks wait for this answer: give them the error
-            err = f"teacher cache lookup for {name} failed: {type(e).__name__}: {e}"
-    raise_if_any(err)
+    identity, key, path, (hit, *_) = _lookup(encoder, uniq, cache_dir, name, rank, load_verified)
     shape = long_broadcast_object(None if hit is None else tuple(hit.shape))
     if shape is not None:
         if multi:
@@ -96,7 +103,7 @@ def encode_across_ranks(encoder: Encoder, texts: Sequence[str], cache_dir, name:
     lo, hi = split_range(len(uniq), rank, world)
     emb = all_gather_rows(_encode_share(encoder, uniq, lo, hi, dim, name), len(uniq))
     if rank == 0:
-        write_atomic(path, emb, _metadata(identity, key, emb, uniq))
+        write_atomic(path, emb, _metadata(identity, key, uniq, emb.shape[1]))
         logger.info("teacher encoded %d distinct of %d texts for %s on %d rank(s) in %.2fs", len(uniq), len(texts),
                     name, world, time.perf_counter() - t0)
     return emb, inverse
@@ -109,20 +116,8 @@ def encode_sharded(encoder: Encoder, texts: Sequence[str], cache_dir, name: str,
     multi, rank, world = _world()
     t0 = time.perf_counter()
     lo, hi = split_range(len(uniq), rank, world)
-    found, key, path, identity, sha, err = None, "", None, {}, "", None
-    if rank == 0:
-        try:
-            identity = encoder.identity()
-            key = cache_key(identity, uniq)
-            path = cache_path(cache_dir, name, key)
-            h, sha, why = check_header(path, key, len(uniq))
-            found = None if h is None else (h, sha)
-            if h is None and why != "no file":
-                logger.warning("teacher cache file %s is invalid (%s): recomputing it", path, why)
-        except Exception as e:
-            err = f"teacher cache lookup for {name} failed: {type(e).__name__}: {e}"
-    raise_if_any(err)
-    found = long_broadcast_object(found[0] if found else None)  # H of a file whose header matches
+    identity, key, path, (h, sha) = _lookup(encoder, uniq, cache_dir, name, rank, check_header)
+    found = long_broadcast_object(h)  # H of a file whose header matches, or None
     if found is not None:
         local, ok = _scatter_file(path, len(uniq), found, lo, hi, sha, multi, world)
         if ok:
@@ -136,7 +131,7 @@ def encode_sharded(encoder: Encoder, texts: Sequence[str], cache_dir, name: str,
     mine = _encode_share(encoder, uniq, lo, hi, dim, name)
     if rank == 0:
         blocks = _gather_blocks(mine, len(uniq), dim, world) if multi else [mine]
-        write_blocks_atomic(path, len(uniq), dim, _metadata(identity, key, None, uniq, dim), blocks)
+        write_blocks_atomic(path, len(uniq), dim, _metadata(identity, key, uniq, dim), blocks)
         logger.info("teacher encoded %d distinct of %d texts for %s on %d rank(s), each keeps its share, in %.2fs",
                     len(uniq), len(texts), name, world, time.perf_counter() - t0)
     elif multi:

@@ -138,7 +138,8 @@ def load_verified(path: Path, key: str, num_texts: int) -> tuple[torch.Tensor | 
 
 def write_atomic(path: Path, emb: torch.Tensor, metadata: dict[str, str]) -> None:
     """Write ``emb`` (N, H) to ``path`` via a fsynced temp file in the same folder and ``os.replace``,
-    a block of rows at a time (:func:`write_blocks_atomic`: no bytes copy of the whole tensor)."""
+    a block of rows at a time (:func:`write_blocks_atomic`: no bytes copy of the whole tensor; the
+    sha256 in ``metadata`` is the one it hashes)."""
     emb = emb.detach().cpu()
     blocks = (emb[lo : lo + ROW_BLOCK] for lo in range(0, emb.shape[0], ROW_BLOCK))
     write_blocks_atomic(path, emb.shape[0], emb.shape[1], metadata, blocks)
@@ -263,14 +264,13 @@ def _remove_stale_temps(folder: Path) -> None:
             pass
 
 
-def _metadata(identity: dict[str, Any], key: str, emb: torch.Tensor | None, texts: Sequence[str],
-              dim: int = 0) -> dict[str, str]:
-    """The cache file's metadata; ``emb`` None: no sha256 (:func:`write_blocks_atomic` hashes the rows)."""
+def _metadata(identity: dict[str, Any], key: str, texts: Sequence[str], dim: int) -> dict[str, str]:
+    """The cache file's metadata, but its sha256: :func:`write_blocks_atomic` hashes the rows as it writes them."""
     meta = {
         "format_version": str(FORMAT_VERSION),
         "key": key,
         "num_texts": str(len(texts)),
-        "dim": str(emb.shape[1] if emb is not None else dim),
+        "dim": str(dim),
         "model": str(identity.get("model", "")),
         "model_fingerprint": str(identity.get("model_fingerprint", "")),
         "settings": json.dumps(identity, sort_keys=True),
@@ -278,8 +278,6 @@ def _metadata(identity: dict[str, Any], key: str, emb: torch.Tensor | None, text
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch": torch.__version__,
     }
-    if emb is not None:
-        meta["sha256"] = tensor_sha256(emb)
     return meta
 
 
@@ -304,7 +302,7 @@ def encode_cached_with_report(encoder: Encoder, texts: Sequence[str], cache_dir:
     emb = encoder.encode(texts).detach().to("cpu", torch.float32).contiguous()
     if emb.dim() != 2 or emb.shape[0] != len(texts):
         raise RuntimeError(f"encoder returned {tuple(emb.shape)} for {len(texts)} texts")
-    write_atomic(path, emb, _metadata(identity, key, emb, texts))
+    write_atomic(path, emb, _metadata(identity, key, texts, emb.shape[1]))
     report = CacheReport(name, path, key, status, len(texts), time.perf_counter() - t0, "" if status == "miss" else why)
     logger.info("teacher cache wrote %s (%d x %d) in %.2fs", path, emb.shape[0], emb.shape[1], report.seconds)
     return emb, report

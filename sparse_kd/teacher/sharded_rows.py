@@ -10,7 +10,7 @@ row. Its consumers work on the blocks and exchange small results:
   covariance summed over the blocks, each block projected to k dims where it lies, the (D, k)
   projections gathered (k = 32: 12x less than the rows);
 - rank 0's ``data/text_embeddings.safetensors``: a block of rows at a time, each row sent by the
-  rank that holds it (:func:`write_rows_collective`);
+  rank that holds it (:func:`write_rows_collective`, through ``localize``);
 - the student's own shards (alignment targets in a row_wise table, PCA weight transfer): each
   rank asks for the row ranges of its table shards and gets them in one all-to-all
   (:meth:`ShardedRows.localize` -> :class:`LocalRows`).
@@ -52,8 +52,6 @@ class LocalRows:
         shape: (N, H) of the whole matrix.
     """
 
-    sharded = False
-
     def __init__(self, ranges: list[tuple[int, int]], blocks: list[torch.Tensor], shape: tuple[int, int]) -> None:
         self.ranges, self.blocks, self.shape = [tuple(r) for r in ranges], blocks, tuple(shape)
 
@@ -80,6 +78,8 @@ class ShardedRows:
         lo: the first distinct row of ``local``.
         n_distinct: D, the number of distinct rows over all ranks.
     """
+
+    sharded = True  # what consumers look for (a row source of this rank alone has no such flag)
 
     def __init__(self, local: torch.Tensor, index: torch.Tensor, lo: int, n_distinct: int) -> None:
         if local.dim() != 2:
@@ -118,16 +118,6 @@ class ShardedRows:
         """Collective: every distinct row (D, H) on every rank (what the unsharded path holds)."""
         return all_gather_rows(self.local, self.n_distinct)
 
-    def map_gather(self, fn: Callable[[torch.Tensor], torch.Tensor], out_dim: int) -> torch.Tensor:
-        """Collective: ``fn`` applied to this rank's block, CHUNK rows at a time, and the (D, out_dim)
-        results gathered on every rank."""
-        mine = torch.empty(self.local.shape[0], out_dim)
-        for lo in range(0, self.local.shape[0], CHUNK):
-            mine[lo : lo + CHUNK] = fn(self.local[lo : lo + CHUNK])
-        return all_gather_rows(mine, self.n_distinct)
-
-    sharded = True
-
     def full(self) -> torch.Tensor:
         """Collective: the whole (N, H) on every rank (replicated alignment targets need it)."""
         return self.gather().index_select(0, self.index)
@@ -156,27 +146,35 @@ class ShardedRows:
         a new result (e.g. the shards of a frozen target table): no second copy of them."""
         import torch.distributed as dist
 
-        keep = [i for i, (a, b) in enumerate(ranges) if b > a]
-        ranges = [(int(ranges[i][0]), int(ranges[i][1])) for i in keep]
-        into = None if into is None else [into[i] for i in keep]
+        keep = [k for k, (a, b) in enumerate(ranges) if b > a]
+        ranges = [(int(ranges[k][0]), int(ranges[k][1])) for k in keep]
+        into = None if into is None else [into[k] for k in keep]
         g = long_group()
-        if g is None:
-            blocks = [self.local.index_select(0, self.index[a:b] - self.lo) for a, b in ranges]
-            if into is not None:
-                for dst, block in zip(into, blocks):
-                    dst.copy_(block)
-                blocks = into
-            return LocalRows(ranges, blocks, self.shape)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        asked = long_all_gather_object(ranges)
+        asked = long_all_gather_object(ranges) if g is not None else [ranges]
         pos = [torch.cat([torch.arange(a, b) for a, b in rs]) if rs else torch.zeros(0, dtype=torch.int64) for rs in asked]
-        step = max(MIN_ROUND, CHUNK // world)
-        if into is None:
-            out = torch.empty(int(pos[rank].shape[0]), self.dim)
-        elif len(into) == 1:
-            out = into[0]  # one range (a row_wise shard): received where it belongs
+        rank = dist.get_rank() if g is not None else 0
+        one = into is not None and len(into) == 1  # one range (a row_wise shard): received where it belongs
+        out = into[0] if one else torch.empty(int(pos[rank].shape[0]), self.dim)
+        if g is None:
+            out.copy_(self.local.index_select(0, self.index[pos[0]] - self.lo))
         else:
-            out = torch.empty(int(pos[rank].shape[0]), self.dim)
+            self._exchange(pos, rank, out, g)
+        blocks, at = [], 0
+        for a, b in ranges:
+            blocks.append(out[at : at + b - a])
+            at += b - a
+        if into is not None and not one:
+            for dst, block in zip(into, blocks):
+                dst.copy_(block)
+            blocks = into
+        return LocalRows(ranges, blocks, self.shape)
+
+    def _exchange(self, pos: list[torch.Tensor], rank: int, out: torch.Tensor, group) -> None:
+        """:meth:`localize`'s all-to-all rounds: rank d asks for rows ``pos[d]``; this rank's arrive in ``out``."""
+        import torch.distributed as dist
+
+        world = len(pos)
+        step = max(MIN_ROUND, CHUNK // world)
         for r0 in range(0, max(int(p.shape[0]) for p in pos), step):
             sel, send_counts = [], []
             for d in range(world):  # the rows of rank d's round that this rank holds, in position order
@@ -184,36 +182,11 @@ class ShardedRows:
                 ids = ids[(ids >= self.lo) & (ids < self.hi)]
                 sel.append(ids - self.lo)
                 send_counts.append(int(ids.shape[0]))
-            mine = pos[rank][r0 : r0 + step]
-            src = self.owner(self.index[mine])  # who sends each of my rows this round
-            got = torch.empty(int(mine.shape[0]), self.dim)
+            src = self.owner(self.index[pos[rank][r0 : r0 + step]])  # who sends each of my rows this round
+            got = torch.empty(int(src.shape[0]), self.dim)
             dist.all_to_all_single(got, self.local.index_select(0, torch.cat(sel)),
-                                   torch.bincount(src, minlength=world).tolist(), send_counts, group=g)
+                                   torch.bincount(src, minlength=world).tolist(), send_counts, group=group)
             out[r0 + torch.argsort(src, stable=True)] = got  # sources in rank order, each in position order
-        blocks, at = [], 0
-        for k, (a, b) in enumerate(ranges):
-            blocks.append(out[at : at + b - a])
-            if into is not None and blocks[-1].data_ptr() != into[k].data_ptr():
-                into[k].copy_(blocks[-1])
-                blocks[-1] = into[k]
-            at += b - a
-        return LocalRows(ranges, blocks, self.shape)
-
-    def block_on(self, r0: int, r1: int, dst: int = 0) -> Optional[torch.Tensor]:
-        """Collective: rows ``r0:r1`` (of the N) on rank ``dst``, None elsewhere. Each rank fills the
-        rows it holds and the blocks are summed on ``dst``: exactly one rank holds each row, so the
-        sum is that row, bit for bit (the sign of a zero aside)."""
-        import torch.distributed as dist
-
-        want = self.index[r0:r1]
-        buf = torch.zeros(want.shape[0], self.dim)
-        mine = (want >= self.lo) & (want < self.hi)
-        buf[mine] = self.local.index_select(0, want[mine] - self.lo)
-        g = long_group()
-        if g is None:
-            return buf
-        dist.reduce(buf, dst=dst, op=dist.ReduceOp.SUM, group=g)
-        return buf if dist.get_rank() == dst else None
 
 
 def _world_size() -> int:
@@ -224,15 +197,15 @@ def _world_size() -> int:
 
 class _RowsOn:
     """What the writing rank hands :func:`~sparse_kd.teacher.cache.write_rows`: ``rows[r0:r1]``
-    fetched from the ranks that hold them (the other ranks call :meth:`ShardedRows.block_on` for
-    the same blocks)."""
+    fetched from the ranks that hold them by :meth:`ShardedRows.localize` (the other ranks ask for
+    nothing, block by block)."""
 
-    def __init__(self, rows: ShardedRows, dst: int) -> None:
-        self.rows, self.dst, self.shape = rows, dst, rows.shape
+    def __init__(self, rows: ShardedRows) -> None:
+        self.rows, self.shape = rows, rows.shape
 
     def __getitem__(self, idx: slice) -> torch.Tensor:
         r0, r1 = idx.start, min(idx.stop, self.shape[0])
-        return self.rows.block_on(r0, r1, self.dst)
+        return self.rows.localize([(r0, r1)])[r0:r1]
 
 
 def write_rows_collective(open_file: Callable[[], Any], rows: dict[str, Any], dst: int = 0) -> None:
@@ -247,10 +220,9 @@ def write_rows_collective(open_file: Callable[[], Any], rows: dict[str, Any], ds
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == dst:
         with open_file() as f:
-            write_rows(f, {k: _RowsOn(r, dst) if isinstance(r, ShardedRows) else r for k, r in rows.items()})
+            write_rows(f, {k: _RowsOn(r) if isinstance(r, ShardedRows) else r for k, r in rows.items()})
         return
     for r in rows.values():
         if isinstance(r, ShardedRows):
-            for r0 in range(0, r.shape[0], ROW_BLOCK):
-                r.block_on(r0, min(r0 + ROW_BLOCK, r.shape[0]), dst)
-
+            for _ in range(0, r.shape[0], ROW_BLOCK):
+                r.localize([])  # the writer asks for this block
