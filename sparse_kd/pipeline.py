@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from sparse_kd import atomic
-from sparse_kd.config import DistillConfig, ExperimentConfig, to_dict
+from sparse_kd.config import ConfigError, DistillConfig, ExperimentConfig, to_dict
 from sparse_kd.data import load_dataset
 from sparse_kd.data.batching import count_dense
 from sparse_kd.data.heldout import write_heldout_pairs
@@ -50,7 +50,8 @@ from sparse_kd.student.ensemble import combine, member_name, member_seed
 from sparse_kd.student.export import check_fingerprint, write_model_meta
 from sparse_kd.student.model import arch_of, teacher_arch
 from sparse_kd.student.spec import RankerResult, RankerSpec, RefitSpec
-from sparse_kd.student.train import predict_checkpoint, train_ranker
+from sparse_kd.student.train import evaluate_checkpoint, predict_checkpoint, train_ranker
+from sparse_kd.teacher_source import finished_checkpoint, reuses_teacher, source_config, source_speed
 from sparse_kd.text_stage import distilled_uses_text, text_embeddings, user_text_for, users_stay_sharded
 
 log = logging.getLogger(__name__)
@@ -134,15 +135,22 @@ def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig
     dist = to_dict(distill) if distill.any_enabled else {}
     if dist:  # target text (the default, added later: older runs still match); layout: where targets are held, same loss
         dist["align"] = {k: v for k, v in dist["align"].items() if k != "layout" and (k, v) != ("target", "text")}
+        _drop_unset_from_run(dist["teacher_ranker"])
     fp = {"data": data, "student": student, "train": train, "seed": seed, "distill": dist}
     if teacher or distill.any_enabled:
         fp["teacher"] = {k: v for k, v in to_dict(cfg.teacher).items() if k in ("model", "max_length")}
     if teacher:
         fp["teacher_ranker"] = {"user_text": cfg.distill.user_text, **to_dict(cfg.distill.teacher_ranker)}
         del fp["teacher_ranker"]["ensemble"]  # one member is one model whatever K (its seed tells them apart)
+        _drop_unset_from_run(fp["teacher_ranker"])
         if not cfg.distill.teacher_ranker.history_attention.enabled:  # added later: runs trained before it still match
             del fp["teacher_ranker"]["history_attention"]
     return fp
+
+
+def _drop_unset_from_run(tr: dict) -> None:
+    if not tr.get("from_run"):  # added later: runs trained before it still match
+        tr.pop("from_run", None)
 
 
 def spec_cost(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, copies: int = 1) -> dict:
@@ -178,22 +186,26 @@ def check_before_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TE
     for k in range(1, cfg.distill.teacher_ranker.ensemble if TEACHER in fps else 1):  # an ensemble's other members
         fps[member_name(TEACHER, k)] = variant_fingerprint(cfg, member_name(TEACHER, k), DistillConfig(), member_seed(seed, k))
     check_run_folder(cfg, fps)
+    if TEACHER in fps and reuses_teacher(cfg):  # another run's teacher: same data and text, finished
+        src = source_config(cfg, seed)
+        for k in range(src.distill.teacher_ranker.ensemble):
+            finished_checkpoint(src, member_name(TEACHER, k))
     if uses_text(cfg, variants):  # a baseline-only run needs no teacher model
         resolve_model_path(cfg.teacher.model, allow_pickle_weights=cfg.teacher.allow_pickle_weights)
 
 
 def check_on_main(env: DistEnv, check) -> None:
     """Run ``check()`` on rank 0 only and raise the refusal it raises on every rank, so that all
-    ranks stop together and only rank 0 says why (refusals: StaleRunError, TeacherModelError)."""
+    ranks stop together and only rank 0 says why (refusals: StaleRunError, TeacherModelError, ConfigError)."""
     from sparse_kd.teacher.encoder import TeacherModelError
 
-    kinds = {"StaleRunError": StaleRunError, "TeacherModelError": TeacherModelError}
+    kinds = {"StaleRunError": StaleRunError, "TeacherModelError": TeacherModelError, "ConfigError": ConfigError}
     refusal, failure = None, None
     if env.is_main:
         try:
             check()
-        except (StaleRunError, TeacherModelError) as e:
-            refusal = (type(e).__name__, str(e))
+        except (StaleRunError, TeacherModelError, ConfigError) as e:
+            refusal = (next(k for k, t in kinds.items() if isinstance(e, t)), str(e))
         except Exception as e:  # not a refusal (a bug, an unreadable disk): the other ranks must not wait
             refusal, failure = ("failure", f"rank 0 failed before training: {type(e).__name__}: {e}"), e
     refusal = long_broadcast_object(refusal)
@@ -238,14 +250,44 @@ def teacher_spec(cfg, ds, user_text, item_text, name: str = TEACHER, features=No
 
 def train_teacher(cfg, ds, user_text, item_text, env: DistEnv, seed: int, name: str = TEACHER) -> tuple[RankerResult, RankerSpec]:
     """Train the teacher ranker ``name`` (every rank), with ``distill.teacher_ranker.ensemble`` K > 1 as
-    K members combined (:mod:`sparse_kd.student.ensemble`). Returns (result, member 0's spec)."""
-    members, features = [], teacher_features(cfg, ds, user_text, item_text)  # one copy for every member
-    for k in range(cfg.distill.teacher_ranker.ensemble):
-        spec = teacher_spec(cfg, ds, user_text, item_text, name=member_name(name, k), features=features)  # a fresh model each
-        members.append((train_variant(cfg, ds, spec, env, member_seed(seed, k), want_train_logits=True), spec))
+    K members combined (:mod:`sparse_kd.student.ensemble`). Returns (result, member 0's spec).
+
+    With ``distill.teacher_ranker.from_run`` nothing is trained: the teacher another run trained is
+    read from its folder (:mod:`sparse_kd.teacher_source`), each member evaluated from its final
+    checkpoint."""
+    src = on_main(lambda: source_config(cfg, seed)) if reuses_teacher(cfg) else None  # refused alike on every rank
+    tcfg = src or cfg
+    if src is not None:
+        name, seed = TEACHER, src.train.seed  # the source's teacher, with its own seed
+    members, features = [], teacher_features(tcfg, ds, user_text, item_text)  # one copy for every member
+    for k in range(tcfg.distill.teacher_ranker.ensemble):
+        spec = teacher_spec(tcfg, ds, user_text, item_text, name=member_name(name, k), features=features)  # a fresh model each
+        if src is None:
+            res = train_variant(cfg, ds, spec, env, member_seed(seed, k), want_train_logits=True)
+        else:
+            res = _reused_member(src, ds, spec, env, member_seed(seed, k))
+        members.append((res, spec))
     if len(members) == 1:
         return members[0]
     return combine(name, members, ds), members[0][1]
+
+
+def _reused_member(src: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: DistEnv, seed: int) -> RankerResult:
+    """One member of a reused teacher, evaluated from the final checkpoint in the source folder (which
+    must match the source's config: :func:`variant_fingerprint`); nothing there is written."""
+    d = _variant_dir(src, spec.name)
+    fp = variant_fingerprint(src, spec.name, DistillConfig(), seed)
+
+    def final() -> Path:
+        check_fingerprint(d, fp)
+        return finished_checkpoint(src, spec.name)
+
+    checkpoint = on_main(final)
+    res = evaluate_checkpoint(src, ds, spec, checkpoint, env, seed, on_main(lambda: source_speed(src)))
+    if env.is_main:
+        log.info("[%s] reused from %s (not trained here): test AUC %.4f, test_cold AUC %.4f", spec.name, checkpoint,
+                 res.metrics["test"]["auc"], res.metrics["test_cold"]["auc"])
+    return res
 
 
 def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult], name: str = "distilled",
@@ -367,7 +409,9 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
     user_text = item_text = t_spec = teacher = None
     if uses_text(cfg, variants):  # a baseline-only run encodes and holds no text
         students = [cfg.distill] if "distilled" in variants else []
-        user_text, item_text = text_embeddings(cfg, ds, env, shard_users=users_stay_sharded(cfg, ds, students, env.world_size))
+        teachers = [on_main(lambda: source_config(cfg, seed))] if reuses_teacher(cfg) else []  # what the teacher reads
+        user_text, item_text = text_embeddings(cfg, ds, env, shard_users=users_stay_sharded(cfg, ds, students, env.world_size,
+                                                                                             teachers))
         user_text = user_text_for(cfg, ds, user_text, item_text, env)
     results: dict[str, RankerResult] = {}
     costs: dict[str, dict] = {}  # what each ranker costs (parameters, multiply-adds per example)

@@ -142,6 +142,10 @@ class TeacherRankerConfig:
     user clicked before (:class:`HistoryAttentionConfig`).
     ensemble: K members of this teacher, each trained from its own seed; the teacher is their mean
     logit (:mod:`sparse_kd.student.ensemble`). K times the cost; 1: one model.
+    from_run: a run folder whose trained teacher ranker is reused instead of training one (``{seed}``
+    is replaced by the seed: ``runs/NAME/seed_{seed}`` pairs a study's seeds); the teacher is then
+    as that run's config.yaml defines it, so every other key here stays at its default
+    (:mod:`sparse_kd.teacher_source`).
     """
 
     history_pair: bool = False
@@ -154,6 +158,7 @@ class TeacherRankerConfig:
     text_dim: int = 0
     history_attention: HistoryAttentionConfig = field(default_factory=HistoryAttentionConfig)
     ensemble: int = 1
+    from_run: str = ""
 
 
 @dataclass(frozen=True)

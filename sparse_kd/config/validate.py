@@ -66,6 +66,12 @@ def validate(cfg: ExperimentConfig) -> None:
     need(1 <= tr_.ensemble <= 32, "distill.teacher_ranker.ensemble", f"{tr_.ensemble} is not valid; give 1 (one model) to 32 members")
     need(tr_.dcn_layers >= 1 and tr_.dcn_rank >= 1, "distill.teacher_ranker.dcn_layers", "dcn_layers and dcn_rank must be >= 1")
     need(tr_.text_dim >= -1, "distill.teacher_ranker.text_dim", "must be -1 (every text dim), 0 (student.teacher_text_dim) or > 0")
+    if tr_.from_run:
+        own = _set_beside_from_run(tr_)
+        need(not own, "distill.teacher_ranker.from_run", f"the teacher is the one that run trained, as its config "
+             f"defines it; {', '.join(own)} would mean nothing here: remove them (set them in that run's config)")
+        need(not cfg.study.teacher_search, "study.teacher_search", "a reused teacher (distill.teacher_ranker.from_run) "
+             "is not searched: remove one of the two")
     ha = tr_.history_attention
     for key, v in (("max_len", ha.max_len), ("dim", ha.dim), ("hidden", ha.hidden)):
         need(v >= 1, f"distill.teacher_ranker.history_attention.{key}", f"must be >= 1, got {v}")
@@ -164,6 +170,14 @@ def validate(cfg: ExperimentConfig) -> None:
         need(r > 1.0, "study.compress_budgets", f"{r} is not valid; give compression ratios > 1 (e.g. [10, 30])")
     for rk in cfg.study.compress_remaps:
         need(rk in ("array", "fold"), "study.compress_remaps", f"{rk!r} is not valid; expected array or fold")
+
+
+def _set_beside_from_run(tr) -> list[str]:
+    """``distill.teacher_ranker`` keys set to other than their defaults, ``from_run`` aside."""
+    from sparse_kd.config.model import TeacherRankerConfig
+
+    mine, default = to_dict(tr), to_dict(TeacherRankerConfig(from_run=tr.from_run))
+    return [f"distill.teacher_ranker.{k}" for k in mine if mine[k] != default[k]]
 
 
 def _check_search(cfg: ExperimentConfig, key: str, prefix: str | tuple[str, ...], excluded: tuple[str, ...], why: str) -> None:

@@ -118,6 +118,21 @@ def predict_checkpoint(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, 
     return predict_sharded(pipeline, r.dmp, rows, r.builder, cfg.train.eval_batch_size, env)
 
 
+def evaluate_checkpoint(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, checkpoint: Path, env: DistEnv,
+                        seed: int, examples_per_s: float = 0.0) -> RankerResult:
+    """A trained ranker's result read from its checkpoint, training nothing and writing nothing
+    (every rank; collective): its metrics on every evaluation split and its logits on ``train``
+    and on those splits, as :func:`train_ranker` returns them for a teacher. A teacher ranker
+    trained by another run is reused this way (``distill.teacher_ranker.from_run``)."""
+    r = build_sharded(cfg, ds, spec, env, seed)
+    ckpt.load(checkpoint, r.dmp)
+    pipeline = TrainPipelineSparseDist(r.dmp, r.optimizer, env.device)
+    eval_logits = split_logits(pipeline, r.dmp, ds, r.builder, cfg.train.eval_batch_size, env)
+    train_logits = predict_sharded(pipeline, r.dmp, ds.splits["train"], r.builder, cfg.train.eval_batch_size, env)
+    return RankerResult(spec.name, split_metrics(ds, eval_logits), Path(checkpoint), train_logits, examples_per_s,
+                        eval_logits=eval_logits)
+
+
 def _resume(ck_dir: Path, r: ShardedRanker, sparse_optimizer_name: str, world_size: int) -> tuple[_Position, Optional[Path]]:
     """Load the newest complete checkpoint in ``ck_dir`` into the model and optimizers, if any."""
     latest = ckpt.latest(ck_dir)

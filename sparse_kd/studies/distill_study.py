@@ -39,8 +39,10 @@ import numpy as np
 
 from sparse_kd.atomic import write_text
 from sparse_kd.config import DistillConfig, ExperimentConfig, replace, to_dict
+from sparse_kd.dist import on_main
 from sparse_kd.run_folder import check_shared_run_folder
 from sparse_kd.student.ensemble import member_name, member_seed
+from sparse_kd.teacher_source import finished_checkpoint, reuses_teacher, source_config
 from sparse_kd.metrics import EVAL_SPLITS as SPLITS
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,10 @@ def check_seed(cfg: ExperimentConfig, seed: int) -> None:
         for k in range(tcfg.distill.teacher_ranker.ensemble):
             fps[member_name(name, k)] = P.variant_fingerprint(tcfg, member_name(name, k), DistillConfig(), member_seed(seed, k))
     P.check_run_folder(cfg, fps)
+    if reuses_teacher(cfg):  # another run's teacher (distill.teacher_ranker.from_run): same data and text, finished
+        src = source_config(cfg, seed)
+        for k in range(src.distill.teacher_ranker.ensemble):
+            finished_checkpoint(src, member_name(P.TEACHER, k))
 
 
 def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
@@ -176,7 +182,10 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     check_shared_run_folder(cfg.output_dir)  # multi-node: every rank must see the folder rank 0 writes
     ds = P.prepare_data(cfg, env)
     students = [variant_distill(cfg, v) for v in cfg.study.variants] + [c.distill for c, _ in candidates(cfg).values()]
-    shard = P.users_stay_sharded(cfg, ds, students, env.world_size, [t for t, _ in teacher_candidates(cfg).values()])
+    teachers = [t for t, _ in teacher_candidates(cfg).values()]
+    if reuses_teacher(cfg):  # another run's teacher: what it reads decides too
+        teachers.append(on_main(lambda: source_config(cfg, seed)))
+    shard = P.users_stay_sharded(cfg, ds, students, env.world_size, teachers)
     user_text, item_text = P.text_embeddings(cfg, ds, env, shard_users=shard)
     user_text = P.user_text_for(cfg, ds, user_text, item_text, env)
     out: dict = {}
@@ -223,8 +232,6 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     out["search"] = {"chosen": chosen, "scores": scores, "overrides": overrides,
                      "select_on": [s for s in cfg.study.select_on if s in out[chosen]]}
     if cfg.study.mf_reference:
-        from sparse_kd.dist import on_main
-
         out["mf_reference"] = on_main(lambda: mf_reference(cfg, ds, seed))  # every rank gets rank 0's result
     if env.is_main:
         log.info("[seed %d] chosen on validation: %s (scores %s)", seed, chosen, {k: round(v, 4) for k, v in scores.items()})
