@@ -57,6 +57,25 @@ def history_text(ds: RecDataset, item_text: torch.Tensor) -> torch.Tensor:
     return HistoryRows(ds, item_text).materialize()
 
 
+def click_sums(item_rows: torch.Tensor, item_norm: torch.Tensor, items: torch.Tensor, offsets: torch.Tensor,
+               users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, H) sums of the unit rows (``item_rows`` / ``item_norm``) of the items each of ``users``
+    (n,) clicked, and the counts (n,), from the clicks grouped by user (``items``, ``offsets``
+    (U + 1,)). Gathers at most CLICK_CHUNK rows at a time; runs on the tensors' device."""
+    dev = item_rows.device
+    start, counts = offsets[users], offsets[users + 1] - offsets[users]
+    out = torch.zeros(len(users), item_rows.shape[1], device=dev)
+    # click k of the selection belongs to output row owner[k] and sits at clicks[k] in items
+    owner = torch.repeat_interleave(torch.arange(len(users), device=dev), counts)
+    first = torch.cumsum(counts, 0) - counts
+    clicks = torch.repeat_interleave(start - first, counts) + torch.arange(int(counts.sum()), device=dev)
+    for lo in range(0, len(owner), CLICK_CHUNK):
+        picked = items[clicks[lo : lo + CLICK_CHUNK]]
+        rows = item_rows.index_select(0, picked).div_(item_norm.index_select(0, picked))
+        out.index_add_(0, owner[lo : lo + CLICK_CHUNK], rows)
+    return out, counts.float()
+
+
 class HistoryRows:
     """The (U, H) history embeddings of :func:`history_text`, computed for the rows asked for and
     never held whole: what stands for user text in ``history`` mode, at any number of users.
@@ -97,17 +116,7 @@ class HistoryRows:
 
     def sums(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, H) sums of the unit item rows each of ``users`` (n,) clicked in train, and the counts (n,)."""
-        start, counts = self.offsets[users], self.offsets[users + 1] - self.offsets[users]
-        out = torch.zeros(len(users), self.item_rows.shape[1])
-        # click k of the selection belongs to output row owner[k] and sits at clicks[k] in self.items
-        owner = torch.repeat_interleave(torch.arange(len(users)), counts)
-        first = torch.cumsum(counts, 0) - counts
-        clicks = torch.repeat_interleave(start - first, counts) + torch.arange(int(counts.sum()))
-        for lo in range(0, len(owner), CLICK_CHUNK):
-            items = self.items[clicks[lo : lo + CLICK_CHUNK]]
-            rows = self.item_rows.index_select(0, items).div_(self.item_norm.index_select(0, items))
-            out.index_add_(0, owner[lo : lo + CLICK_CHUNK], rows)
-        return out, counts.float()
+        return click_sums(self.item_rows, self.item_norm, self.items, self.offsets, users)
 
     def materialize(self) -> torch.Tensor:
         """The whole (U, H) tensor, for consumers that need it (replicated alignment targets)."""
@@ -151,9 +160,15 @@ class HistoryPairFeature(nn.Module):
     both 0 for a user with no other click, then standardised with the mean and std over the
     training examples. forward(user (B,), item (B,)) -> (B, 2).
 
+    The per-user sums (U, H) are held only while they fit ``held_sums_bytes`` (default
+    HELD_SUMS_BYTES, 256 MB: 170k users at H = 384); above it each batch sums the clicks of its
+    own users (:func:`click_sums`), so a rank holds the clicks by user (8 bytes per click and per
+    user), not U x H fp32 (1.5 GB at 1M users). Both give the same numbers, bit for bit: the
+    per-batch path costs about 8 ms per batch of 1024 at ML-1M's shape on one core.
+
     Args:
         ds: the dataset (the train split defines the histories).
-        item_text: (I, H) teacher embeddings of the items.
+        item_text: (I, H) teacher embeddings of the items (held by reference where fp32, not copied).
 
     Example::
 
@@ -163,16 +178,22 @@ class HistoryPairFeature(nn.Module):
 
     dim = 2
     STATS_ROWS = 200_000  # training examples the standardisation is estimated on (evenly spaced)
+    HELD_SUMS_BYTES = 256 << 20
 
-    def __init__(self, ds: RecDataset, item_text: torch.Tensor) -> None:
+    def __init__(self, ds: RecDataset, item_text: torch.Tensor, held_sums_bytes: Optional[int] = None) -> None:
         super().__init__()
         self.num_items = ds.num_items
-        sums, counts = history_sums(ds, item_text)
+        rows = HistoryRows(ds, item_text)
         u, i = train_clicks(ds)
         # non-persistent buffers: they follow the module's device and stay out of checkpoints
-        self.register_buffer("item_unit", unit(item_text), persistent=False)  # (I, H)
-        self.register_buffer("sums", sums, persistent=False)  # (U, H)
-        self.register_buffer("counts", counts, persistent=False)  # (U,)
+        self.register_buffer("item_rows", rows.item_rows, persistent=False)  # (I, H), unit after / item_norm
+        self.register_buffer("item_norm", rows.item_norm, persistent=False)  # (I, 1)
+        self.register_buffer("items", rows.items, persistent=False)  # (P,) clicked items grouped by user
+        self.register_buffer("offsets", rows.offsets, persistent=False)  # (U + 1,)
+        limit = self.HELD_SUMS_BYTES if held_sums_bytes is None else held_sums_bytes
+        self.held = ds.num_users * item_text.shape[1] * 4 <= limit
+        sums = rows.sums(torch.arange(ds.num_users))[0] if self.held else torch.zeros(0, item_text.shape[1])
+        self.register_buffer("sums", sums, persistent=False)  # (U, H) where held, else empty
         # (P + 1,) sorted keys user * I + item, led by -1 (never a pair) so it is never empty
         keys = np.concatenate([np.array([-1], dtype=np.int64), u * ds.num_items + i])
         self.register_buffer("click_keys", torch.from_numpy(keys), persistent=False)
@@ -180,8 +201,8 @@ class HistoryPairFeature(nn.Module):
         self.register_buffer("scale", torch.ones(self.dim), persistent=False)
         tr = ds.splits["train"]
         if len(tr):
-            rows = np.linspace(0, len(tr) - 1, num=min(len(tr), self.STATS_ROWS)).astype(np.int64)
-            raw = self.raw(torch.from_numpy(tr.user[rows]), torch.from_numpy(tr.item[rows]))
+            picked = np.linspace(0, len(tr) - 1, num=min(len(tr), self.STATS_ROWS)).astype(np.int64)
+            raw = self.raw(torch.from_numpy(tr.user[picked]), torch.from_numpy(tr.item[picked]))
             self.shift.copy_(raw.mean(0))
             self.scale.copy_(raw.std(0).clamp_min(1e-6) if raw.shape[0] > 1 else torch.ones(self.dim))
 
@@ -191,13 +212,23 @@ class HistoryPairFeature(nn.Module):
         pos = torch.searchsorted(self.click_keys, keys).clamp_max(self.click_keys.shape[0] - 1)
         return self.click_keys.index_select(0, pos) == keys
 
+    def user_sums(self, user: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H) click sums and (B,) counts of ``user`` (B,): read where held, else summed for the
+        batch's distinct users."""
+        if self.held:
+            return self.sums.index_select(0, user), (self.offsets[user + 1] - self.offsets[user]).float()
+        distinct, inverse = torch.unique(user, return_inverse=True)
+        sums, counts = click_sums(self.item_rows, self.item_norm, self.items, self.offsets, distinct)
+        return sums.index_select(0, inverse), counts.index_select(0, inverse)
+
     def raw(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         """(B, 2) [mean_cos, dir_cos] before standardisation."""
         user, item = user.long(), item.long()
-        e = self.item_unit.index_select(0, item)  # (B, H)
+        e = self.item_rows.index_select(0, item).div_(self.item_norm.index_select(0, item))  # (B, H) unit rows
         m = self.is_click(user, item).float()  # (B,)
-        s = self.sums.index_select(0, user) - m[:, None] * e  # (B, H) the history without this item
-        n = self.counts.index_select(0, user) - m  # (B,)
+        sums, counts = self.user_sums(user)
+        s = sums - m[:, None] * e  # (B, H) the history without this item
+        n = counts - m  # (B,)
         dot = (s * e).sum(-1)  # (B,)
         norm = torch.linalg.vector_norm(s, dim=-1)
         has = n > 0.5

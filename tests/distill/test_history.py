@@ -62,9 +62,11 @@ def _brute(ds, it, u, i):
     return [float(s @ e[i]) / len(clicked), float(s @ e[i] / s.norm())]
 
 
-def test_pair_feature_leaves_the_pair_itself_out():
+@pytest.mark.parametrize("held", [True, False])
+def test_pair_feature_leaves_the_pair_itself_out(held):
     ds, it = _ds(), _item_text()
-    pf = HistoryPairFeature(ds, it)
+    pf = HistoryPairFeature(ds, it, held_sums_bytes=None if held else 0)
+    assert pf.held == held and pf.sums.shape[0] == (ds.num_users if held else 0)
     pairs = [(0, 0), (0, 2), (0, 3), (0, 4), (1, 2), (1, 0), (2, 5), (3, 1)]
     u, i = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
     assert pf.is_click(u, i).tolist() == [True, True, False, False, True, False, False, False]
@@ -77,6 +79,24 @@ def test_pair_feature_leaves_the_pair_itself_out():
     out = pf(torch.from_numpy(tr.user), torch.from_numpy(tr.item))
     assert out.shape == (len(tr), HistoryPairFeature.dim)
     torch.testing.assert_close(out.mean(0), torch.zeros(2), atol=1e-5, rtol=0)
+
+
+def test_pair_feature_sums_a_batchs_users_bit_for_bit_as_the_held_sums():
+    """Above held_sums_bytes no (U, H) sums are held: each batch sums its own users' clicks, and
+    gives the same features, bit for bit, on train-like batches of repeated users."""
+    from helpers.tiny import tiny_config
+    from sparse_kd.data import load_dataset
+
+    ds = load_dataset(tiny_config("unused", nproc=1).data)
+    it = torch.randn(ds.num_items, 24, generator=torch.Generator().manual_seed(3))
+    held, per_batch = HistoryPairFeature(ds, it), HistoryPairFeature(ds, it, held_sums_bytes=0)
+    assert held.held and not per_batch.held and per_batch.sums.numel() == 0
+    assert per_batch.item_rows.data_ptr() == it.data_ptr()  # the caller's rows, not a copy
+    tr = ds.splits["train"]
+    for lo in range(0, len(tr), 257):
+        u, i = torch.from_numpy(tr.user[lo:lo + 257]), torch.from_numpy(tr.item[lo:lo + 257])
+        assert torch.equal(per_batch(u, i), held(u, i))
+    assert torch.equal(per_batch.shift, held.shift) and torch.equal(per_batch.scale, held.scale)
 
 
 def _whole(ds, it):
