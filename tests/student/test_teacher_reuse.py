@@ -85,3 +85,35 @@ def test_a_smaller_student_learns_from_another_runs_ensemble_teacher(tmp_path, m
     with pytest.raises(ConfigError, match=r"is at epoch 2 of 4: it has not finished training"):
         P.run_training(small, ("distilled",))
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").glob("distilled*"))
+
+
+def reuse_worker(big, small) -> dict:
+    """Rank's view: train the source teacher on 2 ranks, then the student reusing it on 2 ranks."""
+    import logging
+    import warnings
+
+    from sparse_kd import pipeline as P
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    first = P.run_training(big, (P.TEACHER,))
+    second = P.run_training(small, (P.TEACHER, "distilled"))
+    return {"first": first, "second": second}
+
+
+@pytest.mark.slow
+def test_a_reused_teacher_on_two_ranks(tmp_path):
+    """Two ranks: the reused ensemble's metrics equal the source's on both ranks (each member
+    evaluated from its row_wise-sharded checkpoint, rank 0 alone reading the source's files)."""
+    from sparse_kd.local_launch import launch_local
+
+    big = tiny_config(str(tmp_path / "big"), nproc=2, train={"epochs": 1}, teacher={"cache_dir": str(tmp_path / "cache")},
+                      distill={"teacher_ranker": {"ensemble": 2}})
+    small = tiny_config(str(tmp_path / "small"), nproc=2, train={"epochs": 1}, teacher={"cache_dir": str(tmp_path / "cache")},
+                        student={"embedding_dim": 4, "dense_arch": [16, 4]},
+                        distill={"logit": {"enabled": True}, "teacher_ranker": {"from_run": str(tmp_path / "big")}})
+    out = launch_local(reuse_worker, 2, big, small)
+    for rank in (0, 1):
+        assert out[rank]["second"][P.TEACHER] == out[0]["first"][P.TEACHER]
+        assert out[rank]["second"]["distilled"] == out[0]["second"]["distilled"]
+    assert not (tmp_path / "small" / P.TEACHER).exists()
