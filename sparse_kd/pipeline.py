@@ -283,7 +283,10 @@ def _reused_member(src: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env:
         return finished_checkpoint(src, spec.name)
 
     checkpoint = on_main(final)
-    res = evaluate_checkpoint(src, ds, spec, checkpoint, env, seed, on_main(lambda: source_speed(src)))
+    # the source recorded the whole teacher's speed; members train one after the other, so each
+    # member's is K times it (what the ensemble's combination expects)
+    speed = on_main(lambda: source_speed(src)) * src.distill.teacher_ranker.ensemble
+    res = evaluate_checkpoint(src, ds, spec, checkpoint, env, seed, speed)
     if env.is_main:
         log.info("[%s] reused from %s (not trained here): test AUC %.4f, test_cold AUC %.4f", spec.name, checkpoint,
                  res.metrics["test"]["auc"], res.metrics["test_cold"]["auc"])

@@ -2,6 +2,7 @@
 run reads (each ensemble member from its final checkpoint) and never trains or writes."""
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,8 @@ def test_a_smaller_student_learns_from_another_runs_ensemble_teacher(tmp_path, m
     mean = torch.stack(seen["members"]).mean(0)
     assert torch.allclose(seen["student_targets"], mean, atol=1e-6)  # logit KD: the members' mean, row for row
     assert 0.0 < second["distilled"]["test"]["auc"] < 1.0
+    speeds = [json.loads((d / "metrics.json").read_text())["examples_per_s"][P.TEACHER] for d in (src, tmp_path / "small")]
+    assert speeds[0] > 0 and speeds[1] == pytest.approx(speeds[0])  # the cost table shows what the source measured
     assert _snapshot(src) == before  # the source folder is read, never written
     assert not (tmp_path / "small" / P.TEACHER).exists()
 
