@@ -51,7 +51,7 @@ from sparse_kd.student.export import check_fingerprint, write_model_meta
 from sparse_kd.student.model import arch_of, teacher_arch
 from sparse_kd.student.spec import RankerResult, RankerSpec, RefitSpec
 from sparse_kd.student.train import evaluate_checkpoint, predict_checkpoint, train_ranker
-from sparse_kd.teacher_source import finished_checkpoint, reuses_teacher, source_config, source_speed
+from sparse_kd.teacher_source import checked_source, finished_checkpoint, reuses_teacher, source_speed
 from sparse_kd.text_stage import distilled_uses_text, text_embeddings, user_text_for, users_stay_sharded
 
 log = logging.getLogger(__name__)
@@ -186,10 +186,8 @@ def check_before_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TE
     for k in range(1, cfg.distill.teacher_ranker.ensemble if TEACHER in fps else 1):  # an ensemble's other members
         fps[member_name(TEACHER, k)] = variant_fingerprint(cfg, member_name(TEACHER, k), DistillConfig(), member_seed(seed, k))
     check_run_folder(cfg, fps)
-    if TEACHER in fps and reuses_teacher(cfg):  # another run's teacher: same data and text, finished
-        src = source_config(cfg, seed)
-        for k in range(src.distill.teacher_ranker.ensemble):
-            finished_checkpoint(src, member_name(TEACHER, k))
+    if TEACHER in fps:  # another run's teacher: same data and text, finished
+        teacher_source(cfg, seed)
     if uses_text(cfg, variants):  # a baseline-only run needs no teacher model
         resolve_model_path(cfg.teacher.model, allow_pickle_weights=cfg.teacher.allow_pickle_weights)
 
@@ -248,31 +246,41 @@ def teacher_spec(cfg, ds, user_text, item_text, name: str = TEACHER, features=No
     return spec
 
 
-def train_teacher(cfg, ds, user_text, item_text, env: DistEnv, seed: int, name: str = TEACHER) -> tuple[RankerResult, RankerSpec]:
+def teacher_source(cfg: ExperimentConfig, seed: int) -> Optional[ExperimentConfig]:
+    """The run whose teacher ranker ``cfg`` reuses, checked (:func:`~sparse_kd.teacher_source.checked_source`)."""
+    return checked_source(cfg, seed, TEACHER)
+
+
+def train_teacher(cfg, ds, user_text, item_text, env: DistEnv, seed: int, name: str = TEACHER,
+                  source: Optional[ExperimentConfig] = None) -> tuple[RankerResult, RankerSpec]:
     """Train the teacher ranker ``name`` (every rank), with ``distill.teacher_ranker.ensemble`` K > 1 as
     K members combined (:mod:`sparse_kd.student.ensemble`). Returns (result, member 0's spec).
 
     With ``distill.teacher_ranker.from_run`` nothing is trained: the teacher another run trained is
-    read from its folder (:mod:`sparse_kd.teacher_source`), each member evaluated from its final
-    checkpoint."""
-    src = on_main(lambda: source_config(cfg, seed)) if reuses_teacher(cfg) else None  # refused alike on every rank
+    read from its folder (``source``, :func:`teacher_source`; looked up here when not given), each
+    member evaluated from its final checkpoint."""
+    src = source if source is not None or not reuses_teacher(cfg) else on_main(lambda: teacher_source(cfg, seed))
     tcfg = src or cfg
     if src is not None:
         name, seed = TEACHER, src.train.seed  # the source's teacher, with its own seed
     members, features = [], teacher_features(tcfg, ds, user_text, item_text)  # one copy for every member
+    # the source recorded the whole teacher's speed; members train one after the other, so each
+    # member's is K times it (what the ensemble's combination expects)
+    speed = on_main(lambda: source_speed(src)) * tcfg.distill.teacher_ranker.ensemble if src is not None else 0.0
     for k in range(tcfg.distill.teacher_ranker.ensemble):
         spec = teacher_spec(tcfg, ds, user_text, item_text, name=member_name(name, k), features=features)  # a fresh model each
         if src is None:
             res = train_variant(cfg, ds, spec, env, member_seed(seed, k), want_train_logits=True)
         else:
-            res = _reused_member(src, ds, spec, env, member_seed(seed, k))
+            res = _reused_member(src, ds, spec, env, member_seed(seed, k), speed)
         members.append((res, spec))
     if len(members) == 1:
         return members[0]
     return combine(name, members, ds), members[0][1]
 
 
-def _reused_member(src: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: DistEnv, seed: int) -> RankerResult:
+def _reused_member(src: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: DistEnv, seed: int,
+                   speed: float) -> RankerResult:
     """One member of a reused teacher, evaluated from the final checkpoint in the source folder (which
     must match the source's config: :func:`variant_fingerprint`); nothing there is written."""
     d = _variant_dir(src, spec.name)
@@ -283,9 +291,6 @@ def _reused_member(src: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env:
         return finished_checkpoint(src, spec.name)
 
     checkpoint = on_main(final)
-    # the source recorded the whole teacher's speed; members train one after the other, so each
-    # member's is K times it (what the ensemble's combination expects)
-    speed = on_main(lambda: source_speed(src)) * src.distill.teacher_ranker.ensemble
     res = evaluate_checkpoint(src, ds, spec, checkpoint, env, seed, speed)
     if env.is_main:
         log.info("[%s] reused from %s (not trained here): test AUC %.4f, test_cold AUC %.4f", spec.name, checkpoint,
@@ -410,16 +415,17 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
     check_shared_run_folder(cfg.output_dir)  # multi-node: every rank must see the folder rank 0 writes
     ds = prepare_data(cfg, env)
     user_text = item_text = t_spec = teacher = None
+    # another run's teacher (distill.teacher_ranker.from_run), read once
+    source = on_main(lambda: teacher_source(cfg, seed)) if TEACHER in trained_variants(cfg, variants) else None
     if uses_text(cfg, variants):  # a baseline-only run encodes and holds no text
         students = [cfg.distill] if "distilled" in variants else []
-        teachers = [on_main(lambda: source_config(cfg, seed))] if reuses_teacher(cfg) else []  # what the teacher reads
-        user_text, item_text = text_embeddings(cfg, ds, env, shard_users=users_stay_sharded(cfg, ds, students, env.world_size,
-                                                                                             teachers))
+        user_text, item_text = text_embeddings(cfg, ds, env, shard_users=users_stay_sharded(
+            cfg, ds, students, env.world_size, [source] if source is not None else []))  # what a reused teacher reads too
         user_text = user_text_for(cfg, ds, user_text, item_text, env)
     results: dict[str, RankerResult] = {}
     costs: dict[str, dict] = {}  # what each ranker costs (parameters, multiply-adds per example)
     if TEACHER in trained_variants(cfg, variants):
-        teacher, t_spec = train_teacher(cfg, ds, user_text, item_text, env, seed)
+        teacher, t_spec = train_teacher(cfg, ds, user_text, item_text, env, seed, source=source)
         results[TEACHER], costs[TEACHER] = teacher, spec_cost(cfg, ds, t_spec, len(teacher.members) or 1)
     if not ("distilled" in variants and distilled_uses_text(cfg.distill)):
         user_text = item_text = None  # the teacher ranker keeps only its PCA features of them

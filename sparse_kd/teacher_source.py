@@ -38,6 +38,7 @@ import yaml
 from sparse_kd import checkpoint as ckpt
 from sparse_kd.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
 from sparse_kd.run_folder import CONFIG_FILE, flatten
+from sparse_kd.student.ensemble import member_name
 
 DATA_FREE = ("loader_workers",)  # how batches are read, not which rows
 TEXT_KEYS = ("teacher.model", "teacher.max_length", "distill.user_text")
@@ -85,6 +86,18 @@ def source_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
                           f"have the student's dim ({cfg.student.embedding_dim}); the teacher in {src} has {t_dim}. "
                           "Use projection: pca with this teacher.")
     return scfg
+
+
+def checked_source(cfg: ExperimentConfig, seed: int, name: str) -> Optional[ExperimentConfig]:
+    """:func:`source_config`, with every member of the source's teacher ranker ``name`` finished
+    (:func:`finished_checkpoint`); None where ``cfg`` trains its own teacher. Reads files: call on
+    rank 0 (:func:`sparse_kd.dist.on_main`)."""
+    if not reuses_teacher(cfg):
+        return None
+    src = source_config(cfg, seed)
+    for k in range(src.distill.teacher_ranker.ensemble):
+        finished_checkpoint(src, member_name(name, k))
+    return src
 
 
 def _differences(cfg: ExperimentConfig, scfg: ExperimentConfig) -> list[str]:

@@ -112,9 +112,9 @@ def write_targets(dmp: torch.nn.Module, sources: Mapping[str, torch.Tensor], uni
     for f in sorted(f for f, s in sources.items() if getattr(s, "sharded", False)):  # a collective per feature
         held[f] = _write_sharded(sd, TARGET_KEYS[f], sources.pop(f), unit)
     for key, value in sd.items():
-        if by_key[key.split(".")[-2]] not in sources:
-            continue
         f = by_key[key.split(".")[-2]]
+        if f not in sources:  # written above, from rows split over the ranks
+            continue
         src = sources[f]
         shards = [(tuple(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()] \
             if hasattr(value, "local_shards") else [((0, 0), value)]

@@ -112,9 +112,7 @@ def predict_checkpoint(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, 
     from its checkpoint (every rank; collective): the sharded model is built as for training,
     ``checkpoint`` loaded, and ``rows`` predicted as evaluation does. The distilled student uses
     it for the teacher's logits on its sampled pairs (:mod:`sparse_kd.distill.pairs`)."""
-    r = build_sharded(cfg, ds, spec, env, seed)
-    ckpt.load(checkpoint, r.dmp)
-    pipeline = TrainPipelineSparseDist(r.dmp, r.optimizer, env.device)
+    r, pipeline = _loaded(cfg, ds, spec, checkpoint, env, seed)
     return predict_sharded(pipeline, r.dmp, rows, r.builder, cfg.train.eval_batch_size, env)
 
 
@@ -124,13 +122,24 @@ def evaluate_checkpoint(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec,
     (every rank; collective): its metrics on every evaluation split and its logits on ``train``
     and on those splits, as :func:`train_ranker` returns them for a teacher. A teacher ranker
     trained by another run is reused this way (``distill.teacher_ranker.from_run``)."""
+    r, pipeline = _loaded(cfg, ds, spec, checkpoint, env, seed)
+    eval_logits, metrics, train_logits = _evaluated(pipeline, r, ds, cfg.train.eval_batch_size, env, True)
+    return RankerResult(spec.name, metrics, Path(checkpoint), train_logits, examples_per_s, eval_logits=eval_logits)
+
+
+def _loaded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, checkpoint: Path, env: DistEnv,
+            seed: int) -> tuple[ShardedRanker, TrainPipelineSparseDist]:
+    """The sharded ranker built as for training with ``checkpoint``'s weights, and its pipeline."""
     r = build_sharded(cfg, ds, spec, env, seed)
     ckpt.load(checkpoint, r.dmp)
-    pipeline = TrainPipelineSparseDist(r.dmp, r.optimizer, env.device)
-    eval_logits = split_logits(pipeline, r.dmp, ds, r.builder, cfg.train.eval_batch_size, env)
-    train_logits = predict_sharded(pipeline, r.dmp, ds.splits["train"], r.builder, cfg.train.eval_batch_size, env)
-    return RankerResult(spec.name, split_metrics(ds, eval_logits), Path(checkpoint), train_logits, examples_per_s,
-                        eval_logits=eval_logits)
+    return r, TrainPipelineSparseDist(r.dmp, r.optimizer, env.device)
+
+
+def _evaluated(pipeline, r: ShardedRanker, ds: RecDataset, batch: int, env: DistEnv, want_train_logits: bool):
+    """(split logits, split metrics, train logits or None) of a trained ranker."""
+    eval_logits = split_logits(pipeline, r.dmp, ds, r.builder, batch, env)
+    train_logits = predict_sharded(pipeline, r.dmp, ds.splits["train"], r.builder, batch, env) if want_train_logits else None
+    return eval_logits, split_metrics(ds, eval_logits), train_logits
 
 
 def _resume(ck_dir: Path, r: ShardedRanker, sparse_optimizer_name: str, world_size: int) -> tuple[_Position, Optional[Path]]:
@@ -256,9 +265,7 @@ def train_ranker(
             if env.is_main:
                 log.info("[%s] weight transfer refit: rows of rarely seen entities set from text: %s", spec.name, written)
             last_saved = save(tc.epochs, 0)
-    eval_logits = split_logits(pipeline, r.dmp, ds, r.builder, tc.eval_batch_size, env)
-    metrics = split_metrics(ds, eval_logits)
-    train_logits = predict_sharded(pipeline, r.dmp, ds.splits["train"], r.builder, tc.eval_batch_size, env) if want_train_logits else None
+    eval_logits, metrics, train_logits = _evaluated(pipeline, r, ds, tc.eval_batch_size, env, want_train_logits)
     if writer:
         writer.close()
     eps = n_seen / t_train if t_train > 0 else 0.0

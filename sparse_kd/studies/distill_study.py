@@ -42,7 +42,6 @@ from sparse_kd.config import DistillConfig, ExperimentConfig, replace, to_dict
 from sparse_kd.dist import on_main
 from sparse_kd.run_folder import check_shared_run_folder
 from sparse_kd.student.ensemble import member_name, member_seed
-from sparse_kd.teacher_source import finished_checkpoint, reuses_teacher, source_config
 from sparse_kd.metrics import EVAL_SPLITS as SPLITS
 
 log = logging.getLogger(__name__)
@@ -164,10 +163,7 @@ def check_seed(cfg: ExperimentConfig, seed: int) -> None:
         for k in range(tcfg.distill.teacher_ranker.ensemble):
             fps[member_name(name, k)] = P.variant_fingerprint(tcfg, member_name(name, k), DistillConfig(), member_seed(seed, k))
     P.check_run_folder(cfg, fps)
-    if reuses_teacher(cfg):  # another run's teacher (distill.teacher_ranker.from_run): same data and text, finished
-        src = source_config(cfg, seed)
-        for k in range(src.distill.teacher_ranker.ensemble):
-            finished_checkpoint(src, member_name(P.TEACHER, k))
+    P.teacher_source(cfg, seed)  # another run's teacher (distill.teacher_ranker.from_run): same data and text, finished
 
 
 def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
@@ -182,14 +178,13 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     check_shared_run_folder(cfg.output_dir)  # multi-node: every rank must see the folder rank 0 writes
     ds = P.prepare_data(cfg, env)
     students = [variant_distill(cfg, v) for v in cfg.study.variants] + [c.distill for c, _ in candidates(cfg).values()]
-    teachers = [t for t, _ in teacher_candidates(cfg).values()]
-    if reuses_teacher(cfg):  # another run's teacher: what it reads decides too
-        teachers.append(on_main(lambda: source_config(cfg, seed)))
+    source = on_main(lambda: P.teacher_source(cfg, seed))  # another run's teacher, read once (None: trained here)
+    teachers = [t for t, _ in teacher_candidates(cfg).values()] + ([source] if source is not None else [])
     shard = P.users_stay_sharded(cfg, ds, students, env.world_size, teachers)
     user_text, item_text = P.text_embeddings(cfg, ds, env, shard_users=shard)
     user_text = P.user_text_for(cfg, ds, user_text, item_text, env)
     out: dict = {}
-    teacher, t_spec = train_teacher(cfg, ds, user_text, item_text, env, seed, out)
+    teacher, t_spec = train_teacher(cfg, ds, user_text, item_text, env, seed, out, source)
     speed = {P.TEACHER: teacher.examples_per_s}  # training examples/s of each ranker
 
     def train(vcfg: ExperimentConfig, name: str) -> dict:
@@ -239,7 +234,7 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     return out
 
 
-def train_teacher(cfg: ExperimentConfig, ds, user_text, item_text, env, seed: int, out: dict):
+def train_teacher(cfg: ExperimentConfig, ds, user_text, item_text, env, seed: int, out: dict, source=None):
     """Train the teacher ranker, and with ``study.teacher_search`` each candidate, into this
     seed's folder; the teacher the students learn from is the one with the best selection score
     on validation (as ``chosen`` is). Writes ``out[teacher_ranker]`` (the chosen one's metrics)
@@ -250,7 +245,7 @@ def train_teacher(cfg: ExperimentConfig, ds, user_text, item_text, env, seed: in
     cands = teacher_candidates(cfg)
     trained, overrides = {}, {}
     for name, (tcfg, ovs) in cands.items():  # a fresh spec each: its modules are trained
-        trained[name] = P.train_teacher(tcfg, ds, user_text, item_text, env, seed, name=name)
+        trained[name] = P.train_teacher(tcfg, ds, user_text, item_text, env, seed, name=name, source=source)
         overrides[name] = ovs
     out[P.TEACHER] = trained[P.TEACHER][0].metrics
     if len(cands) == 1:
