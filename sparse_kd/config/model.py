@@ -193,8 +193,10 @@ class TrainConfig:
     sparse_lr: float = 0.05
     # rowwise_adagrad keeps one accumulator per row (the production choice for memory); adagrad one
     # per coordinate (state as large as the table): on ML-100K, with embedding_l2, it brought the
-    # baseline from ~0.009 to ~0.003 AUC below matrix factorisation (docs/studies/DISTILLATION.md)
-    sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
+    # baseline from ~0.009 to ~0.003 AUC below matrix factorisation (docs/studies/DISTILLATION.md);
+    # adam (as MF trains its rows) needs data_parallel tables on CPU (FBGEMM's CPU kernel has none).
+    # data_parallel tables take this optimizer and sparse_lr as the sharded ones do (student/optim.py)
+    sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     # L2 regularisation: of the dense parameters (Adam's weight_decay), and of the embedding rows
     # a batch touches (embedding_l2 x mean squared norm of the pooled embeddings, added to the loss)
     weight_decay: float = 0.0

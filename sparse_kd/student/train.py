@@ -42,7 +42,7 @@ from sparse_kd.distill.targets import sharded_layout, write_targets
 from sparse_kd.student.refit import refit_rows
 from sparse_kd.student.init import localize_sources, write_tables
 from sparse_kd.student.model import arch_of, build_dlrm, table_name
-from sparse_kd.student.optim import combined_optimizer, sparse_optimizer
+from sparse_kd.student.optim import check_sparse_optimizer, combined_optimizer, sparse_optimizer
 from sparse_kd.student.predict import predict_sharded, split_logits, split_metrics
 from sparse_kd.student.reshard import check_resume
 from sparse_kd.student.selection import BEST_DIR, EpochSelector
@@ -57,8 +57,8 @@ class ShardedRanker(NamedTuple):
     builder: BatchBuilder
     module: RankerTrain  # the training wrapper before sharding (its ``last_parts`` are the loss parts)
     dmp: DistributedModelParallel
-    optimizer: CombinedOptimizer  # fused sparse + dense
-    dense_optimizer: KeyedOptimizerWrapper
+    optimizer: CombinedOptimizer  # fused sparse + data_parallel tables' + dense
+    lazy_optimizers: tuple[KeyedOptimizerWrapper, ...]  # the parts whose state exists after a first step
 
 
 def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: DistEnv, seed: int) -> ShardedRanker:
@@ -85,6 +85,7 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
     plan = build_plan(module, sc, env.world_size, env.device.type, local_world_size=env.local_world_size,
                       batch_size=cfg.train.batch_size // env.world_size)
+    check_sparse_optimizer(cfg.train, plan, env.device.type)
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan)
     if env.is_main:
         log.info("[%s] sharding plan: %s", spec.name, describe_plan(plan))
@@ -95,8 +96,8 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     if sharded_targets:
         held = write_targets(dmp, {f: texts[f] for f in al.features}, unit=al.kind == "cosine")  # sharded rows: a collective
         log.info("[%s] alignment targets sharded row_wise: rank %d holds %s rows", spec.name, env.rank, held)
-    optimizer, dense_optimizer = combined_optimizer(dmp, cfg.train)
-    return ShardedRanker(builder, module, dmp, optimizer, dense_optimizer)
+    optimizer, lazy = combined_optimizer(dmp, cfg.train)
+    return ShardedRanker(builder, module, dmp, optimizer, lazy)
 
 
 @dataclass
@@ -148,10 +149,11 @@ def _resume(ck_dir: Path, r: ShardedRanker, sparse_optimizer_name: str, world_si
     if latest is None:
         return _Position(), None
     # optimizer state is created lazily; make it exist so the checkpoint can load into it
-    # (a zero-gradient Adam step leaves the parameters unchanged)
+    # (a zero-gradient step of Adam, Adagrad or SGD leaves the parameters unchanged)
     check_resume(latest, r.dmp.plan, sparse_optimizer_name, world_size)  # refuse what DCP cannot reshard
-    r.dense_optimizer.init_state()
-    r.dense_optimizer.zero_grad()
+    for opt in r.lazy_optimizers:
+        opt.init_state()
+        opt.zero_grad()
     meta = ckpt.load(latest, r.dmp, r.optimizer)
     return _Position(meta["epoch"], meta["step_in_epoch"], meta["global_step"]), latest
 

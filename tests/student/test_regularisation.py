@@ -22,7 +22,7 @@ def test_dense_weight_decay_reaches_adam(monkeypatch):
 
     monkeypatch.setattr(O, "CombinedOptimizer", lambda parts: parts)  # the dense part alone, unwrapped
     dense = torch.nn.Linear(2, 2)
-    _, opt = combined_optimizer(type("M", (), {"named_parameters": dense.named_parameters,
+    _, (opt,) = combined_optimizer(type("M", (), {"named_parameters": dense.named_parameters,
                                                "fused_optimizer": type("F", (), {"optimizers": []})()})(), TrainConfig(weight_decay=0.01))
     assert all(g["weight_decay"] == 0.01 for g in opt._optimizer.param_groups)
 
