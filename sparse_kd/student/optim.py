@@ -17,13 +17,14 @@ as without it. ``adam`` (dense Adam on the rows, as matrix factorisation trains 
 maps it to FBGEMM's fused ``ADAM`` for sharded tables, which the CPU training kernel of
 fbgemm-gpu-cpu 1.8.0 refuses ("not supported in CPU mode"; CPU takes exact Adagrad, row-wise
 Adagrad and SGD), so on CPU :func:`check_sparse_optimizer` asks for ``data_parallel`` tables,
-where it is ``torch.optim.Adam``. The fused CUDA ``ADAM`` has not run here (no GPU). :func:`combined_optimizer` joins both into the one
+where it is :class:`LazyAdam` (the rows a step touches, as the fused kernel updates them). The fused CUDA ``ADAM`` has not run here (no GPU). :func:`combined_optimizer` joins both into the one
 ``CombinedOptimizer`` the train pipeline steps and checkpoints save.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.optim._functional import sparse_adam
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -31,6 +32,38 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from sparse_kd.checkpoint import frozen, plan_sharding
 from sparse_kd.config import ConfigError, TrainConfig
+
+
+class LazyAdam(torch.optim.SparseAdam):
+    """Adam on the rows the step's gradient touches (nonzero rows), the others left as they are with
+    their moments: what FBGEMM's fused ``ADAM`` does on sharded tables, and the lazy Adam of the
+    matrix-factorisation reference. ``torch.optim.SparseAdam``'s update (``F.sparse_adam``) over the
+    dense gradient's nonzero rows; ``p.grad`` itself is left alone (a view into DDP's buckets)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, avgs, sqs, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                params.append(p)
+                grads.append(p.grad if p.grad.is_sparse else p.grad.to_sparse(1))
+                avgs.append(state["exp_avg"])
+                sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            beta1, beta2 = group["betas"]
+            sparse_adam(params, grads, avgs, sqs, steps, eps=group["eps"], beta1=beta1, beta2=beta2,
+                        lr=float(group["lr"]), maximize=group.get("maximize", False))
+        return loss
 
 
 CLASSES = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD,
@@ -81,6 +114,7 @@ def combined_optimizer(dmp: torch.nn.Module, tc: TrainConfig) -> tuple[CombinedO
     parts, lazy = [(k, o) for k, o in dmp.fused_optimizer.optimizers if not frozen(k)], [dense]
     if replicated:
         cls, kwargs = sparse_optimizer(tc)
+        cls = LazyAdam if cls is torch.optim.Adam else cls  # fused ADAM's semantics (touched rows only)
         lazy.append(KeyedOptimizerWrapper(replicated, lambda params: cls(params, **kwargs)))
         parts.append(("data_parallel", lazy[-1]))
     return CombinedOptimizer([CombinedOptimizer(parts), dense]), tuple(lazy)

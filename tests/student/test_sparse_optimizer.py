@@ -67,3 +67,25 @@ def test_adam_on_data_parallel_tables_two_ranks_resume_like_the_full_run(tmp_pat
     for split in ("valid", "test"):
         for k in ("auc", "logloss"):
             assert math.isclose(full[split][k], resumed[split][k], abs_tol=1e-5), (split, k, full[split][k], resumed[split][k])
+
+
+def test_lazy_adam_moves_only_the_rows_a_step_touches_and_keeps_the_dense_gradient():
+    from sparse_kd.student.optim import LazyAdam
+
+    w = torch.nn.Parameter(torch.ones(4, 2))
+    opt = LazyAdam([w], lr=0.1)
+    for touched in ([1, 3], [1]):
+        g = torch.zeros(4, 2)
+        g[touched] = 1.0
+        w.grad = g
+        opt.step()
+        assert w.grad is g  # the caller's (DDP's) gradient tensor is left in place
+    assert torch.equal(w[[0, 2]], torch.ones(2, 2))  # never touched: unchanged
+    assert float(w[3, 0]) < 1.0 and float(w[1, 0]) < float(w[3, 0])  # row 3 moved once, row 1 twice
+    ref = torch.nn.Parameter(torch.ones(4, 2))
+    dense = torch.optim.Adam([ref], lr=0.1)
+    for touched in ([1, 3], [1]):
+        ref.grad = torch.zeros(4, 2)
+        ref.grad[touched] = 1.0
+        dense.step()
+    assert float(ref[3, 0]) < float(w[3, 0])  # dense Adam moves row 3 again by its momentum; lazy does not
