@@ -154,7 +154,7 @@ def test_skipped_and_truncated_rows_are_logged_and_written_to_metrics_json(tmp_p
         ("distill.align.features=[genres]", "distill.align.features: 'genres': only user_id and item_id have text"),
         ("distill.align.kind=l1", "distill.align.kind: 'l1' is not valid; expected one of 'cosine', 'mse', 'infonce'"),
         ("train.backend=mpi", "train.backend: 'mpi' is not valid; expected one of 'auto', 'gloo', 'nccl'"),
-        ("train.sparse_optimizer=adam", "train.sparse_optimizer: 'adam' is not valid"),
+        ("train.sparse_optimizer=lamb", "train.sparse_optimizer: 'lamb' is not valid"),
         ("train.collective_timeout_s=1", "train.collective_timeout_s: must be >= 10"),
         ("train.keep_checkpoints=0", "train.keep_checkpoints: must be >= 1"),
         ("compress.default_dtype=int3", "compress.default_dtype: 'int3' is not valid"),
