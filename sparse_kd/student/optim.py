@@ -13,11 +13,13 @@ after the all-reduce, as the sharded tables get it. Dense parameters get Adam
 (``train.embedding_l2``, :func:`sparse_kd.distill.losses.embedding_l2`), not through the fused
 optimizer's ``weight_decay``: measured with fbgemm-gpu-cpu 1.8.0, the CPU kernel of
 ``EXACT_ROWWISE_ADAGRAD`` makes the same update with ``weight_decay=0.5`` (modes L2 and DECOUPLE)
-as without it. ``adam`` (dense Adam on the rows, as matrix factorisation trains them): torchrec
-maps it to FBGEMM's fused ``ADAM`` for sharded tables, which the CPU training kernel of
+as without it. ``adam`` (Adam on the rows a step touches, as matrix factorisation trains them):
+torchrec maps it to FBGEMM's fused ``ADAM`` for sharded tables, which the CPU training kernel of
 fbgemm-gpu-cpu 1.8.0 refuses ("not supported in CPU mode"; CPU takes exact Adagrad, row-wise
 Adagrad and SGD), so on CPU :func:`check_sparse_optimizer` asks for ``data_parallel`` tables,
-where it is :class:`LazyAdam` (the rows a step touches, as the fused kernel updates them). The fused CUDA ``ADAM`` has not run here (no GPU). :func:`combined_optimizer` joins both into the one
+where it is :class:`LazyAdam`. The fused CUDA ``ADAM`` has not run here (no GPU). The matrix-
+factorisation reference keeps its own lazy Adam over plain tensors (:mod:`sparse_kd.mf_reference`,
+measured faster there than ``SparseAdam``). :func:`combined_optimizer` joins them into the one
 ``CombinedOptimizer`` the train pipeline steps and checkpoints save.
 """
 
@@ -38,7 +40,9 @@ class LazyAdam(torch.optim.SparseAdam):
     """Adam on the rows the step's gradient touches (nonzero rows), the others left as they are with
     their moments: what FBGEMM's fused ``ADAM`` does on sharded tables, and the lazy Adam of the
     matrix-factorisation reference. ``torch.optim.SparseAdam``'s update (``F.sparse_adam``) over the
-    dense gradient's nonzero rows; ``p.grad`` itself is left alone (a view into DDP's buckets)."""
+    dense gradient's nonzero rows (a touched row whose gradient is exactly 0 counts as untouched);
+    ``p.grad`` itself is left alone: it is a view into DDP's buckets, and assigning a sparse tensor
+    to it fails in torchrec's dense kernel ("Could not run 'aten::view' ... 'SparseCPU'")."""
 
     @torch.no_grad()
     def step(self, closure=None):
