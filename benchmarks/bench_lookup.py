@@ -64,38 +64,31 @@ int8 and int4 >= 1.2x the floor. Python's cyclic GC is off inside every timed sa
 from __future__ import annotations
 
 import argparse
-import gc
-import math
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 
 import torch  # noqa: E402
 
 import fbgemm_gpu  # noqa: E402,F401  (registers torch.ops.fbgemm)
-from torch import nn  # noqa: E402
-from torch.ao import quantization as quant  # noqa: E402
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, QuantConfig  # noqa: E402
-from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
-from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC  # noqa: E402
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 from sparse_kd.compress import cpu_kernel as CK  # noqa: E402
-from sparse_kd.compress import tiers as TI  # noqa: E402
 from sparse_kd.config.dtypes import dtype_problem, is_tiered  # noqa: E402
 from sparse_kd.serve import cpu_model as CM  # noqa: E402
-from sparse_kd.compress.layout import reorder_table  # noqa: E402
-from sparse_kd.compress.prune import PrunedTable  # noqa: E402
 from sparse_kd.serve.memory import keep_freed_memory, place_on_huge_pages, thp_mode  # noqa: E402
 
+from lookup_tables import (Batch, build_fp32, hot_first_tables, lookup_row_bytes, make_batches,  # noqa: E402
+                           prune_tables, quantize, serving_lookup, tbe_row_bytes, tier_name, without_remap,
+                           zipf_sampler)
+from lookup_timing import FLOOR, Variant, measure_rounds, profile_lookup  # noqa: E402
 from machine import machine_info, read as _read, write_json  # noqa: E402
 
 DTYPES: Dict[str, torch.dtype] = {
@@ -105,401 +98,8 @@ DTYPES: Dict[str, torch.dtype] = {
     "int4": torch.quint4x2,
     "int2": torch.quint2x4,
 }
-FLOOR = "embbag_fp32"
 TARGETS = (("int8", 1.5), ("int4", 1.5), ("int8+prune", 1.2), ("int4+prune", 1.2),
            ("int8+prune/fold", 1.2), ("int4+prune/fold", 1.2))
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-
-
-def zipf_sampler(rows: int, a: float, gen: torch.Generator) -> Callable[[int], torch.Tensor]:
-    """ids ~ Zipf(a) over ``rows`` (a <= 0: uniform); rank r is row perm[r] (hot rows scattered)."""
-    perm = torch.randperm(rows, generator=gen)
-    if a <= 0:
-        return lambda n: torch.randint(0, rows, (n,), generator=gen)
-    cdf = torch.arange(1, rows + 1, dtype=torch.float64).pow_(-a).cumsum_(0)
-    cdf /= cdf[-1].clone()
-
-    def sample(n: int) -> torch.Tensor:
-        u = torch.rand(n, generator=gen, dtype=torch.float64)
-        ranks = torch.searchsorted(cdf, u).clamp_(max=rows - 1)
-        return perm[ranks]
-
-    sample.rank_to_row = perm  # type: ignore[attr-defined]
-    return sample
-
-
-class Batch:
-    """One batch in every layout: a KJT (torchrec), values + lengths (the serving lookup) and
-    per-table (ids, offsets) views, int64 and int32 (the nn.EmbeddingBag floors)."""
-
-    def __init__(self, keys: List[str], values: torch.Tensor, lengths: torch.Tensor, T: int, B: int) -> None:
-        self.kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
-        self.kjt.offsets()  # cache
-        self.values, self.lengths = values, lengths
-        offsets = torch.zeros(T * B + 1, dtype=torch.int64)
-        offsets[1:] = lengths.cumsum(0)
-        self.per_table = []
-        for t in range(T):
-            s, e = int(offsets[t * B]), int(offsets[(t + 1) * B])
-            self.per_table.append((values[s:e], (offsets[t * B : (t + 1) * B] - s).contiguous()))
-        self.per_table_i32 = [(i.int(), o.int()) for i, o in self.per_table]
-        self.ids = int(values.numel())
-        # the ids as the serving lookup gets them: int32, as the predictor's entity bags hold them
-        # for CPU artifacts (whole tables' ids permuted too under --layout served)
-        self.values32 = values.int()
-        self.served_values = self.values32
-        self.ids_per_table = [int(offsets[(t + 1) * B] - offsets[t * B]) for t in range(T)]
-
-
-def make_batches(args: argparse.Namespace, samplers: List[Callable[[int], torch.Tensor]], gen: torch.Generator) -> List[Batch]:
-    T, B, L = args.tables, args.batch, args.bag
-    keys = [f"f{t}" for t in range(T)]
-    out = []
-    for _ in range(args.num_batches):
-        # bag sizes uniform in [max(1, L/2), 3L/2]: mean ~L ids per bag
-        lo, hi = max(1, L // 2), max(1, L // 2) + L
-        lengths = torch.randint(lo, hi + 1, (T * B,), generator=gen)
-        per = lengths.view(T, B).sum(1).tolist()
-        values = torch.cat([samplers[t](int(per[t])) for t in range(T)])
-        out.append(Batch(keys, values, lengths, T, B))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Models
-
-
-def build_fp32(args: argparse.Namespace, gen: torch.Generator) -> EmbeddingBagCollection:
-    tables = [
-        EmbeddingBagConfig(name=f"t{t}", embedding_dim=args.dim, num_embeddings=args.rows, feature_names=[f"f{t}"])
-        for t in range(args.tables)
-    ]
-    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
-    for t in range(args.tables):
-        w = torch.empty(args.rows, args.dim).uniform_(-0.1, 0.1, generator=gen)
-        ebc.embedding_bags[f"t{t}"] = nn.EmbeddingBag.from_pretrained(w, freeze=True, mode="sum")
-    return ebc
-
-
-def quantize(ebc: EmbeddingBagCollection, dtype: torch.dtype) -> QuantEBC:
-    """torchrec's own path: qconfig + ``quant.embedding_modules.EmbeddingBagCollection.from_float``."""
-    ebc.qconfig = QuantConfig(  # type: ignore[attr-defined]
-        activation=quant.PlaceholderObserver.with_args(dtype=torch.float),
-        weight=quant.PlaceholderObserver.with_args(dtype=dtype),
-        per_table_weight_dtype={c.name: dtype for c in ebc.embedding_bag_configs()},
-    )
-    try:
-        return QuantEBC.from_float(ebc)
-    finally:
-        del ebc.qconfig
-
-
-def prune_tables(
-    ebc: EmbeddingBagCollection, keep: float, samplers: List[Any], gen: torch.Generator
-) -> tuple[EmbeddingBagCollection, List[torch.Tensor]]:
-    """Keep ``keep`` of each table's rows (the most frequent ones under Zipf, random under uniform),
-    compacted by ``torch.ops.fbgemm.embedding_bag_rowwise_prune``; returns the small fp32 EBC and
-    the per-table remaps (original id -> kept row, -1 if pruned)."""
-    configs, weights, remaps = [], {}, []
-    for cfg in ebc.embedding_bag_configs():
-        w = ebc.embedding_bags[cfg.name].weight.detach()
-        rows = w.shape[0]
-        n_keep = max(1, int(round(rows * keep)))
-        sampler = samplers[len(remaps)]
-        ranked = getattr(sampler, "rank_to_row", None)
-        kept_rows = ranked[:n_keep] if ranked is not None else torch.randperm(rows, generator=gen)[:n_keep]
-        indicator = torch.zeros(rows)
-        indicator[kept_rows] = 1.0
-        pruned, remap = torch.ops.fbgemm.embedding_bag_rowwise_prune(w, indicator, 0.5, torch.int32)
-        configs.append(
-            EmbeddingBagConfig(
-                name=cfg.name, embedding_dim=cfg.embedding_dim, num_embeddings=pruned.shape[0], feature_names=cfg.feature_names
-            )
-        )
-        weights[cfg.name] = pruned
-        remaps.append(remap)
-    small = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
-    for name, w in weights.items():
-        small.embedding_bags[name] = nn.EmbeddingBag.from_pretrained(w, freeze=True, mode="sum")
-    return small, remaps
-
-
-def hot_first_tables(ebc: EmbeddingBagCollection, remaps: Optional[List[torch.Tensor]], train_ids: List[torch.Tensor]
-                     ) -> tuple[EmbeddingBagCollection, List[Optional[torch.Tensor]]]:
-    """``ebc``'s tables stored hot-first by the reads of ``train_ids`` (per table), exactly as
-    :func:`sparse_kd.compress.layout.reorder_table` lays out an artifact. Returns (the reordered
-    tables, per table: the new remap of a pruned table, or the id permutation of a whole one)."""
-    configs, weights, out = [], {}, []
-    for t, cfg in enumerate(ebc.embedding_bag_configs()):
-        w = ebc.embedding_bags[cfg.name].weight.detach()
-        remap = None if remaps is None else remaps[t]
-        n = int(remap.numel()) if remap is not None else int(w.shape[0])
-        freq = torch.bincount(train_ids[t], minlength=n).numpy()
-        pt, _ = reorder_table(PrunedTable(cfg.feature_names[0], w, remap, n, int(w.shape[0]), "zero"), freq)
-        configs.append(cfg)
-        weights[cfg.name] = pt.weight
-        out.append(pt.remap)
-    hot = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
-    for name, w in weights.items():
-        hot.embedding_bags[name] = nn.EmbeddingBag.from_pretrained(w, freeze=True, mode="sum")
-    return hot, out
-
-
-def tbe_row_bytes(qebc: QuantEBC) -> List[int]:
-    """Padded bytes of one stored row per feature, read off the FBGEMM modules themselves."""
-    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
-
-    out: List[int] = []
-    for tbe in qebc._emb_modules:
-        for t in tbe.feature_table_map:
-            _n, _rows, dim, ty, _loc = tbe.embedding_specs[t]
-            out.append(int(rounded_row_size_in_bytes(dim, ty, tbe.row_alignment, tbe.scale_bias_size_in_bytes)))
-    return out
-
-
-def tier_name(spec: str) -> str:
-    return f"tiers({spec})"
-
-
-def serving_lookup(ebc: EmbeddingBagCollection, dt: str, remaps: Optional[List[torch.Tensor]]) -> CM.QuantizedLookup:
-    """The CPU serving lookup over ``ebc``'s tables (their stored rows, hot-first with ``--layout
-    served``), quantized to ``dt`` (one dtype, or precision tiers) exactly as ``sparse-kd
-    compress`` does (:func:`sparse_kd.compress.tiers.qtable`)."""
-    tables = []
-    for t, cfg in enumerate(ebc.embedding_bag_configs()):
-        w = ebc.embedding_bags[cfg.name].weight.detach()
-        remap = None if remaps is None else remaps[t]
-        tables.append(CK.pack_table(TI.qtable(cfg.feature_names[0], w, dt, remap)))
-    return CM.QuantizedLookup(tables)
-
-
-def lookup_row_bytes(lookup: CM.QuantizedLookup) -> List[float]:
-    """Bytes per stored row of each table (a tiered table's: averaged over its rows)."""
-    return [CK.cpu_table_bytes(t)["row_bytes"] for t in lookup.tables]
-
-
-def without_remap(t: Any) -> Any:
-    """The same table with no remap (``remap: fold``: ids arrive as stored rows)."""
-    if hasattr(t, "starts"):
-        return CM.TieredTable(t.feature, t.qtype, t.dim, list(t.tiers), t.starts, None)
-    return CM.PackedTable(t.feature, t.qtype, t.dim, t.weight, None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Measurement
-
-
-class Variant:
-    def __init__(
-        self,
-        name: str,
-        call: Callable[[Batch], Any],
-        bytes_per_batch: Callable[[Batch], int],
-        *,
-        dtype: str,
-        remap: bool,
-        parallel: bool,
-        row_bytes: int,
-        set_workers: Optional[Callable[[int], None]] = None,
-        weight_bytes: int = 0,
-        kernel: str = "",
-    ) -> None:
-        self.name, self.call, self.bytes_per_batch = name, call, bytes_per_batch
-        self.kernel = kernel
-        self.dtype, self.remap, self.parallel, self.row_bytes = dtype, remap, parallel, row_bytes
-        self.set_workers = set_workers
-        self.weight_bytes = weight_bytes
-        self.cursor = 0
-        self.iters: Dict[int, int] = {}
-        self.samples: Dict[int, List[float]] = {}  # threads -> ids/s per round
-        self.gbps: Dict[int, List[float]] = {}
-        self.paired: Dict[int, List[float]] = {}  # threads -> ratio to the floor, same round
-        self.cpu_util: Dict[int, List[float]] = {}
-        self.per_cpu: Dict[int, List[float]] = {}  # ids per CPU-second of this process
-        # streams: `threads` threads, each looking up its own batches one after another on one core
-        # (intra-op threads 1, one worker), as `sparse-kd serve` scores requests on its --workers threads
-        self.stream_samples: Dict[int, List[float]] = {}
-        self.stream_paired: Dict[int, List[float]] = {}  # ratio to the floor's streams, same round
-        self.best_paired: Dict[int, List[float]] = {}  # best of (split, streams) over the floor's best
-
-    def run(self, batches: List[Batch], threads: int, target_s: float) -> float:
-        if self.set_workers is None:
-            return self._run(batches, threads, target_s)
-        # the serving lookup spreads a batch over `threads` forked workers and runs each operator
-        # on one thread: torch's intra-op threads at 1, as `sparse-kd serve` runs it
-        self.set_workers(threads)
-        prev = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._run(batches, threads, target_s)
-        finally:
-            torch.set_num_threads(prev)
-
-    def _run(self, batches: List[Batch], threads: int, target_s: float) -> float:
-        if threads not in self.iters:  # calibrate: warm up, then size a sample to ~target_s
-            for _ in range(2):
-                self.call(batches[self.cursor % len(batches)])
-                self.cursor += 1
-            t0 = time.perf_counter()
-            self.call(batches[self.cursor % len(batches)])
-            self.cursor += 1
-            one = max(time.perf_counter() - t0, 1e-6)
-            self.iters[threads] = int(min(500, max(2, math.ceil(target_s / one))))
-        n = self.iters[threads]
-        todo = [batches[(self.cursor + i) % len(batches)] for i in range(n)]
-        self.cursor += n
-        self.call(todo[0])  # warm this round (thread switch, caches)
-        # Python's cyclic GC off while timing, as ``timeit`` does: a collection that happens to
-        # start inside one variant's sample would charge it for every object this process holds
-        gc_was_on = gc.isenabled()
-        gc.disable()
-        try:
-            c0 = time.process_time()
-            t0 = time.perf_counter()
-            for b in todo:
-                self.call(b)
-            dt = time.perf_counter() - t0
-            cpu = time.process_time() - c0
-        finally:
-            if gc_was_on:
-                gc.enable()
-        ids = sum(b.ids for b in todo)
-        nbytes = sum(self.bytes_per_batch(b) for b in todo)
-        rate = ids / dt
-        self.samples.setdefault(threads, []).append(rate)
-        self.gbps.setdefault(threads, []).append(nbytes / dt / 1e9)
-        # CPU seconds this process got per wall second of the sample: ~threads when the cores
-        # were ours, far less when other jobs held them
-        self.cpu_util.setdefault(threads, []).append(cpu / dt)
-        self.per_cpu.setdefault(threads, []).append(ids / max(cpu, 1e-9))
-        return rate
-
-
-    def run_streams(self, batches: List[Batch], threads: int, target_s: float) -> float:
-        """ids/s of ``threads`` threads, each calling the variant on its own batches (one worker,
-        intra-op threads 1) for about ``target_s``: the way a service with one scoring thread per
-        core uses the cores, where ``run`` splits every batch across them."""
-        if self.set_workers is not None:
-            self.set_workers(1)
-        prev = torch.get_num_threads()
-        torch.set_num_threads(1)
-        n = max(2, self.iters.get(1) or self.iters.get(threads) or 2)  # calls of ~target_s on one core
-        starts = [(self.cursor + k * n) for k in range(threads)]
-        self.cursor += threads * n
-        for k in range(threads):  # warm every stream's first batch
-            self.call(batches[starts[k] % len(batches)])
-        ids = [0] * threads
-        barrier = threading.Barrier(threads + 1)
-
-        def stream(k: int) -> None:
-            barrier.wait()
-            for i in range(n):
-                b = batches[(starts[k] + i) % len(batches)]
-                self.call(b)
-                ids[k] += b.ids
-
-        pool = [threading.Thread(target=stream, args=(k,)) for k in range(threads)]
-        gc_was_on = gc.isenabled()
-        gc.disable()
-        try:
-            for t in pool:
-                t.start()
-            barrier.wait()
-            t0 = time.perf_counter()
-            for t in pool:
-                t.join()
-            dt = time.perf_counter() - t0
-        finally:
-            if gc_was_on:
-                gc.enable()
-            torch.set_num_threads(prev)
-        rate = sum(ids) / dt
-        self.stream_samples.setdefault(threads, []).append(rate)
-        return rate
-
-
-_COPY_BUFFERS: Dict[int, tuple] = {}
-
-
-def copy_bandwidth(nbytes: int, threads: int, reps: int) -> float:
-    """GB/s of ``dst.copy_(src)`` (fp32 tensors of ``nbytes`` each), counting read + write bytes."""
-    torch.set_num_threads(threads)
-    n = nbytes // 4
-    if n not in _COPY_BUFFERS:
-        _COPY_BUFFERS.clear()
-        _COPY_BUFFERS[n] = (torch.ones(n), torch.empty(n))
-    src, dst = _COPY_BUFFERS[n]
-    dst.copy_(src)
-    best = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best.append(2 * n * 4 / (time.perf_counter() - t0) / 1e9)
-    return statistics.median(best)
-
-
-def measure_rounds(
-    variants: List[Variant], batches: List[Batch], threads: List[int], rounds: int, target_s: float,
-    copy_samples: Dict[int, List[float]], copy_bytes: int, loads: List[float],
-) -> None:
-    for _ in range(rounds):
-        loads.append(os.getloadavg()[0])
-        for th in threads:
-            torch.set_num_threads(th)
-            floor_rate = None
-            split: Dict[str, float] = {}
-            for v in variants:
-                rate = v.run(batches, th, target_s)
-                split[v.name] = rate
-                if v.name == FLOOR:
-                    floor_rate = rate
-                if floor_rate:
-                    v.paired.setdefault(th, []).append(rate / floor_rate)
-            if th > 1:  # the same cores used as a service uses them: one stream of batches per core
-                floor_stream = None
-                for v in variants:
-                    rate = v.run_streams(batches, th, target_s)
-                    if v.name == FLOOR:
-                        floor_stream = rate
-                    if floor_stream and floor_rate:
-                        v.stream_paired.setdefault(th, []).append(rate / floor_stream)
-                        v.best_paired.setdefault(th, []).append(
-                            max(rate, split[v.name]) / max(floor_stream, floor_rate))
-            copy_samples.setdefault(th, []).append(copy_bandwidth(copy_bytes, th, 3))
-            torch.set_num_threads(th)
-
-
-def profile_lookup(call: Callable[[Batch], Any], batches: List[Batch], threads: int, calls: int,
-                   top: int) -> List[Dict[str, Any]]:
-    """Operator-level CPU profile (torch.profiler) of ``calls`` lookups; top ops by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.set_num_threads(threads)
-    for b in batches[:2]:
-        call(b)
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for i in range(calls):
-            call(batches[i % len(batches)])
-    wall = time.perf_counter() - t0
-    events = prof.key_averages()
-    total_self = sum(e.self_cpu_time_total for e in events) or 1.0
-    rows = []
-    for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
-        rows.append(
-            {
-                "op": e.key,
-                "calls": e.count,
-                "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
-                "self_cpu_pct": round(100.0 * e.self_cpu_time_total / total_self, 1),
-            }
-        )
-    rows.append({"op": "<wall time of the profiled calls>", "calls": calls, "self_cpu_ms": round(wall * 1e3, 2),
-                 "self_cpu_pct": round(100.0 * total_self / 1e3 / (wall * 1e3), 1)})
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -843,3 +443,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

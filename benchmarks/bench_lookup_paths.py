@@ -33,7 +33,7 @@ for p in (ROOT, ROOT / "benchmarks"):
 
 import torch  # noqa: E402
 
-from bench_lookup import build_fp32, make_batches, prune_tables, serving_lookup, zipf_sampler  # noqa: E402
+from lookup_tables import build_fp32, make_batches, prune_tables, serving_lookup, zipf_sampler  # noqa: E402
 from machine import machine_info, write_json  # noqa: E402
 
 OPS = {"int8": torch.ops.quantized.embedding_bag_byte_rowwise_offsets,
