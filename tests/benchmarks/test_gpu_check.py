@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
+import gpu_check_harness as harness  # noqa: E402
 
 
 def test_help_and_dry_run_work_on_cpu():
@@ -41,33 +42,33 @@ def test_refuses_clearly_without_a_gpu(monkeypatch, tmp_path, capsys):
 
 def test_table_and_json():
     rows = [
-        gpu_check.row("train_gpu/baseline", True, "valid AUC 0.7000, 900 examples/s", 12.34, valid_auc=0.7),
-        gpu_check.row("serve_cuda_hash", False, "vs array remap: 3.0e-02", 1.0, max_logit_diff_vs_array=0.03),
-        gpu_check.row("train_2ranks", "skip", "needs 2 GPUs, 1 visible", 0.0),
+        harness.row("train_gpu/baseline", True, "valid AUC 0.7000, 900 examples/s", 12.34, valid_auc=0.7),
+        harness.row("serve_cuda_hash", False, "vs array remap: 3.0e-02", 1.0, max_logit_diff_vs_array=0.03),
+        harness.row("train_2ranks", "skip", "needs 2 GPUs, 1 visible", 0.0),
     ]
-    table = gpu_check.summary_table(rows).splitlines()
+    table = harness.summary_table(rows).splitlines()
     assert table[0].split() == ["check", "status", "s", "detail"]
     assert "train_gpu/baseline" in table[2] and " ok " in table[2] and "12.3" in table[2]
     assert "serve_cuda_hash" in table[3] and "FAIL" in table[3] and "skip" in table[4]
-    doc = json.loads(json.dumps(gpu_check.result_doc(rows, {"gpu": "test"})))
+    doc = json.loads(json.dumps(harness.result_doc(rows, {"gpu": "test"})))
     assert doc["passed"] is False and doc["complete"] is True and doc["rows"][0]["figures"]["valid_auc"] == 0.7
-    assert gpu_check.result_doc([rows[0], rows[2]], {})["passed"] is True  # a skip does not fail the run
-    assert gpu_check.result_doc([rows[0]], {}, pending=["teacher"])["passed"] is False  # incomplete never passes
+    assert harness.result_doc([rows[0], rows[2]], {})["passed"] is True  # a skip does not fail the run
+    assert harness.result_doc([rows[0]], {}, pending=["teacher"])["passed"] is False  # incomplete never passes
 
 
 def test_a_failing_check_becomes_a_row():
     def boom():
         raise RuntimeError("exit 2 | error: nproc: 2 processes\nmore")
 
-    (r,) = gpu_check.timed("train_gpu", boom)
+    (r,) = harness.timed("train_gpu", boom)
     assert r["status"] == "FAIL" and r["detail"] == "RuntimeError: exit 2 | error: nproc: 2 processes"
 
 
 def test_training_commands():
-    cmd = gpu_check.cli_command("train", Path("/x/run"), "nproc=1", "train.epochs=2", variants=("baseline",))
+    cmd = harness.cli_command("train", Path("/x/run"), "nproc=1", "train.epochs=2", variants=("baseline",))
     assert cmd[1:] == ["-m", "sparse_kd.cli", "train", "configs/demo.yaml", "output_dir=/x/run", "nproc=1",
                        "train.epochs=2", "--variants", "baseline"]
-    ctx = gpu_check.Ctx(Path("/x"), ("data.synthetic.num_users=60",), device="cpu", backend="gloo")
+    ctx = harness.Ctx(Path("/x"), ("data.synthetic.num_users=60",), device="cpu", backend="gloo")
     assert gpu_check.train_overrides(ctx, 2) == ("data.synthetic.num_users=60", "nproc=2", "train.backend=gloo",
                                                  "train.epochs=1", "train.mf_reference=false")
 
@@ -84,9 +85,9 @@ def test_plan_writes_json_after_every_check_and_keeps_the_budget(tmp_path, capsy
         seen[name] = ([r["check"] for r in doc["rows"]], doc["pending"][0], doc["complete"])
         limits[name] = limit
         now[0] += {"uvm_caching": 300.0, "teacher": 25.0}.get(name, 10.0)  # seconds it "took"
-        return [gpu_check.row(name, name != "train_gpu", "mock", 1.0)]
+        return [harness.row(name, name != "train_gpu", "mock", 1.0)]
 
-    doc = gpu_check.run_plan(plan, run_one, path, {"gpu": "mock"}, budget_s=360, gpus=1, clock=lambda: now[0])
+    doc = harness.run_plan(plan, run_one, path, {"gpu": "mock"}, budget_s=360, gpus=1, clock=lambda: now[0])
     status = {r["check"]: r["status"] for r in doc["rows"]}
     assert status == {"env": "ok", "train_gpu": "FAIL", "train_2ranks": "skip", "serve_cuda_array": "skip",
                       "uvm_caching": "ok", "teacher": "ok", "resume_cpu_to_gpu": "not run"}
@@ -106,7 +107,7 @@ def test_a_check_past_its_limit_is_killed_with_its_process_group(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
     cmd = ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; echo started; wait"]
     t0 = time.monotonic()
-    rc, timed_out, secs = gpu_check.run_limited(cmd, 1.0, tmp_path / "logs" / "x.log")
+    rc, timed_out, secs = harness.run_limited(cmd, 1.0, tmp_path / "logs" / "x.log")
     assert timed_out and rc != 0 and time.monotonic() - t0 < 30
     assert (tmp_path / "logs" / "x.log").read_text().strip() == "started"
     pid = int(pid_file.read_text())
@@ -124,7 +125,7 @@ def test_a_check_past_its_limit_is_killed_with_its_process_group(tmp_path):
 
 def test_a_child_that_fails_becomes_a_row_with_its_log(tmp_path):
     """The real child process on a machine without CUDA: it exits 2, and the row says why."""
-    ctx = gpu_check.Ctx(tmp_path)
+    ctx = harness.Ctx(tmp_path)
     env_before = dict(os.environ)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
@@ -145,7 +146,7 @@ TINY = ("data.synthetic.num_users=60", "data.synthetic.num_items=40", "data.synt
 def test_check_functions_run_on_cpu(tmp_path):
     """The check functions with gloo on CPU and tiny data: the commands run, their outputs parse,
     compress -> artifact -> Predictor serves (CPU kernels), and the Parquet loader feeds training."""
-    ctx = gpu_check.Ctx(tmp_path, TINY, device="cpu", backend="gloo")
+    ctx = harness.Ctx(tmp_path, TINY, device="cpu", backend="gloo")
     rows = gpu_check.check_train(ctx, "train_gpu", 1)
     assert {r["check"] for r in rows} == {"train_gpu/teacher_ranker", "train_gpu/baseline", "train_gpu/distilled"}
     assert all(0.0 < r["figures"]["valid_auc"] < 1.0 for r in rows)
