@@ -142,7 +142,7 @@ def train_worker(data: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
     import torch
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from bench_train import quiet, rss_mb
+    from machine import quiet, rss_mb
     from sparse_kd.data import load_dataset
     from sparse_kd.data.batching import count_dense
     from sparse_kd.data.stream import train_source

@@ -41,8 +41,7 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_train import quiet, reset_peak_rss, rss_mb  # noqa: E402
-from machine import machine_info, write_json  # noqa: E402
+from machine import machine_info, quiet, reset_peak_rss, rss_mb, write_json  # noqa: E402
 
 LAYOUTS = ("sharded", "gathered")
 PCA_DIM = 32  # the teacher ranker's text features per entity (student.teacher_text_dim's default)
@@ -51,7 +50,7 @@ PCA_DIM = 32  # the teacher ranker's text features per entity (student.teacher_t
 def worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
     """This rank's stages (see the module doc); every rank's record, in rank order."""
     import sparse_kd.teacher as teacher
-    from bench_scale import StandInEncoder
+    from scale_text import StandInEncoder
     from sparse_kd import pipeline as P
     from sparse_kd.config import config_from_dict
     from sparse_kd.data import load_dataset

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import resource
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -87,3 +90,23 @@ def write_json(path: str | Path, doc: Dict[str, Any], indent: int = 1) -> Path:
     path.write_text(json.dumps(doc, indent=indent))
     print(f"\nwrote {path}")
     return path
+
+
+def rss_mb() -> Dict[str, float]:
+    """This process's resident memory (MB): now (VmRSS), peak since start or the last
+    :func:`reset_peak_rss` (VmHWM; getrusage's ru_maxrss where /proc is missing), and
+    ru_maxrss (peak over the process's whole life)."""
+    cur = hwm = 0.0
+    for line in read("/proc/self/status").splitlines():
+        if line.startswith("VmRSS:"):
+            cur = int(line.split()[1]) / 1024
+        elif line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) / 1024
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    return {"rss_mb": round(cur, 1), "peak_rss_mb": round(hwm or maxrss, 1), "ru_maxrss_mb": round(maxrss, 1)}
+
+
+def quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("torchrec", "torch.distributed", "fbgemm_gpu", "sparse_kd"):
+        logging.getLogger(name).setLevel(logging.ERROR)
