@@ -173,7 +173,7 @@ def cmd_study(args) -> int:
         from sparse_kd.studies import distill_report, distill_study
 
         if args.report_only:
-            distill_report.summarize(cfg, Path(args.docs))
+            distill_report.summarize(cfg, Path(args.docs), from_records=True)
             return 0
         if not launched and args.seed is None and (n := nproc(cfg)) > 1:
             for seed in cfg.study.seeds:  # refuse before torchrun starts

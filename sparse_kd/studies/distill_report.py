@@ -77,9 +77,10 @@ def mf_note(mf: dict) -> str:
 
 
 
-def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
+def summarize(cfg: ExperimentConfig, docs: Path, from_records: bool = False) -> dict:
     """Mean, std, min per variant and split over seeds, per-seed deltas, targets ->
-    docs/distill_study_<name>.{md,json}."""
+    docs/distill_study_<name>.{md,json}. ``from_records``: made by ``--report-only`` from the seeds'
+    ``study_metrics.json`` (the page says so: the seeds may have run one by one)."""
     per_seed = {}
     for s in cfg.study.seeds:
         f = seed_dir(cfg, s) / "study_metrics.json"
@@ -197,8 +198,9 @@ def summarize(cfg: ExperimentConfig, docs: Path) -> dict:
     write_text(docs / f"{stem}.json", json.dumps(doc, indent=1))
 
     command = "sparse-kd " + " ".join(a for a in sys.argv[1:] if not a.startswith(("--seed", "--report-only")))
+    origin = " (this page: `--report-only`, from each seed's `study_metrics.json`)" if from_records else ""
     write_text(docs / f"{stem}.md",
-           f"# Distillation study: {cfg.name}\n\nProduced by `{command}`. Seeds: {list(per_seed)} (each sets "
+           f"# Distillation study: {cfg.name}\n\nProduced by `{command}`{origin}. Seeds: {list(per_seed)} (each sets "
            f"train.seed and data.seed); {cfg.nproc} process(es); data: {cfg.data.source}. AUC per split, mean ± std "
            f"over seeds; Δ columns against the baseline's mean. Every choice (best epoch, search candidate) is made "
            f"on validation splits only.\n\n" + "\n\n".join(sections) + "\n")
