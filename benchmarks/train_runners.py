@@ -79,7 +79,7 @@ def build_project(opts, ds, env, sharding: str, distill: bool, stand_in) -> Runn
         state["global_step"] += 1
         state["n_seen"] += out[1].numel() * env.world_size
         if env.is_main and state["global_step"] % tc.log_every == 0:
-            _parts = {k: float(v) for k, v in module.last_parts.items()}
+            _parts = {k: float(v) for k, v in module.last_parts.items()}  # what the loop's log reads (a sync), unused here
         return out
 
     r = Runner("distill" if distill else "project", sharding, step)
