@@ -1,6 +1,7 @@
 """bench_scale's text stages (``--text-users``): per rank of 2, the peak RSS of what a training run
 builds besides the model (the data, a baseline-only run's inputs, the teacher-text stage, a distilled
-student's spec, the student's sharded model with its alignment targets), with a stand-in teacher.
+student's spec, the student's sharded model with its alignment targets, the teacher ranker's sharded
+model with its users' text features replicated or split over the ranks), with a stand-in teacher.
 ``benchmarks/bench_scale.py`` says what each stage holds and runs them."""
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def text_worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
         user = P.user_text_for(cfg, ds, user, item, env)
         return user, item, P.teacher_spec(cfg, ds, user, item)
 
-    user, item, t_spec = stage("teacher_text", text_stage)
+    user, item, _ = stage("teacher_text", text_stage)  # the teacher spec it built is dropped: the teacher stages below build theirs
     spec = stage("distilled_spec", lambda: P.distilled_spec(cfg, ds, user, item, None, env=env))
     held.append(spec)
     from dataclasses import replace
@@ -109,6 +110,23 @@ def text_worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
                     for s in v.local_shards()]
         rec[f"student_model_{layout}"]["target_mb"] = round(sum(t.numel() * t.element_size() for t in targets) / 2**20, 1)
         del dmp, module, targets
+        gc.collect()
+    held.remove(spec)
+    spec = None  # not held beside the teachers
+    for layout in ("sharded", "replicated"):  # the teacher ranker's user features (features_layout)
+        tr = replace(cfg.distill.teacher_ranker, features_layout=layout)
+        c = replace(cfg, distill=replace(cfg.distill, teacher_ranker=tr))
+
+        def teacher_model() -> Any:
+            ts = P.teacher_spec(c, ds, user, item, world_size=env.world_size)
+            dmp = build_sharded(c, ds, ts, env, 0).dmp
+            rows = [ts.user_dense] + [s.tensor for k, v in dmp.state_dict().items() if frozen(k) and k.endswith(".weight")
+                                      for s in v.local_shards()]
+            return dmp, round(sum(t.numel() * t.element_size() for t in rows) / 2**20, 1)
+
+        dmp, features_mb = stage(f"teacher_model_{layout}", teacher_model)
+        rec[f"teacher_model_{layout}"]["features_mb"] = features_mb
+        del dmp
         gc.collect()
     rec["peak_rss_mb"] = _process_peak(rec)
     return long_all_gather_object(rec)
@@ -144,6 +162,10 @@ def run_text(args: argparse.Namespace, launch: Callable[..., Any]) -> List[Dict[
                   f"model holds {r['student_model_sharded']['target_mb']:.0f} MB of alignment targets sharded "
                   f"(held {r['student_model_sharded']['held_mb']:.0f} MB), "
                   f"{r['student_model_replicated']['target_mb']:.0f} MB replicated "
-                  f"(held {r['student_model_replicated']['held_mb']:.0f} MB)", flush=True)
+                  f"(held {r['student_model_replicated']['held_mb']:.0f} MB); the teacher ranker's user features "
+                  f"{r['teacher_model_sharded']['features_mb']:.0f} MB split over the ranks (model stage peak "
+                  f"{r['teacher_model_sharded']['peak_above_start_mb']:.0f} MB), "
+                  f"{r['teacher_model_replicated']['features_mb']:.0f} MB replicated "
+                  f"({r['teacher_model_replicated']['peak_above_start_mb']:.0f} MB)", flush=True)
         out += ranks
     return out

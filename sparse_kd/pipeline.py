@@ -38,25 +38,22 @@ from sparse_kd.data.heldout import write_heldout_pairs
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import check_logit_kd, train_source
 from sparse_kd.dist import DistEnv, barrier, init_distributed, long_barrier, long_broadcast_object, on_main
-from sparse_kd.distill.attention import HistoryAttention, PairFeatures
-from sparse_kd.distill.history import HistoryPairFeature, resolve_mode
-from sparse_kd.distill.rows import as_tensor
+from sparse_kd.distill.history import resolve_mode
 from sparse_kd.distill.pairs import describe_pool, pool_batch, sample_pool
-from sparse_kd.distill.transfer import learned_map, pca_reduce, transfer_map
+from sparse_kd.distill.transfer import learned_map, transfer_map
 from sparse_kd.run_folder import StaleRunError, check_run_folder, check_shared_run_folder
 from sparse_kd.run_report import write_run_report
 from sparse_kd.student.cost import ranker_cost
 from sparse_kd.student.ensemble import combine, member_name, member_seed
 from sparse_kd.student.export import check_fingerprint, write_model_meta
-from sparse_kd.student.model import arch_of, teacher_arch
+from sparse_kd.student.model import arch_of
 from sparse_kd.student.spec import RankerResult, RankerSpec, RefitSpec
 from sparse_kd.student.train import evaluate_checkpoint, predict_checkpoint, train_ranker
+from sparse_kd.teacher_inputs import TEACHER, teacher_features, teacher_spec
 from sparse_kd.teacher_source import checked_source, finished_checkpoint, reuses_teacher, source_speed
 from sparse_kd.text_stage import distilled_uses_text, text_embeddings, user_text_for, users_stay_sharded
 
 log = logging.getLogger(__name__)
-
-TEACHER = "teacher_ranker"
 
 
 def prepare_data(cfg: ExperimentConfig, env: DistEnv) -> RecDataset:
@@ -151,6 +148,7 @@ def variant_fingerprint(cfg: ExperimentConfig, name: str, distill: DistillConfig
 def _drop_unset_from_run(tr: dict) -> None:
     if not tr.get("from_run"):  # added later: runs trained before it still match
         tr.pop("from_run", None)
+    tr.pop("features_layout", None)  # where the features are held, not what the teacher computes
 
 
 def spec_cost(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, copies: int = 1) -> dict:
@@ -217,35 +215,6 @@ def check_on_main(env: DistEnv, check) -> None:
         raise err
 
 
-def teacher_features(cfg, ds, user_text, item_text) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher ranker's dense inputs: (U, Du) and (I, Di) (the students' count features and the
-    text, PCA-reduced or every dim with ``text_dim: -1``), and the items' text part (I, k). Computed
-    once per teacher: an ensemble's members share them (K copies of U x k would be K times the memory)."""
-    ub, ib = count_dense(ds)
-    tr = cfg.distill.teacher_ranker
-    k = cfg.student.teacher_text_dim if tr.text_dim == 0 else tr.text_dim
-    text = (lambda x: as_tensor(x).float()) if k == -1 else (lambda x: pca_reduce(x, k))  # noqa: E731
-    item_t = text(item_text)
-    return torch.cat([ub, text(user_text)], 1), torch.cat([ib, item_t], 1), item_t
-
-
-def teacher_spec(cfg, ds, user_text, item_text, name: str = TEACHER, features=None) -> RankerSpec:
-    """The teacher ranker (architecture: ``distill.teacher_ranker``, :func:`~sparse_kd.student.model.teacher_arch`)
-    sees the students' inputs plus text embeddings as dense features (:func:`teacher_features`, or
-    ``features`` computed by it; ``user_text`` as given by :func:`user_text_for`), with ``history_pair`` the
-    user-item history similarity (:class:`~sparse_kd.distill.history.HistoryPairFeature`), with
-    ``history_attention`` target attention over the user's earlier clicks (:class:`~sparse_kd.distill.attention.HistoryAttention`)."""
-    tr = cfg.distill.teacher_ranker
-    user_d, item_d, item_t = features if features is not None else teacher_features(cfg, ds, user_text, item_text)
-    spec = RankerSpec(name, user_d, item_d, arch=teacher_arch(cfg.student, tr))
-    ha = tr.history_attention
-    parts = ([HistoryPairFeature(ds, item_text)] if tr.history_pair else []) + (
-        [HistoryAttention(ds, item_t, ha.max_len, ha.dim, ha.kind, ha.hidden, ha.item_ids)] if ha.enabled else [])
-    if parts:
-        spec.pair_feature = parts[0] if len(parts) == 1 else PairFeatures(parts)
-    return spec
-
-
 def teacher_source(cfg: ExperimentConfig, seed: int) -> Optional[ExperimentConfig]:
     """The run whose teacher ranker ``cfg`` reuses, checked (:func:`~sparse_kd.teacher_source.checked_source`)."""
     return checked_source(cfg, seed, TEACHER)
@@ -263,12 +232,13 @@ def train_teacher(cfg, ds, user_text, item_text, env: DistEnv, seed: int, name: 
     tcfg = src or cfg
     if src is not None:
         name, seed = TEACHER, src.train.seed  # the source's teacher, with its own seed
-    members, features = [], teacher_features(tcfg, ds, user_text, item_text)  # one copy for every member
+    members, features = [], teacher_features(tcfg, ds, user_text, item_text, env.world_size)  # one copy for every member
     # the source recorded the whole teacher's speed; members train one after the other, so each
     # member's is K times it (what the ensemble's combination expects)
     speed = on_main(lambda: source_speed(src)) * tcfg.distill.teacher_ranker.ensemble if src is not None else 0.0
     for k in range(tcfg.distill.teacher_ranker.ensemble):
-        spec = teacher_spec(tcfg, ds, user_text, item_text, name=member_name(name, k), features=features)  # a fresh model each
+        spec = teacher_spec(tcfg, ds, user_text, item_text, name=member_name(name, k), features=features,
+                            world_size=env.world_size)  # a fresh model each
         if src is None:
             res = train_variant(cfg, ds, spec, env, member_seed(seed, k), want_train_logits=True)
         else:

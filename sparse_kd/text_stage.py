@@ -47,10 +47,12 @@ def users_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, students: Iterable
     """Whether the users' own text rows can stay split over the ranks for this run: several ranks,
     ``distill.user_text`` resolves to ``text`` (not ``both``: it concatenates them with the
     history rows), the teacher ranker (``cfg``'s and each of ``teachers``, a study's teacher
-    candidates) reads them PCA-reduced (not ``text_dim: -1``), and no distilled student in
+    candidates) reads them PCA-reduced (not ``text_dim: -1``, unless its ``features_layout`` is
+    ``sharded``: then every dim goes into the split table as it lies), and no distilled student in
     ``students`` needs them whole (:func:`distilled_needs_user_rows_whole`)."""
     return (world > 1 and resolve_mode(cfg.distill.user_text, ds) == "text"
-            and all(t.distill.teacher_ranker.text_dim != -1 for t in (cfg, *teachers))
+            and all(t.distill.teacher_ranker.text_dim != -1 or t.distill.teacher_ranker.features_layout == "sharded"
+                    for t in (cfg, *teachers))
             and not any(distilled_needs_user_rows_whole(dc) for dc in students))
 
 

@@ -66,6 +66,10 @@ def validate(cfg: ExperimentConfig) -> None:
     need(1 <= tr_.ensemble <= 32, "distill.teacher_ranker.ensemble", f"{tr_.ensemble} is not valid; give 1 (one model) to 32 members")
     need(tr_.dcn_layers >= 1 and tr_.dcn_rank >= 1, "distill.teacher_ranker.dcn_layers", "dcn_layers and dcn_rank must be >= 1")
     need(tr_.text_dim >= -1, "distill.teacher_ranker.text_dim", "must be -1 (every text dim), 0 (student.teacher_text_dim) or > 0")
+    k = s.teacher_text_dim if tr_.text_dim == 0 else tr_.text_dim
+    need(tr_.features_layout != "sharded" or k == -1 or k % 4 == 0, "distill.teacher_ranker.features_layout",
+         f"sharded features live in torchrec's fused tables, whose width must be a multiple of 4; the text dims are {k}: "
+         "set distill.teacher_ranker.text_dim (or student.teacher_text_dim) to a multiple of 4, or use replicated")
     if tr_.from_run:
         own = _set_beside_from_run(tr_)
         need(not own, "distill.teacher_ranker.from_run", f"the teacher is the one that run trained, as its config "
@@ -177,7 +181,8 @@ def _set_beside_from_run(tr) -> list[str]:
     from sparse_kd.config.model import TeacherRankerConfig
 
     mine, default = to_dict(tr), to_dict(TeacherRankerConfig(from_run=tr.from_run))
-    return [f"distill.teacher_ranker.{k}" for k in mine if mine[k] != default[k]]
+    # features_layout: where this run holds the features, not which teacher
+    return [f"distill.teacher_ranker.{k}" for k in mine if mine[k] != default[k] and k != "features_layout"]
 
 
 def _check_search(cfg: ExperimentConfig, key: str, prefix: str | tuple[str, ...], excluded: tuple[str, ...], why: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,14 +25,22 @@ log = logging.getLogger(__name__)
 NO_TIME = torch.iinfo(torch.int64).max  # the timestamp of a pair with no interaction: after every click
 # sparse feature -> key of its row in the alignment-target table (sparse_kd.distill.targets)
 TARGET_KEYS = {"user_id": "teacher_user", "item_id": "teacher_item"}
+# key of the teacher ranker's user features held in that frozen table (features_layout: sharded)
+USER_ROWS_KEY = "teacher_user_features"
+KEY_OWNER = {"teacher_user": "user", "teacher_item": "item", USER_ROWS_KEY: "user"}  # whose index each key looks up
 
 
-def target_ids(user: torch.Tensor, item: torch.Tensor) -> KeyedJaggedTensor:
-    """The KJT that looks up each example's alignment-target rows: one id per bag, the user's
-    index under ``teacher_user`` and the item's under ``teacher_item``."""
+def target_ids(user: torch.Tensor, item: torch.Tensor, keys: Sequence[str] = tuple(TARGET_KEYS.values())) -> KeyedJaggedTensor:
+    """The KJT that looks up each example's rows in the frozen teacher table: one id per bag and
+    key, the user's index under a user key (``teacher_user``, :data:`USER_ROWS_KEY`), the item's
+    under ``teacher_item``."""
+    keys = list(keys)
+    for k in keys:
+        if k not in KEY_OWNER:
+            raise ValueError(f"target_ids: unknown key {k!r} (known: {', '.join(KEY_OWNER)})")
     return KeyedJaggedTensor.from_lengths_sync(
-        keys=list(TARGET_KEYS.values()), values=torch.cat([user, item]).to(torch.int64),
-        lengths=torch.ones(2 * user.shape[0], dtype=torch.int32))
+        keys=keys, values=torch.cat([user if KEY_OWNER[k] == "user" else item for k in keys]).to(torch.int64),
+        lengths=torch.ones(len(keys) * user.shape[0], dtype=torch.int32))
 
 
 @dataclass
@@ -44,8 +52,9 @@ class KDBatch(Batch):
     timestamp: (B,) int64 time of each example (its interaction's; for pairs that have none, such
         as sampled pairs, :data:`NO_TIME`, later than every click), for features that may only look
         at earlier clicks (the teacher ranker's history attention); None: every click is earlier.
-    teacher_ids: :func:`target_ids` of the batch, when the ranker holds its alignment targets
-        in a sharded table (``distill.align.layout: sharded``); else None.
+    teacher_ids: :func:`target_ids` of the batch, when the ranker holds rows in the frozen
+        teacher table (``distill.align.layout: sharded``, ``distill.teacher_ranker.features_layout:
+        sharded``); else None.
     """
 
     user: torch.Tensor
@@ -135,8 +144,9 @@ class BatchBuilder:
         ds: the dataset (its features define the KJT keys).
         user_dense: (U, Du) float32 per-user dense features.
         item_dense: (I, Di) float32 per-item dense features.
-        with_target_ids: give every batch its :func:`target_ids` (a ranker with sharded
-            alignment targets).
+        target_keys: give every batch its :func:`target_ids` under these keys (a ranker with
+            rows in the frozen teacher table: sharded alignment targets, the teacher ranker's
+            sharded user features); empty: none.
 
     Example::
 
@@ -147,7 +157,7 @@ class BatchBuilder:
     """
 
     def __init__(self, ds: RecDataset, user_dense: torch.Tensor, item_dense: torch.Tensor,
-                 with_target_ids: bool = False) -> None:
+                 target_keys: Sequence[str] = ()) -> None:
         if user_dense.shape[0] != ds.num_users or item_dense.shape[0] != ds.num_items:
             raise ValueError(f"dense features for {user_dense.shape[0]} users and {item_dense.shape[0]} items, but "
                              f"the dataset has {ds.num_users} users and {ds.num_items} items: build them from this "
@@ -158,7 +168,7 @@ class BatchBuilder:
         self.all_single = all(c.single for c in self.csr)
         self.user_dense = user_dense.float().contiguous()
         self.item_dense = item_dense.float().contiguous()
-        self.with_target_ids = with_target_ids
+        self.target_keys = tuple(target_keys)
 
     @property
     def dense_dim(self) -> int:
@@ -195,7 +205,7 @@ class BatchBuilder:
             item=item,
             teacher_logits=teacher_logits.float(),
             timestamp=timestamp,
-            teacher_ids=target_ids(user, item) if self.with_target_ids else None,
+            teacher_ids=target_ids(user, item, self.target_keys) if self.target_keys else None,
         )
 
 

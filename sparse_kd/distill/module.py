@@ -13,7 +13,7 @@ from torch import nn
 from torchrec.models.dlrm import DLRM
 
 from sparse_kd.config import DistillConfig
-from sparse_kd.data.batching import KDBatch
+from sparse_kd.data.batching import TARGET_KEYS, USER_ROWS_KEY, KDBatch
 from sparse_kd.distill import losses
 from sparse_kd.distill.pairs import SAMPLED
 from sparse_kd.distill.targets import COSINE_EPS, MODULE, held_rows, lookup, target_collection
@@ -36,6 +36,10 @@ class RankerTrain(nn.Module):
             output is appended to the dense features (the teacher ranker's history features), or None.
         embedding_l2: weight of :func:`sparse_kd.distill.losses.embedding_l2` on the pooled
             embeddings (``train.embedding_l2``; 0: none).
+        user_rows_shape: (U, k) of per-user dense features held in the frozen table (the teacher
+            ranker's text features, ``distill.teacher_ranker.features_layout: sharded``), or None.
+            Looked up for every batch (batches carry ``teacher_ids``) and put into the dense input
+            right after its first ``user_dense_dim`` columns, where the replicated layout has them.
 
     Rows labelled :data:`sparse_kd.distill.pairs.SAMPLED` are sampled pairs (distill.pairs):
     they get only the KD loss on their teacher logits (``kd_sampled``) and are left out of the
@@ -54,9 +58,14 @@ class RankerTrain(nn.Module):
         pair_feature: Optional[nn.Module] = None,
         embedding_l2: float = 0.0,
         sharded_targets: bool = False,
+        user_rows_shape: Optional[tuple[int, int]] = None,
+        user_dense_dim: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
+        self.user_rows = user_rows_shape is not None
+        self.user_dense_dim = int(user_dense_dim)
+        frozen_shapes: dict[str, tuple[int, int]] = {} if user_rows_shape is None else {USER_ROWS_KEY: tuple(user_rows_shape)}
         self.embedding_l2 = float(embedding_l2)
         self.pair_feature = pair_feature
         self.distill = distill or DistillConfig()
@@ -77,8 +86,8 @@ class RankerTrain(nn.Module):
                 self.align_index[f] = feature_names.index(f)
                 self.align_heads[f] = nn.Linear(embedding_dim, (user_text if f == "user_id" else item_text).shape[1])
             if sharded_targets:
-                shapes = {f: tuple((user_text if f == "user_id" else item_text).shape) for f in al.features}
-                setattr(self, MODULE, target_collection(shapes))
+                frozen_shapes.update({TARGET_KEYS[f]: tuple((user_text if f == "user_id" else item_text).shape)
+                                      for f in al.features})
             else:
                 # cosine is blind to the target's length: keep unit rows, so the loss can be
                 # computed in the embedding space (:func:`cosine_align_from_head`)
@@ -88,10 +97,20 @@ class RankerTrain(nn.Module):
                                      persistent=False)
                 self.register_buffer("item_text", held_rows(item_text, unit) if "item_id" in al.features else None,
                                      persistent=False)
+        self.frozen_keys = tuple(frozen_shapes)
+        if frozen_shapes:
+            setattr(self, MODULE, target_collection(frozen_shapes))
 
     def forward(self, batch: KDBatch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         m = self.model
+        table = getattr(self, MODULE, None)
+        # one lookup per batch: always for the user features, in training for the alignment targets
+        rows = lookup(table, batch.teacher_ids, self.frozen_keys) if table is not None and (
+            self.user_rows or (self.align_heads and self.training)) else {}
         dense_in = batch.dense_features  # (B, Du + Di)
+        if self.user_rows:  # (B, Du + k + Di): the user's features after its own columns
+            du = self.user_dense_dim
+            dense_in = torch.cat([dense_in[:, :du], rows[USER_ROWS_KEY], dense_in[:, du:]], 1)
         if self.pair_feature is not None:
             dense_in = torch.cat([dense_in, self.pair_feature(batch.user, batch.item, batch.timestamp)], 1)  # (B, Du + Di + P)
         dense = m.dense_arch(dense_in)  # (B, D)
@@ -119,8 +138,7 @@ class RankerTrain(nn.Module):
             parts["kd_sampled"] = losses.masked_mean(kd_s, 1.0 - obs)
             loss = loss + pk.weight * parts["kd_sampled"]
         if self.align_heads and self.training:
-            sharded = getattr(self, MODULE, None)
-            targets = lookup(sharded, batch.teacher_ids, self.align_heads.keys()) if sharded is not None else {}
+            targets = {f: rows[TARGET_KEYS[f]] for f in self.align_heads if TARGET_KEYS[f] in rows}
             for f, head in self.align_heads.items():
                 emb = sparse[:, self.align_index[f], :]  # (B, D)
                 ids = batch.user if f == "user_id" else batch.item

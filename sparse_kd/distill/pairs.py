@@ -101,7 +101,8 @@ def concat_batches(a: KDBatch, b: KDBatch) -> KDBatch:
         item=torch.cat([a.item, b.item]),
         teacher_logits=torch.cat([a.teacher_logits, b.teacher_logits]),
         timestamp=None if a.timestamp is None and b.timestamp is None else torch.cat([_times(a), _times(b)]),
-        teacher_ids=None if a.teacher_ids is None else target_ids(torch.cat([a.user, b.user]), torch.cat([a.item, b.item])),
+        teacher_ids=None if a.teacher_ids is None else target_ids(torch.cat([a.user, b.user]), torch.cat([a.item, b.item]),
+                                                                  a.teacher_ids.keys()),
     )
 
 

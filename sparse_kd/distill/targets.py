@@ -20,6 +20,10 @@ The table is never trained:
 - checkpoints do not save it (:data:`sparse_kd.checkpoint.FROZEN_MODULE`).
 Its rows are written from their source at every start (:func:`write_targets`), each rank only
 its own shard. The loss is the same as with replicated targets (tested).
+
+The teacher ranker's user features can live in the same table
+(``distill.teacher_ranker.features_layout: sharded``, key :data:`~sparse_kd.data.batching.USER_ROWS_KEY`):
+looked up for every batch, training or not, and put into its dense input.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from sparse_kd.checkpoint import FROZEN_MODULE, frozen
-from sparse_kd.data.batching import TARGET_KEYS
+from sparse_kd.data.batching import USER_ROWS_KEY
 
 MODULE = FROZEN_MODULE  # the training wrapper's attribute that holds the table
 AUTO_SHARD_BYTES = 1 << 30  # layout auto: shard when a rank would hold more than this replicated
@@ -78,51 +82,56 @@ def sharded_layout(layout: str, shapes: Mapping[str, tuple[int, int]], world_siz
 
 
 def target_collection(shapes: Mapping[str, tuple[int, int]]) -> EmbeddingBagCollection:
-    """feature -> (rows, H) => an EmbeddingBagCollection on ``meta`` with one table per feature,
-    named and keyed ``TARGET_KEYS[feature]``, with a no-op in-backward optimizer (SGD, lr 0:
-    torchrec's fused kernels need one)."""
-    for f, (n, h) in shapes.items():
+    """table key -> (rows, H) => an EmbeddingBagCollection on ``meta`` with one table per key
+    (:data:`~sparse_kd.data.batching.TARGET_KEYS` values, :data:`~sparse_kd.data.batching.USER_ROWS_KEY`),
+    named and keyed by it, with a no-op in-backward optimizer (SGD, lr 0: torchrec's fused kernels
+    need one)."""
+    for key, (n, h) in shapes.items():
         if h % 4:
-            raise ValueError(f"distill.align.layout=sharded: the {f} targets have {h} dims; torchrec's fused tables "
-                             "need a multiple of 4. Use distill.align.layout=replicated")
-    tables = [EmbeddingBagConfig(name=TARGET_KEYS[f], embedding_dim=h, num_embeddings=n, feature_names=[TARGET_KEYS[f]],
-                                 pooling=PoolingType.SUM) for f, (n, h) in shapes.items()]
+            fix = "distill.teacher_ranker.features_layout=replicated" if key == USER_ROWS_KEY else \
+                "distill.align.layout=replicated"
+            raise ValueError(f"a sharded {key} table would have {h} dims; torchrec's fused tables need a multiple of 4. "
+                             f"Use {fix}")
+    tables = [EmbeddingBagConfig(name=key, embedding_dim=h, num_embeddings=n, feature_names=[key],
+                                 pooling=PoolingType.SUM) for key, (n, h) in shapes.items()]
     ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
     apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.0})
     return ebc
 
 
-def lookup(table: torch.nn.Module, ids: KeyedJaggedTensor, features) -> dict[str, torch.Tensor]:
-    """feature -> (B, H) target rows of the batch (detached: the table is never trained)."""
+def lookup(table: torch.nn.Module, ids: KeyedJaggedTensor, keys) -> dict[str, torch.Tensor]:
+    """table key -> (B, H) rows of the batch for each of ``keys`` (detached: the table is never
+    trained). The keys are named, not read from the output: the train pipeline traces this with
+    torch.fx, which cannot iterate its proxies."""
     out = table(ids).to_dict()  # an attribute: waits on a sharded module's awaitable
-    return {f: out[TARGET_KEYS[f]].detach() for f in features}
+    return {k: out[k].detach() for k in keys}
 
 
 @torch.no_grad()
 def write_targets(dmp: torch.nn.Module, sources: Mapping[str, torch.Tensor], unit: bool = False) -> dict[str, int]:
-    """Write this rank's shards of the target tables from ``sources`` (feature -> (N, H)), scaled to
-    unit rows when ``unit`` (cosine alignment); returns feature -> rows this rank holds.
+    """Write this rank's shards of the frozen tables ``sources`` names (table key -> (N, H) rows),
+    scaled to unit rows when ``unit`` (cosine alignment); returns key -> rows this rank holds.
+    Tables not named keep their rows.
 
     Only the rows of the local shards are read from each source, :data:`WRITE_CHUNK` at a time,
     so a source that reads rows lazily (a memory map) is never read whole by any rank."""
-    by_key = {TARGET_KEYS[f]: f for f in sources}
     held: dict[str, int] = {}
     sd = {k: v for k, v in dmp.state_dict().items() if frozen(k) and k.endswith(".weight")}
     sources = dict(sources)
-    for f in sorted(f for f, s in sources.items() if getattr(s, "sharded", False)):  # a collective per feature
-        held[f] = _write_sharded(sd, TARGET_KEYS[f], sources.pop(f), unit)
-    for key, value in sd.items():
-        f = by_key[key.split(".")[-2]]
-        if f not in sources:  # written above, from rows split over the ranks
+    for key in sorted(k for k, s in sources.items() if getattr(s, "sharded", False)):  # a collective per table
+        held[key] = _write_sharded(sd, key, sources.pop(key), unit)
+    for name, value in sd.items():
+        key = name.split(".")[-2]
+        if key not in sources:  # written above, from rows split over the ranks, or not asked for
             continue
-        src = sources[f]
+        src = sources[key]
         shards = [(tuple(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()] \
             if hasattr(value, "local_shards") else [((0, 0), value)]
-        held[f] = 0
+        held[key] = 0
         for (r0, c0), t in shards:
             n, d = t.shape
             if c0 == 0:
-                held[f] += n
+                held[key] += n
             for lo in range(0, n, WRITE_CHUNK):
                 hi = min(n, lo + WRITE_CHUNK)
                 t[lo:hi].copy_(target_block(src, r0 + lo, r0 + hi, unit)[:, c0 : c0 + d])  # onto the shard's device

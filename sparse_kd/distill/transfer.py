@@ -52,10 +52,14 @@ class ProjectedRows:
         """Whether the text is split over the ranks: read it after :meth:`localize`."""
         return bool(getattr(self.text, "sharded", False))
 
-    def localize(self, ranges: list[tuple[int, int]]) -> "ProjectedRows":
+    def localize(self, ranges: list[tuple[int, int]], into: Optional[list[torch.Tensor]] = None) -> "ProjectedRows":
         """Collective (sharded text): the same rows over this rank's ``ranges``, projected where the
-        text lies (D dims travel, not H)."""
-        rows = self.text.mapped(lambda x: self.project(x).float(), self.dim).localize(ranges)
+        text lies (D dims travel, not H). ``into``: tensors that receive the rows, one per range
+        (:meth:`~sparse_kd.teacher.sharded_rows.ShardedRows.localize`); only for rows that are the
+        projection alone (factor 1, nothing skipped)."""
+        if into is not None and (self.factor != 1.0 or self.skip is not None):
+            raise ValueError("ProjectedRows.localize: rows with a factor or skipped rows cannot be received in place")
+        rows = self.text.mapped(lambda x: self.project(x).float(), self.dim).localize(ranges, into)
         return ProjectedRows(rows, lambda x: x, self.dim, self.factor, self.skip)
 
     def __getitem__(self, idx) -> torch.Tensor:
@@ -84,10 +88,16 @@ class ProjectedRows:
 
 def pca_projection(text: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (H,) and the top-``dim`` principal directions (H, dim) of text (N, H)."""
+    mean, basis, _ = _pca(text, dim)
+    return mean, basis
+
+
+def _pca(text, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean (H,), top-``dim`` directions (H, dim) and the covariance (H, H, float64) of text (N, H)."""
     # text may be a row source read by blocks (e.g. :class:`~sparse_kd.distill.history.HistoryRows`)
     n = text.shape[0]
     mean, cov = _moments(lambda lo, hi: text[lo:hi], n, text.shape[1], n)
-    return mean.float(), top_directions(cov, dim)
+    return mean.float(), top_directions(cov, dim), cov
 
 
 def _moments(read: Callable[[int, int], torch.Tensor], n_here: int, dim: int, n: int,
@@ -131,6 +141,24 @@ def pca_reduce(text: torch.Tensor, dim: int) -> torch.Tensor:
     return z / z.std(0, keepdim=True).clamp_min(1e-6)
 
 
+def pca_rows(text, dim: int) -> ProjectedRows:
+    """:func:`pca_reduce` as a row source: the same unit-variance PCA coordinates (N, dim), computed
+    for the rows a reader asks for, so no rank holds all N of them (the teacher ranker's user
+    features split over the ranks, ``distill.teacher_ranker.features_layout: sharded``). Rows split
+    over the ranks stay where they lie (a collective here, and in ``localize``).
+
+    Column j's standard deviation comes from the covariance C the directions were taken from,
+    sqrt(b_j^T C b_j), instead of a pass over the projected rows: what ``z.std(0)`` gives, up to
+    float32 rounding."""
+    if getattr(text, "sharded", False):
+        mean, basis, cov = sharded_pca_projection(text, dim, with_cov=True)
+    else:
+        mean, basis, cov = _pca(text, dim)
+    b = basis.double()
+    std = ((b * (cov @ b)).sum(0).clamp_min(0.0).sqrt().float()).clamp_min(1e-6)  # (dim,)
+    return ProjectedRows(text, lambda x: ((x - mean) @ basis) / std, basis.shape[1])
+
+
 def _sharded_pca_reduce(rows, dim: int) -> torch.Tensor:
     """:func:`pca_reduce` of a ``ShardedRows``: the projection of :func:`sharded_pca_projection`,
     each rank's block projected where it lies and the (D, dim) projections gathered."""
@@ -139,10 +167,11 @@ def _sharded_pca_reduce(rows, dim: int) -> torch.Tensor:
     return z / z.std(0, keepdim=True).clamp_min(1e-6)
 
 
-def sharded_pca_projection(rows, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sharded_pca_projection(rows, dim: int, with_cov: bool = False) -> tuple[torch.Tensor, ...]:
     """:func:`pca_projection` of a ``ShardedRows`` (a collective): each distinct row weighted by how
     many of the N rows it is, mean and covariance summed over the ranks, the basis decided on
-    rank 0 and sent to every rank (one basis, whatever each rank's LAPACK gives)."""
+    rank 0 and sent to every rank (one basis, whatever each rank's LAPACK gives). ``with_cov``:
+    the summed covariance (H, H, float64) too, the same on every rank."""
     import torch.distributed as dist
 
     from sparse_kd.dist import long_all_reduce, long_broadcast_object
@@ -151,7 +180,8 @@ def sharded_pca_projection(rows, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     mean, cov = _moments(lambda lo, hi: rows.local[lo:hi], rows.local.shape[0], rows.dim, rows.shape[0], counts,
                          long_all_reduce)
     first = not dist.is_initialized() or dist.get_rank() == 0
-    return mean.float(), long_broadcast_object(top_directions(cov, dim) if first else None)
+    basis = long_broadcast_object(top_directions(cov, dim) if first else None)
+    return (mean.float(), basis, cov) if with_cov else (mean.float(), basis)
 
 
 def _sharded_rms(rows, project: Callable[[torch.Tensor], torch.Tensor]) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -53,6 +53,11 @@ class RankerSpec:
     kd_pool, kd_pool_logits: sampled unobserved pairs (P_pool,) and the teacher's logits on them
         (P_pool,), added to every training batch for KD (``distill.pairs``), or None.
     arch: the ranker's architecture when it is not the student's (the teacher ranker), or None.
+    user_rows: (U, k) more per-user dense features, held in a frozen row_wise table split over the
+        ranks instead of in ``user_dense`` (the teacher ranker's text features with
+        ``distill.teacher_ranker.features_layout: sharded``): a tensor or a row source read by
+        slices (:class:`~sparse_kd.distill.transfer.ProjectedRows`), each rank reading only its
+        shards' rows. The dense input is the same as with them as ``user_dense``'s last columns.
     """
 
     name: str
@@ -68,12 +73,14 @@ class RankerSpec:
     kd_pool: Optional[Interactions] = None
     kd_pool_logits: Optional[torch.Tensor] = None
     arch: Optional[Arch] = None
+    user_rows: Optional[Any] = None
 
     @property
     def dense_dim(self) -> int:
-        """Width of the DLRM's dense input: user + item dense features (+ pair features)."""
+        """Width of the DLRM's dense input: user (+ user rows) + item dense features (+ pair features)."""
         extra = self.pair_feature.dim if self.pair_feature is not None else 0
-        return self.user_dense.shape[1] + self.item_dense.shape[1] + extra
+        rows = self.user_rows.shape[1] if self.user_rows is not None else 0
+        return self.user_dense.shape[1] + rows + self.item_dense.shape[1] + extra
 
 
 @dataclass

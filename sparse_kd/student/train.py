@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from sparse_kd import checkpoint as ckpt
 from sparse_kd.config import ExperimentConfig
-from sparse_kd.data.batching import BatchBuilder
+from sparse_kd.data.batching import TARGET_KEYS, USER_ROWS_KEY, BatchBuilder
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import train_source
 from sparse_kd.dist import DistEnv, on_main
@@ -77,10 +77,15 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
         user_rows = user_rows.full()  # replicated targets: every rank holds every user's row (a collective)
         if env.is_main:
             log.info("[%s] replicated alignment targets: every user's text row gathered on every rank", spec.name)
+    features = spec.user_rows  # the teacher ranker's user features split over the ranks, or None
     module = RankerTrain(dlrm, spec.distill, ds.feature_names, user_rows, spec.item_text,
                          embedding_dim=arch.embedding_dim, pair_feature=spec.pair_feature,
-                         embedding_l2=cfg.train.embedding_l2, sharded_targets=sharded_targets)
-    builder = BatchBuilder(ds, spec.user_dense, spec.item_dense, with_target_ids=sharded_targets)
+                         embedding_l2=cfg.train.embedding_l2, sharded_targets=sharded_targets,
+                         user_rows_shape=None if features is None else tuple(features.shape),
+                         user_dense_dim=spec.user_dense.shape[1])
+    keys = ((USER_ROWS_KEY,) if features is not None else ()) + (
+        tuple(TARGET_KEYS[f] for f in al.features) if sharded_targets else ())
+    builder = BatchBuilder(ds, spec.user_dense, spec.item_dense, target_keys=keys)
     opt_cls, opt_kwargs = sparse_optimizer(cfg.train)
     apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
     plan = build_plan(module, sc, env.world_size, env.device.type, local_world_size=env.local_world_size,
@@ -94,8 +99,11 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     if written and env.is_main:
         log.info("[%s] weight transfer: rows seeded from text per feature: %s", spec.name, written)
     if sharded_targets:
-        held = write_targets(dmp, {f: texts[f] for f in al.features}, unit=al.kind == "cosine")  # sharded rows: a collective
+        held = write_targets(dmp, {TARGET_KEYS[f]: texts[f] for f in al.features}, unit=al.kind == "cosine")  # a collective where rows are split
         log.info("[%s] alignment targets sharded row_wise: rank %d holds %s rows", spec.name, env.rank, held)
+    if features is not None:
+        held = write_targets(dmp, {USER_ROWS_KEY: features})
+        log.info("[%s] user features sharded row_wise: rank %d holds %s rows", spec.name, env.rank, held)
     optimizer, lazy = combined_optimizer(dmp, cfg.train)
     return ShardedRanker(builder, module, dmp, optimizer, lazy)
 

@@ -33,4 +33,7 @@ def test_text_stage_memory_quick(tmp_path: Path) -> None:
         # the student's alignment targets: about half per rank of 2 when sharded row_wise
         sharded, replicated = r["student_model_sharded"]["target_mb"], r["student_model_replicated"]["target_mb"]
         assert 0.4 * replicated <= sharded <= 0.6 * replicated, r
+        # the teacher ranker's user features (count + 64 text dims replicated; count + half the text split)
+        split, whole = r["teacher_model_sharded"]["features_mb"], r["teacher_model_replicated"]["features_mb"]
+        assert 0.45 * whole <= split <= 0.6 * whole, r
     assert "text stages, 2,000 users, rank 1" in proc.stdout

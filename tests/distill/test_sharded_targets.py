@@ -21,9 +21,11 @@ def _distill(layout: str) -> dict:
 
 
 def test_target_dims_must_suit_fused_tables():
-    with pytest.raises(ValueError, match=r"user_id targets have 10 dims.*layout=replicated"):
-        target_collection({"user_id": (5, 10)})
-    ebc = target_collection({"item_id": (7, 12)})
+    with pytest.raises(ValueError, match=r"teacher_user table would have 10 dims.*align.layout=replicated"):
+        target_collection({"teacher_user": (5, 10)})
+    with pytest.raises(ValueError, match=r"teacher_user_features table would have 6 dims.*features_layout=replicated"):
+        target_collection({"teacher_user_features": (5, 6)})
+    ebc = target_collection({"teacher_item": (7, 12)})
     assert [t.name for t in ebc.embedding_bag_configs()] == ["teacher_item"]
 
 

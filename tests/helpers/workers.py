@@ -144,9 +144,9 @@ def sharded_targets_worker(cfg: ExperimentConfig) -> dict:
     user = torch.arange(ds.num_users).flip(0)[env.rank :: env.world_size]
     item = torch.arange(ds.num_items)[env.rank :: env.world_size][: user.shape[0]]
     user = user[: item.shape[0]]
-    rows = lookup(getattr(dmp.module, MODULE), target_ids(user, item), ("user_id", "item_id"))
-    err = max(float((rows["user_id"] - unit_rows(ut)[user]).abs().max()),
-              float((rows["item_id"] - unit_rows(it)[item]).abs().max()))
+    rows = lookup(getattr(dmp.module, MODULE), target_ids(user, item), ("teacher_user", "teacher_item"))
+    err = max(float((rows["teacher_user"] - unit_rows(ut)[user]).abs().max()),
+              float((rows["teacher_item"] - unit_rows(it)[item]).abs().max()))
     return {"held": held, "max_err": err, "n": int(user.shape[0])}
 
 
@@ -160,4 +160,47 @@ def train_many_worker(cfgs: list) -> list[dict]:
         ds = tiny_dataset(cfg)
         res = train_ranker(cfg, ds, baseline_spec(ds), Path(cfg.output_dir) / "baseline", env, seed=0)
         out.append({"metrics": res.metrics})
+    return out
+
+
+def sharded_features_worker(cfg: ExperimentConfig, cases: list) -> dict:
+    """Train the tiny teacher ranker with its users' text features replicated and sharded
+    (``distill.teacher_ranker.features_layout``) for each case (text_dim, users' rows split over
+    the ranks as a ``ShardedRows``): the metrics of each, the feature rows this rank holds, and
+    the replicated run's checkpoint evaluated under the sharded layout."""
+    import dataclasses
+
+    from sparse_kd.checkpoint import frozen
+    from sparse_kd.dist import split_range
+    from sparse_kd.student.train import evaluate_checkpoint
+    from sparse_kd.teacher.sharded_rows import ShardedRows
+    from sparse_kd.teacher_inputs import teacher_spec
+
+    _quiet()
+    env = init_distributed("gloo", 120)
+    ds = tiny_dataset(cfg)
+    g = torch.Generator().manual_seed(7)
+    scale = torch.linspace(3.0, 0.5, 12)  # distinct variances: a stable PCA
+    ut, it = torch.randn(ds.num_users, 12, generator=g) * scale, torch.randn(ds.num_items, 12, generator=g) * scale
+    lo, hi = split_range(ds.num_users, env.rank, env.world_size)
+    out: dict = {}
+    for text_dim, split_users in cases:
+        case = f"{text_dim}_{'split' if split_users else 'whole'}"
+        res = {}
+        for layout in ("replicated", "sharded"):
+            tr = dataclasses.replace(cfg.distill.teacher_ranker, text_dim=text_dim, features_layout=layout)
+            c = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher_ranker=tr))
+            users = ShardedRows(ut[lo:hi].clone(), torch.arange(ds.num_users), lo, ds.num_users) \
+                if split_users and layout == "sharded" else ut  # replicated: every row, as the gathered run has
+            spec = teacher_spec(c, ds, users, it, world_size=env.world_size)
+            r = train_ranker(c, ds, spec, Path(c.output_dir) / case / layout, env, seed=0)
+            res[layout] = {"metrics": r.metrics, "dense_cols": spec.user_dense.shape[1], "checkpoint": r.checkpoint}
+            if layout == "sharded":  # the replicated run's checkpoint, evaluated with the features sharded
+                res["cross"] = evaluate_checkpoint(c, ds, spec, res["replicated"]["checkpoint"], env, 0).metrics
+                dmp = build_sharded(c, ds, spec, env, 0).dmp
+                res["held"] = {k.split(".")[-2]: sum(s.tensor.shape[0] for s in v.local_shards())
+                               for k, v in dmp.state_dict().items() if frozen(k) and k.endswith(".weight")}
+        for layout in ("replicated", "sharded"):
+            res[layout]["checkpoint"] = str(res[layout]["checkpoint"])
+        out[case] = res
     return out

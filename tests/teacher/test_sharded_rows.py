@@ -238,10 +238,10 @@ def run_worker(cfg, sharded: bool) -> dict:
     real_features, real_stay = P.teacher_features, P.users_stay_sharded
     real_tables, real_targets = T.write_tables, T.write_targets
 
-    def features(cfg_, ds, user_text, item_text):
+    def features(cfg_, ds, user_text, item_text, *args):
         seen["rows"] = type(user_text).__name__
-        out = real_features(cfg_, ds, user_text, item_text)
-        seen["user_dense"] = out[0]
+        out = real_features(cfg_, ds, user_text, item_text, *args)
+        seen["user_dense"] = out.user_dense
         return out
 
     def read(dmp, sources, table_of) -> dict:
@@ -257,7 +257,7 @@ def run_worker(cfg, sharded: bool) -> dict:
         held = real_targets(dmp, sources, unit)
         from sparse_kd.checkpoint import frozen
 
-        by_key = {TARGET_KEYS[f]: f for f in sources}
+        by_key = {TARGET_KEYS[f]: f for f in TARGET_KEYS}
         seen["targets"] = {by_key[k.split(".")[-2]]: [s.tensor.clone() for s in sorted(
             v.local_shards(), key=lambda s: tuple(s.metadata.shard_offsets))]
             for k, v in dmp.state_dict().items() if frozen(k) and k.endswith(".weight")}  # what the shards now hold
