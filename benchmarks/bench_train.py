@@ -1,7 +1,7 @@
 """Student training throughput: the project's loop vs a plain torchrec loop, with and without distillation.
 
 One command measures examples/s of the training step at 1 and 2 CPU processes, for table_wise,
-row_wise and column_wise sharding of every table, in three variants:
+row_wise and column_wise sharding of every table, in these variants:
 
 * ``plain``    torchrec's minimum: ``torchrec.models.dlrm.DLRMTrain`` (same DLRM, same tables) +
                the same fused in-backward row-wise Adagrad + the same hand-built plan +
@@ -12,7 +12,10 @@ row_wise and column_wise sharding of every table, in three variants:
                construction), the ``RankerTrain`` wrapper, the loop's per-step bookkeeping;
 * ``distill``  the same with logit KD + feature alignment (cosine, user_id and item_id) + weight
                transfer (PCA) on, from random stand-in text embeddings (``--text-dim``, MiniLM's
-               384 by default) and random teacher logits, so no BERT is needed.
+               384 by default) and random teacher logits, so no BERT is needed;
+* ``teacher``  the teacher ranker's step (not in the default list): the student's architecture
+               plus the stand-in text, PCA-reduced, as dense features, its users' part held as
+               ``--features-layout`` says (``distill.teacher_ranker.features_layout``).
 
 Every variant of one process count is built in the same processes and measured in interleaved
 rounds (``--steps`` timed steps per variant per round, between barriers, after ``--warmup``
@@ -47,7 +50,7 @@ from machine import machine_info, quiet, read as _read, rss_mb, write_json  # no
 from train_runners import Runner, build_plain, build_project, profile_steps  # noqa: E402
 
 SHARDINGS = ("table_wise", "row_wise", "column_wise")
-VARIANTS = ("plain", "project", "distill")
+VARIANTS = ("plain", "project", "distill", "teacher")
 TARGETS = {"project/plain": 0.9, "distill/project": 0.9}
 
 
@@ -76,7 +79,7 @@ def worker(opts: Dict[str, Any], ds, stand_in) -> Dict[str, Any]:
             if v == "plain":
                 runners.append(build_plain(opts, ds, env, sh, opts["prebuilt"]))
             else:
-                runners.append(build_project(opts, ds, env, sh, v == "distill", stand_in))
+                runners.append(build_project(opts, ds, env, sh, v, stand_in))
     build_s = time.perf_counter() - t0
     for r in runners:  # warm-up: pipeline fill, lazy optimizer state, allocator
         for _ in range(opts["warmup"]):
@@ -141,13 +144,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--align-kind", default="cosine", choices=("cosine", "mse", "infonce"))
     p.add_argument("--align-layout", default="replicated", choices=("replicated", "sharded"),
                    help="distill.align.layout: alignment targets on every rank, or in a row_wise sharded table")
+    p.add_argument("--features-layout", default="replicated", choices=("replicated", "sharded"),
+                   help="distill.teacher_ranker.features_layout of the teacher variant: its users' text features "
+                        "on every rank, or in a row_wise sharded table")
     p.add_argument("--distill", default="logit,align,transfer", help="distillation methods on in the distill variant")
     p.add_argument("--nprocs", default="1,2")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads per process (0: usable cores / nproc). Default 1: on a shared machine "
                         "OpenMP's spin-waiting makes 2 threads in one process up to ~10x slower (OMP_WAIT_POLICY=PASSIVE avoids it)")
     p.add_argument("--shardings", default=",".join(SHARDINGS))
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default="plain,project,distill", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant before the rounds")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     p.add_argument("--rounds", type=int, default=15)
@@ -227,7 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for n in sorted(args.nproc_list, key=lambda n: (n == 1, n)):
         opts = {
             "synthetic": syn, "batch": args.batch, "dim": args.dim, "align_kind": args.align_kind,
-            "align_layout": args.align_layout,
+            "align_layout": args.align_layout, "features_layout": args.features_layout,
             "distill_parts": args.distill_parts,
             "shardings": args.sharding_list, "variants": args.variant_list, "warmup": args.warmup,
             "steps": args.steps, "rounds": args.rounds, "prebuilt": args.prebuilt, "threads": args.threads or max(1, cores // n),
@@ -297,6 +303,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "synthetic": syn, "train_examples": n_train, "features": ds.feature_names,
             "table_rows": {f.name: f.num_embeddings for f in ds.features}, "global_batch": args.batch,
             "dim": args.dim, "text_dim": args.text_dim, "align_kind": args.align_kind, "align_layout": args.align_layout,
+            "features_layout": args.features_layout,
             "distill": args.distill_parts, "nprocs": args.nproc_list,
             "shardings": args.sharding_list, "variants": args.variant_list, "warmup": args.warmup,
             "steps": args.steps, "rounds": args.rounds, "prebuilt": args.prebuilt, "quick": args.quick,

@@ -49,9 +49,12 @@ def _endless(split, builder, global_batch: int, rank: int, world: int, seed: int
         yield from train_batches(split, builder, global_batch, rank, world, epoch, seed, teacher_logits)
 
 
-def build_project(opts, ds, env, sharding: str, distill: bool, stand_in) -> Runner:
+def build_project(opts, ds, env, sharding: str, kind: str, stand_in) -> Runner:
     """The recipe of ``train_ranker`` (sparse_kd/student/train.py): its ``build_sharded`` and
-    loop body, minus checkpoints, evaluation and the CSV/TensorBoard writer."""
+    loop body, minus checkpoints, evaluation and the CSV/TensorBoard writer. ``kind``: ``project``
+    (the baseline student), ``distill`` (the distilled student) or ``teacher`` (the teacher ranker:
+    the student's architecture plus the stand-in text PCA-reduced, its users' part held as
+    ``opts["features_layout"]`` says)."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from sparse_kd.data.batching import count_dense
@@ -59,9 +62,18 @@ def build_project(opts, ds, env, sharding: str, distill: bool, stand_in) -> Runn
     from sparse_kd.student.spec import RankerResult, RankerSpec
     from sparse_kd.student.train import build_sharded
 
+    distill = kind == "distill"
     cfg = _config(opts, sharding, env.world_size, distill)
     tc = cfg.train
-    if distill:
+    if kind == "teacher":
+        from dataclasses import replace
+
+        from sparse_kd.teacher_inputs import teacher_spec
+
+        tr = replace(cfg.distill.teacher_ranker, features_layout=opts["features_layout"])
+        cfg = replace(cfg, distill=replace(cfg.distill, teacher_ranker=tr))
+        spec = teacher_spec(cfg, ds, stand_in[0], stand_in[1], world_size=env.world_size)
+    elif distill:
         user_text, item_text, teacher_logits = stand_in
         teacher = RankerResult("teacher_ranker", {}, None, train_logits=teacher_logits)
         spec = distilled_spec(cfg, ds, user_text, item_text, teacher, name="distilled")
@@ -82,7 +94,7 @@ def build_project(opts, ds, env, sharding: str, distill: bool, stand_in) -> Runn
             _parts = {k: float(v) for k, v in module.last_parts.items()}  # what the loop's log reads (a sync), unused here
         return out
 
-    r = Runner("distill" if distill else "project", sharding, step)
+    r = Runner(kind, sharding, step)
     r.module = module  # type: ignore[attr-defined]
     return r
 

@@ -70,3 +70,16 @@ def test_bench_train_and_scale_quick(tmp_path: Path) -> None:
     assert all(r["peak_rss_mb"] > 0 and r["examples_per_s"] > 0 for r in data["results"])
     assert {s["variant"] for s in data["summary"]} == {"1proc", "2proc_table_wise", "2proc_row_wise"}
     assert "2proc_row_wise" in scale_out
+
+
+def test_bench_train_teacher_variant_quick(tmp_path: Path) -> None:
+    """The teacher ranker's step with its users' text features in the sharded frozen table."""
+    out = tmp_path / "teacher.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--quick", "--nprocs", "2",
+                           "--shardings", "row_wise", "--variants", "project,teacher", "--features-layout", "sharded",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["config"]["features_layout"] == "sharded"
+    assert {r["variant"] for r in data["results"]} == {"project", "teacher"}
+    assert all(r["examples_per_s"] > 0 for r in data["results"])
