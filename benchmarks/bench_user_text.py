@@ -88,7 +88,7 @@ def worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
         return ds
 
     ds = stage("data", load)
-    assert P.users_stay_sharded(cfg, ds, [cfg.distill], env.world_size)  # what run_training would do
+    assert P.users_stay_sharded(cfg, ds, env.world_size)  # what run_training would do
 
     def text_stage() -> Any:
         user, item = P.text_embeddings(cfg, ds, env, shard_users=sharded)

@@ -331,14 +331,16 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
 
 def _learned_maps(cfg: ExperimentConfig, ds: RecDataset, teacher: RankerResult, texts: dict, warm: dict) -> dict:
     """feature -> the ``learned`` transfer map, fitted on rank 0 from the teacher ranker's table of
-    that feature alone (read from its checkpoint, verified once) and sent to every rank."""
+    that feature alone (read from its checkpoint, verified once) and sent to every rank. Text rows
+    split over the ranks are fitted where they lie, every rank reading the teacher's table (a collective)."""
     from sparse_kd.student.refit import read_table
 
-    def fit() -> dict:
-        path = _teacher_checkpoint(cfg, teacher)
-        return {f: learned_map(texts[f], read_table(path, f), warm[f]) for f in texts}
-
-    return on_main(fit)
+    split = sorted(f for f in texts if getattr(texts[f], "sharded", False))
+    path = on_main(lambda: _teacher_checkpoint(cfg, teacher))
+    maps = on_main(lambda: {f: learned_map(texts[f], read_table(path, f), warm[f]) for f in texts if f not in split})
+    for f in split:
+        maps[f] = learned_map(texts[f], read_table(path, f), warm[f])
+    return maps
 
 
 def _teacher_checkpoint(cfg: ExperimentConfig, teacher: RankerResult):
@@ -388,9 +390,8 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
     # another run's teacher (distill.teacher_ranker.from_run), read once
     source = on_main(lambda: teacher_source(cfg, seed)) if TEACHER in trained_variants(cfg, variants) else None
     if uses_text(cfg, variants):  # a baseline-only run encodes and holds no text
-        students = [cfg.distill] if "distilled" in variants else []
         user_text, item_text = text_embeddings(cfg, ds, env, shard_users=users_stay_sharded(
-            cfg, ds, students, env.world_size, [source] if source is not None else []))  # what a reused teacher reads too
+            cfg, ds, env.world_size, [source] if source is not None else []))  # what a reused teacher reads too
         user_text = user_text_for(cfg, ds, user_text, item_text, env)
     results: dict[str, RankerResult] = {}
     costs: dict[str, dict] = {}  # what each ranker costs (parameters, multiply-adds per example)

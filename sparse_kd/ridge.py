@@ -40,9 +40,7 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, l2: Optional[float] = None) -> t
     gram, b = xb.T @ xb, xb.T @ yd
 
     def system(lam: float) -> torch.Tensor:
-        reg = torch.eye(h + 1, dtype=torch.float64) * lam
-        reg[h, h] = 1e-9  # bias (tiny jitter keeps the system solvable)
-        return gram + reg
+        return _system(gram, lam)
 
     if l2 is None:
         best = (float("inf"), RIDGE_GRID[0])
@@ -55,6 +53,31 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, l2: Optional[float] = None) -> t
                 best = (loo, lam)
         l2 = best[1]
     return torch.linalg.solve(system(l2), b).float()
+
+
+def _system(gram: torch.Tensor, lam: float) -> torch.Tensor:
+    """gram (H + 1, H + 1) of the examples with their bias column, plus the penalty (not on the bias)."""
+    h = gram.shape[0] - 1
+    reg = torch.eye(h + 1, dtype=torch.float64) * lam
+    reg[h, h] = 1e-9  # bias (tiny jitter keeps the system solvable)
+    return gram + reg
+
+
+def ridge_moments(x: torch.Tensor, y: torch.Tensor, weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums a fit needs, float64: gram = [x, 1]^T diag(w) [x, 1] (H + 1, H + 1) and
+    b = [x, 1]^T y (H + 1, D), each row of x counted ``weights`` times (None: once) and y
+    already summed over those times. Sums from several parts (e.g. ranks) add up to the whole's."""
+    xb = _with_bias(x)
+    return (xb * (1.0 if weights is None else weights.double()[:, None])).T @ xb, xb.T @ y.double()
+
+
+def ridge_solve(gram: torch.Tensor, b: torch.Tensor, l2: float) -> torch.Tensor:
+    """W (H + 1, D) float32 from :func:`ridge_moments` (summed) at penalty ``l2``: what
+    :func:`ridge_fit` gives with that ``l2`` on the same examples. No examples (gram all zero):
+    the map predicts zeros."""
+    if not bool(gram.any()):
+        return torch.zeros(gram.shape[0], b.shape[1])
+    return torch.linalg.solve(_system(gram, l2), b).float()
 
 
 def ridge_predict(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

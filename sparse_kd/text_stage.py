@@ -5,7 +5,8 @@ Called by every rank (:func:`~sparse_kd.pipeline.run_training`, the distill stud
 benchmark). Item rows (I x H) are held whole on every rank. The users' own texts grow with the
 user base: each rank keeps its share of them (:class:`~sparse_kd.teacher.sharded_rows.ShardedRows`)
 wherever the run's consumers can read them so (:func:`users_stay_sharded`): the teacher ranker's
-PCA features, alignment targets, the ``pca`` weight transfer. Otherwise every rank holds them all.
+features, alignment targets, the ``pca`` and ``learned`` weight transfer and the refit. Otherwise
+(``distill.user_text: both``, a teacher reading every dim replicated) every rank holds them all.
 """
 
 from __future__ import annotations
@@ -32,28 +33,18 @@ def distilled_uses_text(dc: DistillConfig) -> bool:
     return (dc.align.enabled and dc.align.target == "text") or dc.transfer.enabled
 
 
-def distilled_needs_user_rows_whole(dc: DistillConfig) -> bool:
-    """Whether a distilled student needs every user's text row on a rank: the ``learned`` weight
-    transfer of ``user_id`` (a ridge fit over every warm user) or the refit of ``user_id`` rows.
-    Alignment (each rank its target shard, or every row gathered for replicated targets) and the
-    ``pca`` transfer (each rank the rows of its table shards) read rows split over the ranks."""
-    tr = dc.transfer
-    return tr.enabled and ((tr.init and tr.projection == "learned" and "user_id" in tr.features)
-                           or (tr.refit and "user_id" in tr.refit_features))
-
-
-def users_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, students: Iterable[DistillConfig], world: int,
-                       teachers: Iterable[ExperimentConfig] = ()) -> bool:
+def users_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, world: int, teachers: Iterable[ExperimentConfig] = ()) -> bool:
     """Whether the users' own text rows can stay split over the ranks for this run: several ranks,
     ``distill.user_text`` resolves to ``text`` (not ``both``: it concatenates them with the
     history rows), the teacher ranker (``cfg``'s and each of ``teachers``, a study's teacher
     candidates) reads them PCA-reduced (not ``text_dim: -1``, unless its ``features_layout`` is
-    ``sharded``: then every dim goes into the split table as it lies), and no distilled student in
-    ``students`` needs them whole (:func:`distilled_needs_user_rows_whole`)."""
+    ``sharded``: then every dim goes into the split table as it lies). Every distilled student
+    reads them split: alignment (its target shards, or every row gathered once for replicated
+    targets), the ``pca`` and ``learned`` weight transfer and the refit (maps fitted where the rows
+    lie, :func:`~sparse_kd.distill.transfer.fit_map`; each rank the rows of its table shards)."""
     return (world > 1 and resolve_mode(cfg.distill.user_text, ds) == "text"
             and all(t.distill.teacher_ranker.text_dim != -1 or t.distill.teacher_ranker.features_layout == "sharded"
-                    for t in (cfg, *teachers))
-            and not any(distilled_needs_user_rows_whole(dc) for dc in students))
+                    for t in (cfg, *teachers)))
 
 
 def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv, users: Optional[bool] = None,

@@ -36,3 +36,27 @@ def test_bias_is_not_penalised():
 def test_no_rows_predicts_zeros():
     w = ridge_fit(torch.zeros(0, 3), torch.zeros(0, 2))
     assert w.shape == (4, 2) and torch.equal(ridge_predict(torch.randn(5, 3), w), torch.zeros(5, 2))
+
+
+def test_moments_summed_over_parts_solve_to_the_fit():
+    """ridge_moments of parts (each distinct row weighted by its count, its targets summed) add up
+    to the whole's, and ridge_solve gives ridge_fit's map: what a fit over rows split across ranks uses."""
+    from sparse_kd.ridge import ridge_moments, ridge_solve
+
+    g = torch.Generator().manual_seed(3)
+    distinct = torch.randn(12, 5, generator=g)
+    index = torch.randint(0, 12, (90,), generator=g)  # 90 entities share 12 distinct rows
+    y = torch.randn(90, 3, generator=g)
+    want = ridge_fit(distinct[index], y, l2=0.7)
+    gram, b = 0, 0
+    for part in (slice(0, 5), slice(5, 12)):  # two "ranks", each its block of distinct rows
+        ids = torch.arange(12)[part]
+        mine = torch.isin(index, ids)
+        j = index[mine] - ids[0]
+        w = torch.bincount(j, minlength=len(ids))
+        ysum = torch.zeros(len(ids), 3, dtype=torch.float64).index_add_(0, j, y[mine].double())
+        pg, pb = ridge_moments(distinct[part], ysum, w)
+        gram, b = gram + pg, b + pb
+    assert torch.allclose(ridge_solve(gram, b, 0.7), want, atol=1e-5)
+    assert torch.equal(ridge_solve(torch.zeros(6, 6, dtype=torch.float64), torch.zeros(6, 3, dtype=torch.float64), 1.0),
+                       torch.zeros(6, 3))  # no examples: zeros, as ridge_fit

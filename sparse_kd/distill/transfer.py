@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from sparse_kd.ridge import ridge_fit, ridge_predict
+from sparse_kd.ridge import ridge_fit, ridge_moments, ridge_predict, ridge_solve
 
 LEARNED_L2 = 1e-2  # ridge penalty of the learned projection
 CHUNK = 1 << 14  # rows per step when a whole (N, H) text matrix is reduced (50 MB of float64 at H = 384)
@@ -226,8 +226,36 @@ def transfer_rows(
 
 
 def learned_map(text: torch.Tensor, teacher_rows: torch.Tensor, warm: torch.Tensor) -> torch.Tensor:
-    """The ``learned`` projection: ridge map (H + 1, D) text -> the teacher ranker's rows, fitted on ``warm``."""
-    return ridge_fit(text[warm], teacher_rows[warm], l2=LEARNED_L2)
+    """The ``learned`` projection: ridge map (H + 1, D) text -> the teacher ranker's rows, fitted on
+    ``warm``. Text rows split over the ranks: a collective (:func:`fit_map`)."""
+    return fit_map(text, teacher_rows, warm, LEARNED_L2)
+
+
+def fit_map(text, rows: torch.Tensor, fit_on: torch.Tensor, l2: float) -> torch.Tensor:
+    """Ridge map (H + 1, D) text (N, H) -> ``rows`` (N, D), fitted on the entities where ``fit_on``
+    (N,) is True, at penalty ``l2``. Text rows split over the ranks (a ``ShardedRows``: a
+    collective, ``rows`` and ``fit_on`` whole on every rank) are fitted where they lie: each rank
+    sums the moments of its distinct rows, each weighted by how many fitted entities it stands
+    for, with their target rows summed per distinct row; the sums are added over the ranks and
+    every rank solves the same system. The map is :func:`~sparse_kd.ridge.ridge_fit`'s, to float
+    rounding, and no rank holds the (N, H) text."""
+    if not getattr(text, "sharded", False):
+        return ridge_fit(text[fit_on].float(), rows[fit_on], l2=l2)
+    from sparse_kd.dist import long_all_reduce
+
+    local = fit_on & (text.index >= text.lo) & (text.index < text.hi)  # fitted entities whose text this rank holds
+    ents = local.nonzero().squeeze(1)
+    j = text.index[ents] - text.lo  # their distinct rows in this rank's block
+    n_here = text.local.shape[0]
+    weights = torch.bincount(j, minlength=n_here).double()
+    ysum = torch.zeros(n_here, rows.shape[1], dtype=torch.float64).index_add_(0, j, rows[ents].double())
+    gram = torch.zeros(text.dim + 1, text.dim + 1, dtype=torch.float64)
+    b = torch.zeros(text.dim + 1, rows.shape[1], dtype=torch.float64)
+    for lo in range(0, n_here, CHUNK):
+        g, bb = ridge_moments(text.local[lo : lo + CHUNK].float(), ysum[lo : lo + CHUNK], weights[lo : lo + CHUNK])
+        gram += g
+        b += bb
+    return ridge_solve(long_all_reduce(gram), long_all_reduce(b), l2)
 
 
 def transfer_map(text: torch.Tensor, dim: int, projection: str, scale: float, learned: torch.Tensor | None = None,
@@ -238,11 +266,16 @@ def transfer_map(text: torch.Tensor, dim: int, projection: str, scale: float, le
     and shared). The RMS rescale is computed here, chunk by chunk, over every row.
     """
     if getattr(text, "sharded", False):  # users' rows split over the ranks: a collective
-        if projection != "pca" or basis_text is not None:
-            raise ValueError("weight transfer from text rows split over the ranks supports projection 'pca' on the "
-                             "rows' own basis only (sparse_kd.text_stage.users_stay_sharded keeps the others gathered)")
-        mean, basis = sharded_pca_projection(text, dim)
-        rows = ProjectedRows(text, lambda x: (x - mean) @ basis, basis.shape[1])
+        if basis_text is not None:
+            raise ValueError("weight transfer from text rows split over the ranks projects on the rows' own basis "
+                             "(sparse_kd.text_stage.users_stay_sharded keeps the others gathered)")
+        if projection == "learned":
+            if learned is None:
+                raise ValueError("distill.transfer.projection=learned needs the map fitted on the teacher ranker's rows")
+            rows = ProjectedRows(text, lambda x: ridge_predict(x, learned), learned.shape[1])
+        else:
+            mean, basis = sharded_pca_projection(text, dim)
+            rows = ProjectedRows(text, lambda x: (x - mean) @ basis, basis.shape[1])
         rows.factor = scale / max(_sharded_rms(text, rows.project), 1e-12)
         return rows
     if projection == "pca":

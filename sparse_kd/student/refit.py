@@ -10,7 +10,10 @@ last sharded checkpoint; :func:`sparse_kd.student.init.write_tables` writes the 
 
 Rank 0 alone reads the tables and fits the maps (the other ranks wait on the long-wait group);
 every rank then computes only the rows of its own shards from the shared map
-(:class:`~sparse_kd.distill.transfer.ProjectedRows`): no rank holds a second (N, D) copy.
+(:class:`~sparse_kd.distill.transfer.ProjectedRows`): no rank holds a second (N, D) copy. Text
+rows split over the ranks (users' own text, a ``ShardedRows``) are fitted where they lie
+(:func:`~sparse_kd.distill.transfer.fit_map`: every rank reads the trained table) and the new
+rows reach each rank's shards through ``localize``.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import numpy as np
 import torch
 
 from sparse_kd.dist import on_main
-from sparse_kd.distill.transfer import ProjectedRows
-from sparse_kd.ridge import ridge_fit, ridge_predict
+from sparse_kd.distill.transfer import ProjectedRows, fit_map
+from sparse_kd.ridge import ridge_predict
 from sparse_kd.student.model import table_name
 from sparse_kd.student.spec import RefitSpec
 
@@ -53,16 +56,19 @@ def refit_rows(checkpoint: Path, refit: RefitSpec, num_rows: dict[str, int], dim
     than two rows to fit on, or with nothing to replace, is left out.
     """
 
-    def fit() -> dict[str, torch.Tensor]:
-        maps = {}
-        for feat, text in refit.text.items():
-            fit_on = _fit_on(refit, feat)
-            if int(fit_on.sum()) < 2 or bool(fit_on.all()):
-                continue
-            trained = read_table(checkpoint, feat)
-            maps[feat] = ridge_fit(text[fit_on].float(), trained[fit_on], l2=refit.l2)
-        return maps
+    def wanted(feat: str) -> bool:
+        fit_on = _fit_on(refit, feat)
+        return int(fit_on.sum()) >= 2 and not bool(fit_on.all())
 
+    split = sorted(f for f, t in refit.text.items() if getattr(t, "sharded", False) and wanted(f))
+
+    def fit() -> dict[str, torch.Tensor]:
+        return {feat: fit_map(text, read_table(checkpoint, feat), _fit_on(refit, feat), refit.l2)
+                for feat, text in refit.text.items() if feat not in split and wanted(feat)}
+
+    maps = on_main(fit)
+    for feat in split:  # text rows split over the ranks: every rank reads the trained table, the fit is a collective
+        maps[feat] = fit_map(refit.text[feat], read_table(checkpoint, feat), _fit_on(refit, feat), refit.l2)
     return {feat: ProjectedRows(refit.text[feat], lambda x, w=w: ridge_predict(x.float(), w), w.shape[1],
                                 skip=_fit_on(refit, feat))
-            for feat, w in on_main(fit).items()}
+            for feat, w in maps.items()}

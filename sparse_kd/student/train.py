@@ -270,7 +270,8 @@ def train_ranker(
 
     if spec.refit is not None and last_saved is not None:
         num_rows = {f.name: f.num_embeddings for f in ds.features}
-        written = write_tables(r.dmp, seed, refit_rows(last_saved, spec.refit, num_rows, cfg.student.embedding_dim), reinit=False)
+        rows = localize_sources(r.dmp, refit_rows(last_saved, spec.refit, num_rows, cfg.student.embedding_dim), table_name)
+        written = write_tables(r.dmp, seed, rows, reinit=False)
         if written:
             if env.is_main:
                 log.info("[%s] weight transfer refit: rows of rarely seen entities set from text: %s", spec.name, written)

@@ -177,10 +177,9 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     P.check_on_main(env, lambda: check_seed(study_cfg, seed))
     check_shared_run_folder(cfg.output_dir)  # multi-node: every rank must see the folder rank 0 writes
     ds = P.prepare_data(cfg, env)
-    students = [variant_distill(cfg, v) for v in cfg.study.variants] + [c.distill for c, _ in candidates(cfg).values()]
     source = on_main(lambda: P.teacher_source(cfg, seed))  # another run's teacher, read once (None: trained here)
     teachers = [t for t, _ in teacher_candidates(cfg).values()] + ([source] if source is not None else [])
-    shard = P.users_stay_sharded(cfg, ds, students, env.world_size, teachers)
+    shard = P.users_stay_sharded(cfg, ds, env.world_size, teachers)
     user_text, item_text = P.text_embeddings(cfg, ds, env, shard_users=shard)
     user_text = P.user_text_for(cfg, ds, user_text, item_text, env)
     out: dict = {}

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sparse_kd.config import DistillConfig
 from sparse_kd.distill.transfer import pca_reduce
 from sparse_kd.teacher.across_ranks import distinct, encode_sharded
 from sparse_kd.teacher.sharded_rows import ShardedRows, ShardedRowsError
@@ -180,29 +179,17 @@ def test_which_runs_keep_user_rows_sharded():
 
     cfg = tiny_config("/tmp/unused", distill={"user_text": "text"})
     ds = tiny_dataset(cfg)
-    off = DistillConfig()
-    assert users_stay_sharded(cfg, ds, [off], world=2)
-    assert not users_stay_sharded(cfg, ds, [off], world=1)
-    pca_users = DistillConfig(transfer=dataclass_replace(off.transfer, enabled=True))  # pca, users and items
-    align_users = DistillConfig(align=dataclass_replace(off.align, enabled=True))
-    assert users_stay_sharded(cfg, ds, [off, pca_users, align_users], world=2)  # read per shard (or gathered)
-    learned = DistillConfig(transfer=dataclass_replace(off.transfer, enabled=True, projection="learned"))
-    learned_items = DistillConfig(transfer=dataclass_replace(learned.transfer, features=("item_id",)))
-    assert not users_stay_sharded(cfg, ds, [off, learned], world=2)  # a ridge fit over every warm user
-    assert users_stay_sharded(cfg, ds, [learned_items], world=2)
-    refit_users = DistillConfig(transfer=dataclass_replace(off.transfer, enabled=True, refit_features=("user_id",)))
-    assert not users_stay_sharded(cfg, ds, [refit_users], world=2)
+    # every student reads them split (alignment, pca and learned transfer, the refit): only the teacher decides
+    assert users_stay_sharded(cfg, ds, world=2)
+    assert not users_stay_sharded(cfg, ds, world=1)
     full_text = tiny_config("/tmp/unused", distill={"user_text": "text", "teacher_ranker": {"text_dim": -1}})
-    assert not users_stay_sharded(full_text, ds, [off], world=2)
-    assert not users_stay_sharded(cfg, ds, [off], world=2, teachers=[full_text])  # a teacher candidate reads every dim
+    assert not users_stay_sharded(full_text, ds, world=2)
+    assert not users_stay_sharded(cfg, ds, world=2, teachers=[full_text])  # a teacher candidate reads every dim
+    split_full = tiny_config("/tmp/unused", distill={"user_text": "text", "teacher_ranker": {"text_dim": -1,
+                                                                                           "features_layout": "sharded"}})
+    assert users_stay_sharded(split_full, ds, world=2)  # every dim, into the split feature table as it lies
     both = tiny_config("/tmp/unused", distill={"user_text": "both"})
-    assert not users_stay_sharded(both, ds, [off], world=2)
-
-
-def dataclass_replace(obj, **kw):
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
+    assert not users_stay_sharded(both, ds, world=2)
 
 
 class StandInTeacher(Enc):
@@ -234,7 +221,7 @@ def run_worker(cfg, sharded: bool) -> dict:
     warnings.filterwarnings("ignore")
     logging.getLogger("torchrec").setLevel(logging.ERROR)
     teacher.TextEncoder = StandInTeacher
-    seen: dict = {"init": {}, "targets": {}}
+    seen: dict = {"init": {}, "targets": {}, "refit": {}}
     real_features, real_stay = P.teacher_features, P.users_stay_sharded
     real_tables, real_targets = T.write_tables, T.write_targets
 
@@ -249,8 +236,8 @@ def run_worker(cfg, sharded: bool) -> dict:
         return {f: [src[a:b].float().clone() for a, b in ranges.get(table_of(f), [])] for f, src in sources.items()}
 
     def tables(dmp, seed, init_rows, reinit=True):
-        if reinit and init_rows:  # the student's seeding (not the refit after training)
-            seen["init"] = read(dmp, init_rows, table_name)
+        if init_rows:  # the student's seeding, or the refit after training
+            seen["init" if reinit else "refit"] = read(dmp, init_rows, table_name)
         return real_tables(dmp, seed, init_rows, reinit)
 
     def targets(dmp, sources, unit=False):
@@ -312,3 +299,31 @@ def test_replicated_alignment_targets_gather_sharded_user_rows(tmp_path):
     out = launch_local(run_worker, 2, run_config(tmp_path, "rep", "replicated"), True)
     assert out[0]["rows"] == "ShardedRows" and out[0]["targets"] == {}  # no target table: replicated buffers
     assert set(out[0]["metrics"]) == {"teacher_ranker", "distilled"}
+
+
+def test_learned_transfer_and_refit_fit_user_rows_where_they_lie(tmp_path):
+    """The ``learned`` weight transfer and the refit of user_id rows: ridge maps fitted on the
+    users' rows split over the ranks (:func:`~sparse_kd.distill.transfer.fit_map`) seed and refit
+    each rank's shards with the rows the gathered run writes, to float rounding."""
+    from helpers.tiny import tiny_config
+    from sparse_kd.local_launch import launch_local
+
+    def config(tag: str):
+        return tiny_config(str(tmp_path / f"run_{tag}"), train={"epochs": 1}, teacher={"cache_dir": str(tmp_path / f"c_{tag}")},
+                           distill={"user_text": "text", "logit": {"enabled": True},
+                                    "transfer": {"enabled": True, "projection": "learned", "refit": True,
+                                                 "refit_features": ["user_id", "item_id"], "refit_min_count": 20}})
+
+    on = launch_local(run_worker, 2, config("on"), True)
+    off = launch_local(run_worker, 2, config("off"), False)
+    assert on[0]["rows"] == "ShardedRows" and off[0]["rows"] != "ShardedRows"
+    for r in (0, 1):
+        for what in ("init", "refit"):
+            assert set(on[r][what]) == set(off[r][what]) and "user_id" in on[r][what], (r, what, on[r][what].keys())
+            for f, a in on[r][what].items():
+                b = off[r][what][f]
+                assert len(a) == len(b) and all(torch.allclose(x, y, atol=1e-4, equal_nan=True) for x, y in zip(a, b)), (r, what, f)
+    refit_users = [x for r in (0, 1) for x in on[r]["refit"]["user_id"]]
+    kept = sum(int(torch.isnan(x).any(1).sum()) for x in refit_users)
+    assert 0 < kept < sum(x.shape[0] for x in refit_users)  # some users refit, the others kept
+    assert abs(on[0]["metrics"]["distilled"]["test"]["auc"] - off[0]["metrics"]["distilled"]["test"]["auc"]) < 0.01
