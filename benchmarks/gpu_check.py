@@ -73,10 +73,11 @@ def _valid_auc(metrics: Dict[str, Any], variant: str) -> float:
 
 def check_train(ctx: Ctx, name: str = "train_gpu", nproc: int = 1) -> Rows:
     t0, out = time.perf_counter(), ctx.out / name
-    # the distilled student's alignment targets in their sharded table: the planner's CUDA kernels,
-    # nccl's all-to-all of 384-dim rows (the replicated layout is a plain index_select)
+    # the distilled student's alignment targets and the teacher ranker's user features in their
+    # sharded tables: the planner's CUDA kernels, nccl's all-to-all of 384-dim and 64-dim rows
+    # (the replicated layouts are a plain index_select)
     run_cli(cli_command("train", out, *train_overrides(ctx, nproc), "distill.align.layout=sharded",
-                        variants=("baseline", "distilled")))
+                        "distill.teacher_ranker.features_layout=sharded", variants=("baseline", "distilled")))
     metrics = json.loads((out / "metrics.json").read_text())
     rows = []
     for v in metrics["metrics"]:
