@@ -1,16 +1,16 @@
-"""Per-rank memory of the users' own text rows: kept split over the ranks, or gathered (issue 20, 4b).
+"""Per-rank memory of the users' own text rows and the items': kept split over the ranks, or gathered (issue 20, 4b).
 
 Two ranks prepare a run whose users each have their own distinct text (U users, U/5 items, 5
 interactions per user; the synthetic generator's user texts made distinct by the user's number)
 and whose teacher ranker reads them through its PCA features; the distilled student learns by
 logit KD, alignment to the text (targets in a row_wise table) and PCA weight transfer, on users
-and items (``sparse_kd.text_stage.users_stay_sharded`` keeps such rows sharded). Per layout, in
-freshly spawned ranks:
+and items (``sparse_kd.text_stage.users_stay_sharded`` and ``items_stay_sharded`` keep such rows
+sharded). Per layout, in freshly spawned ranks:
 
-* ``sharded``: each rank keeps its share of the distinct user rows (``ShardedRows``), the PCA is
-  reduced where the rows lie, rank 0 streams the cache file and the run's text file, and each
-  rank gets the rows of its own table shards in one all-to-all;
-* ``gathered``: every rank holds every user's row (what every run did before).
+* ``sharded``: each rank keeps its share of the distinct user and item rows (``ShardedRows``),
+  the PCA is reduced where the rows lie, rank 0 streams the cache files and the run's text file,
+  and each rank gets the rows of its own table shards in one all-to-all;
+* ``gathered``: every rank holds every user's and item's row (what every run did before).
 
 Stages, each with the peak RSS above what the rank held before it (VmHWM reset per stage) and
 the absolute peak, per rank, and the process peak (the highest stage peak): ``data`` (generate and split), ``teacher_text`` (encode on a cache miss, write the run's
@@ -88,11 +88,11 @@ def worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
         return ds
 
     ds = stage("data", load)
-    assert P.users_stay_sharded(cfg, ds, env.world_size)  # what run_training would do
+    assert P.users_stay_sharded(cfg, ds, env.world_size) and P.items_stay_sharded(cfg, ds, env.world_size)  # as run_training
 
     def text_stage() -> Any:
-        user, item = P.text_embeddings(cfg, ds, env, shard_users=sharded)
-        rec["user_rows"] = type(user).__name__
+        user, item = P.text_embeddings(cfg, ds, env, shard_users=sharded, shard_items=sharded)
+        rec["user_rows"], rec["item_rows"] = type(user).__name__, type(item).__name__
         user = P.user_text_for(cfg, ds, user, item, env)
         spec = P.teacher_spec(cfg, ds, user, item)
         return user, item, spec
@@ -101,6 +101,7 @@ def worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
     del held
     user, item, t_spec = stage("teacher_text_hit", text_stage)
     rec["user_rows_mb_whole"] = round(users * StandInEncoder.dim * 4 / 2**20, 1)
+    rec["item_rows_mb_whole"] = round(ds.num_items * StandInEncoder.dim * 4 / 2**20, 1)
     rec["teacher_features_mb"] = round(t_spec.user_dense.numel() * 4 / 2**20, 1)
     from dataclasses import replace
 

@@ -51,7 +51,8 @@ from sparse_kd.student.spec import RankerResult, RankerSpec, RefitSpec
 from sparse_kd.student.train import evaluate_checkpoint, predict_checkpoint, train_ranker
 from sparse_kd.teacher_inputs import TEACHER, teacher_features, teacher_spec
 from sparse_kd.teacher_source import checked_source, finished_checkpoint, reuses_teacher, source_speed
-from sparse_kd.text_stage import distilled_uses_text, text_embeddings, user_text_for, users_stay_sharded
+from sparse_kd.text_stage import (distilled_uses_text, items_stay_sharded, text_embeddings, user_text_for,
+                                  users_stay_sharded)
 
 log = logging.getLogger(__name__)
 
@@ -390,8 +391,9 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
     # another run's teacher (distill.teacher_ranker.from_run), read once
     source = on_main(lambda: teacher_source(cfg, seed)) if TEACHER in trained_variants(cfg, variants) else None
     if uses_text(cfg, variants):  # a baseline-only run encodes and holds no text
-        user_text, item_text = text_embeddings(cfg, ds, env, shard_users=users_stay_sharded(
-            cfg, ds, env.world_size, [source] if source is not None else []))  # what a reused teacher reads too
+        teachers = [source] if source is not None else []  # what a reused teacher reads too
+        user_text, item_text = text_embeddings(cfg, ds, env, shard_users=users_stay_sharded(cfg, ds, env.world_size, teachers),
+                                               shard_items=items_stay_sharded(cfg, ds, env.world_size, teachers))
         user_text = user_text_for(cfg, ds, user_text, item_text, env)
     results: dict[str, RankerResult] = {}
     costs: dict[str, dict] = {}  # what each ranker costs (parameters, multiply-adds per example)

@@ -11,8 +11,9 @@ Free to change between runs into the same folder (they change where, how fast or
 not what is trained): ``name``, ``output_dir``, ``nproc`` (checkpoints reshard on load), the
 ``train`` keys ``checkpoint_every``, ``keep_checkpoints``, ``log_every``, ``eval_batch_size``,
 ``collective_timeout_s``; the ``teacher`` keys ``batch_size``, ``cuda_batch_size``, ``cache_dir``, ``sort_by_length``,
-``num_threads``, ``allow_pickle_weights``; ``distill.align.layout`` (where the alignment targets
-are held, not what they are); the ``compress`` and ``study`` sections. ``train.epochs``
+``num_threads``, ``allow_pickle_weights``; ``distill.align.layout`` and
+``distill.teacher_ranker.features_layout`` (where the alignment targets and the teacher's user
+features are held, not what they are); the ``compress`` and ``study`` sections. ``train.epochs``
 may grow (training continues from the last checkpoint) but not fall below the epochs a variant
 has already trained.
 
@@ -42,7 +43,7 @@ FREE_KEYS = (
     "train.epochs", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
     "train.eval_batch_size", "train.collective_timeout_s", "train.mf_reference",
     "teacher.batch_size", "teacher.cuda_batch_size", "teacher.cache_dir", "teacher.sort_by_length", "teacher.num_threads",
-    "teacher.allow_pickle_weights", "distill.align.layout",
+    "teacher.allow_pickle_weights", "distill.align.layout", "distill.teacher_ranker.features_layout",
     "compress", "study",
 )
 CONFIG_FILE = "config.yaml"

@@ -2,11 +2,12 @@
 user text in the teacher ranker and the distillation methods.
 
 Called by every rank (:func:`~sparse_kd.pipeline.run_training`, the distill study, the scale
-benchmark). Item rows (I x H) are held whole on every rank. The users' own texts grow with the
-user base: each rank keeps its share of them (:class:`~sparse_kd.teacher.sharded_rows.ShardedRows`)
+benchmark). The users' own texts grow with the user base, the items' with the catalogue: each
+rank keeps its share of the users' rows (:class:`~sparse_kd.teacher.sharded_rows.ShardedRows`)
 wherever the run's consumers can read them so (:func:`users_stay_sharded`): the teacher ranker's
 features, alignment targets, the ``pca`` and ``learned`` weight transfer and the refit. Otherwise
 (``distill.user_text: both``, a teacher reading every dim replicated) every rank holds them all.
+The items' rows stay split where nothing reads any item's row on any rank (:func:`items_stay_sharded`).
 """
 
 from __future__ import annotations
@@ -47,11 +48,25 @@ def users_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, world: int, teache
                     for t in (cfg, *teachers)))
 
 
+def items_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, world: int, teachers: Iterable[ExperimentConfig] = ()) -> bool:
+    """Whether the items' text rows can stay split over the ranks for this run: several ranks,
+    ``distill.user_text`` resolves to ``text`` (users given by their click history, or ``both``,
+    read any item's row: :class:`~sparse_kd.distill.history.HistoryRows`), and no teacher ranker
+    (``cfg``'s and each of ``teachers``) reads every dim of them (``text_dim: -1``: the items'
+    dense features) or any item's row per pair (``history_pair``). Their other consumers read
+    them split, as the users' own rows: the teacher's PCA features, alignment targets, the weight
+    transfer and the refit, rank 0's run file."""
+    return (world > 1 and resolve_mode(cfg.distill.user_text, ds) == "text"
+            and all(t.distill.teacher_ranker.text_dim != -1 and not t.distill.teacher_ranker.history_pair
+                    for t in (cfg, *teachers)))
+
+
 def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv, users: Optional[bool] = None,
-                    shard_users: bool = False) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+                    shard_users: bool = False, shard_items: bool = False) -> tuple[Optional[torch.Tensor], torch.Tensor]:
     """Teacher embeddings of user text (U, H), or None when the run does not use the users' own
     text (``users`` None: decided by ``distill.user_text``; an ``IndexedRows`` where texts repeat;
-    a ``ShardedRows``, each rank its share, with ``shard_users``), and of item text (I, H).
+    a ``ShardedRows``, each rank its share, with ``shard_users``), and of item text (I, H; a
+    ``ShardedRows`` with ``shard_items``, :func:`items_stay_sharded`).
 
     A collective: identical texts (blank ones included) are encoded once, each rank encodes a share
     of the distinct texts and the rows go over the process group, so no rank reads a file another
@@ -79,7 +94,13 @@ def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv, users: 
         return emb if emb.shape[0] == inverse.shape[0] and bool((inverse == torch.arange(len(inverse))).all()) \
             else IndexedRows(emb, inverse)
 
-    item = as_tensor(encode(ds.item_text, "items"))
+    if shard_items and env.world_size > 1:
+        item = encode_sharded(encoder, ds.item_text, cfg.teacher.cache_dir, "items", encoder.dim)
+        if env.is_main:
+            log.info("items' text rows: each rank keeps its share (%d distinct of %d items over %d ranks)",
+                     item.n_distinct, len(item), env.world_size)
+    else:
+        item = as_tensor(encode(ds.item_text, "items"))
     user = None
     if users and shard_users and env.world_size > 1:
         user = encode_sharded(encoder, ds.user_text, cfg.teacher.cache_dir, "users", encoder.dim)

@@ -70,15 +70,15 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     arch = spec.arch or arch_of(sc)
     dlrm = build_dlrm(num_emb, spec.dense_dim, arch, device="meta")
     al, texts = spec.distill.align, {"user_id": spec.user_text, "item_id": spec.item_text}
-    user_rows = spec.user_text
     sharded_targets = al.enabled and all(texts.get(f) is not None for f in al.features) and sharded_layout(
         al.layout, {f: tuple(texts[f].shape) for f in al.features}, env.world_size)
-    if al.enabled and not sharded_targets and "user_id" in al.features and getattr(user_rows, "sharded", False):
-        user_rows = user_rows.full()  # replicated targets: every rank holds every user's row (a collective)
-        if env.is_main:
-            log.info("[%s] replicated alignment targets: every user's text row gathered on every rank", spec.name)
+    for f in sorted(al.features if al.enabled and not sharded_targets else ()):
+        if getattr(texts.get(f), "sharded", False):  # replicated targets: every rank holds every row (a collective)
+            texts[f] = texts[f].full()
+            if env.is_main:
+                log.info("[%s] replicated alignment targets: every %s text row gathered on every rank", spec.name, f)
     features = spec.user_rows  # the teacher ranker's user features split over the ranks, or None
-    module = RankerTrain(dlrm, spec.distill, ds.feature_names, user_rows, spec.item_text,
+    module = RankerTrain(dlrm, spec.distill, ds.feature_names, texts["user_id"], texts["item_id"],
                          embedding_dim=arch.embedding_dim, pair_feature=spec.pair_feature,
                          embedding_l2=cfg.train.embedding_l2, sharded_targets=sharded_targets,
                          user_rows_shape=None if features is None else tuple(features.shape),

@@ -179,8 +179,8 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict:
     ds = P.prepare_data(cfg, env)
     source = on_main(lambda: P.teacher_source(cfg, seed))  # another run's teacher, read once (None: trained here)
     teachers = [t for t, _ in teacher_candidates(cfg).values()] + ([source] if source is not None else [])
-    shard = P.users_stay_sharded(cfg, ds, env.world_size, teachers)
-    user_text, item_text = P.text_embeddings(cfg, ds, env, shard_users=shard)
+    user_text, item_text = P.text_embeddings(cfg, ds, env, shard_users=P.users_stay_sharded(cfg, ds, env.world_size, teachers),
+                                             shard_items=P.items_stay_sharded(cfg, ds, env.world_size, teachers))
     user_text = P.user_text_for(cfg, ds, user_text, item_text, env)
     out: dict = {}
     teacher, t_spec = train_teacher(cfg, ds, user_text, item_text, env, seed, out, source)

@@ -19,6 +19,7 @@ def test_quick_run_measures_both_layouts(monkeypatch, tmp_path):
     recs = json.loads(out.read_text())["records"]
     assert [(r["layout"], r["rank"]) for r in recs] == [("sharded", 0), ("sharded", 1), ("gathered", 0), ("gathered", 1)]
     assert [r["user_rows"] for r in recs] == ["ShardedRows", "ShardedRows", "Tensor", "Tensor"]
+    assert [r["item_rows"] for r in recs] == ["ShardedRows", "ShardedRows", "Tensor", "Tensor"]
     for r in recs:
         assert r["users"] == 2000 and r["user_rows_mb_whole"] == pytest.approx(2000 * 384 * 4 / 2**20, abs=0.1)
         assert r["target_mb"] > 0 and r["peak_rss_mb"] >= r["student_model"]["peak_mb"]  # the student's alignment targets, this rank's shard

@@ -73,7 +73,7 @@ def test_settings_that_change_training_are_refused_naming_old_and_new(tmp_path):
 @pytest.mark.parametrize("override", [
     "train.epochs=5", "train.eval_batch_size=128", "train.log_every=1", "train.checkpoint_every=2", "nproc=2",
     "teacher.batch_size=7", "teacher.cache_dir=elsewhere", "teacher.allow_pickle_weights=true", "compress.default_dtype=int4",
-    "study.seeds=[4]", "name=other", "distill.align.layout=sharded",
+    "study.seeds=[4]", "name=other", "distill.align.layout=sharded", "distill.teacher_ranker.features_layout=sharded",
 ])
 def test_settings_that_do_not_change_training_are_allowed(tmp_path, override):
     cfg = tiny_config(str(tmp_path / "run"), nproc=1, train={"epochs": 2})

@@ -192,6 +192,20 @@ def test_which_runs_keep_user_rows_sharded():
     assert not users_stay_sharded(both, ds, world=2)
 
 
+def test_which_runs_keep_item_rows_sharded():
+    from helpers.tiny import tiny_config, tiny_dataset
+    from sparse_kd.text_stage import items_stay_sharded
+
+    cfg = tiny_config("/tmp/unused", distill={"user_text": "text"})
+    ds = tiny_dataset(cfg)
+    assert items_stay_sharded(cfg, ds, world=2) and not items_stay_sharded(cfg, ds, world=1)
+    for user_text in ("history", "both"):  # click-history user rows read any item's row
+        assert not items_stay_sharded(tiny_config("/tmp/unused", distill={"user_text": user_text}), ds, world=2)
+    for tr in ({"text_dim": -1}, {"history_pair": True}):  # every dim as dense features; any item's row per pair
+        other = tiny_config("/tmp/unused", distill={"user_text": "text", "teacher_ranker": tr})
+        assert not items_stay_sharded(other, ds, world=2) and not items_stay_sharded(cfg, ds, world=2, teachers=[other])
+
+
 class StandInTeacher(Enc):
     dim = 16
 
@@ -222,11 +236,11 @@ def run_worker(cfg, sharded: bool) -> dict:
     logging.getLogger("torchrec").setLevel(logging.ERROR)
     teacher.TextEncoder = StandInTeacher
     seen: dict = {"init": {}, "targets": {}, "refit": {}}
-    real_features, real_stay = P.teacher_features, P.users_stay_sharded
+    real_features, real_stay, real_items = P.teacher_features, P.users_stay_sharded, P.items_stay_sharded
     real_tables, real_targets = T.write_tables, T.write_targets
 
     def features(cfg_, ds, user_text, item_text, *args):
-        seen["rows"] = type(user_text).__name__
+        seen["rows"], seen["items"] = type(user_text).__name__, type(item_text).__name__
         out = real_features(cfg_, ds, user_text, item_text, *args)
         seen["user_dense"] = out.user_dense
         return out
@@ -252,6 +266,7 @@ def run_worker(cfg, sharded: bool) -> dict:
 
     P.teacher_features, T.write_tables, T.write_targets = features, tables, targets
     P.users_stay_sharded = real_stay if sharded else (lambda *a, **k: False)
+    P.items_stay_sharded = real_items if sharded else (lambda *a, **k: False)
     metrics = P.run_training(cfg, ("teacher_ranker", "distilled"))
     return {**seen, "metrics": metrics}
 
@@ -267,15 +282,16 @@ def run_config(tmp_path, tag: str, layout: str):
 
 def test_a_two_rank_run_keeps_user_rows_sharded_and_trains_the_same_models(tmp_path):
     """Logit KD from a teacher ranker that reads the users' own text, alignment (targets in a
-    row_wise table) and PCA transfer on users and items: with the users' rows split over the
-    ranks the teacher gets the same features, each rank's shards the same seeded rows and targets
-    as with every row gathered, and rank 0's run file every user's row."""
+    row_wise table) and PCA transfer on users and items: with the users' and the items' rows split
+    over the ranks the teacher gets the same features, each rank's shards the same seeded rows and
+    targets as with every row gathered, and rank 0's run file every user's and item's row."""
     from helpers.tiny import tiny_dataset
     from sparse_kd.local_launch import launch_local
 
     on = launch_local(run_worker, 2, run_config(tmp_path, "on", "sharded"), True)
     off = launch_local(run_worker, 2, run_config(tmp_path, "off", "sharded"), False)
     assert on[0]["rows"] == on[1]["rows"] == "ShardedRows" and off[0]["rows"] != "ShardedRows"
+    assert on[0]["items"] == on[1]["items"] == "ShardedRows" and off[0]["items"] != "ShardedRows"
     assert torch.equal(on[0]["user_dense"], on[1]["user_dense"])
     assert torch.allclose(on[0]["user_dense"], off[0]["user_dense"], atol=1e-4)
     for r in (0, 1):  # this rank's shards: seeded rows and alignment targets, users and items
@@ -285,10 +301,11 @@ def test_a_two_rank_run_keeps_user_rows_sharded_and_trains_the_same_models(tmp_p
                 a, b = on[r][what][f], off[r][what][f]
                 assert len(a) == len(b) and all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a, b)), (r, what, f)
     assert sum(x.shape[0] for r in (0, 1) for x in on[r]["targets"]["user_id"]) == 60  # every user's row, once
-    want = StandInTeacher().encode(tiny_dataset(run_config(tmp_path, "x", "sharded")).user_text)
+    ds = tiny_dataset(run_config(tmp_path, "x", "sharded"))
+    want, want_items = StandInTeacher().encode(ds.user_text), StandInTeacher().encode(ds.item_text)
     for tag in ("on", "off"):
         written = load_file(str(tmp_path / f"run_{tag}" / "data" / "text_embeddings.safetensors"))
-        assert torch.equal(written["user"], want)
+        assert torch.equal(written["user"], want) and torch.equal(written["item"], want_items)
     for name in ("teacher_ranker", "distilled"):  # same inputs, same training: the same model, near enough
         assert abs(on[0]["metrics"][name]["test"]["auc"] - off[0]["metrics"][name]["test"]["auc"]) < 0.01
 
