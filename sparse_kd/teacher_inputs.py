@@ -82,8 +82,9 @@ def teacher_features(cfg: ExperimentConfig, ds: RecDataset, user_text, item_text
     layout = cfg.distill.teacher_ranker.features_layout
     if features_sharded(layout, ds.num_users, user_text.shape[1] if k == -1 else k, world_size):
         rows = user_text if k == -1 else pca_rows(user_text, k)
-        log.info("teacher ranker: the users' %d x %d text features go into a table split over %d ranks "
-                 "(features_layout=%s)", rows.shape[0], rows.shape[1], world_size, layout)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            log.info("teacher ranker: the users' %d x %d text features go into a table split over %d ranks "
+                     "(features_layout=%s)", rows.shape[0], rows.shape[1], world_size, layout)
         return TeacherFeatures(ub, torch.cat([ib, item_t], 1), item_t, rows)
     return TeacherFeatures(torch.cat([ub, text(user_text)], 1), torch.cat([ib, item_t], 1), item_t)
 

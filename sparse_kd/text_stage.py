@@ -6,7 +6,7 @@ benchmark). The users' own texts grow with the user base, the items' with the ca
 rank keeps its share of the users' rows (:class:`~sparse_kd.teacher.sharded_rows.ShardedRows`)
 wherever the run's consumers can read them so (:func:`users_stay_sharded`): the teacher ranker's
 features, alignment targets, the ``pca`` and ``learned`` weight transfer and the refit. Otherwise
-(``distill.user_text: both``, a teacher reading every dim replicated) every rank holds them all.
+(a teacher reading every dim replicated) every rank holds them all.
 The items' rows stay split where nothing reads any item's row on any rank (:func:`items_stay_sharded`).
 """
 
@@ -36,14 +36,14 @@ def distilled_uses_text(dc: DistillConfig) -> bool:
 
 def users_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, world: int, teachers: Iterable[ExperimentConfig] = ()) -> bool:
     """Whether the users' own text rows can stay split over the ranks for this run: several ranks,
-    ``distill.user_text`` resolves to ``text`` (not ``both``: it concatenates them with the
-    history rows), the teacher ranker (``cfg``'s and each of ``teachers``, a study's teacher
+    ``distill.user_text`` resolves to ``text`` or ``both`` (each rank then holds its block of users'
+    own rows beside their history rows, :func:`~sparse_kd.distill.history.both_split`), the teacher ranker (``cfg``'s and each of ``teachers``, a study's teacher
     candidates) reads them PCA-reduced (not ``text_dim: -1``, unless its ``features_layout`` is
     ``sharded``: then every dim goes into the split table as it lies). Every distilled student
     reads them split: alignment (its target shards, or every row gathered once for replicated
     targets), the ``pca`` and ``learned`` weight transfer and the refit (maps fitted where the rows
     lie, :func:`~sparse_kd.distill.transfer.fit_map`; each rank the rows of its table shards)."""
-    return (world > 1 and resolve_mode(cfg.distill.user_text, ds) == "text"
+    return (world > 1 and resolve_mode(cfg.distill.user_text, ds) in ("text", "both")
             and all(t.distill.teacher_ranker.text_dim != -1 or t.distill.teacher_ranker.features_layout == "sharded"
                     for t in (cfg, *teachers)))
 

@@ -146,8 +146,30 @@ def resolve_user_text(mode: str, ds: RecDataset, user_text: torch.Tensor, item_t
     if mode == "history":
         return hist, mode
     if mode == "both":
+        if getattr(user_text, "sharded", False):
+            return both_split(user_text, hist), mode
         return torch.cat([unit(as_tensor(user_text)), hist.materialize()], 1), mode
     raise ValueError(f"distill.user_text: unknown {mode!r}; expected auto, text, history or both")
+
+
+def both_split(user_text, hist: "HistoryRows"):
+    """``distill.user_text: both`` from the users' own rows split over the ranks (a ``ShardedRows``,
+    a collective): each rank holds the (U/W, 2H) rows of its block of users, the own row (unit)
+    beside the history row, as a ``ShardedRows`` of one row per user; every rank holds the item
+    rows the history reads. The rows ``torch.cat([unit(own), history], 1)`` gives, split."""
+    import torch.distributed as dist
+
+    from sparse_kd.dist import split_range
+    from sparse_kd.teacher.sharded_rows import ShardedRows
+
+    n, multi = user_text.shape[0], dist.is_initialized()
+    lo, hi = split_range(n, dist.get_rank() if multi else 0, dist.get_world_size() if multi else 1)
+    own = user_text.localize([(lo, hi)])  # this block's own rows, from the ranks that hold them
+    block = torch.empty(hi - lo, user_text.dim + hist.shape[1])
+    for a in range(lo, hi, ROW_CHUNK):
+        b = min(hi, a + ROW_CHUNK)
+        block[a - lo : b - lo] = torch.cat([unit(own[a:b]), hist[a:b]], 1)
+    return ShardedRows(block, torch.arange(n), lo, n)
 
 
 class HistoryPairFeature(nn.Module):

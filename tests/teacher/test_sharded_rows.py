@@ -189,7 +189,8 @@ def test_which_runs_keep_user_rows_sharded():
                                                                                            "features_layout": "sharded"}})
     assert users_stay_sharded(split_full, ds, world=2)  # every dim, into the split feature table as it lies
     both = tiny_config("/tmp/unused", distill={"user_text": "both"})
-    assert not users_stay_sharded(both, ds, world=2)
+    assert users_stay_sharded(both, ds, world=2)  # each rank its block of users' (own, history) rows
+    assert not users_stay_sharded(tiny_config("/tmp/unused", distill={"user_text": "history"}), ds, world=2)  # no own rows
 
 
 def test_which_runs_keep_item_rows_sharded():
@@ -344,3 +345,31 @@ def test_learned_transfer_and_refit_fit_user_rows_where_they_lie(tmp_path):
     kept = sum(int(torch.isnan(x).any(1).sum()) for x in refit_users)
     assert 0 < kept < sum(x.shape[0] for x in refit_users)  # some users refit, the others kept
     assert abs(on[0]["metrics"]["distilled"]["test"]["auc"] - off[0]["metrics"]["distilled"]["test"]["auc"]) < 0.01
+
+
+def test_both_user_texts_stay_split_by_blocks_of_users(tmp_path):
+    """``distill.user_text: both``: each rank holds its block of users' own rows beside their
+    history rows; the teacher's features, the seeded rows and the alignment targets are those of
+    the gathered run."""
+    from sparse_kd.local_launch import launch_local
+
+    def config(tag: str):
+        cfg = run_config(tmp_path, tag, "sharded")
+        return dataclass_replace(cfg, distill=dataclass_replace(cfg.distill, user_text="both"))
+
+    on = launch_local(run_worker, 2, config("on"), True)
+    off = launch_local(run_worker, 2, config("off"), False)
+    assert on[0]["rows"] == "ShardedRows" and off[0]["rows"] == "Tensor"
+    assert torch.allclose(on[0]["user_dense"], off[0]["user_dense"], atol=1e-4)
+    for r in (0, 1):
+        for what in ("init", "targets"):
+            for f in ("user_id", "item_id"):
+                a, b = on[r][what][f], off[r][what][f]
+                assert len(a) == len(b) and all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a, b)), (r, what, f)
+    assert on[0]["targets"]["user_id"][0].shape[1] == 32  # own (16) beside history (16)
+
+
+def dataclass_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
