@@ -38,21 +38,17 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, l2: Optional[float] = None) -> t
     xb = _with_bias(x)
     yd = y.double()
     gram, b = xb.T @ xb, xb.T @ yd
-
-    def system(lam: float) -> torch.Tensor:
-        return _system(gram, lam)
-
     if l2 is None:
         best = (float("inf"), RIDGE_GRID[0])
         for lam in RIDGE_GRID:
-            a_inv = torch.linalg.inv(system(lam))
+            a_inv = torch.linalg.inv(_system(gram, lam))
             w = a_inv @ b
             hat = ((xb @ a_inv) * xb).sum(1).clamp(max=1 - 1e-6)  # (n,) leverage
             loo = (((yd - xb @ w) / (1 - hat)[:, None]) ** 2).mean().item()
             if loo < best[0]:
                 best = (loo, lam)
         l2 = best[1]
-    return torch.linalg.solve(system(l2), b).float()
+    return ridge_solve(gram, b, l2)
 
 
 def _system(gram: torch.Tensor, lam: float) -> torch.Tensor:

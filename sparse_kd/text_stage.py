@@ -37,8 +37,8 @@ def distilled_uses_text(dc: DistillConfig) -> bool:
 def users_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, world: int, teachers: Iterable[ExperimentConfig] = ()) -> bool:
     """Whether the users' own text rows can stay split over the ranks for this run: several ranks,
     ``distill.user_text`` resolves to ``text`` or ``both`` (each rank then holds its block of users'
-    own rows beside their history rows, :func:`~sparse_kd.distill.history.both_split`), the teacher ranker (``cfg``'s and each of ``teachers``, a study's teacher
-    candidates) reads them PCA-reduced (not ``text_dim: -1``, unless its ``features_layout`` is
+    own rows beside their history rows, :func:`~sparse_kd.distill.history.both_split`), the
+    teacher ranker (``cfg``'s and each of ``teachers``, a study's teacher candidates) reads them PCA-reduced (not ``text_dim: -1``, unless its ``features_layout`` is
     ``sharded``: then every dim goes into the split table as it lies). Every distilled student
     reads them split: alignment (its target shards, or every row gathered once for replicated
     targets), the ``pca`` and ``learned`` weight transfer and the refit (maps fitted where the rows
@@ -94,19 +94,18 @@ def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv, users: 
         return emb if emb.shape[0] == inverse.shape[0] and bool((inverse == torch.arange(len(inverse))).all()) \
             else IndexedRows(emb, inverse)
 
-    if shard_items and env.world_size > 1:
-        item = encode_sharded(encoder, ds.item_text, cfg.teacher.cache_dir, "items", encoder.dim)
+    def split(texts, name: str):
+        rows = encode_sharded(encoder, texts, cfg.teacher.cache_dir, name, encoder.dim)
         if env.is_main:
-            log.info("items' text rows: each rank keeps its share (%d distinct of %d items over %d ranks)",
-                     item.n_distinct, len(item), env.world_size)
-    else:
-        item = as_tensor(encode(ds.item_text, "items"))
+            log.info("%s' text rows: each rank keeps its share (%d distinct of %d over %d ranks)",
+                     name, rows.n_distinct, len(rows), env.world_size)
+        return rows
+
+    multi = env.world_size > 1
+    item = split(ds.item_text, "items") if shard_items and multi else as_tensor(encode(ds.item_text, "items"))
     user = None
-    if users and shard_users and env.world_size > 1:
-        user = encode_sharded(encoder, ds.user_text, cfg.teacher.cache_dir, "users", encoder.dim)
-        if env.is_main:
-            log.info("users' text rows: each rank keeps its share (%d distinct of %d users over %d ranks)",
-                     user.n_distinct, len(user), env.world_size)
+    if users and shard_users and multi:
+        user = split(ds.user_text, "users")
     elif users:
         user = encode(ds.user_text, "users")  # repeated texts stay one row each
     path = Path(cfg.output_dir) / "data" / "text_embeddings.safetensors"

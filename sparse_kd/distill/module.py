@@ -63,7 +63,7 @@ class RankerTrain(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        self.user_rows = user_rows_shape is not None
+        self.has_user_rows = user_rows_shape is not None
         self.user_dense_dim = int(user_dense_dim)
         frozen_shapes: dict[str, tuple[int, int]] = {} if user_rows_shape is None else {USER_ROWS_KEY: tuple(user_rows_shape)}
         self.embedding_l2 = float(embedding_l2)
@@ -97,7 +97,7 @@ class RankerTrain(nn.Module):
                                      persistent=False)
                 self.register_buffer("item_text", held_rows(item_text, unit) if "item_id" in al.features else None,
                                      persistent=False)
-        self.frozen_keys = tuple(frozen_shapes)
+        self.frozen_keys = tuple(frozen_shapes)  # the frozen table's keys: what every batch's teacher_ids carries
         if frozen_shapes:
             setattr(self, MODULE, target_collection(frozen_shapes))
 
@@ -106,9 +106,9 @@ class RankerTrain(nn.Module):
         table = getattr(self, MODULE, None)
         # one lookup per batch: always for the user features, in training for the alignment targets
         rows = lookup(table, batch.teacher_ids, self.frozen_keys) if table is not None and (
-            self.user_rows or (self.align_heads and self.training)) else {}
+            self.has_user_rows or (self.align_heads and self.training)) else {}
         dense_in = batch.dense_features  # (B, Du + Di)
-        if self.user_rows:  # (B, Du + k + Di): the user's features after its own columns
+        if self.has_user_rows:  # (B, Du + k + Di): the user's features after its own columns
             du = self.user_dense_dim
             dense_in = torch.cat([dense_in[:, :du], rows[USER_ROWS_KEY], dense_in[:, du:]], 1)
         if self.pair_feature is not None:

@@ -252,7 +252,7 @@ def fit_map(text, rows: torch.Tensor, fit_on: torch.Tensor, l2: float) -> torch.
     gram = torch.zeros(text.dim + 1, text.dim + 1, dtype=torch.float64)
     b = torch.zeros(text.dim + 1, rows.shape[1], dtype=torch.float64)
     for lo in range(0, n_here, CHUNK):
-        g, bb = ridge_moments(text.local[lo : lo + CHUNK].float(), ysum[lo : lo + CHUNK], weights[lo : lo + CHUNK])
+        g, bb = ridge_moments(text.local[lo : lo + CHUNK], ysum[lo : lo + CHUNK], weights[lo : lo + CHUNK])
         gram += g
         b += bb
     return ridge_solve(long_all_reduce(gram), long_all_reduce(b), l2)
@@ -265,21 +265,13 @@ def transfer_map(text: torch.Tensor, dim: int, projection: str, scale: float, le
     ``learned``: the map of :func:`learned_map` (``learned`` only; fitted once, e.g. on rank 0,
     and shared). The RMS rescale is computed here, chunk by chunk, over every row.
     """
-    if getattr(text, "sharded", False):  # users' rows split over the ranks: a collective
-        if basis_text is not None:
-            raise ValueError("weight transfer from text rows split over the ranks projects on the rows' own basis "
-                             "(sparse_kd.text_stage.users_stay_sharded keeps the others gathered)")
-        if projection == "learned":
-            if learned is None:
-                raise ValueError("distill.transfer.projection=learned needs the map fitted on the teacher ranker's rows")
-            rows = ProjectedRows(text, lambda x: ridge_predict(x, learned), learned.shape[1])
-        else:
-            mean, basis = sharded_pca_projection(text, dim)
-            rows = ProjectedRows(text, lambda x: (x - mean) @ basis, basis.shape[1])
-        rows.factor = scale / max(_sharded_rms(text, rows.project), 1e-12)
-        return rows
+    split = getattr(text, "sharded", False)  # rows split over the ranks: the statistics are collectives
+    if split and basis_text is not None:
+        raise ValueError("weight transfer from text rows split over the ranks projects on the rows' own basis "
+                         "(sparse_kd.text_stage.users_stay_sharded keeps the others gathered)")
     if projection == "pca":
-        mean, basis = pca_projection(text if basis_text is None else basis_text, dim)
+        mean, basis = sharded_pca_projection(text, dim) if split else \
+            pca_projection(text if basis_text is None else basis_text, dim)
         rows = ProjectedRows(text, lambda x: (x - mean) @ basis, basis.shape[1])
     elif projection == "learned":
         if learned is None:
@@ -287,5 +279,5 @@ def transfer_map(text: torch.Tensor, dim: int, projection: str, scale: float, le
         rows = ProjectedRows(text, lambda x: ridge_predict(x, learned), learned.shape[1])
     else:
         raise ValueError(f"distill.transfer.projection: unknown {projection!r}; expected pca or learned")
-    rows.factor = scale / max(rows.rms(), 1e-12)
+    rows.factor = scale / max(_sharded_rms(text, rows.project) if split else rows.rms(), 1e-12)
     return rows

@@ -83,9 +83,7 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
                          embedding_l2=cfg.train.embedding_l2, sharded_targets=sharded_targets,
                          user_rows_shape=None if features is None else tuple(features.shape),
                          user_dense_dim=spec.user_dense.shape[1])
-    keys = ((USER_ROWS_KEY,) if features is not None else ()) + (
-        tuple(TARGET_KEYS[f] for f in al.features) if sharded_targets else ())
-    builder = BatchBuilder(ds, spec.user_dense, spec.item_dense, target_keys=keys)
+    builder = BatchBuilder(ds, spec.user_dense, spec.item_dense, target_keys=module.frozen_keys)
     opt_cls, opt_kwargs = sparse_optimizer(cfg.train)
     apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
     plan = build_plan(module, sc, env.world_size, env.device.type, local_world_size=env.local_world_size,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import tiny_config
+from helpers.metrics import assert_close_metrics
 from helpers.workers import sharded_targets_worker, train_worker
 from sparse_kd.local_launch import launch_local
 from sparse_kd.distill.targets import sharded_layout, target_collection
@@ -53,12 +54,6 @@ def test_each_rank_holds_half_and_looks_up_the_others_rows(tmp_path):
     assert max(out[0]["held"]["teacher_user"], out[1]["held"]["teacher_user"]) <= math.ceil(ds.num_users / 2)
 
 
-def _close(a: dict, b: dict, tol: float) -> None:
-    for split in ("valid", "test", "test_cold"):
-        for k in ("auc", "logloss"):
-            assert math.isclose(a[split][k], b[split][k], abs_tol=tol), (split, k, a[split][k], b[split][k])
-
-
 @pytest.mark.slow
 def test_sharded_targets_train_as_replicated_and_resume(tmp_path):
     """A run with sharded targets, stopped mid-epoch and resumed, ends with the metrics of an
@@ -73,4 +68,4 @@ def test_sharded_targets_train_as_replicated_and_resume(tmp_path):
     assert not [k for k in meta.state_dict_metadata if "teacher_rows" in k]
     assert "teacher_user" not in json.loads((ck / "meta.json").read_text())["sharding"]
     resumed = launch_local(train_worker, 2, cut, "distilled")[0]
-    _close(rep["metrics"], resumed["metrics"], 1e-5)
+    assert_close_metrics(rep["metrics"], resumed["metrics"], 1e-5)

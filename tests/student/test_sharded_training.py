@@ -2,22 +2,14 @@
 mid-epoch: tests/distill/test_sharded_targets.py in memory, tests/data/test_data_columnar_train.py
 streamed.)"""
 
-import math
-
 import pytest
 
 from helpers import tiny_config
+from helpers.metrics import assert_close_metrics
 from helpers.workers import train_many_worker
 from sparse_kd.local_launch import launch_local
 
 pytestmark = pytest.mark.slow
-
-
-def _close(a: dict, b: dict, tol: float) -> None:
-    for split in ("valid", "test", "test_cold"):
-        for k in ("auc", "logloss"):
-            x, y = a[split][k], b[split][k]
-            assert math.isclose(x, y, abs_tol=tol), (split, k, x, y)
 
 
 # row-wise Adagrad keeps one accumulator per row *per column shard*, so column_wise with it is a
@@ -34,8 +26,8 @@ def test_two_ranks_match_one(tmp_path):
     two = launch_local(train_many_worker, 2, cfgs[2])
     for k, setting in enumerate(SETTINGS):
         # both ranks report the same (gathered) metrics
-        _close(two[0][k]["metrics"], two[1][k]["metrics"], 0.0)
-        _close(one[k]["metrics"], two[0][k]["metrics"], 1e-4)
+        assert_close_metrics(two[0][k]["metrics"], two[1][k]["metrics"], 0.0)
+        assert_close_metrics(one[k]["metrics"], two[0][k]["metrics"], 1e-4)
         # and training did something: better than chance on valid
         assert one[k]["metrics"]["valid"]["auc"] > 0.55, setting
     # the settings are different trainings, not one result three times

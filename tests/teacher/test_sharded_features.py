@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import tiny_config
+from helpers.metrics import assert_close_metrics
 from helpers.tiny import tiny_dataset
 from sparse_kd.config import ConfigError, config_from_dict
 from sparse_kd.distill.history import HistoryRows
@@ -69,12 +70,6 @@ def test_sharded_features_need_dims_the_fused_tables_take():
     config_from_dict(raw, "cfg.yaml")  # auto falls back to replicated
 
 
-def _close(a: dict, b: dict, tol: float) -> None:
-    for split in ("valid", "test", "test_cold"):
-        for k in ("auc", "logloss"):
-            assert math.isclose(a[split][k], b[split][k], abs_tol=tol), (split, k, a[split][k], b[split][k])
-
-
 @pytest.mark.slow
 def test_two_ranks_train_the_same_teacher_with_features_split(tmp_path):
     """PCA features of whole user rows, of rows split over the ranks (``ShardedRows``), and every
@@ -88,8 +83,8 @@ def test_two_ranks_train_the_same_teacher_with_features_split(tmp_path):
     out = launch_local(sharded_features_worker, 2, cfg, cases)
     ds = tiny_dataset(cfg)
     for case, r in out[0].items():
-        _close(r["replicated"]["metrics"], r["sharded"]["metrics"], 2e-3)
-        _close(r["replicated"]["metrics"], r["cross"], 1e-6 if case.startswith("-1") else 2e-3)
+        assert_close_metrics(r["replicated"]["metrics"], r["sharded"]["metrics"], 2e-3)
+        assert_close_metrics(r["replicated"]["metrics"], r["cross"], 1e-6 if case.startswith("-1") else 2e-3)
         assert r["replicated"]["dense_cols"] > 1 and r["sharded"]["dense_cols"] == 1, case
         held = [out[k][case]["held"]["teacher_user_features"] for k in (0, 1)]
         assert sum(held) == ds.num_users and max(held) <= math.ceil(ds.num_users / 2), (case, held)
