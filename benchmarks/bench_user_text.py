@@ -5,7 +5,10 @@ interactions per user; the synthetic generator's user texts made distinct by the
 and whose teacher ranker reads them through its PCA features; the distilled student learns by
 logit KD, alignment to the text (targets in a row_wise table) and PCA weight transfer, on users
 and items (``sparse_kd.text_stage.users_stay_sharded`` and ``items_stay_sharded`` keep such rows
-sharded). Per layout, in freshly spawned ranks:
+sharded). With ``--user-text history`` the users have no text of their own and are described by
+their clicks: the items' rows stay split where there are more items than users (``--items``), and
+the users' history rows are computed split from them (``history_split``). Per layout, in freshly
+spawned ranks:
 
 * ``sharded``: each rank keeps its share of the distinct user and item rows (``ShardedRows``),
   the PCA is reduced where the rows lie, rank 0 streams the cache files and the run's text file,
@@ -23,6 +26,7 @@ through MiniLM take hours on CPU. Memory figures do not depend on the machine's 
     python benchmarks/bench_user_text.py                       # 1M users, both layouts
     python benchmarks/bench_user_text.py --users 200000 --out runs/bench/user_text.json
     python benchmarks/bench_user_text.py --quick               # seconds; used by the tests
+    python benchmarks/bench_user_text.py --user-text history --users 200000 --items 1000000  # click histories
 """
 
 from __future__ import annotations
@@ -59,17 +63,19 @@ def worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
     quiet()
     env = init_distributed("gloo", 600)
     teacher.TextEncoder = StandInEncoder
-    users, sharded = opts["users"], opts["layout"] == "sharded"
+    users, sharded, own = opts["users"], opts["layout"] == "sharded", opts["user_text"] == "text"
+    items = opts["items"] or max(100, users // 5)
     cfg = config_from_dict({
         "output_dir": opts["run_dir"], "nproc": env.world_size,
-        "data": {"synthetic": {"num_users": users, "num_items": max(100, users // 5), "interactions_per_user": 5}},
+        "data": {"synthetic": {"num_users": users, "num_items": items, "interactions_per_user": 5}},
         "teacher": {"cache_dir": opts["cache_dir"]},
         "student": {"teacher_text_dim": PCA_DIM},
-        "distill": {"user_text": "text", "logit": {"enabled": True}, "align": {"enabled": True, "layout": "sharded"},
-                    "transfer": {"enabled": True}},
+        "distill": {"user_text": opts["user_text"], "logit": {"enabled": True},
+                    "align": {"enabled": True, "layout": "sharded"}, "transfer": {"enabled": True}},
     }, "<bench_user_text>")
     Path(opts["run_dir"], "data").mkdir(parents=True, exist_ok=True)
-    rec: Dict[str, Any] = {"rank": env.rank, "users": users, "layout": opts["layout"]}
+    rec: Dict[str, Any] = {"rank": env.rank, "users": users, "items": items, "user_text": opts["user_text"],
+                           "layout": opts["layout"]}
 
     def stage(name: str, fn: Callable[[], Any]) -> Any:
         gc.collect()
@@ -84,16 +90,17 @@ def worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
 
     def load():
         ds = load_dataset(cfg.data)
-        ds.user_text = [f"{t} (user {u})" for u, t in enumerate(ds.user_text)]  # every user's own text
+        if own:
+            ds.user_text = [f"{t} (user {u})" for u, t in enumerate(ds.user_text)]  # every user's own text
         return ds
 
     ds = stage("data", load)
-    assert P.users_stay_sharded(cfg, ds, env.world_size) and P.items_stay_sharded(cfg, ds, env.world_size)  # as run_training
+    assert P.users_stay_sharded(cfg, ds, env.world_size) == own and P.items_stay_sharded(cfg, ds, env.world_size)  # as run_training
 
     def text_stage() -> Any:
-        user, item = P.text_embeddings(cfg, ds, env, shard_users=sharded, shard_items=sharded)
-        rec["user_rows"], rec["item_rows"] = type(user).__name__, type(item).__name__
+        user, item = P.text_embeddings(cfg, ds, env, shard_users=sharded and own, shard_items=sharded)
         user = P.user_text_for(cfg, ds, user, item, env)
+        rec["user_rows"], rec["item_rows"] = type(user).__name__, type(item).__name__
         spec = P.teacher_spec(cfg, ds, user, item)
         return user, item, spec
 
@@ -132,7 +139,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
             tmp = Path(tempfile.mkdtemp(prefix="bench_user_text_"))
             t0 = time.time()
             try:
-                opts = {"users": users, "layout": layout, "run_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache")}
+                opts = {"users": users, "items": args.items, "user_text": args.user_text, "layout": layout,
+                        "run_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache")}
                 ranks = spawned(worker, 2, opts)[0]
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -143,10 +151,10 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 
 def summary(records: List[Dict[str, Any]]) -> List[str]:
-    lines = ["| users | layout | rank | teacher text: peak above start (miss / hit) | held after | distilled spec | "
-             "student model (targets held) | process peak | wall |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| users | items | user text | layout | rank | teacher text: peak above start (miss / hit) | held after | distilled spec | "
+             "student model (targets held) | process peak | wall |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['users']:,} | {r['layout']} | {r['rank']} | "
+        lines.append(f"| {r['users']:,} | {r.get('items', 0):,} | {r.get('user_text', 'text')} | {r['layout']} | {r['rank']} | "
                      f"{r['teacher_text']['peak_above_start_mb']:.0f} / {r['teacher_text_hit']['peak_above_start_mb']:.0f} MB | "
                      f"{r['teacher_text_hit']['held_mb']:.0f} MB | {r['distilled_spec']['peak_above_start_mb']:.0f} MB | "
                      f"{r['student_model']['peak_above_start_mb']:.0f} MB ({r['target_mb']:.0f} MB) | {r['peak_rss_mb']:.0f} MB | "
@@ -158,6 +166,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", default="1000000", help="comma list of user counts")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of {', '.join(LAYOUTS)}")
+    p.add_argument("--items", type=int, default=0, help="items in the catalogue (0: users / 5, at least 100)")
+    p.add_argument("--user-text", default="text", choices=("text", "history"),
+                   help="text: every user has an own text (default); history: users described by their clicks "
+                        "(the items' rows stay split, and the history rows with them, only with more items than users)")
     p.add_argument("--out", default="runs/bench/user_text.json")
     p.add_argument("--quick", action="store_true", help="2,000 users: seconds (used by the tests)")
     args = p.parse_args(argv)

@@ -7,7 +7,8 @@ rank keeps its share of the users' rows (:class:`~sparse_kd.teacher.sharded_rows
 wherever the run's consumers can read them so (:func:`users_stay_sharded`): the teacher ranker's
 features, alignment targets, the ``pca`` and ``learned`` weight transfer and the refit. Otherwise
 (a teacher reading every dim replicated) every rank holds them all.
-The items' rows stay split where nothing reads any item's row on any rank (:func:`items_stay_sharded`).
+The items' rows stay split where no teacher reads any item's row per example (:func:`items_stay_sharded`);
+users described by their clicks then get their history rows split the same way.
 """
 
 from __future__ import annotations
@@ -49,16 +50,23 @@ def users_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, world: int, teache
 
 
 def items_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, world: int, teachers: Iterable[ExperimentConfig] = ()) -> bool:
-    """Whether the items' text rows can stay split over the ranks for this run: several ranks,
-    ``distill.user_text`` resolves to ``text`` (users given by their click history, or ``both``,
-    read any item's row: :class:`~sparse_kd.distill.history.HistoryRows`), and no teacher ranker
-    (``cfg``'s and each of ``teachers``) reads every dim of them (``text_dim: -1``: the items'
-    dense features) or any item's row per pair (``history_pair``). Their other consumers read
+    """Whether the items' text rows can stay split over the ranks for this run: several ranks, and
+    no teacher ranker (``cfg``'s and each of ``teachers``) reads every dim of them (``text_dim: -1``:
+    the items' dense features) or any item's row per pair (``history_pair``). Their consumers read
     them split, as the users' own rows: the teacher's PCA features, alignment targets, the weight
-    transfer and the refit, rank 0's run file."""
-    return (world > 1 and resolve_mode(cfg.distill.user_text, ds) == "text"
-            and all(t.distill.teacher_ranker.text_dim != -1 and not t.distill.teacher_ranker.history_pair
-                    for t in (cfg, *teachers)))
+    transfer and the refit, rank 0's run file.
+
+    Users described by their click history (``distill.user_text`` ``history`` or ``both``) read
+    any item's row: split items make their history rows split too, each rank the block of its
+    users (:func:`~sparse_kd.distill.history.history_split`, a collective). With ``both`` a rank
+    holds that block anyway. With ``history`` alone a rank then holds (I + U) / W rows instead of
+    the I item rows (the history rows are computed when read): the items are split only when that
+    is fewer, U < I (W - 1)."""
+    if world <= 1 or not all(t.distill.teacher_ranker.text_dim != -1 and not t.distill.teacher_ranker.history_pair
+                             for t in (cfg, *teachers)):
+        return False
+    mode = resolve_mode(cfg.distill.user_text, ds)
+    return mode in ("text", "both") or ds.num_users < ds.num_items * (world - 1)
 
 
 def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv, users: Optional[bool] = None,
@@ -74,7 +82,7 @@ def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv, users: 
     writes ``data/text_embeddings.safetensors`` for the compression stage, a block at a time; its
     ``user`` rows are the click-history embeddings when user text is not used.
     """
-    from sparse_kd.distill.history import HistoryRows
+    from sparse_kd.distill.history import HistoryRows, history_split
     from sparse_kd.teacher import TextEncoder
     from sparse_kd.teacher.across_ranks import encode_across_ranks, encode_sharded
     from sparse_kd.teacher.encoder import TeacherModelError
@@ -115,8 +123,13 @@ def text_embeddings(cfg: ExperimentConfig, ds: RecDataset, env: DistEnv, users: 
         with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
             yield f
 
-    history = HistoryRows(ds, item) if user is None and env.is_main else None
-    write_rows_collective(replacing, {"user": user if user is not None else history, "item": item})  # every rank
+    if user is not None:
+        history = user
+    elif getattr(item, "sharded", False):
+        history = history_split(ds, item)  # a collective: each rank its block of users
+    else:
+        history = HistoryRows(ds, item) if env.is_main else None
+    write_rows_collective(replacing, {"user": history, "item": item})  # every rank
     return user, item
 
 

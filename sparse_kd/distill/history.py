@@ -18,7 +18,7 @@ itself, and training, valid and test pairs are scored by the same rule.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from torch import nn
 
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.distill.rows import as_tensor, row_selection
+
+if TYPE_CHECKING:
+    from sparse_kd.teacher.sharded_rows import ShardedRows
 
 
 def train_clicks(ds: RecDataset) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +126,51 @@ class HistoryRows:
         return torch.cat([self[lo : lo + ROW_CHUNK] for lo in range(0, len(self), ROW_CHUNK)]) if len(self) else self[0:0]
 
 
+def history_split(ds: RecDataset, items) -> "ShardedRows":
+    """Collective: the history rows of :class:`HistoryRows` from item rows split over the ranks
+    (``items``, a :class:`~sparse_kd.teacher.sharded_rows.ShardedRows`), split the same way: each
+    rank gets the (U/W, H) rows of its block of users (:func:`~sparse_kd.dist.split_range`), and no
+    rank holds any other item's row.
+
+    Each rank sums the unit rows of the items it holds over the train clicks on them, for one
+    block of at most ROW_CHUNK users at a time, and the partial sums are added on the rank that
+    owns the block (``reduce``): U x H floats leave each rank in all, and no rank holds more than
+    its share of items, its block of users and one chunk of partial sums. The same rows as
+    :class:`HistoryRows` up to float rounding (the sums are added in another order)."""
+    import torch.distributed as dist
+
+    from sparse_kd.dist import long_group, split_range
+    from sparse_kd.teacher.sharded_rows import ShardedRows
+
+    g = long_group()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if g is not None else (0, 1)
+    n, dim = ds.num_users, items.dim
+    u, i = train_clicks(ds)
+    user = torch.from_numpy(u)
+    counts = torch.bincount(user, minlength=n).float().clamp_min(1.0)
+    row = items.index[torch.from_numpy(i)]  # each click's distinct item row
+    mine = (row >= items.lo) & (row < items.hi)
+    user, row = user[mine], row[mine] - items.lo  # the clicks on this rank's items, still by user
+    local = items.local.float()
+    norm = torch.linalg.vector_norm(local, dim=1, keepdim=True).clamp_min(1e-12)
+    lo, hi = split_range(n, rank, world)
+    out = torch.empty(hi - lo, dim)
+    for dst in range(world):  # every rank walks every block in the same order: one reduce per chunk
+        a, b = split_range(n, dst, world)
+        for c0 in range(a, b, ROW_CHUNK):
+            c1 = min(b, c0 + ROW_CHUNK)
+            k0, k1 = (int(x) for x in torch.searchsorted(user, torch.tensor([c0, c1])))
+            part = torch.zeros(c1 - c0, dim)
+            for s in range(k0, k1, CLICK_CHUNK):
+                r = row[s : min(k1, s + CLICK_CHUNK)]
+                part.index_add_(0, user[s : s + r.shape[0]] - c0, local.index_select(0, r).div_(norm.index_select(0, r)))
+            if g is not None:
+                dist.reduce(part, dst, group=g)
+            if dst == rank:
+                out[c0 - lo : c1 - lo] = part.div_(counts[c0:c1, None])
+    return ShardedRows(out, torch.arange(n), lo, n)
+
+
 def has_user_text(ds: RecDataset) -> bool:
     """False when every user's text is blank or all are the same (the text then says nothing)."""
     return len({t.strip() for t in ds.user_text}) > 1
@@ -142,21 +190,23 @@ def resolve_user_text(mode: str, ds: RecDataset, user_text: torch.Tensor, item_t
     mode = resolve_mode(mode, ds)
     if mode == "text":
         return user_text, mode
-    hist = HistoryRows(ds, item_text)
+    split = getattr(item_text, "sharded", False)  # item rows split over the ranks: so are the history rows
+    hist = history_split(ds, item_text) if split else HistoryRows(ds, item_text)
     if mode == "history":
         return hist, mode
     if mode == "both":
         if getattr(user_text, "sharded", False):
             return both_split(user_text, hist), mode
-        return torch.cat([unit(as_tensor(user_text)), hist.materialize()], 1), mode
+        return torch.cat([unit(as_tensor(user_text)), hist.full() if split else hist.materialize()], 1), mode
     raise ValueError(f"distill.user_text: unknown {mode!r}; expected auto, text, history or both")
 
 
-def both_split(user_text, hist: "HistoryRows"):
+def both_split(user_text, hist):
     """``distill.user_text: both`` from the users' own rows split over the ranks (a ``ShardedRows``,
     a collective): each rank holds the (U/W, 2H) rows of its block of users, the own row (unit)
-    beside the history row, as a ``ShardedRows`` of one row per user; every rank holds the item
-    rows the history reads. The rows ``torch.cat([unit(own), history], 1)`` gives, split."""
+    beside the history row, as a ``ShardedRows`` of one row per user. ``hist``: a
+    :class:`HistoryRows` (every rank holds the item rows it reads) or the same block of history
+    rows from :func:`history_split`. The rows ``torch.cat([unit(own), history], 1)`` gives, split."""
     import torch.distributed as dist
 
     from sparse_kd.dist import split_range
@@ -168,7 +218,8 @@ def both_split(user_text, hist: "HistoryRows"):
     block = torch.empty(hi - lo, user_text.dim + hist.shape[1])
     for a in range(lo, hi, ROW_CHUNK):
         b = min(hi, a + ROW_CHUNK)
-        block[a - lo : b - lo] = torch.cat([unit(own[a:b]), hist[a:b]], 1)
+        h = hist.local[a - lo : b - lo] if getattr(hist, "sharded", False) else hist[a:b]
+        block[a - lo : b - lo] = torch.cat([unit(own[a:b]), h], 1)
     return ShardedRows(block, torch.arange(n), lo, n)
 
 

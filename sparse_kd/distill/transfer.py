@@ -266,12 +266,9 @@ def transfer_map(text: torch.Tensor, dim: int, projection: str, scale: float, le
     and shared). The RMS rescale is computed here, chunk by chunk, over every row.
     """
     split = getattr(text, "sharded", False)  # rows split over the ranks: the statistics are collectives
-    if split and basis_text is not None:
-        raise ValueError("weight transfer from text rows split over the ranks projects on the rows' own basis "
-                         "(sparse_kd.text_stage.users_stay_sharded keeps the others gathered)")
     if projection == "pca":
-        mean, basis = sharded_pca_projection(text, dim) if split else \
-            pca_projection(text if basis_text is None else basis_text, dim)
+        src = text if basis_text is None else basis_text  # either may be split, whatever the other is
+        mean, basis = sharded_pca_projection(src, dim) if getattr(src, "sharded", False) else pca_projection(src, dim)
         rows = ProjectedRows(text, lambda x: (x - mean) @ basis, basis.shape[1])
     elif projection == "learned":
         if learned is None:

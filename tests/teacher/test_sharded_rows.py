@@ -200,8 +200,14 @@ def test_which_runs_keep_item_rows_sharded():
     cfg = tiny_config("/tmp/unused", distill={"user_text": "text"})
     ds = tiny_dataset(cfg)
     assert items_stay_sharded(cfg, ds, world=2) and not items_stay_sharded(cfg, ds, world=1)
-    for user_text in ("history", "both"):  # click-history user rows read any item's row
-        assert not items_stay_sharded(tiny_config("/tmp/unused", distill={"user_text": user_text}), ds, world=2)
+    both = tiny_config("/tmp/unused", distill={"user_text": "both"})
+    assert items_stay_sharded(both, ds, world=2)  # history rows split with them, beside the own rows' block
+    history = tiny_config("/tmp/unused", distill={"user_text": "history"})  # 60 users, 40 items
+    assert not items_stay_sharded(history, ds, world=2)  # (60 + 40) / 2 split rows per rank > 40 item rows
+    assert items_stay_sharded(history, ds, world=3)  # (60 + 40) / 3 < 40
+    wide = tiny_config("/tmp/unused", distill={"user_text": "history"},
+                       data={"synthetic": {"num_users": 60, "num_items": 80, "interactions_per_user": 30, "num_topics": 4}})
+    assert items_stay_sharded(wide, tiny_dataset(wide), world=2)  # (60 + 80) / 2 < 80
     for tr in ({"text_dim": -1}, {"history_pair": True}):  # every dim as dense features; any item's row per pair
         other = tiny_config("/tmp/unused", distill={"user_text": "text", "teacher_ranker": tr})
         assert not items_stay_sharded(other, ds, world=2) and not items_stay_sharded(cfg, ds, world=2, teachers=[other])
@@ -360,6 +366,7 @@ def test_both_user_texts_stay_split_by_blocks_of_users(tmp_path):
     on = launch_local(run_worker, 2, config("on"), True)
     off = launch_local(run_worker, 2, config("off"), False)
     assert on[0]["rows"] == "ShardedRows" and off[0]["rows"] == "Tensor"
+    assert on[0]["items"] == "ShardedRows" and off[0]["items"] == "Tensor"  # the history rows split with them
     assert torch.allclose(on[0]["user_dense"], off[0]["user_dense"], atol=1e-4)
     for r in (0, 1):
         for what in ("init", "targets"):
@@ -367,6 +374,41 @@ def test_both_user_texts_stay_split_by_blocks_of_users(tmp_path):
                 a, b = on[r][what][f], off[r][what][f]
                 assert len(a) == len(b) and all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a, b)), (r, what, f)
     assert on[0]["targets"]["user_id"][0].shape[1] == 32  # own (16) beside history (16)
+
+
+def test_click_history_users_read_item_rows_split_over_the_ranks(tmp_path):
+    """``distill.user_text: history`` with more items than users: the items' rows stay split, and
+    so do the users' history rows computed from them; the teacher's features, each rank's seeded
+    rows (users projected on the items' PCA basis) and alignment targets, and rank 0's run file
+    are those of the gathered run."""
+    from helpers.tiny import tiny_config, tiny_dataset
+    from sparse_kd.distill.history import history_text
+    from sparse_kd.local_launch import launch_local
+
+    def config(tag: str):
+        return tiny_config(str(tmp_path / f"run_{tag}"), train={"epochs": 1}, teacher={"cache_dir": str(tmp_path / f"c_{tag}")},
+                           data={"synthetic": {"num_users": 60, "num_items": 80, "interactions_per_user": 30, "num_topics": 4}},
+                           distill={"user_text": "history", "logit": {"enabled": True},
+                                    "align": {"enabled": True, "layout": "sharded"}, "transfer": {"enabled": True}})
+
+    on = launch_local(run_worker, 2, config("on"), True)
+    off = launch_local(run_worker, 2, config("off"), False)
+    assert on[0]["rows"] == on[1]["rows"] == on[0]["items"] == "ShardedRows"
+    assert off[0]["rows"] == "HistoryRows" and off[0]["items"] == "Tensor"
+    assert torch.allclose(on[0]["user_dense"], off[0]["user_dense"], atol=1e-4)
+    for r in (0, 1):
+        for what in ("init", "targets"):
+            assert set(on[r][what]) == {"user_id", "item_id"}, (what, on[r][what].keys())
+            for f in ("user_id", "item_id"):
+                a, b = on[r][what][f], off[r][what][f]
+                assert len(a) == len(b) and all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a, b)), (r, what, f)
+    ds = tiny_dataset(config("x"))
+    items = StandInTeacher().encode(ds.item_text)
+    for tag in ("on", "off"):
+        written = load_file(str(tmp_path / f"run_{tag}" / "data" / "text_embeddings.safetensors"))
+        assert torch.equal(written["item"], items)
+        assert torch.allclose(written["user"], history_text(ds, items), atol=1e-6)
+    assert abs(on[0]["metrics"]["distilled"]["test"]["auc"] - off[0]["metrics"]["distilled"]["test"]["auc"]) < 0.01
 
 
 def dataclass_replace(obj, **kw):
