@@ -6,8 +6,9 @@ and whose teacher ranker reads them through its PCA features; the distilled stud
 logit KD, alignment to the text (targets in a row_wise table) and PCA weight transfer, on users
 and items (``sparse_kd.text_stage.users_stay_sharded`` and ``items_stay_sharded`` keep such rows
 sharded). With ``--user-text history`` the users have no text of their own and are described by
-their clicks: the items' rows stay split where there are more items than users (``--items``), and
-the users' history rows are computed split from them (``history_split``). Per layout, in freshly
+their clicks, and every item has its own text: the items' rows stay split where there are more
+items than users (``--items``), and the users' history rows are computed split from them
+(``history_split``). Per layout, in freshly
 spawned ranks:
 
 * ``sharded``: each rank keeps its share of the distinct user and item rows (``ShardedRows``),
@@ -92,6 +93,8 @@ def worker(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
         ds = load_dataset(cfg.data)
         if own:
             ds.user_text = [f"{t} (user {u})" for u, t in enumerate(ds.user_text)]  # every user's own text
+        else:  # every item's own text: the generator's repeat (2,048 distinct at 1M items), held once each when split
+            ds.item_text = [f"{t} (item {i})" for i, t in enumerate(ds.item_text)]
         return ds
 
     ds = stage("data", load)
