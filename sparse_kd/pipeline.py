@@ -40,7 +40,7 @@ from sparse_kd.data.stream import check_logit_kd, train_source
 from sparse_kd.dist import DistEnv, barrier, init_distributed, long_barrier, long_broadcast_object, on_main
 from sparse_kd.distill.history import resolve_mode
 from sparse_kd.distill.pairs import describe_pool, pool_batch, sample_pool
-from sparse_kd.distill.transfer import learned_map, transfer_map
+from sparse_kd.distill.transfer import fit_window, learned_map, transfer_map
 from sparse_kd.run_folder import StaleRunError, check_run_folder, check_shared_run_folder
 from sparse_kd.run_report import write_run_report
 from sparse_kd.student.cost import ranker_cost
@@ -333,14 +333,15 @@ def distilled_spec(cfg, ds, user_text, item_text, teacher: Optional[RankerResult
 def _learned_maps(cfg: ExperimentConfig, ds: RecDataset, teacher: RankerResult, texts: dict, warm: dict) -> dict:
     """feature -> the ``learned`` transfer map, fitted on rank 0 from the teacher ranker's table of
     that feature alone (read from its checkpoint, verified once) and sent to every rank. Text rows
-    split over the ranks are fitted where they lie, every rank reading the teacher's table (a collective)."""
+    split over the ranks are fitted where they lie, each rank reading the teacher's rows of its share (a collective)."""
     from sparse_kd.student.refit import read_table
 
     split = sorted(f for f in texts if getattr(texts[f], "sharded", False))
     path = on_main(lambda: _teacher_checkpoint(cfg, teacher))
     maps = on_main(lambda: {f: learned_map(texts[f], read_table(path, f), warm[f]) for f in texts if f not in split})
-    for f in split:
-        maps[f] = learned_map(texts[f], read_table(path, f), warm[f])
+    for f in split:  # each rank reads the teacher's rows of the entities whose text it holds
+        r0, r1 = fit_window(texts[f], warm[f])
+        maps[f] = learned_map(texts[f], read_table(path, f, (r0, r1)), warm[f], r0)
     return maps
 
 

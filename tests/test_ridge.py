@@ -60,3 +60,25 @@ def test_moments_summed_over_parts_solve_to_the_fit():
     assert torch.allclose(ridge_solve(gram, b, 0.7), want, atol=1e-5)
     assert torch.equal(ridge_solve(torch.zeros(6, 6, dtype=torch.float64), torch.zeros(6, 3, dtype=torch.float64), 1.0),
                        torch.zeros(6, 3))  # no examples: zeros, as ridge_fit
+
+
+def test_split_fit_reads_only_its_window_of_target_rows():
+    """``fit_map`` on text split over the ranks (here one rank holding distinct rows 10-29 of 40)
+    fits from the target rows of ``fit_window`` alone, to the map the whole rows give; a window
+    that misses a fitted entity is refused."""
+    import pytest
+
+    from sparse_kd.distill.transfer import fit_map, fit_window
+    from sparse_kd.teacher.sharded_rows import ShardedRows
+
+    g = torch.Generator().manual_seed(4)
+    distinct = torch.randn(40, 5, generator=g)
+    index = torch.arange(60) % 40  # entities 40-59 repeat rows 0-19
+    text = ShardedRows(distinct[10:30].clone(), index, 10, 40)
+    rows = torch.randn(60, 3, generator=g)
+    fit_on = torch.arange(60) % 4 != 0
+    r0, r1 = fit_window(text, fit_on)
+    assert (r0, r1) == (10, 60)  # entities 10-29 hold rows 10-29, entities 50-59 rows 10-19
+    torch.testing.assert_close(fit_map(text, rows[r0:r1], fit_on, 1.0, row0=r0), fit_map(text, rows, fit_on, 1.0))
+    with pytest.raises(ValueError, match="fit_window"):
+        fit_map(text, rows[r0 + 1 : r1], fit_on, 1.0, row0=r0 + 1)

@@ -225,30 +225,49 @@ def transfer_rows(
     return transfer_map(text, dim, projection, scale, learned, basis_text).materialize()
 
 
-def learned_map(text: torch.Tensor, teacher_rows: torch.Tensor, warm: torch.Tensor) -> torch.Tensor:
+def learned_map(text: torch.Tensor, teacher_rows: torch.Tensor, warm: torch.Tensor, row0: int = 0) -> torch.Tensor:
     """The ``learned`` projection: ridge map (H + 1, D) text -> the teacher ranker's rows, fitted on
-    ``warm``. Text rows split over the ranks: a collective (:func:`fit_map`)."""
-    return fit_map(text, teacher_rows, warm, LEARNED_L2)
+    ``warm``. Text rows split over the ranks: a collective (:func:`fit_map`; ``teacher_rows`` may be
+    the rows from ``row0`` that :func:`fit_window` names)."""
+    return fit_map(text, teacher_rows, warm, LEARNED_L2, row0)
 
 
-def fit_map(text, rows: torch.Tensor, fit_on: torch.Tensor, l2: float) -> torch.Tensor:
+def _fitted_here(text, fit_on: torch.Tensor) -> torch.Tensor:
+    """The fitted entities whose text row this rank holds (text split over the ranks)."""
+    return (fit_on & (text.index >= text.lo) & (text.index < text.hi)).nonzero().squeeze(1)
+
+
+def fit_window(text, fit_on: torch.Tensor) -> tuple[int, int]:
+    """The entities [r0, r1) whose target rows :func:`fit_map` reads on this rank: all N for text
+    held whole, else the span of the fitted entities whose text this rank holds (its block of
+    users when each has its own text), so a rank reads that part of a trained table."""
+    if not getattr(text, "sharded", False):
+        return 0, int(fit_on.shape[0])
+    ents = _fitted_here(text, fit_on)
+    return (int(ents[0]), int(ents[-1]) + 1) if ents.numel() else (0, 0)
+
+
+def fit_map(text, rows: torch.Tensor, fit_on: torch.Tensor, l2: float, row0: int = 0) -> torch.Tensor:
     """Ridge map (H + 1, D) text (N, H) -> ``rows`` (N, D), fitted on the entities where ``fit_on``
     (N,) is True, at penalty ``l2``. Text rows split over the ranks (a ``ShardedRows``: a
-    collective, ``rows`` and ``fit_on`` whole on every rank) are fitted where they lie: each rank
-    sums the moments of its distinct rows, each weighted by how many fitted entities it stands
-    for, with their target rows summed per distinct row; the sums are added over the ranks and
-    every rank solves the same system. The map is :func:`~sparse_kd.ridge.ridge_fit`'s, to float
-    rounding, and no rank holds the (N, H) text."""
+    collective, ``fit_on`` whole on every rank) are fitted where they lie: each rank sums the
+    moments of its distinct rows, each weighted by how many fitted entities it stands for, with
+    their target rows summed per distinct row; the sums are added over the ranks and every rank
+    solves the same system. There ``rows`` may hold only the entities [row0, row0 + len) that
+    :func:`fit_window` names. The map is :func:`~sparse_kd.ridge.ridge_fit`'s, to float rounding,
+    and no rank holds the (N, H) text."""
     if not getattr(text, "sharded", False):
         return ridge_fit(text[fit_on].float(), rows[fit_on], l2=l2)
     from sparse_kd.dist import long_all_reduce
 
-    local = fit_on & (text.index >= text.lo) & (text.index < text.hi)  # fitted entities whose text this rank holds
-    ents = local.nonzero().squeeze(1)
+    ents = _fitted_here(text, fit_on)
+    if ents.numel() and (int(ents[0]) < row0 or int(ents[-1]) >= row0 + rows.shape[0]):
+        raise ValueError(f"fit_map: rows hold entities {row0}:{row0 + rows.shape[0]}, but this rank fits "
+                         f"{int(ents[0])}:{int(ents[-1]) + 1} (read fit_window's rows)")
     j = text.index[ents] - text.lo  # their distinct rows in this rank's block
     n_here = text.local.shape[0]
     weights = torch.bincount(j, minlength=n_here).double()
-    ysum = torch.zeros(n_here, rows.shape[1], dtype=torch.float64).index_add_(0, j, rows[ents].double())
+    ysum = torch.zeros(n_here, rows.shape[1], dtype=torch.float64).index_add_(0, j, rows[ents - row0].double())
     gram = torch.zeros(text.dim + 1, text.dim + 1, dtype=torch.float64)
     b = torch.zeros(text.dim + 1, rows.shape[1], dtype=torch.float64)
     for lo in range(0, n_here, CHUNK):

@@ -271,6 +271,16 @@ def run_worker(cfg, sharded: bool) -> dict:
             for k, v in dmp.state_dict().items() if frozen(k) and k.endswith(".weight")}  # what the shards now hold
         return held
 
+    import sparse_kd.student.refit as R
+
+    real_read = R.read_table
+
+    def read_table(path, feature, rows=None):  # which trained rows each rank reads (refit, learned transfer)
+        out = real_read(path, feature, rows)
+        seen.setdefault("reads", []).append((feature, rows, tuple(out.shape)))
+        return out
+
+    R.read_table = read_table
     P.teacher_features, T.write_tables, T.write_targets = features, tables, targets
     P.users_stay_sharded = real_stay if sharded else (lambda *a, **k: False)
     P.items_stay_sharded = real_items if sharded else (lambda *a, **k: False)
@@ -347,6 +357,10 @@ def test_learned_transfer_and_refit_fit_user_rows_where_they_lie(tmp_path):
             for f, a in on[r][what].items():
                 b = off[r][what][f]
                 assert len(a) == len(b) and all(torch.allclose(x, y, atol=1e-4, equal_nan=True) for x, y in zip(a, b)), (r, what, f)
+    for r in (0, 1):  # each rank reads the trained rows of its share of the entities, never a whole table
+        assert on[r]["reads"] and all(rows is not None and shape[0] <= {"user_id": 30, "item_id": 20}[f]
+                                      for f, rows, shape in on[r]["reads"]), on[r]["reads"]
+    assert {f for f, _, _ in on[0]["reads"]} == {"user_id", "item_id"} and "reads" not in off[1]  # gathered: rank 0 reads
     refit_users = [x for r in (0, 1) for x in on[r]["refit"]["user_id"]]
     kept = sum(int(torch.isnan(x).any(1).sum()) for x in refit_users)
     assert 0 < kept < sum(x.shape[0] for x in refit_users)  # some users refit, the others kept
