@@ -51,10 +51,12 @@ def users_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, world: int, teache
 
 def items_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, world: int, teachers: Iterable[ExperimentConfig] = ()) -> bool:
     """Whether the items' text rows can stay split over the ranks for this run: several ranks, and
-    no teacher ranker (``cfg``'s and each of ``teachers``) reads every dim of them (``text_dim: -1``:
-    the items' dense features) or any item's row per pair (``history_pair``). Their consumers read
-    them split, as the users' own rows: the teacher's PCA features, alignment targets, the weight
-    transfer and the refit, rank 0's run file.
+    no teacher ranker (``cfg``'s and each of ``teachers``) reads any item's row per pair
+    (``history_pair``) or holds every dim of them whole (``text_dim: -1``, unless its
+    ``features_layout`` is ``sharded``, which puts them in the split feature table as they lie,
+    and no history attention reads them). Their consumers read them split, as the users' own
+    rows: the teacher's features, alignment targets, the weight transfer and the refit, rank 0's
+    run file.
 
     Users described by their click history (``distill.user_text`` ``history`` or ``both``) read
     any item's row: split items make their history rows split too, each rank the block of its
@@ -62,8 +64,11 @@ def items_stay_sharded(cfg: ExperimentConfig, ds: RecDataset, world: int, teache
     holds that block anyway. With ``history`` alone a rank then holds (I + U) / W rows instead of
     the I item rows (the history rows are computed when read): the items are split only when that
     is fewer, U < I (W - 1)."""
-    if world <= 1 or not all(t.distill.teacher_ranker.text_dim != -1 and not t.distill.teacher_ranker.history_pair
-                             for t in (cfg, *teachers)):
+    def reads_split(tr) -> bool:
+        every_dim_split = tr.features_layout == "sharded" and not tr.history_attention.enabled
+        return not tr.history_pair and (tr.text_dim != -1 or every_dim_split)
+
+    if world <= 1 or not all(reads_split(t.distill.teacher_ranker) for t in (cfg, *teachers)):
         return False
     mode = resolve_mode(cfg.distill.user_text, ds)
     return mode in ("text", "both") or ds.num_users < ds.num_items * (world - 1)

@@ -146,12 +146,14 @@ class TeacherRankerConfig:
     is replaced by the seed: ``runs/NAME/seed_{seed}`` pairs a study's seeds); the teacher is then
     as that run's config.yaml defines it, so every other key here stays at its default
     (:mod:`sparse_kd.teacher_source`).
-    features_layout: where the users' text features (U x text dims) are held while the teacher
-    trains or predicts: ``replicated`` (every rank all of them), ``sharded`` (a frozen row_wise
-    table split over the ranks, looked up per batch through torchrec's all-to-all, as
-    ``distill.align.layout: sharded`` holds alignment targets; text dims must be a multiple of 4),
-    or ``auto`` (sharded on several ranks above 1 GiB replicated). The same model either way:
-    where the rows are held, not what the teacher computes (checkpoints load across layouts).
+    features_layout: where the users' and the items' text features (U x text dims, I x text dims)
+    are held while the teacher trains or predicts: ``replicated`` (every rank all of them),
+    ``sharded`` (a frozen row_wise table split over the ranks, looked up per batch through
+    torchrec's all-to-all, as ``distill.align.layout: sharded`` holds alignment targets; text dims
+    must be a multiple of 4), or ``auto`` (each side sharded on several ranks above 1 GiB
+    replicated). The same model either way: where the rows are held, not what the teacher
+    computes (checkpoints load across layouts). With ``text_dim: -1``, ``sharded`` lets the text
+    rows themselves stay split over the ranks (the items' only without history attention).
     """
 
     history_pair: bool = False

@@ -25,15 +25,16 @@ log = logging.getLogger(__name__)
 NO_TIME = torch.iinfo(torch.int64).max  # the timestamp of a pair with no interaction: after every click
 # sparse feature -> key of its row in the alignment-target table (sparse_kd.distill.targets)
 TARGET_KEYS = {"user_id": "teacher_user", "item_id": "teacher_item"}
-# key of the teacher ranker's user features held in that frozen table (features_layout: sharded)
+# keys of the teacher ranker's user and item text features held in that frozen table (features_layout: sharded)
 USER_ROWS_KEY = "teacher_user_features"
-KEY_OWNER = {"teacher_user": "user", "teacher_item": "item", USER_ROWS_KEY: "user"}  # whose index each key looks up
+ITEM_ROWS_KEY = "teacher_item_features"
+KEY_OWNER = {"teacher_user": "user", "teacher_item": "item", USER_ROWS_KEY: "user", ITEM_ROWS_KEY: "item"}  # whose index each key looks up
 
 
 def target_ids(user: torch.Tensor, item: torch.Tensor, keys: Sequence[str] = tuple(TARGET_KEYS.values())) -> KeyedJaggedTensor:
     """The KJT that looks up each example's rows in the frozen teacher table: one id per bag and
     key, the user's index under a user key (``teacher_user``, :data:`USER_ROWS_KEY`), the item's
-    under ``teacher_item``."""
+    under an item key (``teacher_item``, :data:`ITEM_ROWS_KEY`)."""
     keys = list(keys)
     for k in keys:
         if k not in KEY_OWNER:

@@ -13,7 +13,7 @@ from torch import nn
 from torchrec.models.dlrm import DLRM
 
 from sparse_kd.config import DistillConfig
-from sparse_kd.data.batching import TARGET_KEYS, USER_ROWS_KEY, KDBatch
+from sparse_kd.data.batching import ITEM_ROWS_KEY, TARGET_KEYS, USER_ROWS_KEY, KDBatch
 from sparse_kd.distill import losses
 from sparse_kd.distill.pairs import SAMPLED
 from sparse_kd.distill.targets import COSINE_EPS, MODULE, held_rows, lookup, target_collection
@@ -40,6 +40,8 @@ class RankerTrain(nn.Module):
             ranker's text features, ``distill.teacher_ranker.features_layout: sharded``), or None.
             Looked up for every batch (batches carry ``teacher_ids``) and put into the dense input
             right after its first ``user_dense_dim`` columns, where the replicated layout has them.
+        item_rows_shape: (I, k) the same for items (None: none), appended after the item's own
+            dense columns (before any pair features), where the replicated layout has them.
 
     Rows labelled :data:`sparse_kd.distill.pairs.SAMPLED` are sampled pairs (distill.pairs):
     they get only the KD loss on their teacher logits (``kd_sampled``) and are left out of the
@@ -60,12 +62,14 @@ class RankerTrain(nn.Module):
         sharded_targets: bool = False,
         user_rows_shape: Optional[tuple[int, int]] = None,
         user_dense_dim: int = 0,
+        item_rows_shape: Optional[tuple[int, int]] = None,
     ) -> None:
         super().__init__()
         self.model = model
-        self.has_user_rows = user_rows_shape is not None
+        self.has_user_rows, self.has_item_rows = user_rows_shape is not None, item_rows_shape is not None
         self.user_dense_dim = int(user_dense_dim)
-        frozen_shapes: dict[str, tuple[int, int]] = {} if user_rows_shape is None else {USER_ROWS_KEY: tuple(user_rows_shape)}
+        frozen_shapes: dict[str, tuple[int, int]] = {key: tuple(shape) for key, shape in (
+            (USER_ROWS_KEY, user_rows_shape), (ITEM_ROWS_KEY, item_rows_shape)) if shape is not None}
         self.embedding_l2 = float(embedding_l2)
         self.pair_feature = pair_feature
         self.distill = distill or DistillConfig()
@@ -104,13 +108,15 @@ class RankerTrain(nn.Module):
     def forward(self, batch: KDBatch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         m = self.model
         table = getattr(self, MODULE, None)
-        # one lookup per batch: always for the user features, in training for the alignment targets
+        # one lookup per batch: always for the text features, in training for the alignment targets
         rows = lookup(table, batch.teacher_ids, self.frozen_keys) if table is not None and (
-            self.has_user_rows or (self.align_heads and self.training)) else {}
+            self.has_user_rows or self.has_item_rows or (self.align_heads and self.training)) else {}
         dense_in = batch.dense_features  # (B, Du + Di)
         if self.has_user_rows:  # (B, Du + k + Di): the user's features after its own columns
             du = self.user_dense_dim
             dense_in = torch.cat([dense_in[:, :du], rows[USER_ROWS_KEY], dense_in[:, du:]], 1)
+        if self.has_item_rows:  # (B, ... + Di + k): the item's features after its own columns
+            dense_in = torch.cat([dense_in, rows[ITEM_ROWS_KEY]], 1)
         if self.pair_feature is not None:
             dense_in = torch.cat([dense_in, self.pair_feature(batch.user, batch.item, batch.timestamp)], 1)  # (B, Du + Di + P)
         dense = m.dense_arch(dense_in)  # (B, D)

@@ -37,7 +37,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from sparse_kd.checkpoint import FROZEN_MODULE, frozen
-from sparse_kd.data.batching import USER_ROWS_KEY
+from sparse_kd.data.batching import ITEM_ROWS_KEY, USER_ROWS_KEY
 
 MODULE = FROZEN_MODULE  # the training wrapper's attribute that holds the table
 AUTO_SHARD_BYTES = 1 << 30  # layout auto: shard when a rank would hold more than this replicated
@@ -83,12 +83,13 @@ def sharded_layout(layout: str, shapes: Mapping[str, tuple[int, int]], world_siz
 
 def target_collection(shapes: Mapping[str, tuple[int, int]]) -> EmbeddingBagCollection:
     """table key -> (rows, H) => an EmbeddingBagCollection on ``meta`` with one table per key
-    (:data:`~sparse_kd.data.batching.TARGET_KEYS` values, :data:`~sparse_kd.data.batching.USER_ROWS_KEY`),
+    (:data:`~sparse_kd.data.batching.TARGET_KEYS` values, :data:`~sparse_kd.data.batching.USER_ROWS_KEY`,
+    :data:`~sparse_kd.data.batching.ITEM_ROWS_KEY`),
     named and keyed by it, with a no-op in-backward optimizer (SGD, lr 0: torchrec's fused kernels
     need one)."""
     for key, (n, h) in shapes.items():
         if h % 4:
-            fix = "distill.teacher_ranker.features_layout=replicated" if key == USER_ROWS_KEY else \
+            fix = "distill.teacher_ranker.features_layout=replicated" if key in (USER_ROWS_KEY, ITEM_ROWS_KEY) else \
                 "distill.align.layout=replicated"
             raise ValueError(f"a sharded {key} table would have {h} dims; torchrec's fused tables need a multiple of 4. "
                              f"Use {fix}")

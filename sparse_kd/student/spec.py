@@ -58,6 +58,8 @@ class RankerSpec:
         ``distill.teacher_ranker.features_layout: sharded``): a tensor or a row source read by
         slices (:class:`~sparse_kd.distill.transfer.ProjectedRows`), each rank reading only its
         shards' rows. The dense input is the same as with them as ``user_dense``'s last columns.
+    item_rows: (I, k) the same for items: the dense input is the same as with them as
+        ``item_dense``'s last columns.
     """
 
     name: str
@@ -74,13 +76,14 @@ class RankerSpec:
     kd_pool_logits: Optional[torch.Tensor] = None
     arch: Optional[Arch] = None
     user_rows: Optional[Any] = None
+    item_rows: Optional[Any] = None
 
     @property
     def dense_dim(self) -> int:
-        """Width of the DLRM's dense input: user (+ user rows) + item dense features (+ pair features)."""
+        """Width of the DLRM's dense input: user (+ user rows) + item dense features (+ item rows) (+ pair features)."""
         extra = self.pair_feature.dim if self.pair_feature is not None else 0
-        rows = self.user_rows.shape[1] if self.user_rows is not None else 0
-        return self.user_dense.shape[1] + rows + self.item_dense.shape[1] + extra
+        rows = sum(r.shape[1] for r in (self.user_rows, self.item_rows) if r is not None)
+        return self.user_dense.shape[1] + self.item_dense.shape[1] + rows + extra
 
 
 @dataclass

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from sparse_kd import checkpoint as ckpt
 from sparse_kd.config import ExperimentConfig
-from sparse_kd.data.batching import TARGET_KEYS, USER_ROWS_KEY, BatchBuilder
+from sparse_kd.data.batching import ITEM_ROWS_KEY, TARGET_KEYS, USER_ROWS_KEY, BatchBuilder
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.data.stream import train_source
 from sparse_kd.dist import DistEnv, on_main
@@ -77,12 +77,14 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
             texts[f] = texts[f].full()
             if env.is_main:
                 log.info("[%s] replicated alignment targets: every %s text row gathered on every rank", spec.name, f)
-    features = spec.user_rows  # the teacher ranker's user features split over the ranks, or None
+    # the teacher ranker's text features split over the ranks (users', items'), or none
+    features = {key: rows for key, rows in ((USER_ROWS_KEY, spec.user_rows), (ITEM_ROWS_KEY, spec.item_rows)) if rows is not None}
     module = RankerTrain(dlrm, spec.distill, ds.feature_names, texts["user_id"], texts["item_id"],
                          embedding_dim=arch.embedding_dim, pair_feature=spec.pair_feature,
                          embedding_l2=cfg.train.embedding_l2, sharded_targets=sharded_targets,
-                         user_rows_shape=None if features is None else tuple(features.shape),
-                         user_dense_dim=spec.user_dense.shape[1])
+                         user_rows_shape=None if spec.user_rows is None else tuple(spec.user_rows.shape),
+                         user_dense_dim=spec.user_dense.shape[1],
+                         item_rows_shape=None if spec.item_rows is None else tuple(spec.item_rows.shape))
     builder = BatchBuilder(ds, spec.user_dense, spec.item_dense, target_keys=module.frozen_keys)
     opt_cls, opt_kwargs = sparse_optimizer(cfg.train)
     apply_optimizer_in_backward(opt_cls, module.model.sparse_arch.parameters(), opt_kwargs)
@@ -99,9 +101,9 @@ def build_sharded(cfg: ExperimentConfig, ds: RecDataset, spec: RankerSpec, env: 
     if sharded_targets:
         held = write_targets(dmp, {TARGET_KEYS[f]: texts[f] for f in al.features}, unit=al.kind == "cosine")  # a collective where rows are split
         log.info("[%s] alignment targets sharded row_wise: rank %d holds %s rows", spec.name, env.rank, held)
-    if features is not None:
-        held = write_targets(dmp, {USER_ROWS_KEY: features})
-        log.info("[%s] user features sharded row_wise: rank %d holds %s rows", spec.name, env.rank, held)
+    if features:
+        held = write_targets(dmp, features)
+        log.info("[%s] text features sharded row_wise: rank %d holds %s rows", spec.name, env.rank, held)
     optimizer, lazy = combined_optimizer(dmp, cfg.train)
     return ShardedRanker(builder, module, dmp, optimizer, lazy)
 

@@ -164,10 +164,10 @@ def train_many_worker(cfgs: list) -> list[dict]:
 
 
 def sharded_features_worker(cfg: ExperimentConfig, cases: list) -> dict:
-    """Train the tiny teacher ranker with its users' text features replicated and sharded
-    (``distill.teacher_ranker.features_layout``) for each case (text_dim, users' rows split over
-    the ranks as a ``ShardedRows``): the metrics of each, the feature rows this rank holds, and
-    the replicated run's checkpoint evaluated under the sharded layout."""
+    """Train the tiny teacher ranker with its users' and items' text features replicated and
+    sharded (``distill.teacher_ranker.features_layout``) for each case (text_dim, the users' and
+    the items' rows split over the ranks as ``ShardedRows``): the metrics of each, the feature
+    rows this rank holds, and the replicated run's checkpoint evaluated under the sharded layout."""
     import dataclasses
 
     from sparse_kd.checkpoint import frozen
@@ -183,18 +183,21 @@ def sharded_features_worker(cfg: ExperimentConfig, cases: list) -> dict:
     scale = torch.linspace(3.0, 0.5, 12)  # distinct variances: a stable PCA
     ut, it = torch.randn(ds.num_users, 12, generator=g) * scale, torch.randn(ds.num_items, 12, generator=g) * scale
     lo, hi = split_range(ds.num_users, env.rank, env.world_size)
+    ilo, ihi = split_range(ds.num_items, env.rank, env.world_size)
     out: dict = {}
-    for text_dim, split_users in cases:
-        case = f"{text_dim}_{'split' if split_users else 'whole'}"
+    for text_dim, split_rows in cases:
+        case = f"{text_dim}_{'split' if split_rows else 'whole'}"
         res = {}
         for layout in ("replicated", "sharded"):
             tr = dataclasses.replace(cfg.distill.teacher_ranker, text_dim=text_dim, features_layout=layout)
             c = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher_ranker=tr))
-            users = ShardedRows(ut[lo:hi].clone(), torch.arange(ds.num_users), lo, ds.num_users) \
-                if split_users and layout == "sharded" else ut  # replicated: every row, as the gathered run has
-            spec = teacher_spec(c, ds, users, it, world_size=env.world_size)
+            split = split_rows and layout == "sharded"  # replicated: every row, as the gathered run has
+            users = ShardedRows(ut[lo:hi].clone(), torch.arange(ds.num_users), lo, ds.num_users) if split else ut
+            items = ShardedRows(it[ilo:ihi].clone(), torch.arange(ds.num_items), ilo, ds.num_items) if split else it
+            spec = teacher_spec(c, ds, users, items, world_size=env.world_size)
             r = train_ranker(c, ds, spec, Path(c.output_dir) / case / layout, env, seed=0)
-            res[layout] = {"metrics": r.metrics, "dense_cols": spec.user_dense.shape[1], "checkpoint": r.checkpoint}
+            res[layout] = {"metrics": r.metrics, "dense_cols": spec.user_dense.shape[1], "checkpoint": r.checkpoint,
+                           "item_cols": spec.item_dense.shape[1]}
             if layout == "sharded":  # the replicated run's checkpoint, evaluated with the features sharded
                 res["cross"] = evaluate_checkpoint(c, ds, spec, res["replicated"]["checkpoint"], env, 0).metrics
                 dmp = build_sharded(c, ds, spec, env, 0).dmp

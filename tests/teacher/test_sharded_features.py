@@ -58,7 +58,11 @@ def test_sharded_features_leave_only_counts_in_the_replicated_part():
     assert split.user_dense.shape == (ds.num_users, 1) and split.user_rows.shape == (ds.num_users, 8)
     got = torch.cat([split.user_dense, split.user_rows[0:ds.num_users]], 1)
     assert torch.allclose(got, whole.user_dense, atol=1e-4)  # the same columns, in the same order
-    assert torch.equal(split.item_dense, whole.item_dense)
+    assert whole.item_rows is None and whole.item_dense.shape == (ds.num_items, 9)
+    assert split.item_dense.shape == (ds.num_items, 1) and split.item_rows.shape == (ds.num_items, 8)
+    got = torch.cat([split.item_dense, split.item_rows[0:ds.num_items]], 1)
+    assert torch.allclose(got, whole.item_dense, atol=1e-4)
+    assert split.item_text is None  # no history attention reads the whole items' part
 
 
 def test_sharded_features_need_dims_the_fused_tables_take():
@@ -72,9 +76,10 @@ def test_sharded_features_need_dims_the_fused_tables_take():
 
 @pytest.mark.slow
 def test_two_ranks_train_the_same_teacher_with_features_split(tmp_path):
-    """PCA features of whole user rows, of rows split over the ranks (``ShardedRows``), and every
-    dim of split rows (``text_dim: -1``, which the replicated layout cannot read split): the same
-    metrics as the replicated features, and the replicated checkpoint evaluates the same with them split."""
+    """PCA features of whole user and item rows, of rows split over the ranks (``ShardedRows``), and
+    every dim of split rows (``text_dim: -1``, which the replicated layout cannot read split), the
+    users' and the items' features in the split table: the same metrics as the replicated
+    features, and the replicated checkpoint evaluates the same with them split."""
     from helpers.workers import sharded_features_worker
     from sparse_kd.local_launch import launch_local
 
@@ -86,5 +91,7 @@ def test_two_ranks_train_the_same_teacher_with_features_split(tmp_path):
         assert_close_metrics(r["replicated"]["metrics"], r["sharded"]["metrics"], 2e-3)
         assert_close_metrics(r["replicated"]["metrics"], r["cross"], 1e-6 if case.startswith("-1") else 2e-3)
         assert r["replicated"]["dense_cols"] > 1 and r["sharded"]["dense_cols"] == 1, case
-        held = [out[k][case]["held"]["teacher_user_features"] for k in (0, 1)]
-        assert sum(held) == ds.num_users and max(held) <= math.ceil(ds.num_users / 2), (case, held)
+        assert r["replicated"]["item_cols"] > 1 and r["sharded"]["item_cols"] == 1, case
+        for key, n in (("teacher_user_features", ds.num_users), ("teacher_item_features", ds.num_items)):
+            held = [out[k][case]["held"][key] for k in (0, 1)]
+            assert sum(held) == n and max(held) <= math.ceil(n / 2), (case, key, held)

@@ -208,9 +208,13 @@ def test_which_runs_keep_item_rows_sharded():
     wide = tiny_config("/tmp/unused", distill={"user_text": "history"},
                        data={"synthetic": {"num_users": 60, "num_items": 80, "interactions_per_user": 30, "num_topics": 4}})
     assert items_stay_sharded(wide, tiny_dataset(wide), world=2)  # (60 + 80) / 2 < 80
-    for tr in ({"text_dim": -1}, {"history_pair": True}):  # every dim as dense features; any item's row per pair
+    for tr in ({"text_dim": -1}, {"history_pair": True}, {"text_dim": -1, "features_layout": "sharded", "history_pair": True},
+               {"text_dim": -1, "features_layout": "sharded", "history_attention": {"enabled": True}}):
+        # every dim as dense features, or read whole by the attention; any item's row per pair
         other = tiny_config("/tmp/unused", distill={"user_text": "text", "teacher_ranker": tr})
         assert not items_stay_sharded(other, ds, world=2) and not items_stay_sharded(cfg, ds, world=2, teachers=[other])
+    every_dim = tiny_config("/tmp/unused", distill={"user_text": "text", "teacher_ranker": {"text_dim": -1, "features_layout": "sharded"}})
+    assert items_stay_sharded(every_dim, ds, world=2)  # every dim, into the split feature table as it lies
 
 
 class StandInTeacher(Enc):
