@@ -9,7 +9,7 @@ On a config's splits (default: the demo's), each variant trains on the examples 
 
 - ``dlrm``: the student's DLRM as ``student`` configures it, full Adagrad at ``train.sparse_lr``
   on the rows (the project trains row-wise Adagrad: one accumulator per row) and Adam at
-  ``train.dense_lr`` on the MLPs;
+  ``train.dense_lr`` (weight decay ``train.weight_decay``) on the MLPs;
 - ``dlrm_l2``: the same, with MF's optimiser on the rows: Adam lr 0.01 and an L2 of 0.03 on the
   user and item rows a batch reads;
 - ``dlrm_bias_dot``: ``dlrm``, plus a learned bias per user and per item and the user . item
@@ -82,7 +82,7 @@ def train_variant(ds, cfg, name: str, epochs: int, seed: int) -> dict:
     mlps = [p for n, p in model.named_parameters() if not n.startswith("sparse_arch.")] + (
         list(skip.parameters()) if skip_on else [])
     opts = [torch.optim.Adam(rows, lr=0.01) if l2 else torch.optim.Adagrad(rows, lr=cfg.train.sparse_lr),
-            torch.optim.Adam(mlps, lr=cfg.train.dense_lr)]
+            torch.optim.Adam(mlps, lr=cfg.train.dense_lr, weight_decay=cfg.train.weight_decay)]  # as the project's dense optimizer
     evals = {s: bb.build(*(torch.from_numpy(np.ascontiguousarray(a)) for a in
                            (ds.splits[s].user.astype(np.int64), ds.splits[s].item.astype(np.int64), ds.splits[s].label)))
              for s in ("valid", "test")}
