@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from sparse_kd import atomic
+from sparse_kd.baseline_search import baseline_candidates, choose_baseline
 from sparse_kd.config import ConfigError, DistillConfig, ExperimentConfig, to_dict
 from sparse_kd.data import load_dataset
 from sparse_kd.data.batching import count_dense
@@ -184,6 +185,8 @@ def check_before_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TE
            for v in trained_variants(cfg, variants)}
     for k in range(1, cfg.distill.teacher_ranker.ensemble if TEACHER in fps else 1):  # an ensemble's other members
         fps[member_name(TEACHER, k)] = variant_fingerprint(cfg, member_name(TEACHER, k), DistillConfig(), member_seed(seed, k))
+    for name, bcfg in (baseline_candidates(cfg).items() if "baseline" in fps else ()):  # the baseline's own search
+        fps[name] = variant_fingerprint(bcfg, name, DistillConfig(), seed)
     check_run_folder(cfg, fps)
     if TEACHER in fps:  # another run's teacher: same data and text, finished
         teacher_source(cfg, seed)
@@ -405,13 +408,23 @@ def run_training(cfg: ExperimentConfig, variants: tuple[str, ...] = (TEACHER, "b
         user_text = item_text = None  # the teacher ranker keeps only its PCA features of them
     if not ("distilled" in variants and cfg.distill.pairs.enabled):
         t_spec = None
+    search = None
     if "baseline" in variants:
         b_spec = baseline_spec(ds)
         results["baseline"], costs["baseline"] = train_variant(cfg, ds, b_spec, env, seed), spec_cost(cfg, ds, b_spec)
+        if cfg.study.baseline_search:  # its own training settings searched; the best on valid is the baseline
+            found = {"baseline": results["baseline"]}
+            for name, bcfg in baseline_candidates(cfg).items():
+                found[name] = train_variant(bcfg, ds, baseline_spec(ds, name), env, seed)
+            search = choose_baseline(cfg, {n: r.metrics for n, r in found.items()})
+            results["baseline"] = found[search["chosen"]]
+            if env.is_main:
+                log.info("baseline chosen on valid AUC: %s (%s)", search["chosen"],
+                         ", ".join(f"{n} {a:.4f}" for n, a in search["valid_auc"].items()))
     if "distilled" in variants:
         spec = distilled_spec(cfg, ds, user_text, item_text, teacher, teacher_ranker_spec=t_spec, env=env, seed=seed)
         results["distilled"], costs["distilled"] = train_variant(cfg, ds, spec, env, seed), spec_cost(cfg, ds, spec)
     metrics = {name: r.metrics for name, r in results.items()}
     if env.is_main:  # with train.mf_reference rank 0 also trains the outside reference: the others wait below
-        write_run_report(cfg, ds, env.world_size, seed, results, costs)
+        write_run_report(cfg, ds, env.world_size, seed, results, costs, search)
     return long_broadcast_object(metrics)

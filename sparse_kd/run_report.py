@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from sparse_kd import atomic
+from sparse_kd.baseline_search import describe_choice
 from sparse_kd.config import ExperimentConfig, to_dict
 from sparse_kd.data.schema import RecDataset
 from sparse_kd.mf_reference import reference
@@ -36,10 +37,12 @@ def reference_note(ref: dict, dim: int) -> str:
 
 
 def write_run_report(cfg: ExperimentConfig, ds: RecDataset, world_size: int, seed: int,
-                     results: dict[str, RankerResult], costs: dict[str, dict]) -> Optional[dict]:
+                     results: dict[str, RankerResult], costs: dict[str, dict],
+                     baseline_search: Optional[dict] = None) -> Optional[dict]:
     """Write ``metrics.json`` / ``metrics.md`` for the rankers in ``results`` and print the tables.
     With ``train.mf_reference`` first trains the reference (single process, this rank). Returns
-    the reference's result, or None."""
+    the reference's result, or None. ``baseline_search``: how ``baseline`` was chosen
+    (:func:`~sparse_kd.baseline_search.choose_baseline`), written and said under the table."""
     metrics = {name: r.metrics for name, r in results.items()}
     ref = reference(ds, cfg.student.embedding_dim, seed) if cfg.train.mf_reference else None
     doc = {
@@ -53,6 +56,8 @@ def write_run_report(cfg: ExperimentConfig, ds: RecDataset, world_size: int, see
         "cost": costs,
         "history": {n: r.history for n, r in results.items()},
     }
+    if baseline_search is not None:
+        doc["baseline_search"] = baseline_search
     shown = dict(metrics)
     if ref is not None:
         doc[REFERENCE] = ref
@@ -62,6 +67,8 @@ def write_run_report(cfg: ExperimentConfig, ds: RecDataset, world_size: int, see
     out = Path(cfg.output_dir)
     atomic.write_text(out / "metrics.json", json.dumps(doc, indent=1))
     text = metrics_table(shown)
+    if baseline_search is not None:
+        text += "\n\n" + describe_choice(baseline_search)
     if ref is not None:
         text += "\n\n" + reference_note(ref, cfg.student.embedding_dim)
     text += "\n\nCost (the served student needs none of the teacher):\n\n" + cost_table(

@@ -92,10 +92,11 @@ class StudyConfig:
     # ``key=value`` overrides applied on top of the config's ``distill`` section (``[]``: the
     # config as it is); per seed, the candidate with the best valid AUC is chosen
     search: tuple[tuple[str, ...], ...] = ()
-    # distillation study: candidate training settings for the baseline, each a list of ``train.*``
-    # overrides (learning rates, weight decay); per seed the baseline is the best of the config as
-    # it is and these, by the same validation score as ``chosen`` -- the same search budget as
-    # the students get, so that a student's gain is not a weak baseline's loss
+    # candidate training settings for the baseline, each a list of ``train.*`` overrides (learning
+    # rates, weight decay); per seed the baseline is the best of the config as it is and these, by
+    # the same validation score as ``chosen`` -- the same search budget as the students get, so
+    # that a student's gain is not a weak baseline's loss. ``sparse-kd train`` and ``pipeline``
+    # search them too, on valid AUC (sparse_kd.baseline_search); the other rankers keep ``train``
     baseline_search: tuple[tuple[str, ...], ...] = ()
     # distillation study: candidate settings for the teacher ranker, each a list of ``train.*`` or
     # ``distill.teacher_ranker.*`` overrides; per seed the students learn from the best of the
