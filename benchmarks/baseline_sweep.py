@@ -39,8 +39,9 @@ from machine import machine_info, write_json  # noqa: E402
 def run_candidate(config: str, overrides: List[str], out_dir: Path, seed: Optional[int], mf: bool,
                   common: List[str] = ()) -> dict:
     """Train the baseline with ``common`` + ``overrides`` into ``out_dir``; its metrics.json's figures."""
+    # study.baseline_search emptied: `train` would search the config's candidates itself; here each is a run of its own
     cmd = [sys.executable, "-m", "sparse_kd.cli", "train", config, *common, *overrides, f"output_dir={out_dir}",
-           f"train.mf_reference={'true' if mf else 'false'}"]
+           f"train.mf_reference={'true' if mf else 'false'}", "study.baseline_search=[]"]
     if seed is not None:
         cmd += [f"data.seed={seed}", "--seed", str(seed)]
     cmd += ["--variants", "baseline"]

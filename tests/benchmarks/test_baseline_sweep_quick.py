@@ -25,13 +25,14 @@ def sweep_module(monkeypatch):
 @pytest.mark.slow
 def test_one_real_run_reads_its_best_epoch_and_mf(sweep_module, tmp_path):
     out = tmp_path / "sweep.json"
-    assert sweep_module.main(["--set", *TINY, "train.embedding_l2=0.3", "--seed", "4", "--work", str(tmp_path / "w"),
-                              "--out", str(out)]) == 0
+    assert sweep_module.main(["--set", *TINY, "train.embedding_l2=0.3", "--seed", "4", "--candidate", "default",
+                              "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     (c,) = doc["candidates"]
     assert doc["seed"] == 4 and doc["candidate_overrides"] == ["default"] and c["overrides"] == []
     m = json.loads((tmp_path / "w" / "seed_4" / "candidate_0" / "metrics.json").read_text())
     assert m["seed"] == 4 and m["config"]["data"]["seed"] == 4 and m["config"]["train"]["embedding_l2"] == 0.3
+    assert "baseline_search" not in m and m["config"]["study"]["baseline_search"] == []  # the sweep's candidates only
     valid = [e["valid_auc"] for e in m["history"]["baseline"]]
     assert c["epochs"] == 2 and c["valid_auc_by_epoch"] == [round(v, 4) for v in valid]
     assert c["valid_auc"] == round(m["metrics"]["baseline"]["valid"]["auc"], 4) == round(max(valid), 4)
